@@ -50,7 +50,7 @@ class InstanceRecord(_Model):
 
     spec: InstanceSpec
     pid: int
-    start_time: float = Field(description="psutil create_time() of pid; (pid, start_time) is identity")
+    start_time: float = Field(description="psutil create_time(); (pid, start_time) is identity")
     state: Literal["starting", "ready", "stopping", "exited"] = "starting"
     address: str = Field(default="127.0.0.1", description="address the instance's port is on")
 

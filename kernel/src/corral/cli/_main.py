@@ -1,0 +1,229 @@
+"""``corral``: check, schema, run, up, down, ps, ledger, drivers, daemon, and driver queries.
+
+Exit codes: 0 success; 1 the operation failed; 2 bad input (manifest, flags); 3 the kernel is
+not reachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from corral.errors import CorralError, ErrorCode, ManifestError
+
+EXIT_FAILED = 1
+EXIT_INPUT = 2
+EXIT_UNAVAILABLE = 3
+
+
+def _manifest_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", nargs="?", default=".", help="app directory (holds corral.toml)")
+    p.add_argument("--set", dest="set_", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a manifest value, e.g. ports.http=9000 (repeatable)")
+    p.add_argument("--offset", type=int, default=0, metavar="N",
+                   help="add N to every port (run copies side by side)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment for the app (repeatable)")
+
+
+def _client() -> Any:
+    from corral.client import KernelClient
+
+    return KernelClient()
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
+
+
+# ---- commands ----------------------------------------------------------------------------------
+
+
+def cmd_check(ns: argparse.Namespace) -> int:
+    """Validate corral.toml (and a Procfile) and print the resolved manifest."""
+    from corral import manifest
+
+    resolved = manifest.load(Path(ns.directory), set_=ns.set_, offset=ns.offset, env=ns.env)
+    _print_json(resolved.as_json())
+    return 0
+
+
+def cmd_schema(ns: argparse.Namespace) -> int:
+    """Print the manifest's JSON Schema."""
+    from corral import manifest
+
+    _print_json(manifest.schema())
+    return 0
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    """Run the app in the foreground with the environment it has in production."""
+    from corral.devloop import run_foreground
+
+    return run_foreground(Path(ns.directory), set_=ns.set_, offset=ns.offset, env=ns.env)
+
+
+def cmd_up(ns: argparse.Namespace) -> int:
+    """Deploy an app through the kernel."""
+    from corral import manifest
+
+    directory = Path(ns.directory).resolve()
+    manifest.load(directory, set_=ns.set_, offset=ns.offset, env=ns.env)  # fail fast, exit 2
+    res = _client().call("app.deploy", {"directory": str(directory), "set": ns.set_,
+                                         "offset": ns.offset, "env": ns.env,
+                                         "wait_s": ns.wait}, timeout=ns.wait + 30)
+    if ns.json:
+        _print_json(res)
+        return 0
+    print(f"{res['app']}: generation {res['generation']} up in {res['seconds']:.2f}s")
+    _instances(res["instances"])
+    return 0
+
+
+def _instances(instances: list[dict[str, Any]]) -> None:
+    rows = [[i["id"], str(i["pid"]), i["state"],
+             f"{i['address']}:{i['port']}" if i.get("port") else "-", str(i.get("restarts", 0))]
+            for i in instances]
+    _table(rows, ["INSTANCE", "PID", "STATE", "LISTEN", "RESTARTS"])
+
+
+def cmd_down(ns: argparse.Namespace) -> int:
+    """Stop an app and release everything it holds."""
+    res = _client().call("app.down", {"name": ns.app}, timeout=60)
+    print(f"{res['app']}: down ({res['stopped']} instance(s) stopped)")
+    return 0
+
+
+def cmd_ps(ns: argparse.Namespace) -> int:
+    """Apps and their instances."""
+    res = _client().call("app.ps")
+    if ns.json:
+        _print_json(res["apps"])
+        return 0
+    rows = []
+    for app in res["apps"]:
+        extra = []
+        for driver, figures in sorted(app.get("drivers", {}).items()):
+            extra += [f"{driver}.{k}={v}" for k, v in sorted(figures.items())]
+        for i in app["instances"] or [{"id": "-", "pid": "-", "state": "no instances",
+                                       "address": "", "port": None}]:
+            rows.append([app["app"], i["id"], str(i["pid"]), i["state"],
+                         f"{i['address']}:{i['port']}" if i.get("port") else "-",
+                         " ".join(extra)])
+    _table(rows, ["APP", "INSTANCE", "PID", "STATE", "LISTEN", "DRIVERS"])
+    return 0
+
+
+def cmd_ledger(ns: argparse.Namespace) -> int:
+    """What the ledger holds."""
+    res = _client().call("ledger.list", {"owner": ns.owner, "kind": ns.kind})
+    if ns.json:
+        _print_json(res)
+        return 0
+    rows = [[r["kind"], r["key"], r["owner"], r["since"], str(r["revision"])]
+            for r in res["records"]]
+    _table(rows, ["KIND", "KEY", "OWNER", "SINCE", "REV"])
+    return 0
+
+
+def cmd_drivers(ns: argparse.Namespace) -> int:
+    """Drivers and their state."""
+    res = _client().call("drivers.list")
+    if ns.json:
+        _print_json(res["drivers"])
+        return 0
+    rows = [[d["name"], d["capability"], d["state"], str(d["pid"] or "-"), str(d["restarts"]),
+             d["reason"]] for d in res["drivers"]]
+    _table(rows, ["DRIVER", "CAPABILITY", "STATE", "PID", "RESTARTS", "REASON"])
+    return 0
+
+
+def cmd_daemon(ns: argparse.Namespace) -> int:
+    """Run the kernel in the foreground (same as corrald)."""
+    from corral.daemon import main as daemon_main
+
+    return daemon_main(["--stop-drivers"] if ns.stop_drivers else [])
+
+
+def cmd_query(ns: argparse.Namespace) -> int:
+    """Ask a driver a capability-specific question through the kernel."""
+    args = json.loads(ns.args) if ns.args else {}
+    res = _client().call("driver.query", {"capability": ns.capability, "query": ns.query,
+                                          "args": args})
+    _print_json(res)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "check": cmd_check,
+    "schema": cmd_schema,
+    "run": cmd_run,
+    "up": cmd_up,
+    "down": cmd_down,
+    "ps": cmd_ps,
+    "ledger": cmd_ledger,
+    "drivers": cmd_drivers,
+    "daemon": cmd_daemon,
+    "query": cmd_query,
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser (one sub-command per entry of COMMANDS)."""
+    p = argparse.ArgumentParser(prog="corral", description="self-hosted, container-free apps")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    s = sub.add_parser("check", help=cmd_check.__doc__)
+    _manifest_flags(s)
+    sub.add_parser("schema", help=cmd_schema.__doc__)
+    s = sub.add_parser("run", help=cmd_run.__doc__)
+    _manifest_flags(s)
+    s = sub.add_parser("up", help=cmd_up.__doc__)
+    _manifest_flags(s)
+    s.add_argument("--wait", type=float, default=30.0, help="seconds to wait for readiness")
+    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("down", help=cmd_down.__doc__)
+    s.add_argument("app")
+    for name in ("ps", "drivers"):
+        s = sub.add_parser(name, help=COMMANDS[name].__doc__)
+        s.add_argument("--json", action="store_true")
+    s = sub.add_parser("ledger", help=cmd_ledger.__doc__)
+    s.add_argument("--owner")
+    s.add_argument("--kind")
+    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("daemon", help=cmd_daemon.__doc__)
+    s.add_argument("--stop-drivers", action="store_true")
+    s = sub.add_parser("query", help=cmd_query.__doc__)
+    s.add_argument("capability")
+    s.add_argument("query")
+    s.add_argument("args", nargs="?", help="JSON object")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; map errors to exit codes with a clear message on stderr."""
+    ns = parser().parse_args(argv)
+    try:
+        return COMMANDS[ns.command](ns)
+    except ManifestError as exc:
+        for problem in exc.problems:
+            print(f"corral: {problem}", file=sys.stderr)
+        return EXIT_INPUT
+    except CorralError as exc:
+        print(f"corral {ns.command}: {exc.reason}", file=sys.stderr)
+        if exc.code == ErrorCode.UNAVAILABLE:
+            return EXIT_UNAVAILABLE
+        if exc.code in (ErrorCode.INVALID,):
+            return EXIT_INPUT
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,699 @@
+"""The deploy and teardown sequence (ARCHITECTURE.md §6), and the instances it keeps running.
+
+``corral up`` -> ``Deployer.deploy``: 1. resolve the manifest; 2. claim app name, ports,
+rw paths, lb name and frontend, and the app's uid in ONE ledger transaction; 3. ``app.attach``
+on the drivers; 4. per instance: record it in the ledger as *launching*, ask the drivers to
+``instance.prepare`` in parallel, merge their fragments into a ``LaunchPlan`` and launch;
+5. wait for readiness (the port answers, or sd_notify ``READY=1``); 6. ``instance.started``,
+then stop instances of the previous generation. A failure undoes the earlier steps in
+reverse and names the step. Deploys are idempotent: rerunning one keeps every live instance
+whose spec did not change, so a deploy cut short by a crash is completed by a rerun without
+killing what runs.
+
+Instances are not the kernel's children; they are known by (pid, start time) in the ledger,
+watched through pidfds, re-adopted after a kernel restart, and restarted with a back-off when
+they exit on their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+import structlog
+
+from corral import launch as launcher
+from corral import manifest as manifests
+from corral.errors import CorralError, ErrorCode, LaunchError, NotFoundError
+from corral.ledger import Claim, Txn
+from corral.protocol import (
+    AppSpec,
+    BindMount,
+    InstanceRecord,
+    InstanceSpec,
+    LaunchPlan,
+    PlanFragment,
+)
+from corral.protocol._ops import Deploy, Spawn
+
+if TYPE_CHECKING:
+    from corral.kernel import Kernel
+
+log = structlog.get_logger("corral.deploy")
+
+STOP_GRACE_S = 5.0
+RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class Live:
+    """A running instance the kernel watches."""
+
+    record: InstanceRecord
+    spec_hash: str
+    generation: int
+    watcher: asyncio.Task[None] | None = None
+    stopping: bool = False
+    restarts: int = 0
+    exit_status: str = ""
+
+
+@dataclass
+class AppState:
+    """An app as the kernel keeps it in memory (the ledger has the same, durably)."""
+
+    spec: AppSpec
+    instances: dict[str, Live] = field(default_factory=dict)
+    deploying: bool = False
+
+
+def spec_hash(spec: InstanceSpec) -> str:
+    """Identity of an instance's configuration: same hash, no need to replace it."""
+    data = spec.model_dump(mode="json", exclude={"env"})
+    env = {k: v for k, v in spec.env.items() if k != "NOTIFY_SOCKET"}
+    raw = json.dumps([data, env], sort_keys=True).encode()
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+class Deployer:
+    """Deploys, tears down, spawns and watches app instances for the kernel."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+        self.apps: dict[str, AppState] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # ---- deploy ------------------------------------------------------------------------------
+
+    def _lock(self, app: str) -> asyncio.Lock:
+        return self._locks.setdefault(app, asyncio.Lock())
+
+    async def deploy(self, args: Deploy) -> dict[str, Any]:
+        """``app.deploy``: the whole sequence; returns the app and its instances."""
+        started = time.monotonic()
+        directory = Path(args.directory)
+        resolved = manifests.load(directory, set_=args.set, offset=args.offset, env=args.env)
+        doc = resolved.as_json()
+        name = str(doc["app"]["name"])
+        async with self._lock(name):
+            return await self._deploy(name, resolved, doc, args, started)
+
+    async def _deploy(
+        self, name: str, resolved: Any, doc: dict[str, Any], args: Deploy, started: float
+    ) -> dict[str, Any]:
+        k = self.kernel
+        previous = self.apps.get(name)
+        old_rec = k.ledger.get("app", name)
+        generation = int(old_rec.value.get("generation", 0)) + 1 if old_rec else 1
+        uid, gid = self._app_ids(name)
+        spec = AppSpec(name=name, directory=str(resolved.directory), manifest=doc,
+                       uid=uid, gid=gid, generation=generation)
+        manifest_path = self._write_manifest(spec)
+
+        # 2. one transaction: everything the app holds, and the release of what it no longer does
+        k.ledger.commit(self._claims(spec, manifest_path))
+        attached: list[str] = []
+        launched: list[Live] = []
+        state = self.apps.setdefault(name, AppState(spec))
+        state.spec = spec
+        state.deploying = True
+        step = "attach"
+        try:
+            # 3. drivers set up app-wide state
+            attached = await self._broadcast("app.attach", {"app": spec.model_dump(mode="json")})
+            # 4.-5. instances: keep unchanged live ones, launch the rest
+            step = "launch"
+            wanted = self._instance_specs(spec, resolved, manifest_path)
+            keep: set[str] = set()
+            to_replace: list[Live] = []
+            for ispec in wanted:
+                live = state.instances.get(ispec.id)
+                h = spec_hash(ispec)
+                if live is not None and live.spec_hash == h and launcher.is_alive(
+                    live.record.pid, live.record.start_time
+                ):
+                    live.generation = generation
+                    keep.add(ispec.id)
+                    continue
+                if live is not None:
+                    to_replace.append(live)
+            for old in to_replace:  # same id: the old one must go before the new one binds
+                await self._stop_instance(state, old, release=False)
+            for ispec in wanted:
+                if ispec.id in keep:
+                    continue
+                live = await self._launch(state, ispec, generation, wait_s=args.wait_s)
+                launched.append(live)
+            # 6. instances of other ids (scaled down, renamed processes) go
+            step = "retire"
+            for iid in [i for i in state.instances if i not in {w.id for w in wanted}]:
+                await self._stop_instance(state, state.instances[iid])
+            k.ledger.put(name, "app", name, self._app_value(spec, manifest_path, "running"))
+        except BaseException as exc:
+            log.error("deploy failed, undoing", app=name, step=step, error=str(exc))
+            for live in reversed(launched):
+                await self._stop_instance(state, live)
+            if previous is None or not previous.instances:
+                await self._broadcast("app.detach", {"app": name}, only=attached, strict=False)
+                for live in list(state.instances.values()):
+                    await self._stop_instance(state, live)
+                k.ledger.release(name)
+                self.apps.pop(name, None)
+                Path(manifest_path).unlink(missing_ok=True)
+            if isinstance(exc, CorralError):
+                exc.reason = f"deploy of {name!r} failed at step {step!r}: {exc.reason}"
+                raise
+            raise
+        finally:
+            state.deploying = False
+        k.bus.publish(f"app.{name}.deployed", {"generation": generation})
+        return {
+            "app": name,
+            "generation": generation,
+            "instances": [self._view(live) for live in state.instances.values()],
+            "seconds": round(time.monotonic() - started, 3),
+        }
+
+    def _app_ids(self, name: str) -> tuple[int | None, int | None]:
+        """The app's uid/gid: as root a dynamic uid claimed in the ledger; else our own."""
+        if os.geteuid() != 0:
+            return None, None
+        held = self.kernel.ledger.list(owner=name, kind="uid")
+        if held:
+            uid = int(held[0].key)
+            return uid, uid
+        lo, hi = self.kernel.config.app_uids
+        taken = {int(r.key) for r in self.kernel.ledger.list(kind="uid")}
+        for uid in range(lo, hi + 1):
+            if uid not in taken:
+                return uid, uid
+        raise CorralError(f"no free app uid in {lo}..{hi}", code=ErrorCode.CONFLICT)
+
+    def _claims(self, spec: AppSpec, manifest_path: str) -> Txn:
+        doc = spec.manifest
+        name = spec.name
+        claims: list[Claim] = [Claim("app", name, self._app_value(spec, manifest_path,
+                                                                  "deploying"))]
+        for pname, port in sorted((doc.get("ports") or {}).items()):
+            claims.append(Claim("port", str(port), {"app": name, "name": pname}))
+        for pname, p in sorted((doc.get("paths") or {}).items()):
+            if p.get("mode") == "rw":
+                claims.append(Claim("path", str(p["path"]), {"app": name, "name": pname}))
+        lb = doc.get("lb")
+        if lb:
+            claims.append(Claim("lbname", str(lb["name"]), {"app": name}))
+            claims.append(Claim("port", str(lb["frontend"]), {"app": name, "name": "lb"}))
+        if spec.uid is not None:
+            claims.append(Claim("uid", str(spec.uid), {"app": name}))
+        wanted = {(c.kind, c.key) for c in claims}
+        txn = Txn()
+        for rec in self.kernel.ledger.list(owner=name):
+            if rec.kind in {"port", "path", "lbname", "uid"} and (rec.kind, rec.key) not in wanted:
+                txn.release(name, rec.kind, rec.key)
+        for c in claims:
+            txn.claim(name, c.kind, c.key, c.value)
+        return txn
+
+    @staticmethod
+    def _app_value(spec: AppSpec, manifest_path: str, status: str) -> dict[str, Any]:
+        return {"spec": spec.model_dump(mode="json"), "manifest_path": manifest_path,
+                "generation": spec.generation, "status": status}
+
+    def _write_manifest(self, spec: AppSpec) -> str:
+        """Write the resolved manifest where the app can read it (CORRAL_MANIFEST)."""
+        d = self.kernel.home / "apps" / spec.name
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / "manifest.json"
+        tmp = d / "manifest.json.tmp"
+        tmp.write_text(json.dumps(spec.manifest, indent=2, sort_keys=True))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+        os.chmod(self.kernel.home / "apps", 0o711)
+        os.chmod(d, 0o711)
+        return str(path)
+
+    def _instance_specs(self, spec: AppSpec, resolved: Any, manifest_path: str
+                        ) -> list[InstanceSpec]:
+        out = []
+        for process, index, command, port in resolved.instances():
+            env = manifests.app_environment(resolved, process=process, index=index,
+                                            manifest_path=manifest_path)
+            out.append(InstanceSpec(
+                id=f"{spec.name}.{process}.{index}", app=spec.name, process=process, index=index,
+                argv=["/bin/sh", "-c", f"exec {command}"], env=env, cwd=spec.directory,
+                port=port,
+            ))
+        return out
+
+    # ---- launch ------------------------------------------------------------------------------
+
+    async def _plan(self, state: AppState, ispec: InstanceSpec) -> LaunchPlan:
+        """Ask the drivers for their fragments and merge them (conflicts are errors)."""
+        args = {"app": state.spec.model_dump(mode="json"),
+                "instance": ispec.model_dump(mode="json")}
+        replies = await self._gather("instance.prepare", args)
+        plan = LaunchPlan(instance=ispec, uid=state.spec.uid, gid=state.spec.gid)
+        owners: dict[str, str] = {}
+        env = dict(ispec.env)
+        for driver, raw in replies.items():
+            frag = PlanFragment.model_validate(raw)
+            env.update(frag.env)
+            plan.mounts.extend(frag.mounts)
+            plan.cgroup_procs.extend(frag.cgroup_procs)
+            for fname in ("root", "netns", "address", "stdout", "stderr", "pid_namespace",
+                          "seccomp", "uid", "gid"):
+                value = getattr(frag, fname)
+                if value is None:
+                    continue
+                if fname in owners and getattr(plan, fname) != value and fname not in ("uid",
+                                                                                       "gid"):
+                    raise CorralError(
+                        f"drivers {owners[fname]!r} and {driver!r} both set {fname}",
+                        code=ErrorCode.INTERNAL, retry=False)
+                owners[fname] = driver
+                setattr(plan, fname, value)
+        if os.geteuid() == 0 and (plan.uid in (None, 0) or plan.gid in (None, 0)):
+            raise LaunchError("refusing to run an app as root", step="plan")
+        if plan.stdout is None or plan.stderr is None:
+            out = self.kernel.home / "apps" / ispec.app / "output"
+            out.mkdir(parents=True, exist_ok=True)
+            plan.stdout = plan.stdout or str(out / f"{ispec.id}.log")
+            plan.stderr = plan.stderr or str(out / f"{ispec.id}.log")
+        plan.instance = ispec.model_copy(update={"env": env})
+        return plan
+
+    async def _launch(self, state: AppState, ispec: InstanceSpec, generation: int, *,
+                      wait_s: float) -> Live:
+        k = self.kernel
+        notify = _NotifySocket(k.notify_dir / f"{ispec.id}.sock", state.spec.uid)
+        h = spec_hash(ispec)
+        ispec = ispec.model_copy(update={"env": {**ispec.env, "NOTIFY_SOCKET": str(notify.path)}})
+        # Recorded before the fork: a crash between fork and record leaves a findable trace.
+        k.ledger.put(ispec.app, "instance", ispec.id,
+                     {"state": "launching", "spec": ispec.model_dump(mode="json"),
+                      "spec_hash": h, "generation": generation})
+        try:
+            plan = await self._plan(state, ispec)
+            plan.mounts.append(BindMount(source=str(notify.path), target=str(notify.path),
+                                         mode="rw"))
+            pid, start_time = await asyncio.to_thread(launcher.launch, plan)
+        except BaseException:
+            notify.close()
+            await self._broadcast("instance.stopped", {"app": ispec.app, "instance_id": ispec.id},
+                                  strict=False)
+            k.ledger.release(ispec.app, [("instance", ispec.id)])
+            raise
+        record = InstanceRecord(spec=plan.instance, pid=pid, start_time=start_time,
+                                address=plan.address or "127.0.0.1")
+        live = Live(record, h, generation)
+        state.instances[ispec.id] = live
+        self._record(live)
+        live.watcher = asyncio.ensure_future(self._watch(state, live))
+        try:
+            await self._ready(live, notify, wait_s)
+        except BaseException:
+            await self._stop_instance(state, live)
+            raise
+        finally:
+            notify.close()
+        live.record.state = "ready"
+        self._record(live)
+        await self._broadcast("instance.started", {"app": state.spec.model_dump(mode="json"),
+                                                   "instance": live.record.model_dump(mode="json")},
+                              strict=False)
+        k.bus.publish(f"app.{ispec.app}.instance.ready", {"instance": ispec.id, "pid": pid})
+        return live
+
+    def _record(self, live: Live) -> None:
+        self.kernel.ledger.put(live.record.spec.app, "instance", live.record.spec.id,
+                               {"state": live.record.state,
+                                "record": live.record.model_dump(mode="json"),
+                                "spec_hash": live.spec_hash, "generation": live.generation})
+
+    async def _ready(self, live: Live, notify: _NotifySocket, wait_s: float) -> None:
+        """Port open or READY=1, whichever first; the instance dying first is a failure."""
+        rec = live.record
+        deadline = time.monotonic() + wait_s
+        port = rec.spec.port
+        quiet_until = time.monotonic() + 0.3  # a portless process must survive this long
+        while time.monotonic() < deadline:
+            if live.exit_status or not launcher.is_alive(rec.pid, rec.start_time):
+                raise LaunchError(
+                    f"instance {rec.spec.id} exited before it was ready"
+                    f" ({live.exit_status or 'gone'}); {self._tail(rec)}", step="ready")
+            if notify.ready():
+                return
+            if port is not None:
+                if await _port_open(rec.address, port):
+                    return
+            elif time.monotonic() >= quiet_until:
+                return
+            await asyncio.sleep(0.01)
+        raise LaunchError(f"instance {rec.spec.id} not ready within {wait_s:.0f}s "
+                          f"(port {port} closed, no READY=1)", step="ready")
+
+    def _tail(self, rec: InstanceRecord) -> str:
+        path = self.kernel.home / "apps" / rec.spec.app / "output" / f"{rec.spec.id}.log"
+        try:
+            data = path.read_bytes()[-400:].decode("utf-8", "replace").strip()
+        except OSError:
+            return "no output captured by the kernel"
+        return f"last output: {data!r}" if data else "no output"
+
+    async def _watch(self, state: AppState, live: Live) -> None:
+        """Wait for the instance to exit; restart it with a back-off unless it is stopping."""
+        rec = live.record
+        await _wait_pid(rec.pid, rec.start_time)
+        live.exit_status = _reap(rec.pid)
+        if live.stopping or state.instances.get(rec.spec.id) is not live:
+            return
+        log.warning("instance exited", instance=rec.spec.id, status=live.exit_status)
+        self.kernel.bus.publish(f"app.{rec.spec.app}.instance.exited",
+                                {"instance": rec.spec.id, "status": live.exit_status})
+        rec.state = "exited"
+        self._record(live)
+        if state.deploying:
+            return
+        delay = RESTART_BACKOFF[min(live.restarts, len(RESTART_BACKOFF) - 1)]
+        await asyncio.sleep(delay)
+        if state.instances.get(rec.spec.id) is not live or live.stopping:
+            return
+        async with self._lock(state.spec.name):
+            if state.instances.get(rec.spec.id) is not live or live.stopping:
+                return
+            try:
+                spec = rec.spec.model_copy(update={"env": {
+                    k: v for k, v in rec.spec.env.items() if k != "NOTIFY_SOCKET"}})
+                new = await self._launch(state, spec, live.generation, wait_s=30)
+                new.restarts = live.restarts + 1
+            except CorralError as exc:
+                log.error("restart failed", instance=rec.spec.id, error=exc.reason)
+
+    # ---- stop --------------------------------------------------------------------------------
+
+    async def _stop_instance(self, state: AppState, live: Live, *, release: bool = True) -> None:
+        """SIGTERM the instance's process group, SIGKILL after a grace period, release it."""
+        live.stopping = True
+        rec = live.record
+        await asyncio.to_thread(_terminate, rec.pid, rec.start_time, STOP_GRACE_S)
+        if live.watcher is not None:
+            live.watcher.cancel()
+        _reap(rec.pid)
+        if state.instances.get(rec.spec.id) is live:
+            del state.instances[rec.spec.id]
+        await self._broadcast("instance.stopped", {"app": rec.spec.app,
+                                                   "instance_id": rec.spec.id}, strict=False)
+        if release or self.kernel.ledger.get("instance", rec.spec.id) is not None:
+            self.kernel.ledger.release(rec.spec.app, [("instance", rec.spec.id)])
+        self.kernel.bus.publish(f"app.{rec.spec.app}.instance.stopped", {"instance": rec.spec.id})
+
+    async def down(self, name: str) -> dict[str, Any]:
+        """``app.down``: stop every instance, detach drivers, release everything the app holds."""
+        async with self._lock(name):
+            state = self.apps.get(name)
+            if state is None and self.kernel.ledger.get("app", name) is None:
+                raise NotFoundError(f"no app named {name!r}")
+            stopped = 0
+            if state is not None:
+                for live in list(state.instances.values()):
+                    await self._stop_instance(state, live)
+                    stopped += 1
+            await self._broadcast("app.detach", {"app": name}, strict=False)
+            released = self.kernel.ledger.release(name)
+            self.apps.pop(name, None)
+            (self.kernel.home / "apps" / name / "manifest.json").unlink(missing_ok=True)
+            self.kernel.bus.publish(f"app.{name}.down", {})
+            return {"app": name, "stopped": stopped, "revision": released}
+
+    # ---- spawn (cron runs, on-demand) --------------------------------------------------------
+
+    async def spawn(self, args: Spawn) -> dict[str, Any]:
+        """``instance.spawn``: start a process of ``app`` in its sandbox; returns its record."""
+        state = self.apps.get(args.app)
+        if state is None:
+            raise NotFoundError(f"no app named {args.app!r}")
+        doc = state.spec.manifest
+        resolved = manifests.load(Path(state.spec.directory), set_=(), offset=0, env=())
+        manifest_path = str(self.kernel.home / "apps" / args.app / "manifest.json")
+        if args.kind == "job":
+            if not args.command:
+                raise CorralError("a job needs a command", code=ErrorCode.INVALID)
+            label = args.label or str(int(time.time() * 1000))
+            env = manifests.app_environment(resolved, process=args.process, index=0,
+                                            manifest_path=manifest_path)
+            env.pop("PORT", None)
+            env.update(args.env)
+            ispec = InstanceSpec(id=f"{args.app}.cron.{args.process}.{label}", app=args.app,
+                                 process=args.process, index=0, kind="job",
+                                 argv=["/bin/sh", "-c", args.command], env=env,
+                                 cwd=state.spec.directory)
+            plan = await self._plan(state, ispec)
+            pid, start_time = await asyncio.to_thread(launcher.launch, plan)
+            rec = InstanceRecord(spec=plan.instance, pid=pid, start_time=start_time,
+                                 state="ready", address=plan.address or "127.0.0.1")
+            return rec.model_dump(mode="json")
+        procs = doc.get("processes") or {}
+        if args.process not in procs:
+            raise NotFoundError(f"app {args.app!r} has no process {args.process!r}")
+        index = 1 + max((lv.record.spec.index for lv in state.instances.values()
+                         if lv.record.spec.process == args.process), default=0)
+        for process, idx, _command, _port in resolved.instances():
+            if process == args.process and f"{args.app}.{process}.{idx}" not in state.instances:
+                index = idx
+                break
+        specs = {s.id: s for s in self._instance_specs(state.spec, resolved, manifest_path)}
+        ispec = specs.get(f"{args.app}.{args.process}.{index}")
+        if ispec is None:
+            raise CorralError(f"{args.process} has all its instances running",
+                              code=ErrorCode.CONFLICT)
+        async with self._lock(args.app):
+            live = await self._launch(state, ispec, state.spec.generation, wait_s=30)
+        return live.record.model_dump(mode="json")
+
+    async def stop(self, instance_id: str) -> dict[str, Any]:
+        """``instance.stop``."""
+        for state in self.apps.values():
+            live = state.instances.get(instance_id)
+            if live is not None:
+                await self._stop_instance(state, live)
+                return {"instance": instance_id}
+        raise NotFoundError(f"no instance {instance_id!r}")
+
+    def signal(self, instance_id: str, sig: int, group: bool) -> dict[str, Any]:
+        """``instance.signal``."""
+        for state in self.apps.values():
+            live = state.instances.get(instance_id)
+            if live is not None:
+                launcher.signal_instance(live.record.pid, live.record.start_time, sig,
+                                         group=group)
+                return {"instance": instance_id}
+        raise NotFoundError(f"no instance {instance_id!r}")
+
+    # ---- restore -----------------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """After a (re)start: adopt live instances from the ledger by (pid, start time).
+
+        Records left *launching* by a crash are matched against live processes carrying
+        their ``CORRAL_INSTANCE``; anything unmatched is dropped from the ledger.
+        """
+        ledger = self.kernel.ledger
+        for rec in ledger.list(kind="app"):
+            spec = AppSpec.model_validate(rec.value["spec"])
+            self.apps[spec.name] = AppState(spec)
+        for rec in ledger.list(kind="instance"):
+            state = self.apps.get(rec.owner)
+            value = rec.value
+            if state is None:
+                ledger.release(rec.owner, [("instance", rec.key)])
+                continue
+            if "record" in value:
+                irec = InstanceRecord.model_validate(value["record"])
+            else:
+                found = _find_by_env(rec.key)
+                if found is None:
+                    ledger.release(rec.owner, [("instance", rec.key)])
+                    continue
+                spec = InstanceSpec.model_validate(value["spec"])
+                irec = InstanceRecord(spec=spec, pid=found[0], start_time=found[1], state="ready")
+            if not launcher.is_alive(irec.pid, irec.start_time):
+                ledger.release(rec.owner, [("instance", rec.key)])
+                continue
+            live = Live(irec, str(value.get("spec_hash", "")), int(value.get("generation", 1)))
+            state.instances[irec.spec.id] = live
+            self._record(live)
+            live.watcher = asyncio.ensure_future(self._watch(state, live))
+            log.info("instance adopted", instance=irec.spec.id, pid=irec.pid)
+
+    def sync_args(self) -> dict[str, Any]:
+        """The ``state.sync`` body: every app and live instance."""
+        return {
+            "apps": [s.spec.model_dump(mode="json") for s in self.apps.values()],
+            "instances": [lv.record.model_dump(mode="json")
+                          for s in self.apps.values() for lv in s.instances.values()],
+        }
+
+    # ---- views -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _view(live: Live) -> dict[str, Any]:
+        rec = live.record
+        return {"id": rec.spec.id, "app": rec.spec.app, "process": rec.spec.process,
+                "pid": rec.pid, "state": rec.state, "address": rec.address, "port": rec.spec.port,
+                "generation": live.generation, "restarts": live.restarts,
+                "started": rec.start_time}
+
+    def ps(self) -> list[dict[str, Any]]:
+        """Every app with its instances."""
+        out = []
+        for name, state in sorted(self.apps.items()):
+            out.append({"app": name, "generation": state.spec.generation,
+                        "directory": state.spec.directory,
+                        "ports": state.spec.manifest.get("ports") or {},
+                        "instances": [self._view(lv) for lv in state.instances.values()]})
+        return out
+
+    # ---- driver fan-out ----------------------------------------------------------------------
+
+    async def _gather(self, op: str, args: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        slots = self.kernel.supervisor.serving(op)
+        results = await asyncio.gather(
+            *(self.kernel.bus.call(s.peer, op, args) for s in slots if s.peer is not None),
+            return_exceptions=True)
+        out: dict[str, dict[str, Any]] = {}
+        for slot, res in zip(slots, results, strict=True):
+            if isinstance(res, BaseException):
+                reason = res.reason if isinstance(res, CorralError) else repr(res)
+                raise CorralError(f"driver {slot.name!r} failed {op}: {reason}",
+                                  code=getattr(res, "code", ErrorCode.INTERNAL), retry=False)
+            out[slot.name] = res
+        return out
+
+    async def _broadcast(self, op: str, args: dict[str, Any], *, only: list[str] | None = None,
+                         strict: bool = True) -> list[str]:
+        """Call ``op`` on every driver serving it; return the names that succeeded."""
+        slots = [s for s in self.kernel.supervisor.serving(op) if only is None or s.name in only]
+        results = await asyncio.gather(
+            *(self.kernel.bus.call(s.peer, op, args) for s in slots if s.peer is not None),
+            return_exceptions=True)
+        ok = []
+        for slot, res in zip(slots, results, strict=True):
+            if isinstance(res, BaseException):
+                reason = res.reason if isinstance(res, CorralError) else repr(res)
+                if strict:
+                    raise CorralError(f"driver {slot.name!r} failed {op}: {reason}",
+                                      code=ErrorCode.INTERNAL, retry=False)
+                log.warning("driver call failed", driver=slot.name, op=op, error=reason)
+            else:
+                ok.append(slot.name)
+        return ok
+
+
+class _NotifySocket:
+    """An sd_notify datagram socket for one instance (NOTIFY_SOCKET)."""
+
+    def __init__(self, path: Path, uid: int | None) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        self.sock.bind(str(path))
+        if uid is not None:
+            os.chown(path, uid, -1)
+        os.chmod(path, 0o600)
+        self._ready = False
+
+    def ready(self) -> bool:
+        """Whether READY=1 arrived."""
+        while not self._ready:
+            try:
+                data = self.sock.recv(4096)
+            except BlockingIOError:
+                break
+            self._ready = any(line == b"READY=1" for line in data.split(b"\n"))
+        return self._ready
+
+    def close(self) -> None:
+        """Close and unlink."""
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+
+
+async def _port_open(address: str, port: int) -> bool:
+    try:
+        _r, w = await asyncio.wait_for(asyncio.open_connection(address, port), 0.5)
+    except (OSError, TimeoutError):
+        return False
+    w.close()
+    return True
+
+
+async def _wait_pid(pid: int, start_time: float) -> None:
+    loop = asyncio.get_running_loop()
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if not launcher.is_alive(pid, start_time):
+            return
+        done: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+        try:
+            await done
+        finally:
+            loop.remove_reader(fd)
+    finally:
+        os.close(fd)
+
+
+def _reap(pid: int) -> str:
+    try:
+        got, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return "exited"
+    if got == 0:
+        return ""
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit {os.WEXITSTATUS(status)}"
+
+
+def _terminate(pid: int, start_time: float, grace: float) -> None:
+    if not launcher.is_alive(pid, start_time):
+        return
+    launcher.signal_instance(pid, start_time, signal.SIGTERM, group=True)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        _reap(pid)
+        if not launcher.is_alive(pid, start_time):
+            return
+        time.sleep(0.01)
+    launcher.signal_instance(pid, start_time, signal.SIGKILL, group=True)
+    for _ in range(100):
+        _reap(pid)
+        if not launcher.is_alive(pid, start_time):
+            return
+        time.sleep(0.01)
+
+
+def _find_by_env(instance_id: str) -> tuple[int, float] | None:
+    """A live process whose environment says CORRAL_INSTANCE=instance_id (session leader)."""
+    for proc in psutil.process_iter(["pid", "create_time"]):
+        try:
+            if proc.environ().get("CORRAL_INSTANCE") == instance_id and os.getsid(
+                proc.pid) == proc.pid:
+                return proc.pid, proc.info["create_time"]
+        except (psutil.Error, OSError):
+            continue
+    return None
+

@@ -1,0 +1,126 @@
+"""The host: where corral keeps its state (home, runtime dir) and the host config it obeys.
+
+Defaults follow the FHS when running as root (/var/lib/corral, /run/corral,
+/etc/corral/host.toml) and the XDG layout otherwise. ``CORRAL_HOME``, ``CORRAL_RUNTIME_DIR``
+and ``CORRAL_HOST_CONFIG`` override each of them (tests and side-by-side kernels use these).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from corral.errors import ManifestError
+
+
+class DriverConfig(BaseModel):
+    """One enabled driver: an entry point name, or an exec command for a foreign driver."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    entry_point: str | None = Field(default=None, description="name in group corral.drivers")
+    exec: list[str] | None = Field(default=None, description="argv of a foreign driver")
+    capability: str | None = Field(default=None, description="required with exec")
+    config: dict[str, Any] = Field(default_factory=dict, description="handed over in WELCOME")
+
+
+class HostConfig(BaseModel):
+    """``host.toml``. Every field has a default: an empty file (or none) is a valid host."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ledger: str = Field(default="sqlite:", description="ledger URL; sqlite: is under the home")
+    drivers: dict[str, DriverConfig] = Field(
+        default_factory=dict,
+        description="enabled drivers by name; empty means every installed entry point",
+    )
+    disabled: list[str] = Field(default_factory=list, description="entry points not to start")
+    admins: list[int] = Field(
+        default_factory=list, description="uids admitted as clients besides root and the kernel"
+    )
+    heartbeat_ms: int = Field(default=1000, gt=0)
+    address_pool: str = Field(default="10.231.0.0/16", description="app network addresses")
+    address_pool6: str = Field(default="fd00:c0:ra1::/64")
+    app_uids: tuple[int, int] = Field(default=(61000, 61999), description="dynamic app uids")
+    restart_window_s: float = Field(default=60.0, description="flap detection window")
+    restart_limit: int = Field(default=5, description="restarts allowed in the window")
+
+
+def is_root() -> bool:
+    """Whether this process runs as root (and so enforces everything)."""
+    return os.geteuid() == 0
+
+
+def home() -> Path:
+    """The corral home: ledger, logs, state."""
+    env = os.environ.get("CORRAL_HOME")
+    if env:
+        return Path(env)
+    if is_root():
+        return Path("/var/lib/corral")
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "corral"
+
+
+def runtime_dir() -> Path:
+    """The runtime directory (mode 0700): bus sockets, FIFOs, sandbox roots."""
+    env = os.environ.get("CORRAL_RUNTIME_DIR")
+    if env:
+        return Path(env)
+    if is_root():
+        return Path("/run/corral")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(xdg) / "corral" if xdg else home() / "run"
+
+
+def config_path() -> Path:
+    """Where the host config is read from."""
+    env = os.environ.get("CORRAL_HOST_CONFIG")
+    if env:
+        return Path(env)
+    return Path("/etc/corral/host.toml") if is_root() else home() / "host.toml"
+
+
+def bus_endpoint(runtime: Path | None = None) -> str:
+    """The kernel's ROUTER endpoint."""
+    return f"ipc://{(runtime or runtime_dir()) / 'bus.sock'}"
+
+
+def events_endpoint(runtime: Path | None = None) -> str:
+    """The kernel's PUB endpoint."""
+    return f"ipc://{(runtime or runtime_dir()) / 'events.sock'}"
+
+
+def load_config(path: Path | None = None) -> HostConfig:
+    """Read the host config; a missing file means the embedded defaults."""
+    path = path or config_path()
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return HostConfig()
+    except OSError as exc:
+        raise ManifestError(
+            [f"{path}: cannot read host config: {exc.strerror}"], file=str(path)
+        ) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError([f"{path}: {exc}"], file=str(path)) from None
+    try:
+        return HostConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            f"{path}: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        ]
+        raise ManifestError(problems, file=str(path)) from None
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and force mode 0700 on it."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path

@@ -1,0 +1,314 @@
+"""corrald: the microkernel. Owns the ledger, the bus, driver supervision and deploys.
+
+The kernel never imports a driver's code. Requests are dispatched from ``KERNEL_OPS`` (the
+table of the peer's role) to the handler of the same name in ``Kernel.handlers``; the two
+tables are checked against each other at start-up so no operation can be half-defined.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from corral import __version__
+from corral.bus import BusServer, Peer
+from corral.deploy import Deployer
+from corral.errors import CorralError, ErrorCode, NotFoundError
+from corral.host import (
+    HostConfig,
+    ensure_private_dir,
+    home,
+    load_config,
+    runtime_dir,
+)
+from corral.launch import become_subreaper
+from corral.ledger import Claim, Ledger, open_ledger
+from corral.protocol import KERNEL_OPS, PROTOCOL, QUERY_OP, Args, Hello, Request, Welcome
+from corral.protocol._ops import (
+    AppName,
+    Deploy,
+    DriverQuery,
+    InstanceId,
+    InstanceSignal,
+    LedgerClaim,
+    LedgerList,
+    LedgerRelease,
+    Publish,
+    Spawn,
+)
+from corral.supervisor import DriverSlot, Supervisor
+
+log = structlog.get_logger("corral.kernel")
+
+Handler = Callable[[Peer, Any], Awaitable[dict[str, Any]]]
+
+
+class Kernel:
+    """One kernel: construct, then ``await run()``."""
+
+    def __init__(
+        self,
+        config: HostConfig | None = None,
+        *,
+        home_dir: Path | None = None,
+        runtime: Path | None = None,
+        stop_drivers_on_exit: bool = False,
+    ) -> None:
+        self.config = config or load_config()
+        self.home = ensure_private_dir(home_dir or home())
+        os.chmod(self.home, 0o711)  # apps read their manifest under home/apps (0711 dirs)
+        self.runtime = ensure_private_dir(runtime or runtime_dir())
+        self.notify_dir = Path(str(self.runtime) + "-notify")
+        self.notify_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.notify_dir, 0o711)
+        self.stop_drivers_on_exit = stop_drivers_on_exit
+        self.ledger: Ledger = open_ledger(self.config.ledger, self.home)
+        self.started = time.time()
+        self.bus = BusServer(
+            self.runtime,
+            admit=self.admit,
+            on_hello=self.on_hello,
+            dispatch=self.dispatch,
+            on_lost=self.on_lost,
+            heartbeat_ms=self.config.heartbeat_ms,
+        )
+        self.deployer = Deployer(self)
+        self.supervisor = Supervisor(
+            self.config,
+            self.ledger,
+            env=self._driver_env(),
+            log_dir=self.home / "drivers",
+            on_ready=self._driver_ready,
+        )
+        self.handlers: dict[str, Handler] = {
+            "app.deploy": self._deploy,
+            "app.down": self._down,
+            "app.ps": self._ps,
+            "app.get": self._app_get,
+            "ledger.list": self._ledger_list,
+            "ledger.claim": self._ledger_claim,
+            "ledger.release": self._ledger_release,
+            "drivers.list": self._drivers_list,
+            "driver.query": self._driver_query,
+            "kernel.status": self._status,
+            "instance.spawn": self._spawn,
+            "instance.signal": self._signal,
+            "instance.stop": self._stop_instance,
+            "event.publish": self._publish,
+        }
+        declared = {name for table in KERNEL_OPS.values() for name in table}
+        if declared != set(self.handlers):
+            raise RuntimeError(f"operation tables disagree: {declared ^ set(self.handlers)}")
+        self._admins = {0, os.getuid(), *self.config.admins}
+        self._stop = asyncio.Event()
+        self._tasks: set[asyncio.Future[None]] = set()
+
+    def _driver_env(self) -> dict[str, str]:
+        keep = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV", "CI", "TZ")
+        env = {k: v for k, v in os.environ.items() if k in keep}
+        env.update(
+            CORRAL_BUS=self.bus.endpoint,
+            CORRAL_EVENTS=self.bus.events,
+            CORRAL_HOME=str(self.home),
+            CORRAL_RUNTIME_DIR=str(self.runtime),
+        )
+        return env
+
+    # ---- bus callbacks -----------------------------------------------------------------------
+
+    def admit(self, uid: int) -> bool:
+        """Local peers admitted to the bus: root, the kernel's own uid, configured admins."""
+        return uid in self._admins
+
+    async def on_hello(self, identity: bytes, uid: int, hello: Hello) -> Welcome:
+        """Accept or refuse a HELLO (raise CorralError to refuse)."""
+        if PROTOCOL not in hello.protocols:
+            raise CorralError(
+                f"no common protocol version: kernel speaks {PROTOCOL}, peer {hello.protocols}",
+                code=ErrorCode.VERSION,
+            )
+        peer_id = secrets.token_hex(4)
+        config: dict[str, Any] = {}
+        if hello.role == "driver":
+            slot = self.supervisor.accept(hello, uid)
+            config = {**slot.config, "address_pool": self.config.address_pool,
+                      "address_pool6": self.config.address_pool6,
+                      "app_uids": list(self.config.app_uids)}
+            asyncio.get_running_loop().call_soon(self._mark_connected, identity, slot)
+        return Welcome(peer_id=peer_id, heartbeat_ms=self.config.heartbeat_ms, config=config,
+                       home=str(self.home), runtime_dir=str(self.runtime))
+
+    def _mark_connected(self, identity: bytes, slot: DriverSlot) -> None:
+        peer = self.bus.peers.get(identity)
+        if peer is not None:
+            task = asyncio.ensure_future(self.supervisor.connected(slot, peer))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _driver_ready(self, slot: DriverSlot) -> None:
+        log.info("driver connected", driver=slot.name, ops=slot.ops)
+        self.bus.publish(f"driver.{slot.name}.connected", {"pid": slot.pid})
+        if slot.peer is not None and "state.sync" in slot.ops:
+            try:
+                await self.bus.call(slot.peer, "state.sync", self.deployer.sync_args())
+            except CorralError as exc:
+                log.error("state.sync failed", driver=slot.name, error=exc.reason)
+
+    async def on_lost(self, peer: Peer) -> None:
+        """A peer left or stopped answering."""
+        if peer.role == "driver":
+            await self.supervisor.lost(peer)
+
+    async def dispatch(self, peer: Peer, req: Request) -> dict[str, Any]:
+        """Look ``req.op`` up in the table of the peer's role; validate; run its handler."""
+        table = KERNEL_OPS[peer.role]
+        op = table.get(req.op)
+        if op is None:
+            if any(req.op in t for t in KERNEL_OPS.values()):
+                raise CorralError(f"operation {req.op!r} is not allowed for {peer.role}s",
+                                  code=ErrorCode.FORBIDDEN)
+            raise CorralError(f"unknown operation {req.op!r}", code=ErrorCode.UNKNOWN_OPERATION)
+        try:
+            args: Args = op.args.model_validate(req.args)
+        except Exception as exc:
+            raise CorralError(f"{req.op}: invalid arguments: {_first(exc)}",
+                              code=ErrorCode.INVALID) from None
+        return await self.handlers[req.op](peer, args)
+
+    # ---- handlers ----------------------------------------------------------------------------
+
+    async def _deploy(self, peer: Peer, args: Deploy) -> dict[str, Any]:
+        return await self.deployer.deploy(args)
+
+    async def _down(self, peer: Peer, args: AppName) -> dict[str, Any]:
+        return await self.deployer.down(args.name)
+
+    async def _ps(self, peer: Peer, args: Any) -> dict[str, Any]:
+        apps = self.deployer.ps()
+        stats = await self._driver_stats()
+        for app in apps:
+            app["drivers"] = {name: s.get(app["app"], {}) for name, s in stats.items()}
+        return {"apps": apps}
+
+    async def _driver_stats(self) -> dict[str, dict[str, Any]]:
+        """Per-app figures from drivers that offer ``query.<cap>.stats`` (refused, dropped...)."""
+        out: dict[str, dict[str, Any]] = {}
+        for slot in self.supervisor.slots.values():
+            op = f"query.{slot.capability}.stats"
+            if slot.peer is None or op not in slot.ops:
+                continue
+            try:
+                res = await self.bus.call(slot.peer, op, {}, timeout=2.0)
+                out[slot.name] = dict(res.get("apps", {}))
+            except CorralError:
+                continue
+        return out
+
+    async def _app_get(self, peer: Peer, args: AppName) -> dict[str, Any]:
+        state = self.deployer.apps.get(args.name)
+        if state is None:
+            raise NotFoundError(f"no app named {args.name!r}")
+        return {"app": state.spec.model_dump(mode="json"),
+                "instances": [lv.record.model_dump(mode="json")
+                              for lv in state.instances.values()]}
+
+    async def _ledger_list(self, peer: Peer, args: LedgerList) -> dict[str, Any]:
+        recs = self.ledger.list(owner=args.owner, kind=args.kind)
+        return {"revision": self.ledger.revision(),
+                "records": [{"kind": r.kind, "key": r.key, "owner": r.owner, "since": r.since,
+                             "revision": r.revision, "value": r.value} for r in recs]}
+
+    async def _ledger_claim(self, peer: Peer, args: LedgerClaim) -> dict[str, Any]:
+        rev = self.ledger.claim(args.owner, [Claim(c.kind, c.key, c.value) for c in args.claims])
+        return {"revision": rev}
+
+    async def _ledger_release(self, peer: Peer, args: LedgerRelease) -> dict[str, Any]:
+        keys = [tuple(k) for k in args.keys] if args.keys is not None else None
+        return {"revision": self.ledger.release(args.owner, keys)}  # type: ignore[arg-type]
+
+    async def _drivers_list(self, peer: Peer, args: Any) -> dict[str, Any]:
+        return {"drivers": [s.as_json() for s in self.supervisor.slots.values()]}
+
+    async def _driver_query(self, peer: Peer, args: DriverQuery) -> dict[str, Any]:
+        op = f"query.{args.capability}.{args.query}"
+        assert QUERY_OP.match(op)
+        slot = self.supervisor.by_capability(args.capability)
+        if slot is None or slot.peer is None:
+            raise CorralError(f"no {args.capability} driver is connected",
+                              code=ErrorCode.UNAVAILABLE)
+        if op not in slot.ops:
+            raise CorralError(f"driver {slot.name!r} does not serve {op}",
+                              code=ErrorCode.UNKNOWN_OPERATION)
+        return await self.bus.call(slot.peer, op, args.args)
+
+    async def _status(self, peer: Peer, args: Any) -> dict[str, Any]:
+        return {"pid": os.getpid(), "version": __version__, "protocol": PROTOCOL,
+                "uptime_s": round(time.time() - self.started, 3), "home": str(self.home),
+                "runtime_dir": str(self.runtime), "revision": self.ledger.revision(),
+                "peers": len(self.bus.peers)}
+
+    async def _spawn(self, peer: Peer, args: Spawn) -> dict[str, Any]:
+        return await self.deployer.spawn(args)
+
+    async def _signal(self, peer: Peer, args: InstanceSignal) -> dict[str, Any]:
+        return self.deployer.signal(args.instance_id, args.signal, args.group)
+
+    async def _stop_instance(self, peer: Peer, args: InstanceId) -> dict[str, Any]:
+        return await self.deployer.stop(args.instance_id)
+
+    async def _publish(self, peer: Peer, args: Publish) -> dict[str, Any]:
+        self.bus.publish(args.topic, args.data)
+        return {}
+
+    # ---- life ----------------------------------------------------------------------------------
+
+    async def run(self, ready: Callable[[], None] | None = None) -> None:
+        """Start everything, serve until SIGTERM/SIGINT, then stop (apps keep running)."""
+        become_subreaper()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        await self.bus.start()
+        serving = asyncio.ensure_future(self.bus.serve())
+        self.deployer.restore()
+        self.supervisor.load()
+        await self.supervisor.start()
+        housekeeping = asyncio.ensure_future(self._housekeeping())
+        (self.runtime / "kernel.pid").write_text(f"{os.getpid()}\n")
+        log.info("kernel ready", endpoint=self.bus.endpoint, home=str(self.home),
+                 drivers=[s.name for s in self.supervisor.slots.values()])
+        if ready is not None:
+            ready()
+        await self._stop.wait()
+        log.info("kernel stopping; apps keep running")
+        housekeeping.cancel()
+        await self.supervisor.stop(kill_drivers=self.stop_drivers_on_exit)
+        if self.stop_drivers_on_exit:
+            await self.bus.say_bye("kernel stopping")
+        serving.cancel()
+        self.bus.close()
+        self.ledger.close()
+        (self.runtime / "kernel.pid").unlink(missing_ok=True)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.ledger.expire()
+
+
+def _first(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        e = errors()[0]
+        return f"{'.'.join(str(p) for p in e['loc']) or '(args)'}: {e['msg']}"
+    return str(exc)
+
+

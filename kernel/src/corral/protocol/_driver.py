@@ -1,0 +1,32 @@
+"""What a driver package's entry point targets: a cheap description, never the driver class."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class DriverDescription:
+    """A driver as the supervisor needs to know it before starting it.
+
+    ``module`` is run as ``python -m module`` with the kernel's interpreter; ``argv`` instead
+    runs an executable (drivers in other languages). Importing the description must not
+    import the driver's code or its dependencies.
+    """
+
+    name: str
+    capability: str
+    version: str
+    module: str | None = None
+    argv: tuple[str, ...] = ()
+    protocols: tuple[str, ...] = ("CDP/1",)
+    doc: str = field(default="")
+
+    def command(self) -> list[str]:
+        """The command line that starts this driver."""
+        if self.argv:
+            return list(self.argv)
+        if self.module is None:
+            raise ValueError(f"driver {self.name!r} has neither module nor argv")
+        return [sys.executable, "-m", self.module]

@@ -1,0 +1,254 @@
+"""The operation tables of CDP/1: what each role may ask the kernel, and what drivers serve.
+
+Requests are dispatched from these explicit tables only: an ``op`` string from the wire is a
+key into a dict built at import time, never a name looked up on an object. Each entry names
+the pydantic model its ``args`` must validate against.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from corral.protocol._lifecycle import AppSpec, InstanceRecord, InstanceSpec
+
+
+class Args(BaseModel):
+    """Base of operation arguments: unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class NoArgs(Args):
+    """An operation without arguments."""
+
+
+# ---- kernel operations (served by corrald) -------------------------------------------------
+
+
+class Deploy(Args):
+    """``app.deploy``: resolve the manifest in ``directory`` and deploy it."""
+
+    directory: str
+    set: list[str] = Field(default_factory=list)
+    offset: int = 0
+    env: list[str] = Field(default_factory=list)
+    wait_s: float = Field(default=30.0, gt=0, description="how long to wait for readiness")
+
+
+class AppName(Args):
+    """An operation on one app by name."""
+
+    name: str
+
+
+class ClaimItem(Args):
+    """One resource in a claim."""
+
+    kind: str = Field(min_length=1, max_length=64)
+    key: str = Field(min_length=1, max_length=512)
+    value: dict[str, Any] = Field(default_factory=dict)
+
+
+class LedgerClaim(Args):
+    """``ledger.claim``: all or nothing, for ``owner``."""
+
+    owner: str = Field(min_length=1, max_length=128)
+    claims: list[ClaimItem] = Field(min_length=1, max_length=1024)
+
+
+class LedgerRelease(Args):
+    """``ledger.release``: the listed keys (``[kind, key]``), or all of ``owner``'s."""
+
+    owner: str = Field(min_length=1, max_length=128)
+    keys: list[tuple[str, str]] | None = None
+
+
+class LedgerList(Args):
+    """``ledger.list``: records filtered by owner and/or kind."""
+
+    owner: str | None = None
+    kind: str | None = None
+
+
+class DriverQuery(Args):
+    """``driver.query``: forward ``query.<capability>.<name>`` to the driver serving it."""
+
+    capability: str
+    query: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class Spawn(Args):
+    """``instance.spawn``: start a process of ``app`` in its sandbox (cron runs, on-demand)."""
+
+    app: str
+    process: str
+    kind: str = Field(default="instance", pattern=r"^(instance|job)$")
+    command: str | None = Field(default=None, description="jobs: the command to run")
+    env: dict[str, str] = Field(default_factory=dict)
+    label: str | None = Field(default=None, description="jobs: run label used in the id")
+
+
+class InstanceSignal(Args):
+    """``instance.signal``: send ``signal`` to an instance (its process group if ``group``)."""
+
+    instance_id: str
+    signal: int = Field(ge=1, le=64)
+    group: bool = True
+
+
+class InstanceId(Args):
+    """An operation on one instance by id."""
+
+    instance_id: str
+
+
+class Publish(Args):
+    """``event.publish``: the kernel republishes on PUB under ``topic``."""
+
+    topic: str = Field(min_length=1, max_length=256)
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+# ---- driver operations (served by drivers, called by the kernel) ----------------------------
+
+
+class AppAttach(Args):
+    """``app.attach``: an app was claimed; set up app-wide state (routes, schedules, sinks)."""
+
+    app: AppSpec
+
+
+class AppDetach(Args):
+    """``app.detach``: the app is going away: undo everything the driver did for it."""
+
+    app: str
+
+
+class InstancePrepare(Args):
+    """``instance.prepare``: contribute a PlanFragment to the instance's launch."""
+
+    app: AppSpec
+    instance: InstanceSpec
+
+
+class InstanceStarted(Args):
+    """``instance.started``: the instance runs (pid, start time, address known)."""
+
+    app: AppSpec
+    instance: InstanceRecord
+
+
+class InstanceStopped(Args):
+    """``instance.stopped``: the instance is gone: release per-instance state."""
+
+    app: str
+    instance_id: str
+
+
+class StateSync(Args):
+    """``state.sync``: after every (re)connect: re-apply for these, collect leftovers of others."""
+
+    apps: list[AppSpec]
+    instances: list[InstanceRecord]
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One entry of an operation table."""
+
+    name: str
+    args: type[Args]
+    doc: str
+
+
+def _table(*ops: Operation) -> dict[str, Operation]:
+    return {o.name: o for o in ops}
+
+
+_CLIENT_OPS = _table(
+    Operation("app.deploy", Deploy, "claim, launch and wait for an app"),
+    Operation("app.down", AppName, "stop an app and release all it holds"),
+    Operation("app.ps", NoArgs, "apps and instances with their state"),
+    Operation("app.get", AppName, "one app's spec and instances"),
+    Operation("ledger.list", LedgerList, "ledger records"),
+    Operation("ledger.claim", LedgerClaim, "claim resources, all or nothing"),
+    Operation("ledger.release", LedgerRelease, "release resources"),
+    Operation("drivers.list", NoArgs, "drivers and their state"),
+    Operation("driver.query", DriverQuery, "forward a query to a driver"),
+    Operation("kernel.status", NoArgs, "pid, uptime, version"),
+)
+
+_DRIVER_OPS = _table(
+    Operation("ledger.claim", LedgerClaim, "claim resources, all or nothing"),
+    Operation("ledger.release", LedgerRelease, "release resources"),
+    Operation("ledger.list", LedgerList, "ledger records"),
+    Operation("app.get", AppName, "one app's spec and instances"),
+    Operation("instance.spawn", Spawn, "start a process of an app in its sandbox"),
+    Operation("instance.signal", InstanceSignal, "signal an instance"),
+    Operation("instance.stop", InstanceId, "stop an instance and release it"),
+    Operation("event.publish", Publish, "publish an event on the bus"),
+)
+
+KERNEL_OPS: dict[str, dict[str, Operation]] = {"client": _CLIENT_OPS, "driver": _DRIVER_OPS}
+"""Operations the kernel serves, per peer role. Anything else is FORBIDDEN or UNKNOWN."""
+
+LIFECYCLE_OPS: dict[str, Operation] = _table(
+    Operation("app.attach", AppAttach, "set up app-wide state"),
+    Operation("app.detach", AppDetach, "undo app-wide state"),
+    Operation("instance.prepare", InstancePrepare, "contribute to the launch plan"),
+    Operation("instance.started", InstanceStarted, "an instance runs"),
+    Operation("instance.stopped", InstanceStopped, "an instance is gone"),
+    Operation("state.sync", StateSync, "re-apply desired state after (re)connect"),
+)
+"""Operations the kernel may call on a driver. A driver declares the ones it serves."""
+
+QUERY_OP = re.compile(r"^query\.([a-z][a-z0-9_]*)\.([a-z][a-z0-9_]*)$")
+"""Capability-specific queries: ``query.<capability>.<name>``, args a free JSON object."""
+
+
+@dataclass(frozen=True)
+class Capability:
+    """What a driver of one capability must and may serve."""
+
+    name: str
+    required: frozenset[str]
+    doc: str
+    optional: frozenset[str] = field(default_factory=lambda: frozenset(LIFECYCLE_OPS))
+
+
+CAPABILITIES: dict[str, Capability] = {
+    c.name: c
+    for c in (
+        Capability("net", frozenset({"state.sync"}), "network namespaces, addresses, nftables"),
+        Capability("fs", frozenset({"state.sync"}), "mount view, users, cgroups"),
+        Capability("log", frozenset({"state.sync"}), "output capture, sinks, tracebacks"),
+        Capability("lb", frozenset({"state.sync"}), "names, frontends, balancing"),
+        Capability("cron", frozenset({"state.sync"}), "scheduled jobs"),
+    )
+}
+
+
+def check_driver_ops(capability: str | None, ops: list[str]) -> str | None:
+    """Why a driver's HELLO is unacceptable, or None. Checked once, at HELLO time."""
+    if capability is None:
+        return "a driver must name its capability"
+    cap = CAPABILITIES.get(capability)
+    if cap is None:
+        return f"unknown capability {capability!r}; known: {', '.join(sorted(CAPABILITIES))}"
+    missing = sorted(cap.required - set(ops))
+    if missing:
+        return f"capability {capability!r} requires operations {missing}"
+    for name in ops:
+        if name in cap.optional:
+            continue
+        m = QUERY_OP.match(name)
+        if m is None:
+            return f"unknown operation {name!r} (not a lifecycle operation nor query.<cap>.<name>)"
+        if m.group(1) != capability:
+            return f"query {name!r} belongs to capability {m.group(1)!r}, not {capability!r}"
+    return None
