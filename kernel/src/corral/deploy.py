@@ -115,6 +115,8 @@ class Deployer:
         old_rec = k.ledger.get("app", name)
         generation = int(old_rec.value.get("generation", 0)) + 1 if old_rec else 1
         uid, gid = self._app_ids(name)
+        if uid is not None:
+            _check_reachable(Path(resolved.directory), uid)
         spec = AppSpec(name=name, directory=str(resolved.directory), manifest=doc,
                        uid=uid, gid=gid, generation=generation)
         manifest_path = self._write_manifest(spec)
@@ -303,8 +305,9 @@ class Deployer:
                       "spec_hash": h, "generation": generation})
         try:
             plan = await self._plan(state, ispec)
-            plan.mounts.append(BindMount(source=str(notify.path), target=str(notify.path),
-                                         mode="rw"))
+            if plan.root is not None:  # a sandboxed view must still see its notify socket
+                plan.mounts.append(BindMount(source=str(notify.path), target=str(notify.path),
+                                             mode="rw"))
             pid, start_time = await asyncio.to_thread(launcher.launch, plan)
         except BaseException:
             notify.close()
@@ -628,6 +631,21 @@ class _NotifySocket:
         self.path.unlink(missing_ok=True)
 
 
+def _check_reachable(directory: Path, uid: int) -> None:
+    """Refuse early, and say why, when the app's uid could not enter its own directory."""
+    import stat
+
+    for d in [*reversed(directory.parents), directory]:
+        st = d.stat()
+        need = stat.S_IXOTH | (stat.S_IROTH if d == directory else 0)
+        if st.st_uid != uid and st.st_mode & need != need:
+            raise CorralError(
+                f"the app runs as uid {uid}, which cannot "
+                f"{'read' if d == directory else 'traverse'} {d} (mode {st.st_mode & 0o777:o});"
+                f" make it {'o+rx' if d == directory else 'o+x'} or move the app",
+                code=ErrorCode.INVALID)
+
+
 async def _port_open(address: str, port: int) -> bool:
     try:
         _r, w = await asyncio.wait_for(asyncio.open_connection(address, port), 0.5)
@@ -687,10 +705,11 @@ def _terminate(pid: int, start_time: float, grace: float) -> None:
 
 
 def _find_by_env(instance_id: str) -> tuple[int, float] | None:
-    """A live process whose environment says CORRAL_INSTANCE=instance_id (session leader)."""
+    """A live process group leader whose environment says CORRAL_INSTANCE=instance_id."""
     for proc in psutil.process_iter(["pid", "create_time"]):
         try:
-            if proc.environ().get("CORRAL_INSTANCE") == instance_id and os.getsid(
+            # the launcher makes the instance its own process group leader
+            if proc.environ().get("CORRAL_INSTANCE") == instance_id and os.getpgid(
                 proc.pid) == proc.pid:
                 return proc.pid, proc.info["create_time"]
         except (psutil.Error, OSError):

@@ -26,6 +26,7 @@ class DriverConfig(BaseModel):
     exec: list[str] | None = Field(default=None, description="argv of a foreign driver")
     capability: str | None = Field(default=None, description="required with exec")
     config: dict[str, Any] = Field(default_factory=dict, description="handed over in WELCOME")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment")
 
 
 class HostConfig(BaseModel):

@@ -51,6 +51,7 @@ class DriverSlot:
     capability: str
     command: list[str]
     config: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
     version: str = ""
     state: str = "stopped"  # stopped|starting|running|restarting|failed|disabled
     reason: str = ""
@@ -113,7 +114,7 @@ def discover(config: HostConfig) -> tuple[list[DriverSlot], list[DriverSlot]]:
                                            reason="an exec driver needs `capability`"))
                 continue
             enabled.append(DriverSlot(name, dconf.capability, list(dconf.exec),
-                                      config=dict(dconf.config)))
+                                      config=dict(dconf.config), env=dict(dconf.env)))
             continue
         ep_name = (dconf.entry_point if dconf and dconf.entry_point else name)
         desc = found.get(ep_name)
@@ -123,7 +124,8 @@ def discover(config: HostConfig) -> tuple[list[DriverSlot], list[DriverSlot]]:
             log.error("driver disabled", driver=name, reason=reason)
             continue
         enabled.append(DriverSlot(name, desc.capability, desc.command(), version=desc.version,
-                                  config=dict(dconf.config) if dconf else {}))
+                                  config=dict(dconf.config) if dconf else {},
+                                  env=dict(dconf.env) if dconf else {}))
     return enabled, disabled
 
 
@@ -173,7 +175,7 @@ class Supervisor:
 
     def _spawn(self, slot: DriverSlot) -> None:
         slot.token = secrets.token_hex(16)
-        env = {**self.env, "CORRAL_DRIVER_TOKEN": slot.token, "CORRAL_DRIVER_NAME": slot.name}
+        env = {**self.env, **slot.env, "CORRAL_DRIVER_TOKEN": slot.token, "CORRAL_DRIVER_NAME": slot.name}
         out = open(self.log_dir / f"{slot.name}.log", "ab")
         try:
             proc = subprocess.Popen(

@@ -74,8 +74,13 @@ class Connection:
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.connect(self.endpoint)
         self._sock = sock
-        await sock.send_multipart(encode(self.hello))
         deadline = time.monotonic() + timeout
+        try:
+            # IMMEDIATE: with no live kernel behind the socket the send waits; bound it.
+            await asyncio.wait_for(sock.send_multipart(encode(self.hello)), timeout)
+        except TimeoutError:
+            self.close()
+            raise UnavailableError(f"no kernel listening at {self.endpoint}") from None
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not await sock.poll(int(left * 1000)):
@@ -102,17 +107,21 @@ class Connection:
         self._pending[rid] = fut
         try:
             req = Request(id=rid, op=op, args=dict(args or {}), deadline_ms=int(timeout * 1000))
-            await self._sock.send_multipart(encode(req))
-            return await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):
+                await self._sock.send_multipart(encode(req))
+                return await fut
         except TimeoutError:
             raise CorralError(f"{op}: no reply in {timeout:.1f}s", code=ErrorCode.TIMEOUT) from None
         finally:
             self._pending.pop(rid, None)
 
-    async def send(self, body: Body) -> None:
-        """Send one message (EVENT, HEARTBEAT, BYE...)."""
+    async def send(self, body: Body, *, timeout: float = 5.0) -> None:
+        """Send one message (EVENT, HEARTBEAT, BYE...); give up silently after ``timeout``."""
         if self._sock is not None:
-            await self._sock.send_multipart(encode(body))
+            try:
+                await asyncio.wait_for(self._sock.send_multipart(encode(body)), timeout)
+            except TimeoutError:
+                log.warning("send timed out", command=type(body).__name__)
 
     async def run(self) -> bool:
         """Serve until BYE from the kernel or ``close()`` (True) or the kernel is lost (False)."""
@@ -136,6 +145,11 @@ class Connection:
                 if isinstance(body, Bye):
                     self._fail_pending(f"kernel said BYE: {body.reason}")
                     return True
+                if isinstance(body, Error) and body.code == ErrorCode.UNAUTHENTICATED:
+                    # A restarted kernel does not know this connection: HELLO again.
+                    log.warning("kernel forgot this peer", reason=body.reason)
+                    self._fail_pending("kernel restarted")
+                    return False
                 self._dispatch(body)
             return True
         finally:

@@ -1,0 +1,138 @@
+"""Test support shipped for users and driver authors: a real kernel in a private directory.
+
+``KernelProcess`` starts ``corrald`` as a separate process with its own home, runtime
+directory and host config, so tests (ours and third-party drivers') exercise the real bus,
+ledger and supervisor. Nothing here is a fake.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import psutil
+
+from corral.client import KernelClient
+from corral.errors import CorralError
+
+
+class KernelProcess:
+    """A corrald process rooted at ``base`` (home, run, host.toml beneath it)."""
+
+    def __init__(self, base: Path, host_toml: str = "", *, extra_env: dict[str, str] | None = None
+                 ) -> None:
+        self.base = base
+        self.home = base / "home"
+        self.runtime = base / "run"
+        self.config = base / "host.toml"
+        self.config.write_text(host_toml)
+        self.log_path = base / "corrald.log"
+        self.env = {
+            **os.environ,
+            "CORRAL_HOME": str(self.home),
+            "CORRAL_RUNTIME_DIR": str(self.runtime),
+            "CORRAL_HOST_CONFIG": str(self.config),
+            "CORRAL_BUS": f"ipc://{self.runtime / 'bus.sock'}",
+            "CORRAL_EVENTS": f"ipc://{self.runtime / 'events.sock'}",
+            **(extra_env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """The kernel's bus endpoint."""
+        return self.env["CORRAL_BUS"]
+
+    def start(self, timeout: float = 15.0, *, stop_drivers: bool = True) -> KernelProcess:
+        """Start corrald and wait until it answers ``kernel.status``."""
+        args = [sys.executable, "-m", "corral.daemon"]
+        if stop_drivers:
+            args.append("--stop-drivers")
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=log,
+                                     stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"corrald exited {self.proc.returncode}: {self.log()}")
+            try:
+                self.call("kernel.status", timeout=1.0)
+                return self
+            except CorralError:
+                time.sleep(0.05)
+        raise RuntimeError(f"corrald did not become ready: {self.log()}")
+
+    def call(self, op: str, args: dict[str, Any] | None = None, *, timeout: float = 30.0
+             ) -> dict[str, Any]:
+        """One request to this kernel."""
+        return KernelClient(self.endpoint).call(op, args, timeout=timeout)
+
+    def cli(self, *argv: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """Run the ``corral`` CLI against this kernel."""
+        return subprocess.run([sys.executable, "-m", "corral.cli", *argv], env=self.env,
+                              capture_output=True, text=True, timeout=timeout, check=False)
+
+    def log(self) -> str:
+        """What corrald printed so far."""
+        try:
+            return self.log_path.read_text()[-4000:]
+        except OSError:
+            return ""
+
+    def kill9(self) -> None:
+        """SIGKILL the kernel (drivers and apps are left running)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM and wait."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def teardown(self) -> None:
+        """Take every app down, stop the kernel and its drivers, kill any app left over."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                for app in self.call("app.ps")["apps"]:
+                    self.call("app.down", {"name": app["app"]}, timeout=60)
+            except CorralError:
+                pass
+        self.stop()
+        for proc in leftover_apps(self.home):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def __enter__(self) -> KernelProcess:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.teardown()
+
+
+def leftover_apps(home: Path) -> list[psutil.Process]:
+    """Live processes launched for apps of the kernel rooted at ``home``."""
+    found = []
+    prefix = str(home)
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("CORRAL_MANIFEST", "").startswith(prefix):
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
