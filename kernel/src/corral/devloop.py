@@ -1,43 +1,31 @@
 """``corral run``: the dev loop. The app runs in the foreground with its production contract.
 
 Same resolved manifest, same environment (PORT, CORRAL_*, CORRAL_MANIFEST), same working
-directory as under the kernel. What the host can enforce for an unprivileged user is used;
-what it cannot is said once, plainly, before the app starts.
+directory as under the kernel, and the same launch path. As a user, the mount view (system
+read-only, the app directory read-only, the manifest's [paths] with their modes, a private
+/tmp and pid namespace) is built in a user namespace where the host allows one; what cannot
+be enforced is said once, plainly, before the app starts. As root, the app runs as nobody.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import selectors
 import signal
-import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+from corral import launch as launcher
 from corral import manifest as manifests
+from corral.protocol import BindMount, InstanceSpec
 
 NOBODY = 65534
 
 
-def enforcement_notes() -> list[str]:
-    """Plain sentences saying what `corral run` does not enforce on this host, as this user."""
-    if os.geteuid() == 0:
-        return [
-            "corral run: running as root: the app runs as nobody (uid 65534), but without the "
-            "kernel's sandbox (no mount view, network rules or cgroup limits); use `corral up` "
-            "for the enforced setup."
-        ]
-    return [
-        "corral run: not root: paths, network peers and limits of the manifest are NOT "
-        "enforced here; the app gets the same resolved manifest and environment as in "
-        "production. Use `corral up` under a root kernel for enforcement."
-    ]
-
-
 def run_foreground(directory: Path, *, set_: list[str], offset: int, env: list[str]) -> int:
-    """Start every instance of the app, relay their output, stop them all on Ctrl-C."""
+    """Start every instance of the app on this terminal; stop them all on Ctrl-C/SIGTERM."""
     resolved = manifests.load(directory, set_=set_, offset=offset, env=env)
     doc = resolved.as_json()
     tmp = Path(tempfile.mkdtemp(prefix="corral-run-"))
@@ -45,52 +33,66 @@ def run_foreground(directory: Path, *, set_: list[str], offset: int, env: list[s
     manifest_path.write_text(json.dumps(doc, indent=2, sort_keys=True))
     os.chmod(tmp, 0o755)
     os.chmod(manifest_path, 0o644)
-    for note in enforcement_notes():
-        print(note, file=sys.stderr)
-    as_root = os.geteuid() == 0
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    sel = selectors.DefaultSelector()
-    instances = resolved.instances()
-    width = max((len(f"{p}.{i}") for p, i, _c, _port in instances), default=0)
-    for process, index, command, _port in instances:
-        name = f"{process}.{index}"
+    grants = [BindMount(source=str(tmp), target=str(tmp), mode="ro")]
+    for grant in (doc.get("paths") or {}).values():
+        path = Path(grant["path"])
+        if grant.get("create") and not path.exists():
+            path.mkdir(parents=True, exist_ok=True)
+            if os.geteuid() == 0:
+                os.chown(path, NOBODY, NOBODY)
+        grants.append(BindMount(source=str(path), target=str(path), mode=grant["mode"]))
+    limits = any(v is not None for v in (doc.get("limits") or {}).values())
+    running: list[tuple[str, int, float]] = []
+    said: list[str] = []
+    for process, index, command, port in resolved.instances():
+        iid = f"{doc['app']['name']}.{process}.{index}"
         penv = manifests.app_environment(resolved, process=process, index=index,
-                                         manifest_path=str(manifest_path))
-        proc = subprocess.Popen(
-            ["/bin/sh", "-c", f"exec {command}"], cwd=str(resolved.directory), env=penv,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True,
-            user=NOBODY if as_root else None, group=NOBODY if as_root else None,
-            extra_groups=[] if as_root else None,
-        )
-        procs[name] = proc
-        assert proc.stdout is not None
-        sel.register(proc.stdout, selectors.EVENT_READ, name)
+                                         manifest_path=manifest_path)
+        spec = InstanceSpec(id=iid, app=doc["app"]["name"], process=process, index=index,
+                            argv=["/bin/sh", "-c", f"exec {command}"], env=penv,
+                            cwd=str(resolved.directory), port=port)
+        plan, notes = launcher.unprivileged_plan(spec, str(resolved.directory), grants,
+                                                 limits=limits)
+        if os.geteuid() == 0:
+            # As root the enforced setup is `corral up` (fs driver roots); here: drop to nobody.
+            plan.uid = plan.gid = NOBODY
+            plan.mounts, plan.pid_namespace = [], False
+            notes = [n.replace("as your own user, not as a dedicated unprivileged user",
+                               "as nobody (uid 65534), not as a dedicated app user")
+                     for n in notes]
+            notes.append("The file system is not confined: as root, use `corral up` for the "
+                         "sandboxed mount view.")
+        plan.stdout, plan.stderr = "/dev/stdout", "/dev/stderr"
+        for note in notes:
+            if note not in said:
+                said.append(note)
+                print(f"corral run: not enforced: {note}", file=sys.stderr, flush=True)
+        pid, start = launcher.launch(plan)
+        running.append((iid, pid, start))
+        print(f"corral run: {iid} started (pid {pid}"
+              f"{f', port {port}' if port else ''})", file=sys.stderr, flush=True)
+    return _wait(running)
+
+
+def _wait(running: list[tuple[str, int, float]]) -> int:
+    """Wait until every instance exited; the first signal stops them all."""
     stopping = False
 
     def stop(_sig: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
-        for p in procs.values():
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
+        for _iid, pid, start in running:
+            launcher.signal_instance(pid, start, signal.SIGTERM, group=True)
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    status = 0
-    open_streams = len(procs)
-    while open_streams:
-        for key, _ in sel.select(timeout=0.5):
-            line = key.fileobj.readline()  # type: ignore[union-attr]
-            if not line:
-                sel.unregister(key.fileobj)
-                open_streams -= 1
-                continue
-            prefix = f"{key.data.ljust(width)} | " if len(procs) > 1 else ""
-            sys.stdout.write(prefix + line.decode("utf-8", "replace"))
-            sys.stdout.flush()
-    for p in procs.values():
-        code = p.wait()
-        if code != 0 and not stopping:
-            status = status or code
-    return status
+    left = list(running)
+    while left:
+        for item in list(left):
+            launcher.reap(item[1])
+            if not launcher.is_alive(item[1], item[2]):
+                left.remove(item)
+                if not stopping:
+                    print(f"corral run: {item[0]} exited", file=sys.stderr, flush=True)
+        time.sleep(0.05)
+    return 0

@@ -127,33 +127,43 @@ class Connection:
         """Serve until BYE from the kernel or ``close()`` (True) or the kernel is lost (False)."""
         assert self._sock is not None
         hb = asyncio.create_task(self._heartbeat())
+        receiver = asyncio.create_task(self._receive())
         try:
-            while not self._closed:
-                if not await self._sock.poll(int(self.heartbeat_s * 1000)):
-                    if time.monotonic() - self._last_heard > 3 * self.heartbeat_s:
-                        log.warning("kernel lost", endpoint=self.endpoint)
-                        self._fail_pending("kernel lost")
-                        return False
-                    continue
-                frames = await self._sock.recv_multipart()
-                self._last_heard = time.monotonic()
-                try:
-                    body = decode(frames)
-                except CorralError as exc:
-                    log.warning("bad frame from kernel", reason=exc.reason)
-                    continue
-                if isinstance(body, Bye):
-                    self._fail_pending(f"kernel said BYE: {body.reason}")
-                    return True
-                if isinstance(body, Error) and body.code == ErrorCode.UNAUTHENTICATED:
-                    # A restarted kernel does not know this connection: HELLO again.
-                    log.warning("kernel forgot this peer", reason=body.reason)
-                    self._fail_pending("kernel restarted")
+            while not receiver.done():
+                await asyncio.wait({receiver}, timeout=self.heartbeat_s)
+                if not receiver.done() and (
+                    time.monotonic() - self._last_heard > 3 * self.heartbeat_s
+                ):
+                    log.warning("kernel lost", endpoint=self.endpoint)
+                    self._fail_pending("kernel lost")
                     return False
-                self._dispatch(body)
-            return True
+            return receiver.result()
         finally:
             hb.cancel()
+            receiver.cancel()
+
+    async def _receive(self) -> bool:
+        """The receive loop proper: True on BYE/close, False when the kernel forgot us."""
+        assert self._sock is not None
+        sock = self._sock
+        while not self._closed:
+            frames = await sock.recv_multipart()
+            self._last_heard = time.monotonic()
+            try:
+                body = decode(frames)
+            except CorralError as exc:
+                log.warning("bad frame from kernel", reason=exc.reason)
+                continue
+            if isinstance(body, Bye):
+                self._fail_pending(f"kernel said BYE: {body.reason}")
+                return True
+            if isinstance(body, Error) and body.code == ErrorCode.UNAUTHENTICATED:
+                # A restarted kernel does not know this connection: HELLO again.
+                log.warning("kernel forgot this peer", reason=body.reason)
+                self._fail_pending("kernel restarted")
+                return False
+            self._dispatch(body)
+        return True
 
     def _dispatch(self, body: Body) -> None:
         if isinstance(body, Reply):

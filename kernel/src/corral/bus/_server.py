@@ -110,6 +110,8 @@ class BusServer:
         self._router.maxmsgsize = HARD_MAX_MESSAGE
         self._router.router_mandatory = True
         self._router.sndhwm = 10000
+        # A blocking-API view of the same socket, for non-blocking drains without a Future.
+        self._drain = zmq.Socket.shadow(self._router.underlying)
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.zap_domain = DOMAIN
         self._pub.linger = 0
@@ -131,18 +133,26 @@ class BusServer:
         """Receive and handle messages until cancelled; also runs heartbeats."""
         self._spawn(self._heartbeats())
         while True:
-            frames = await self._router.recv_multipart(copy=False)
-            self.stats["received"] += 1
-            try:
-                await self._handle(frames)
-            except Exception:  # the kernel keeps serving whatever one message does
-                self.stats["errors"] += 1
-                log.exception("message handling failed")
+            batch = [await self._router.recv_multipart(copy=False)]
+            # Drain what is already queued in one wake-up: under load this saves a loop
+            # iteration and an fd wake-up per message.
+            while len(batch) < 256:
+                try:
+                    batch.append(self._drain.recv_multipart(flags=zmq.NOBLOCK, copy=False))
+                except zmq.Again:
+                    break
+            for frames in batch:
+                self.stats["received"] += 1
+                try:
+                    await self._handle(frames)
+                except Exception:  # the kernel keeps serving whatever one message does
+                    self.stats["errors"] += 1
+                    log.exception("message handling failed")
 
     async def _handle(self, frames: list[zmq.Frame]) -> None:
         identity = frames[0].bytes
         user = frames[-1].get("User-Id") if len(frames) > 1 else None
-        uid = _uid_of(user)
+        uid = _uid_of(user if isinstance(user, str) else None)
         if uid is None or not self._admit(uid):
             # Not authenticated: never decoded, never answered.
             self.stats["refused"] += 1

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The main job: start the kernel with its embedded defaults, deploy examples/hello, show it
+# answering, tear it down. Run as root for the enforced setup; as a user it runs unenforced.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+C=.venv/bin/corral
+APP=examples/hello
+
+.venv/bin/corrald --stop-drivers >corrald.log 2>&1 &
+KPID=$!
+cleanup() {
+  $C down hello >/dev/null 2>&1 || true
+  kill "$KPID" 2>/dev/null || true
+  wait "$KPID" 2>/dev/null || true
+}
+trap cleanup EXIT
+for _ in $(seq 100); do $C drivers >/dev/null 2>&1 && break; sleep 0.1; done
+
+echo "== corral drivers"; $C drivers
+echo "== corral check $APP"; $C check $APP >/dev/null && echo "manifest ok"
+echo "== corral up $APP"; $C up $APP
+echo "== corral ps"; $C ps
+port=$($C check $APP | python3 -c 'import json,sys; print(json.load(sys.stdin)["ports"]["http"])')
+echo "== curl http://127.0.0.1:$port/"; curl -fsS "http://127.0.0.1:$port/"
+echo "== corral down hello"; $C down hello
+echo "== corral ledger (empty after down)"; $C ledger

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for corral: system packages (as root), uv, and the workspace venv.
+# Idempotent: a second run installs nothing new.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages the drivers and tests use:
+#   nftables libnftables1  net + lb drivers (libnftables via its Python binding)
+#   iproute2               ip netns for tests
+#   tini                   init (pid 1) of each sandbox's pid namespace (fs driver)
+#   libseccomp2            seccomp filters compiled by the launch path
+#   bubblewrap             the sandbox benchmark's reference
+#   gcc make libzmq3-dev   the reference driver in C (examples/driver-c)
+#   iperf3? no: benchmarks install their own peers (haproxy, wrk) when run
+APT_PACKAGES=(nftables libnftables1 iproute2 tini libseccomp2 bubblewrap gcc make libzmq3-dev
+              procps curl)
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  missing=()
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+fi
+
+if ! command -v uv >/dev/null; then
+  echo "setup: installing uv"
+  python3 -m pip install -q "uv==0.13.9"
+fi
+uv sync --frozen -q 2>/dev/null || uv sync -q
+echo "setup: ready (.venv/bin/corral)"
