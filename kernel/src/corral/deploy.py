@@ -248,7 +248,7 @@ class Deployer:
         out = []
         for process, index, command, port in resolved.instances():
             env = manifests.app_environment(resolved, process=process, index=index,
-                                            manifest_path=manifest_path)
+                                            manifest_path=Path(manifest_path))
             out.append(InstanceSpec(
                 id=f"{spec.name}.{process}.{index}", app=spec.name, process=process, index=index,
                 argv=["/bin/sh", "-c", f"exec {command}"], env=env, cwd=spec.directory,
@@ -347,22 +347,26 @@ class Deployer:
         rec = live.record
         deadline = time.monotonic() + wait_s
         port = rec.spec.port
-        quiet_until = time.monotonic() + 0.3  # a portless process must survive this long
+        mode = str(((self.apps[rec.spec.app].spec.manifest.get("processes") or {})
+                    .get(rec.spec.process) or {}).get("ready", "auto"))
+        if mode == "auto":
+            mode = "port" if port is not None else "started"
+        quiet_until = time.monotonic() + 0.3  # a 'started' process must survive this long
         while time.monotonic() < deadline:
             if live.exit_status or not launcher.is_alive(rec.pid, rec.start_time):
                 raise LaunchError(
                     f"instance {rec.spec.id} exited before it was ready"
                     f" ({live.exit_status or 'gone'}); {self._tail(rec)}", step="ready")
-            if notify.ready():
+            if notify.ready():  # READY=1 always counts, whatever the mode
                 return
-            if port is not None:
+            if mode == "port" and port is not None:
                 if await _port_open(rec.address, port):
                     return
-            elif time.monotonic() >= quiet_until:
+            elif mode == "started" and time.monotonic() >= quiet_until:
                 return
             await asyncio.sleep(0.01)
         raise LaunchError(f"instance {rec.spec.id} not ready within {wait_s:.0f}s "
-                          f"(port {port} closed, no READY=1)", step="ready")
+                          f"(ready = {mode!r}: port {port} closed, no READY=1)", step="ready")
 
     def _tail(self, rec: InstanceRecord) -> str:
         path = self.kernel.home / "apps" / rec.spec.app / "output" / f"{rec.spec.id}.log"
@@ -407,6 +411,9 @@ class Deployer:
         """SIGTERM the instance's process group, SIGKILL after a grace period, release it."""
         live.stopping = True
         rec = live.record
+        # Drain first (lb: no new connections, wait for active ones), then signal.
+        await self._broadcast("instance.stopping", {"app": rec.spec.app,
+                                                    "instance_id": rec.spec.id}, strict=False)
         await asyncio.to_thread(_terminate, rec.pid, rec.start_time, STOP_GRACE_S)
         if live.watcher is not None:
             live.watcher.cancel()
@@ -445,14 +452,15 @@ class Deployer:
         if state is None:
             raise NotFoundError(f"no app named {args.app!r}")
         doc = state.spec.manifest
-        resolved = manifests.load(Path(state.spec.directory), set_=(), offset=0, env=())
+        resolved = manifests.ResolvedManifest.from_json(doc)  # with the deploy's overrides
         manifest_path = str(self.kernel.home / "apps" / args.app / "manifest.json")
         if args.kind == "job":
             if not args.command:
                 raise CorralError("a job needs a command", code=ErrorCode.INVALID)
-            label = args.label or str(int(time.time() * 1000))
-            env = manifests.app_environment(resolved, process=args.process, index=0,
-                                            manifest_path=manifest_path)
+            run = int(time.time() * 1000) % 1_000_000_000
+            label = args.label or str(run)
+            env = manifests.app_environment(resolved, process=args.process, index=run,
+                                            manifest_path=Path(manifest_path))
             env.pop("PORT", None)
             env.update(args.env)
             ispec = InstanceSpec(id=f"{args.app}.cron.{args.process}.{label}", app=args.app,
@@ -474,12 +482,12 @@ class Deployer:
                 index = idx
                 break
         specs = {s.id: s for s in self._instance_specs(state.spec, resolved, manifest_path)}
-        ispec = specs.get(f"{args.app}.{args.process}.{index}")
-        if ispec is None:
+        found = specs.get(f"{args.app}.{args.process}.{index}")
+        if found is None:
             raise CorralError(f"{args.process} has all its instances running",
                               code=ErrorCode.CONFLICT)
         async with self._lock(args.app):
-            live = await self._launch(state, ispec, state.spec.generation, wait_s=30)
+            live = await self._launch(state, found, state.spec.generation, wait_s=30)
         return live.record.model_dump(mode="json")
 
     async def stop(self, instance_id: str) -> dict[str, Any]:
@@ -526,8 +534,8 @@ class Deployer:
                 if found is None:
                     ledger.release(rec.owner, [("instance", rec.key)])
                     continue
-                spec = InstanceSpec.model_validate(value["spec"])
-                irec = InstanceRecord(spec=spec, pid=found[0], start_time=found[1], state="ready")
+                ispec = InstanceSpec.model_validate(value["spec"])
+                irec = InstanceRecord(spec=ispec, pid=found[0], start_time=found[1], state="ready")
             if not launcher.is_alive(irec.pid, irec.start_time):
                 ledger.release(rec.owner, [("instance", rec.key)])
                 continue
@@ -665,7 +673,7 @@ async def _wait_pid(pid: int, start_time: float) -> None:
         if not launcher.is_alive(pid, start_time):
             return
         done: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+        loop.add_reader(fd, lambda: _resolve(done))
         try:
             await done
         finally:
@@ -716,3 +724,8 @@ def _find_by_env(instance_id: str) -> tuple[int, float] | None:
             continue
     return None
 
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

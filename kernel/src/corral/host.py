@@ -45,7 +45,7 @@ class HostConfig(BaseModel):
     )
     heartbeat_ms: int = Field(default=1000, gt=0)
     address_pool: str = Field(default="10.231.0.0/16", description="app network addresses")
-    address_pool6: str = Field(default="fd00:c0:ra1::/64")
+    address_pool6: str = Field(default="fd63:6f72:7261:1::/64")
     app_uids: tuple[int, int] = Field(default=(61000, 61999), description="dynamic app uids")
     restart_window_s: float = Field(default=60.0, description="flap detection window")
     restart_limit: int = Field(default=5, description="restarts allowed in the window")

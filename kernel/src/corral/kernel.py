@@ -139,12 +139,20 @@ class Kernel:
         config: dict[str, Any] = {}
         if hello.role == "driver":
             slot = self.supervisor.accept(hello, uid)
-            config = {**slot.config, "address_pool": self.config.address_pool,
-                      "address_pool6": self.config.address_pool6,
-                      "app_uids": list(self.config.app_uids)}
+            config = self._driver_config(slot)
             asyncio.get_running_loop().call_soon(self._mark_connected, identity, slot)
         return Welcome(peer_id=peer_id, heartbeat_ms=self.config.heartbeat_ms, config=config,
                        home=str(self.home), runtime_dir=str(self.runtime))
+
+    def _driver_config(self, slot: DriverSlot) -> dict[str, Any]:
+        """The driver's own section of the host config, with host-wide settings it needs."""
+        config = dict(slot.config)
+        if slot.capability == "net":
+            config.setdefault("pool4", self.config.address_pool)
+            config.setdefault("pool6", self.config.address_pool6)
+        elif slot.capability == "fs":
+            config.setdefault("uid_range", list(self.config.app_uids))
+        return config
 
     def _mark_connected(self, identity: bytes, slot: DriverSlot) -> None:
         peer = self.bus.peers.get(identity)

@@ -33,7 +33,7 @@ import structlog
 
 from corral.bus import Peer
 from corral.errors import CorralError, ErrorCode
-from corral.host import HostConfig
+from corral.host import DriverConfig, HostConfig
 from corral.ledger import Ledger
 from corral.protocol import PROTOCOL, DriverDescription, Hello, check_driver_ops
 
@@ -93,7 +93,7 @@ def discover(config: HostConfig) -> tuple[list[DriverSlot], list[DriverSlot]]:
     )
     found: dict[str, DriverDescription] = {}
     for ext in mgr:
-        desc = ext.plugin
+        desc: Any = ext.plugin
         if not isinstance(desc, DriverDescription):
             failures[ext.name] = (
                 f"entry point {ext.name!r} does not target a DriverDescription "
@@ -104,7 +104,9 @@ def discover(config: HostConfig) -> tuple[list[DriverSlot], list[DriverSlot]]:
 
     enabled: list[DriverSlot] = []
     disabled: list[DriverSlot] = []
-    wanted = config.drivers or {name: None for name in sorted(set(found) | set(failures))}
+    wanted: dict[str, DriverConfig | None] = dict(config.drivers) or {
+        name: None for name in sorted(set(found) | set(failures))
+    }
     for name, dconf in wanted.items():
         if name in config.disabled:
             continue
@@ -212,8 +214,8 @@ class Supervisor:
         except ProcessLookupError:
             fd = -1
         if fd >= 0:
-            exited = loop.create_future()
-            loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+            exited: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(fd, lambda: _resolve(exited))
             try:
                 await exited
             finally:
@@ -333,8 +335,8 @@ def _alive(pid: Any, start_time: Any) -> bool:
         return False
     try:
         proc = psutil.Process(int(pid))
-        return (abs(proc.create_time() - float(start_time or 0)) < 0.01
-                and proc.status() != psutil.STATUS_ZOMBIE)
+        same = abs(proc.create_time() - float(start_time or 0)) < 0.01
+        return bool(same and proc.status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False
 
@@ -357,3 +359,8 @@ def _reap(pid: int) -> str:
     if os.WIFEXITED(status):
         return f"exit {os.WEXITSTATUS(status)}"
     return "exited"
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -111,7 +111,7 @@ class BusServer:
         self._router.router_mandatory = True
         self._router.sndhwm = 10000
         # A blocking-API view of the same socket, for non-blocking drains without a Future.
-        self._drain = zmq.Socket.shadow(self._router.underlying)
+        self._drain: zmq.Socket[bytes] = zmq.Socket.shadow(self._router.underlying)
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.zap_domain = DOMAIN
         self._pub.linger = 0

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from corral.cli import _observe
 from corral.errors import CorralError, ErrorCode, ManifestError
 
 EXIT_FAILED = 1
@@ -175,6 +176,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "drivers": cmd_drivers,
     "daemon": cmd_daemon,
     "query": cmd_query,
+    "logs": _observe.cmd_logs,
+    "errors": _observe.cmd_errors,
+    "top": _observe.cmd_top,
 }
 
 
@@ -206,6 +210,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("capability")
     s.add_argument("query")
     s.add_argument("args", nargs="?", help="JSON object")
+    _observe.add_parsers(sub)
     return p
 
 

@@ -32,7 +32,7 @@ class Hello(Body):
 class Welcome(Body):
     """The kernel's answer to an accepted HELLO."""
 
-    protocol: Literal["CDP/1"] = PROTOCOL
+    protocol: Literal["CDP/1"] = "CDP/1"
     peer_id: str
     heartbeat_ms: int = Field(gt=0)
     config: dict[str, Any] = Field(default_factory=dict)

@@ -202,6 +202,8 @@ LIFECYCLE_OPS: dict[str, Operation] = _table(
     Operation("app.detach", AppDetach, "undo app-wide state"),
     Operation("instance.prepare", InstancePrepare, "contribute to the launch plan"),
     Operation("instance.started", InstanceStarted, "an instance runs"),
+    Operation("instance.stopping", InstanceStopped, "an instance is about to be stopped: "
+              "drain it (answer when drained)"),
     Operation("instance.stopped", InstanceStopped, "an instance is gone"),
     Operation("state.sync", StateSync, "re-apply desired state after (re)connect"),
 )

@@ -1,0 +1,198 @@
+"""Cron jobs as declared in an app's manifest ([cron.NAME]) and validated for scheduling."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from corral.errors import ManifestError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from corral_cron._duration import format_duration, parse_duration
+from corral_cron._schedule import Schedule, ScheduleError, parse_schedule
+
+Overlap = Literal["forbid", "queue", "replace", "allow"]
+Missed = Literal["skip", "once", "all"]
+AlertEvent = Literal["failure", "timeout", "missed", "no-success"]
+ALERT_EVENTS: tuple[AlertEvent, ...] = ("failure", "timeout", "missed", "no-success")
+
+MAX_DEFAULT_TIMEOUT = timedelta(hours=1)
+MAX_GRACE = timedelta(hours=1)
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class AlertsSpec(BaseModel):
+    """``[cron.NAME.alerts]``: who hears about failures, timeouts, missed slots, no success."""
+
+    model_config = ConfigDict(extra="forbid")
+    command: str | None = Field(default=None, description="run with /bin/sh -c on each alert")
+    on: list[AlertEvent] = Field(default_factory=lambda: list(ALERT_EVENTS))
+    no_success: str | None = Field(default=None, description="alert when no run succeeded in it")
+
+
+class CronJobSpec(BaseModel):
+    """``[cron.NAME]`` in corral.toml, exactly as written (durations still text)."""
+
+    model_config = ConfigDict(extra="forbid")
+    schedule: str
+    command: str = Field(min_length=1)
+    timezone: str = "UTC"
+    overlap: Overlap = "forbid"
+    missed: Missed = "once"
+    backfill: int = Field(default=3, ge=1, le=100, description="cap of catch-up runs, missed=all")
+    timeout: str | None = Field(default=None, description="default: see docs/drivers/cron.md")
+    kill_grace: str = "10s"
+    jitter: str | None = Field(default=None, description="opt-in: maximum delay, fixed per job")
+    alerts: AlertsSpec = Field(default_factory=AlertsSpec)
+
+
+@dataclass(frozen=True)
+class CronJob:
+    """One schedulable job: validated spec plus everything derived from it."""
+
+    app: str
+    name: str
+    schedule: Schedule
+    zone: ZoneInfo
+    command: str
+    overlap: Overlap
+    missed: Missed
+    backfill: int
+    timeout: timedelta
+    timeout_is_default: bool
+    kill_grace: timedelta
+    jitter: timedelta  # the fixed offset of this job (zero when jitter is off)
+    jitter_max: timedelta
+    alerts: AlertsSpec
+    no_success: timedelta | None
+    shortest_interval: timedelta
+    spec: dict[str, Any] = field(compare=False)
+
+    @property
+    def key(self) -> str:
+        """Job identity across the host: '<app>.<name>'."""
+        return f"{self.app}.{self.name}"
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes when anything that decides the slots changes (schedule, zone)."""
+        raw = json.dumps([self.schedule.cron, self.zone.key], separators=(",", ":"))
+        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def load_jobs(app: str, table: dict[str, Any] | None) -> list[CronJob]:
+    """Validate an app's ``cron`` table; raise ManifestError listing every problem located."""
+    jobs: list[CronJob] = []
+    problems: list[str] = []
+    for name, raw in sorted((table or {}).items()):
+        try:
+            jobs.append(load_job(app, name, raw))
+        except ManifestError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ManifestError(problems)
+    return jobs
+
+
+def load_job(app: str, name: str, raw: Any) -> CronJob:
+    """Validate one ``[cron.NAME]`` table; raise ManifestError naming ``cron.NAME.field``."""
+    where = f"cron.{name}"
+    if not _NAME.match(name):
+        raise ManifestError([f"{where}: job name must match {_NAME.pattern}"])
+    if not isinstance(raw, dict):
+        raise ManifestError([f"{where}: expected a table, got {type(raw).__name__}"])
+    try:
+        spec = CronJobSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise ManifestError([
+            f"{where}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+            for err in exc.errors()
+        ]) from None
+    problems: list[str] = []
+
+    def duration(field_name: str, text: str | None) -> timedelta | None:
+        if text is None:
+            return None
+        try:
+            value = parse_duration(text)
+        except ValueError as exc:
+            problems.append(f"{where}.{field_name}: {exc}")
+            return None
+        if value <= timedelta(0) and field_name != "jitter":
+            problems.append(f"{where}.{field_name}: must be longer than zero, got {text!r}")
+            return None
+        return value
+
+    schedule: Schedule | None = None
+    try:
+        schedule = parse_schedule(spec.schedule)
+    except ScheduleError as exc:
+        problems.append(f"{where}.schedule: {exc}")
+    zone: ZoneInfo | None = None
+    try:
+        zone = ZoneInfo(spec.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        problems.append(f"{where}.timezone: {spec.timezone!r} is not an IANA zone name "
+                        "(e.g. 'Europe/Paris', 'America/New_York', 'UTC')")
+    timeout = duration("timeout", spec.timeout)
+    kill_grace = duration("kill_grace", spec.kill_grace)
+    jitter_max = duration("jitter", spec.jitter) or timedelta(0)
+    no_success = duration("alerts.no_success", spec.alerts.no_success)
+    if schedule is None or zone is None or problems:
+        raise ManifestError(problems or [f"{where}: invalid"])
+    shortest = shortest_interval(schedule)
+    if jitter_max >= shortest:
+        problems.append(f"{where}.jitter: {spec.jitter} must be shorter than the shortest interval"
+                        f" between runs ({format_duration(shortest)})")
+    if problems:
+        raise ManifestError(problems)
+    assert kill_grace is not None
+    return CronJob(
+        app=app,
+        name=name,
+        schedule=schedule,
+        zone=zone,
+        command=spec.command,
+        overlap=spec.overlap,
+        missed=spec.missed,
+        backfill=spec.backfill,
+        timeout=timeout or default_timeout(shortest),
+        timeout_is_default=timeout is None,
+        kill_grace=kill_grace,
+        jitter=jitter_offset(app, name, jitter_max),
+        jitter_max=jitter_max,
+        alerts=spec.alerts,
+        no_success=no_success,
+        shortest_interval=shortest,
+        spec=spec.model_dump(),
+    )
+
+
+def shortest_interval(schedule: Schedule) -> timedelta:
+    """A lower bound of the time between two runs, from the fields (exact below one day)."""
+    times = sorted(h * 60 + m for h in schedule.hours for m in schedule.minutes)
+    if len(times) == 1:
+        return timedelta(days=1)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    gaps.append(1440 - times[-1] + times[0])
+    return timedelta(minutes=min(gaps))
+
+
+def default_timeout(shortest: timedelta) -> timedelta:
+    """R7: 90 % of the shortest interval between runs, at most one hour."""
+    return min(shortest * 0.9, MAX_DEFAULT_TIMEOUT)
+
+
+def jitter_offset(app: str, name: str, maximum: timedelta) -> timedelta:
+    """R11: a fixed offset in [0, maximum), from SHA-256 of '<app>.<name>' (millisecond steps)."""
+    span = int(maximum.total_seconds() * 1000)
+    if span <= 0:
+        return timedelta(0)
+    digest = int.from_bytes(hashlib.sha256(f"{app}.{name}".encode()).digest()[:8], "big")
+    return timedelta(milliseconds=digest % span)

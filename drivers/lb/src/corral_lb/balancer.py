@@ -1,0 +1,193 @@
+"""The lb's state: services by app, their frontends on either data plane, and their backends.
+
+The driver's operations map one to one onto ``Balancer`` methods; the Balancer itself knows
+nothing of the bus, so it runs the same under corrald, in tests and in benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+from corral.errors import ConflictError, NotFoundError
+
+from corral_lb.activation import Activator, OnDemand
+from corral_lb.backend import BackendState
+from corral_lb.config import LbConfig, PolicyProgram
+from corral_lb.nft import NftPlane, established_to, service_key
+from corral_lb.policy_program import PolicyProgram as PolicyProgramRunner
+from corral_lb.proxy_http import HttpFrontend
+from corral_lb.proxy_l4 import L4Frontend
+from corral_lb.service import Service
+
+log = structlog.get_logger("corral_lb")
+
+ActivatorFactory = Callable[[str, LbConfig], Activator]
+
+
+class Balancer:
+    """Every balanced service on this host, keyed by app name."""
+
+    def __init__(
+        self, *, activators: ActivatorFactory | None = None, runtime_dir: Path | None = None,
+        nft: NftPlane | None = None,
+    ) -> None:
+        self.services: dict[str, Service] = {}  # app -> service
+        self.activators = activators
+        self.runtime_dir = runtime_dir or Path(tempfile.mkdtemp(prefix="corral-lb-"))
+        self._nft = nft
+        self._http: dict[tuple[str, int], HttpFrontend] = {}
+        self._l4: dict[str, L4Frontend] = {}
+        self._programs: dict[str, PolicyProgramRunner] = {}
+        self._app_dirs: dict[str, str] = {}
+
+    @property
+    def nft(self) -> NftPlane:
+        """The kernel plane, created on first use (needs root and libnftables)."""
+        if self._nft is None:
+            self._nft = NftPlane()
+        return self._nft
+
+    # -- services ----------------------------------------------------------------------------
+
+    async def attach(self, app: str, config: LbConfig, *, directory: str | None = None) -> Service:
+        """Register ``app`` under ``config.name`` and open its frontend (idempotent)."""
+        current = self.services.get(app)
+        if current is not None:
+            if current.config == config:
+                return current
+            await self.detach(app)
+        for other, s in self.services.items():
+            if s.name == config.name:
+                raise ConflictError(f"lb name {config.name!r} is held by app {other!r}",
+                                    kind="lbname", key=config.name, holder=other)
+        service = Service(config, app=app)
+        self.services[app] = service
+        try:
+            await self._open_frontend(service)
+            if config.activation == "on-demand":
+                if self.activators is None:
+                    raise NotFoundError(f"app {app!r}: on-demand activation needs an activator")
+                OnDemand(service, self.activators(app, config), idle=config.idle,
+                         socket_activation=config.socket_activation)
+            if isinstance(config.policy, PolicyProgram):
+                prog = PolicyProgramRunner(
+                    service, config.policy.exec, deadline=config.policy.deadline,
+                    endpoint=f"ipc://{self.runtime_dir}/policy-{service_key(config.name)}.sock",
+                    cwd=directory,
+                )
+                await prog.start()
+                self._programs[app] = prog
+        except BaseException:
+            await self.detach(app)
+            raise
+        log.info("service attached", app=app, name=config.name, plane=config.plane,
+                 mode=config.mode, frontend="{}:{}".format(*config.listen))
+        return service
+
+    async def _open_frontend(self, service: Service) -> None:
+        cfg = service.config
+        listen = cfg.listen
+        if cfg.plane == "nft":
+            nft = self.nft
+            await asyncio.to_thread(nft.install, cfg.name, listen, cfg.policy_name)
+            name = cfg.name
+
+            def rewrite(s: Service) -> None:
+                nft.set_backends(name, s.eligible)
+
+            service.on_change.append(rewrite)
+            service.active_probe = established_to
+            rewrite(service)
+            return
+        if cfg.mode == "tcp":
+            fe = L4Frontend(service)
+            await fe.start(*listen)
+            self._l4[service.app] = fe
+            return
+        http = self._http.get(listen)
+        if http is None:
+            http = HttpFrontend()
+            await http.start(*listen)
+            self._http[listen] = http
+        http.add(service)
+
+    async def detach(self, app: str) -> None:
+        """Close the app's frontend, stop its program and on-demand instance, forget it."""
+        service = self.services.pop(app, None)
+        if service is None:
+            return
+        prog = self._programs.pop(app, None)
+        if prog is not None:
+            await prog.close()
+        await service.close()
+        cfg = service.config
+        if cfg.plane == "nft":
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.nft.uninstall, cfg.name, cfg.listen)
+        elif cfg.mode == "tcp":
+            fe = self._l4.pop(app, None)
+            if fe is not None:
+                await fe.close()
+        else:
+            http = self._http.get(cfg.listen)
+            if http is not None:
+                http.remove(service)
+                if not http.routes:
+                    del self._http[cfg.listen]
+                    await http.close()
+        log.info("service detached", app=app, name=cfg.name)
+
+    def service(self, app: str) -> Service:
+        """The app's service; ``NotFoundError`` names the app otherwise."""
+        s = self.services.get(app)
+        if s is None:
+            raise NotFoundError(f"app {app!r} has no lb service (no [lb] section attached)")
+        return s
+
+    # -- backends ----------------------------------------------------------------------------
+
+    async def add_backend(
+        self, app: str, backend_id: str, host: str, port: int, *, weight: int = 1,
+        wait: float = 0.0,
+    ) -> bool:
+        """Add a backend; with ``wait`` > 0, wait that long for it to turn healthy."""
+        s = self.service(app)
+        b = s.add(backend_id, host, port, weight=weight)
+        if wait <= 0:
+            return b.eligible
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                while b.state is not BackendState.HEALTHY:
+                    await asyncio.sleep(0.01)
+        return b.state is BackendState.HEALTHY
+
+    async def remove_backend(self, app: str, backend_id: str, *, drain: float | None = None
+                             ) -> bool:
+        """Drain (stop new work, wait for active work up to ``drain`` s) and remove a backend."""
+        s = self.services.get(app)
+        if s is None:
+            return True
+        return await s.drain(backend_id, drain)
+
+    # -- reporting -----------------------------------------------------------------------------
+
+    def status(self, app: str | None = None) -> dict[str, Any]:
+        """Services (all, or one app's) with backends and their health."""
+        apps = [app] if app else sorted(self.services)
+        return {"services": [self.service(a).status() for a in apps]}
+
+    def metrics(self, app: str | None = None) -> dict[str, Any]:
+        """Per-backend requests, active connections, latency histogram and 5xx count."""
+        apps = [app] if app else sorted(self.services)
+        return {"services": [self.service(a).metrics() for a in apps]}
+
+    async def close(self) -> None:
+        """Detach every service (the nft table's services are removed too)."""
+        for app in list(self.services):
+            await self.detach(app)

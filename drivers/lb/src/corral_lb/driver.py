@@ -1,0 +1,196 @@
+"""The lb driver process: CDP/1 operations mapped onto a ``Balancer``.
+
+The kernel claims the lb name (kind ``lbname``) and the frontend port (kind ``port``) in the
+deploy transaction, before ``app.attach``; this driver claims nothing itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from typing import Any
+
+import structlog
+from corral.errors import CorralError, ErrorCode
+from corral.protocol import AppSpec, InstanceRecord
+from corral.sdk import Driver, KernelLink, op, run
+
+from corral_lb.activation import StartedInstance
+from corral_lb.balancer import Balancer
+from corral_lb.config import LbConfig, load_lb_config
+
+log = structlog.get_logger("corral_lb")
+
+HEALTHY_WAIT = 30.0  # instance.started waits this long for the new backend to turn healthy
+
+
+class KernelActivator:
+    """Starts on-demand instances through the kernel (``instance.spawn``/``instance.stop``)."""
+
+    def __init__(self, kernel: KernelLink, app: str, process: str) -> None:
+        self.kernel, self.app, self.process = kernel, app, process
+
+    async def start(self, listen: socket.socket | None) -> StartedInstance:
+        """Ask the kernel for one instance; returns once it is launched (not yet ready)."""
+        if listen is not None:
+            raise CorralError(
+                f"app {self.app!r}: socket activation through the kernel needs fd passing "
+                "(instance.spawn has no listen_fd yet)", code=ErrorCode.INVALID, retry=False)
+        reply = await self.kernel.call("instance.spawn", {"app": self.app, "process": self.process})
+        rec = InstanceRecord.model_validate(reply)
+        if rec.spec.port is None:
+            raise CorralError(f"app {self.app!r}: process {self.process!r} has no port",
+                              code=ErrorCode.INVALID, retry=False)
+        return StartedInstance(rec.spec.id, rec.address, rec.spec.port, rec)
+
+    async def stop(self, instance: StartedInstance) -> None:
+        """Ask the kernel to stop the instance and release it."""
+        await self.kernel.call("instance.stop", {"instance_id": instance.id})
+
+
+class LbDriver(Driver):
+    """Load balancer: userspace proxy (L4 and HTTP) and nftables DNAT behind one contract."""
+
+    name = "lb"
+    capability = "lb"
+    version = "0.1.0"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.balancer = Balancer(activators=self._activator, runtime_dir=None)
+        self._configs: dict[str, LbConfig] = {}
+
+    def _activator(self, app: str, config: LbConfig) -> KernelActivator:
+        return KernelActivator(self.kernel, app, config.process or "web")
+
+    def _config(self, app: AppSpec) -> LbConfig | None:
+        section = app.manifest.get("lb")
+        if not section:
+            return None
+        return load_lb_config(section, app=app.name,
+                              default_plane=str(self.config.get("plane", "proxy")))
+
+    async def start(self) -> None:
+        """Keep sockets of policy programs under the runtime directory."""
+        rd = self.runtime_dir / "lb"
+        rd.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.balancer.runtime_dir = rd
+
+    async def stop(self) -> None:
+        """Close the proxies; the nft table stays, so kernel-plane traffic keeps flowing."""
+        for app in list(self.balancer.services):
+            s = self.balancer.services[app]
+            if s.config.plane == "nft":
+                # forget without uninstalling: state.sync of the next driver picks it up
+                del self.balancer.services[app]
+                await s.close()
+        await self.balancer.close()
+
+    @op("app.attach")
+    async def attach(self, args: Any) -> dict[str, Any]:
+        """Open the app's frontend on its plane; no backend until an instance is healthy."""
+        app: AppSpec = args.app
+        cfg = self._config(app)
+        if cfg is None:
+            return {"lb": False}
+        await self.balancer.attach(app.name, cfg, directory=app.directory)
+        self._configs[app.name] = cfg
+        return {"lb": True, "name": cfg.name, "frontend": "{}:{}".format(*cfg.listen),
+                "plane": cfg.plane}
+
+    def _backend_of(self, app: AppSpec, rec: InstanceRecord) -> tuple[LbConfig, int] | None:
+        cfg = self._configs.get(app.name) or self._config(app)
+        if cfg is None or rec.spec.kind != "instance" or rec.spec.port is None:
+            return None
+        if cfg.process is not None and rec.spec.process != cfg.process:
+            return None
+        return cfg, rec.spec.port
+
+    @op("instance.started")
+    async def started(self, args: Any) -> dict[str, Any]:
+        """Add the instance as a backend and wait (bounded) until its health checks pass."""
+        app: AppSpec = args.app
+        rec: InstanceRecord = args.instance
+        found = self._backend_of(app, rec)
+        if found is None or app.name not in self.balancer.services:
+            return {"backend": False}
+        healthy = await self.balancer.add_backend(
+            app.name, rec.spec.id, rec.address, found[1], wait=HEALTHY_WAIT)
+        return {"backend": True, "healthy": healthy}
+
+    @op("instance.stopping")
+    async def stopping(self, args: Any) -> dict[str, Any]:
+        """Drain the instance's backend (no new work, wait for active work) and remove it.
+
+        The kernel calls this before it signals the instance, so no request is cut."""
+        clean = await self.balancer.remove_backend(args.app, args.instance_id)
+        return {"drained": clean}
+
+    @op("instance.stopped")
+    async def stopped(self, args: Any) -> dict[str, Any]:
+        """Forget the instance if it went away without `instance.stopping` (it crashed)."""
+        clean = await self.balancer.remove_backend(args.app, args.instance_id, drain=0)
+        return {"drained": clean}
+
+    @op("app.detach")
+    async def detach(self, args: Any) -> dict[str, Any]:
+        """Close the app's frontend and forget its backends."""
+        await self.balancer.detach(args.app)
+        self._configs.pop(args.app, None)
+        return {}
+
+    @op("state.sync")
+    async def sync(self, args: Any) -> dict[str, Any]:
+        """Re-apply every app's service and backends; drop services and nft leftovers."""
+        wanted: dict[str, AppSpec] = {}
+        for app in args.apps:
+            cfg = self._config(app)
+            if cfg is not None:
+                wanted[app.name] = app
+                await self.balancer.attach(app.name, cfg, directory=app.directory)
+                self._configs[app.name] = cfg
+        for name in list(self.balancer.services):
+            if name not in wanted:
+                await self.balancer.detach(name)
+                self._configs.pop(name, None)
+        live: dict[str, set[str]] = {}
+        adds = []
+        for rec in args.instances:
+            app = wanted.get(rec.spec.app)
+            if app is None or rec.state not in ("ready", "starting"):
+                continue
+            found = self._backend_of(app, rec)
+            if found is None:
+                continue
+            live.setdefault(app.name, set()).add(rec.spec.id)
+            adds.append(self.balancer.add_backend(app.name, rec.spec.id, rec.address, found[1]))
+        await asyncio.gather(*adds)
+        removed = 0
+        for name, service in self.balancer.services.items():
+            for bid in list(service.backends):
+                if bid not in live.get(name, set()) and service.activation is None:
+                    service.remove(bid)
+                    removed += 1
+        if os.geteuid() == 0 and any(c.plane == "nft" for c in self._configs.values()):
+            from corral_lb.nft import service_key
+
+            keep = {service_key(c.name) for c in self._configs.values() if c.plane == "nft"}
+            for key in self.balancer.nft.installed() - keep:
+                self.balancer.nft.uninstall_key(key)
+        return {"services": len(self.balancer.services), "removed_backends": removed}
+
+    @op("query.lb.status")
+    async def status(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Services with their backends and health (``{"app": name}`` for one)."""
+        return self.balancer.status(args.get("app"))
+
+    @op("query.lb.metrics")
+    async def metrics(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Per-backend requests, active connections, latency histogram, 5xx count."""
+        return self.balancer.metrics(args.get("app"))
+
+
+def main() -> None:
+    """``python -m corral_lb``: run the lb driver under corrald."""
+    run(LbDriver)

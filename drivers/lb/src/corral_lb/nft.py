@@ -1,0 +1,263 @@
+"""Kernel L4 data plane: nftables DNAT through a weighted slot map, in ``table ip corral_lb``.
+
+Layout (created once, in one transaction; left in place across driver restarts so that
+traffic keeps flowing while the driver is down):
+
+    table ip corral_lb
+      map fe_any  { inet_service : verdict }              frontend port (any local address)
+      map fe_addr { ipv4_addr . inet_service : verdict }  frontend address . port
+      chain prerouting (nat, dstnat)   fib daddr type local tcp dport vmap @fe_any; ...
+      chain output     (nat, -100)     the same for traffic from the host itself
+      chain postrouting (nat, srcnat)  masquerade loopback-sourced flows DNATed off loopback
+      per service:  map m_<key> { slot : addr . port }   chain c_<key> { dnat via @m_<key> }
+
+A membership change rewrites only the service's map (flush + add, one atomic transaction), so
+established flows keep their conntrack entry and new flows see the new table at once.
+This module is the only place in the lb driver that speaks to nftables; it never touches
+another table and never flushes the ruleset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from corral.errors import CorralError
+
+from corral_lb.backend import Backend
+from corral_lb.policy import slot_table
+
+TABLE = "corral_lb"
+SLOTS = 256
+
+_SELECTORS = {
+    "weighted": f"numgen random mod {SLOTS}",
+    "round-robin": f"numgen inc mod {SLOTS}",
+    "hash-source": f"jhash ip saddr mod {SLOTS} seed 0x636f72",
+}
+
+
+class NftError(CorralError):
+    """An nftables transaction failed; the reason carries libnftables' message."""
+
+
+def service_key(name: str) -> str:
+    """Short nft-safe identifier for a service name (names may hold dots and dashes)."""
+    return hashlib.blake2b(name.encode(), digest_size=6).hexdigest()
+
+
+class NftPlane:
+    """Installs, updates and removes DNAT services in ``table ip corral_lb``."""
+
+    def __init__(self) -> None:
+        import nftables  # imported here: only hosts using the kernel plane need libnftables
+
+        self._nft = nftables.Nftables()
+        self._nft.set_json_output(True)
+        self._nft.set_handle_output(False)
+        self._lock = threading.Lock()
+
+    # -- low level ----------------------------------------------------------------------------
+
+    def _text(self, script: str, what: str) -> None:
+        with self._lock:
+            rc, _, err = self._nft.cmd(script)
+        if rc != 0:
+            raise NftError(f"nft {what}: {err.strip() or f'exit {rc}'}")
+
+    def _json(self, commands: list[dict[str, Any]], what: str) -> None:
+        with self._lock:
+            rc, _, err = self._nft.json_cmd({"nftables": commands})
+        if rc != 0:
+            raise NftError(f"nft {what}: {str(err).strip() or f'exit {rc}'}")
+
+    def _list(self, what: str) -> list[dict[str, Any]] | None:
+        with self._lock:
+            rc, out, _ = self._nft.cmd(what)
+        if rc != 0:
+            return None
+        items: list[dict[str, Any]] = json.loads(out)["nftables"]
+        return items
+
+    # -- table --------------------------------------------------------------------------------
+
+    def ensure_table(self) -> None:
+        """Create the table with its base chains and frontend maps unless it already exists."""
+        if self._list(f"list table ip {TABLE}") is not None:
+            return
+        dispatch = (
+            "ip daddr . tcp dport vmap @fe_addr\n"
+            "    fib daddr type local tcp dport vmap @fe_any"
+        )
+        self._text(
+            f"""table ip {TABLE} {{
+  map fe_any {{ type inet_service : verdict; }}
+  map fe_addr {{ type ipv4_addr . inet_service : verdict; }}
+  chain prerouting {{
+    type nat hook prerouting priority dstnat; policy accept;
+    {dispatch}
+  }}
+  chain output {{
+    type nat hook output priority -100; policy accept;
+    {dispatch}
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    ct status dnat ip saddr 127.0.0.0/8 ip daddr != 127.0.0.0/8 masquerade
+  }}
+}}""",
+            "create table",
+        )
+
+    def delete_table(self) -> None:
+        """Remove the whole ``corral_lb`` table (``corral down`` of the last service, tests)."""
+        if self._list(f"list table ip {TABLE}") is not None:
+            self._text(f"delete table ip {TABLE}", "delete table")
+
+    # -- services -----------------------------------------------------------------------------
+
+    def installed(self) -> set[str]:
+        """Keys of the services present in the table (for state.sync garbage collection)."""
+        items = self._list(f"list table ip {TABLE}") or []
+        return {
+            i["chain"]["name"][2:] for i in items
+            if "chain" in i and i["chain"]["name"].startswith("c_")
+        }
+
+    def install(self, name: str, listen: tuple[str, int], policy: str) -> str:
+        """Create (or replace) the chain and map of a service; return its key."""
+        if policy not in _SELECTORS:
+            raise NftError(
+                f"lb service {name!r}: policy {policy!r} is not available on the nft plane "
+                f"(use one of {', '.join(_SELECTORS)})",
+                retry=False,
+            )
+        self.ensure_table()
+        key = service_key(name)
+        host, port = listen
+        if host in ("0.0.0.0", ""):  # noqa: S104 - matches, does not bind
+            elem = f"add element ip {TABLE} fe_any {{ {port} : jump c_{key} }}"
+        else:
+            elem = f"add element ip {TABLE} fe_addr {{ {host} . {port} : jump c_{key} }}"
+        drop = self._remove_script(key, listen) if key in self.installed() else ""
+        self._text(
+            drop
+            + f"add map ip {TABLE} m_{key} {{ typeof numgen random mod {SLOTS} : "
+            "ip daddr . tcp dport; }\n"
+            f"add chain ip {TABLE} c_{key}\n"
+            f"add rule ip {TABLE} c_{key} meta l4proto tcp dnat ip to {_SELECTORS[policy]} "
+            f"map @m_{key} "
+            f'comment "{_comment(name)}"\n' + elem + "\n",
+            f"install service {name!r}",
+        )
+        return key
+
+    def set_backends(self, name: str, backends: Sequence[Backend]) -> list[Backend]:
+        """Fill the service's slot map in proportion to weights, atomically; return the table."""
+        key = service_key(name)
+        table = slot_table(backends, SLOTS)
+        commands: list[dict[str, Any]] = [
+            {"flush": {"map": {"family": "ip", "table": TABLE, "name": f"m_{key}"}}}
+        ]
+        if table:
+            commands.append({"add": {"element": {
+                "family": "ip", "table": TABLE, "name": f"m_{key}",
+                "elem": [[i, {"concat": [b.host, b.port]}] for i, b in enumerate(table)],
+            }}})
+        self._json(commands, f"update backends of {name!r}")
+        return table
+
+    def slots(self, name: str) -> dict[int, tuple[str, int]]:
+        """The service's slot map as installed in the kernel (for status and tests)."""
+        items = self._list(f"list map ip {TABLE} m_{service_key(name)}") or []
+        out: dict[int, tuple[str, int]] = {}
+        for i in items:
+            if "map" in i:
+                for k, v in i["map"].get("elem", []):
+                    addr, port = v["concat"]
+                    out[int(k)] = (addr, int(port))
+        return out
+
+    def uninstall(self, name: str, listen: tuple[str, int]) -> None:
+        """Remove a service's frontend element, chain and map (one transaction)."""
+        key = service_key(name)
+        if key not in self.installed():
+            return
+        self._text(self._remove_script(key, listen), f"remove service {name!r}")
+
+    def uninstall_key(self, key: str) -> None:
+        """Remove a service known only by key (garbage from a previous run)."""
+        items = self._list(f"list table ip {TABLE}") or []
+        script = ""
+        for i in items:
+            m = i.get("map")
+            if m and m["name"] in ("fe_any", "fe_addr"):
+                for k, v in m.get("elem", []):
+                    if v.get("jump", {}).get("target") == f"c_{key}":
+                        if m["name"] == "fe_any":
+                            script += f"delete element ip {TABLE} fe_any {{ {k} }}\n"
+                        else:
+                            a, p = k["concat"]
+                            script += f"delete element ip {TABLE} fe_addr {{ {a} . {p} }}\n"
+        script += (f"flush chain ip {TABLE} c_{key}\ndelete chain ip {TABLE} c_{key}\n"
+                   f"delete map ip {TABLE} m_{key}\n")
+        self._text(script, f"remove stale service {key}")
+
+    @staticmethod
+    def _remove_script(key: str, listen: tuple[str, int]) -> str:
+        host, port = listen
+        if host in ("0.0.0.0", ""):  # noqa: S104 - matches, does not bind
+            elem = f"delete element ip {TABLE} fe_any {{ {port} }}\n"
+        else:
+            elem = f"delete element ip {TABLE} fe_addr {{ {host} . {port} }}\n"
+        return (elem + f"flush chain ip {TABLE} c_{key}\ndelete chain ip {TABLE} c_{key}\n"
+                f"delete map ip {TABLE} m_{key}\n")
+
+
+def _comment(name: str) -> str:
+    return "corral lb " + "".join(c for c in name if c.isalnum() or c in ".-_")[:100]
+
+
+CONNTRACK = Path("/proc/net/nf_conntrack")
+
+
+def established_to(b: Backend, conntrack: Path = CONNTRACK) -> int:
+    """Established DNATed flows whose reply comes from backend ``b`` (0 if conntrack is hidden).
+
+    The kernel keeps forwarding such flows after ``b`` left the map; a drain waits for them
+    before the instance is stopped.
+    """
+    try:
+        text = conntrack.read_text()
+    except OSError:
+        return 0
+    n = 0
+    for line in text.splitlines():
+        if " ESTABLISHED " not in line:
+            continue
+        src: list[str] = []
+        sport: list[str] = []
+        dst: list[str] = []
+        dport: list[str] = []
+        for token in line.split():
+            k, _, v = token.partition("=")
+            if k == "src":
+                src.append(v)
+            elif k == "dst":
+                dst.append(v)
+            elif k == "sport":
+                sport.append(v)
+            elif k == "dport":
+                dport.append(v)
+        if len(src) < 2 or len(sport) < 2 or len(dst) < 1 or len(dport) < 1:
+            continue
+        # reply tuple (second) comes from b, and the original destination was not b: DNATed
+        if src[1] == b.host and sport[1] == str(b.port) and (dst[0], dport[0]) != (
+            b.host, str(b.port)
+        ):
+            n += 1
+    return n

@@ -1,0 +1,171 @@
+"""Per-instance resource figures (psutil) and the Prometheus text endpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import psutil
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+
+@dataclass
+class Usage:
+    """One instance's figures at the last sample (its process and all descendants)."""
+
+    app: str
+    process: str
+    instance: str
+    pid: int
+    cpu_percent: float = 0.0
+    rss_bytes: int = 0
+    open_files: int = 0
+    threads: int = 0
+    connections: int = 0
+    processes: int = 0
+    sampled_at: float = 0.0
+    alive: bool = True
+
+
+class InstanceSampler:
+    """Keeps one psutil.Process per pid (cpu_percent needs the previous sample) and samples
+    each with ``oneshot()``; the instance's descendants are summed into it."""
+
+    def __init__(self) -> None:
+        self.instances: dict[str, tuple[psutil.Process, Usage]] = {}
+        self._procs: dict[tuple[int, float], psutil.Process] = {}
+
+    def track(self, app: str, process: str, instance: str, pid: int, start_time: float) -> None:
+        """Sample ``pid`` as ``instance`` if it is the process that started at ``start_time``."""
+        try:
+            p = psutil.Process(pid)
+            if abs(p.create_time() - start_time) > 1.0:
+                return  # pid reused: not our instance
+        except psutil.Error:
+            return
+        self.instances[instance] = (p, Usage(app, process, instance, pid))
+
+    def forget(self, instance: str) -> None:
+        """Stop sampling an instance."""
+        self.instances.pop(instance, None)
+
+    def _proc(self, p: psutil.Process) -> psutil.Process:
+        key = (p.pid, p.create_time())
+        return self._procs.setdefault(key, p)
+
+    def sample(self) -> None:
+        """Refresh every instance's figures (blocking; a few hundred µs per process)."""
+        seen: set[tuple[int, float]] = set()
+        for _instance, (root, usage) in list(self.instances.items()):
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                usage.alive = False
+                continue
+            cpu = 0.0
+            rss = fds = threads = conns = count = 0
+            for child in procs:
+                try:
+                    p = self._proc(child)
+                    with p.oneshot():
+                        seen.add((p.pid, p.create_time()))
+                        cpu += p.cpu_percent(None)
+                        rss += p.memory_info().rss
+                        with contextlib.suppress(psutil.AccessDenied):
+                            fds += p.num_fds()
+                        threads += p.num_threads()
+                        with contextlib.suppress(psutil.AccessDenied):
+                            conns += len(p.net_connections(kind="inet"))
+                        count += 1
+                except psutil.Error:
+                    continue
+            usage.cpu_percent, usage.rss_bytes, usage.open_files = round(cpu, 1), rss, fds
+            usage.threads, usage.connections, usage.processes = threads, conns, count
+            usage.sampled_at = time.time()
+            usage.alive = count > 0
+        for key in [k for k in self._procs if k not in seen]:
+            del self._procs[key]
+
+    def top(self, app: str | None = None) -> list[dict[str, Any]]:
+        """The last sample of each instance (of ``app``), highest CPU first."""
+        rows = [asdict(u) for _, u in self.instances.values() if app is None or u.app == app]
+        return sorted(rows, key=lambda r: (-r["cpu_percent"], r["instance"]))
+
+
+class DriverCollector(Collector):
+    """Exposes instance usage and the driver's own counters to prometheus_client."""
+
+    def __init__(self, sampler: InstanceSampler, stats: Callable[[], dict[str, Any]]) -> None:
+        self.sampler = sampler
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        """One family per figure."""
+        labels = ["app", "process", "instance"]
+        fams = {
+            "cpu_percent": GaugeMetricFamily(
+                "corral_instance_cpu_percent", "CPU use of the instance's processes", labels=labels
+            ),
+            "rss_bytes": GaugeMetricFamily(
+                "corral_instance_rss_bytes", "resident memory of the instance", labels=labels
+            ),
+            "open_files": GaugeMetricFamily(
+                "corral_instance_open_fds", "open file descriptors", labels=labels
+            ),
+            "threads": GaugeMetricFamily("corral_instance_threads", "threads", labels=labels),
+            "connections": GaugeMetricFamily(
+                "corral_instance_connections", "inet sockets", labels=labels
+            ),
+        }
+        for _, u in self.sampler.instances.values():
+            for key, fam in fams.items():
+                fam.add_metric([u.app, u.process, u.instance], float(getattr(u, key)))
+        yield from fams.values()
+        st = self.stats()
+        records = CounterMetricFamily("corral_log_records", "records captured", labels=["app"])
+        nbytes = CounterMetricFamily(
+            "corral_log_bytes", "bytes stored by the default sink", labels=["app"]
+        )
+        for app, a in st["apps"].items():
+            records.add_metric([app], a["records"])
+            nbytes.add_metric([app], a["bytes"])
+        yield records
+        yield nbytes
+        sl = ["app", "sink"]
+        delivered = CounterMetricFamily(
+            "corral_log_sink_delivered_lines", "lines delivered", labels=sl
+        )
+        dropped = CounterMetricFamily(
+            "corral_log_sink_dropped_lines", "lines dropped (spool full)", labels=sl
+        )
+        rejected = CounterMetricFamily(
+            "corral_log_sink_rejected_lines", "lines refused by the receiver", labels=sl
+        )
+        spooled = GaugeMetricFamily(
+            "corral_log_sink_spooled_bytes", "bytes waiting in the spool", labels=sl
+        )
+        up = GaugeMetricFamily(
+            "corral_log_sink_up", "1 if the sink's last delivery worked", labels=sl
+        )
+        for app, a in st["apps"].items():
+            for name, s in a["sinks"].items():
+                delivered.add_metric([app, name], s["delivered_lines"])
+                dropped.add_metric([app, name], s["dropped_lines"])
+                rejected.add_metric([app, name], s["rejected_lines"])
+                spooled.add_metric([app, name], s["spooled_bytes"])
+                up.add_metric([app, name], 1.0 if s["up"] else 0.0)
+        yield from (delivered, dropped, rejected, spooled, up)
+
+
+def serve_metrics(collector: DriverCollector, address: str, port: int) -> tuple[Any, int]:
+    """Start the /metrics HTTP endpoint on a thread; (server, bound port)."""
+    from prometheus_client import start_http_server
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    server, _thread = start_http_server(port, addr=address, registry=registry)
+    return server, int(server.server_port)

@@ -1,0 +1,5 @@
+"""``python -m corral_net``: run the net driver."""
+
+from corral_net.driver import main
+
+main()

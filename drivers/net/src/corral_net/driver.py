@@ -1,0 +1,171 @@
+"""The net driver process: CDP/1 operations on top of ``HostNetwork``.
+
+Addresses are claimed in the kernel's ledger (kind ``address``, key the instance's IPv4
+address, owner the app), so they survive driver restarts and never go to two instances.
+Host ports are claimed by the kernel in the deploy transaction; this driver only DNATs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+from corral.errors import CorralError, ErrorCode
+from corral.protocol import PlanFragment
+from corral.sdk import Driver, op, run
+
+from corral_net.config import NetConfig
+from corral_net.host import HostNetwork
+from corral_net.model import AppPolicy, policy_from_manifest
+
+log = structlog.get_logger("corral.net")
+ADDRESS = "address"
+
+
+class NetDriver(Driver):
+    """Network namespaces, addresses and nftables rules for every app instance."""
+
+    name = "net"
+    capability = "net"
+    version = "0.1.0"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._net: HostNetwork | None = None
+        self._refresher: asyncio.Task[None] | None = None
+
+    @property
+    def net(self) -> HostNetwork:
+        """The library, built from the config handed over at WELCOME."""
+        if self._net is None:
+            self._net = HostNetwork(NetConfig.from_mapping(self.config))
+        return self._net
+
+    async def start(self) -> None:
+        """Start refreshing egress names when their DNS TTLs run out."""
+        self._refresher = asyncio.create_task(self._refresh_names())
+
+    async def stop(self) -> None:
+        """Stop the refresher; rules and namespaces stay (apps keep running)."""
+        if self._refresher is not None:
+            self._refresher.cancel()
+
+    async def _refresh_names(self) -> None:
+        while True:
+            delay = 5.0
+            if self._net is not None:
+                try:
+                    delay = await asyncio.to_thread(self._net.refresh_names)
+                except CorralError as exc:
+                    log.warning("egress name refresh failed", reason=exc.reason)
+            await asyncio.sleep(min(delay, 60.0))
+
+    # -- ledger ------------------------------------------------------------------------------
+    async def _claim_slot(self, app: str, instance_id: str) -> int:
+        """Claim a free address slot in the ledger for ``instance_id`` (owner: the app)."""
+        pool = self.net.pool
+        for _attempt in range(5):
+            listed = await self.kernel.call("ledger.list", {"kind": ADDRESS})
+            taken: set[int] = set()
+            for record in listed.get("records", []):
+                if record.get("value", {}).get("instance") == instance_id:
+                    slot = pool.slot_of(record["key"])
+                    if slot is not None:
+                        return slot
+                slot = pool.slot_of(record["key"])
+                if slot is not None:
+                    taken.add(slot)
+            free = next((s for s in range(pool.size) if s not in taken), None)
+            if free is None:
+                raise CorralError(f"net: address pool {pool.pool4} is exhausted",
+                                  code=ErrorCode.CONFLICT)
+            key = str(pool.addresses(free).instance4)
+            try:
+                await self.kernel.call("ledger.claim", {"owner": app, "claims": [
+                    {"kind": ADDRESS, "key": key, "value": {"instance": instance_id}}]})
+                return free
+            except CorralError as exc:
+                if exc.code != ErrorCode.CONFLICT:
+                    raise
+                # Someone took it between list and claim: look again.
+        raise CorralError(f"net: no address slot could be claimed for {instance_id}",
+                          code=ErrorCode.CONFLICT, retry=True)
+
+    async def _release(self, app: str, addresses: list[str]) -> None:
+        if addresses:
+            await self.kernel.call("ledger.release", {
+                "owner": app, "keys": [[ADDRESS, a] for a in addresses]})
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @op("app.attach")
+    async def attach(self, args: Any) -> dict[str, Any]:
+        """Grant the app its ports and egress (rules apply as instances appear)."""
+        policy = policy_from_manifest(args.app.name, args.app.manifest)
+        await asyncio.to_thread(self.net.set_app, policy)
+        return {"ports": list(policy.ports), "egress": [e.text for e in policy.egress]}
+
+    @op("instance.prepare")
+    async def prepare(self, args: Any) -> PlanFragment:
+        """Claim an address, create the instance's netns and veth pair, apply rules."""
+        app, spec = args.app, args.instance
+        if app.name not in self.net.state.apps:
+            await asyncio.to_thread(self.net.set_app,
+                                    policy_from_manifest(app.name, app.manifest))
+        slot = await self._claim_slot(app.name, spec.id)
+        try:
+            instance = await asyncio.to_thread(
+                self.net.prepare_instance, app.name, spec.id, port=spec.port, kind=spec.kind,
+                slot=slot)
+        except BaseException:
+            await self._release(app.name, [str(self.net.pool.addresses(slot).instance4)])
+            raise
+        return self.net.fragment(instance)
+
+    @op("instance.stopped")
+    async def stopped(self, args: Any) -> dict[str, Any]:
+        """Remove the instance's namespace, links and rules; release its address."""
+        instance = self.net.state.instances.get(args.instance_id)
+        removed = await asyncio.to_thread(self.net.stop_instance, args.instance_id)
+        if instance is not None:
+            await self._release(args.app, [str(instance.addresses.instance4)])
+        return {"removed": removed}
+
+    @op("app.detach")
+    async def detach(self, args: Any) -> dict[str, Any]:
+        """Undo everything of the app: instances' networks, rules, address claims."""
+        addresses = [str(i.addresses.instance4) for i in self.net.state.instances.values()
+                     if i.app == args.app]
+        gone = await asyncio.to_thread(self.net.remove_app, args.app)
+        await self._release(args.app, addresses)
+        return {"instances": gone}
+
+    @op("state.sync")
+    async def sync(self, args: Any) -> dict[str, Any]:
+        """Re-apply the desired state in one transaction, adopt live instances, GC the rest."""
+        policies: list[AppPolicy] = [policy_from_manifest(a.name, a.manifest) for a in args.apps]
+        live = [{"id": r.spec.id, "app": r.spec.app, "port": r.spec.port, "kind": r.spec.kind}
+                for r in args.instances if r.state != "exited"]
+        report = await asyncio.to_thread(self.net.sync, policies, live)
+        held = {str(i.addresses.instance4) for i in self.net.state.instances.values()}
+        listed = await self.kernel.call("ledger.list", {"kind": ADDRESS})
+        for record in listed.get("records", []):
+            if record["key"] not in held and self.net.pool.slot_of(record["key"]) is not None:
+                await self._release(record["owner"], [record["key"]])
+        return report
+
+    @op("query.net.stats")
+    async def stats(self, args: Any) -> dict[str, Any]:
+        """Refused attempts per app (egress and ingress), and the last apply time."""
+        apps = await asyncio.to_thread(self.net.stats)
+        return {"apps": apps, "instances": len(self.net.state.instances),
+                "last_apply_ms": round(self.net.last_apply_seconds * 1000, 3)}
+
+
+def main() -> None:
+    """Run the net driver (``python -m corral_net``)."""
+    run(NetDriver)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""``corral logs``, ``corral errors``, ``corral top``: views onto the log driver's queries."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from typing import Any
+
+from corral.client import KernelClient, events
+
+
+def _query(name: str, args: dict[str, Any]) -> dict[str, Any]:
+    return KernelClient().call("driver.query", {"capability": "log", "query": name, "args": args})
+
+
+def _line(rec: dict[str, Any], as_json: bool) -> str:
+    if as_json:
+        return json.dumps(rec, sort_keys=True)
+    stream = "!" if rec.get("stream") == "stderr" else " "
+    return f"{rec.get('time', '')} {rec.get('instance', '')}{stream}| {rec.get('message', '')}"
+
+
+def cmd_logs(ns: argparse.Namespace) -> int:
+    """An app's output: the last lines, filtered; -f follows live."""
+    args: dict[str, Any] = {"app": ns.app, "limit": ns.lines, "json": True}
+    if ns.since:
+        args["since"] = ns.since
+    if ns.grep:
+        args["grep"] = ns.grep
+    if ns.instance:
+        args["instance"] = ns.instance
+    for rec in _query("read", args).get("records", []):
+        print(_line(rec, ns.json), flush=True)
+    if ns.follow:
+        asyncio.run(_follow(ns))
+    return 0
+
+
+async def _follow(ns: argparse.Namespace) -> None:
+    import re
+
+    pattern = re.compile(ns.grep) if ns.grep else None
+    async for event in events(f"log.{ns.app}"):
+        data = event.data
+        if data.get("app") != ns.app:  # prefix subscriptions also match log.<app>suffix
+            continue
+        for rec in data.get("records", []):
+            if ns.instance and ns.instance not in (rec.get("instance"), rec.get("process")):
+                continue
+            if pattern and not pattern.search(str(rec.get("message", ""))):
+                continue
+            print(_line(rec, ns.json), flush=True)
+        if data.get("skipped"):
+            print(f"-- {data['skipped']} records skipped by the live tail's rate cap "
+                  "(all are in the files: corral logs without -f)", flush=True)
+
+
+def cmd_errors(ns: argparse.Namespace) -> int:
+    """Tracebacks grouped by fingerprint: count, first and last seen, one sample."""
+    res = _query("errors", {"app": ns.app, "limit": ns.limit})
+    if ns.json:
+        print(json.dumps(res, indent=2, sort_keys=True))
+        return 0
+    for g in res.get("groups", []):
+        print(f"{g.get('count', 0):>6}x  {g.get('type', '?')}  ({g.get('language', '?')})  "
+              f"first {g.get('first_seen', '?')}  last {g.get('last_seen', '?')}  "
+              f"[{str(g.get('fingerprint', ''))[:12]}]")
+        msg = g.get("message")
+        if msg:
+            print(f"        {msg}")
+        if ns.sample and g.get("sample"):
+            for line in str(g["sample"]).splitlines():
+                print(f"        | {line}")
+    return 0
+
+
+def cmd_top(ns: argparse.Namespace) -> int:
+    """Per-instance CPU, memory, files, threads, connections; refreshed until Ctrl-C."""
+    while True:
+        res = _query("top", {"app": ns.app} if ns.app else {})
+        rows = res.get("instances", [])
+        if ns.json:
+            print(json.dumps(rows, indent=2, sort_keys=True))
+            return 0
+        print("\x1b[H\x1b[2J" if not ns.once else "", end="")
+        print(f"{'INSTANCE':32} {'CPU%':>6} {'RSS MiB':>8} {'FILES':>6} {'THREADS':>7} "
+              f"{'CONNS':>6} {'PROCS':>6}")
+        for r in rows:
+            print(f"{r.get('instance', ''):32} {r.get('cpu_percent', 0):6.1f} "
+                  f"{r.get('rss_bytes', 0) / 2**20:8.1f} {r.get('open_files', 0):6} "
+                  f"{r.get('threads', 0):7} {r.get('connections', 0):6} "
+                  f"{r.get('processes', 0):6}")
+        if ns.once:
+            return 0
+        time.sleep(ns.interval)
+
+
+def add_parsers(sub: Any) -> None:
+    """Register logs, errors and top."""
+    s = sub.add_parser("logs", help=cmd_logs.__doc__)
+    s.add_argument("app")
+    s.add_argument("-f", "--follow", action="store_true")
+    s.add_argument("--since", help="e.g. 10m, 2h, an ISO time")
+    s.add_argument("--grep", help="regular expression on the message")
+    s.add_argument("--instance", help="instance id or process type")
+    s.add_argument("-n", "--lines", type=int, default=200)
+    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("errors", help=cmd_errors.__doc__)
+    s.add_argument("app")
+    s.add_argument("--limit", type=int, default=50)
+    s.add_argument("--sample", action="store_true", help="print one sample trace per group")
+    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("top", help=cmd_top.__doc__)
+    s.add_argument("app", nargs="?")
+    s.add_argument("--interval", type=float, default=2.0)
+    s.add_argument("--once", action="store_true")
+    s.add_argument("--json", action="store_true")

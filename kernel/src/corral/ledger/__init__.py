@@ -1,0 +1,37 @@
+"""The resource ledger: who holds what, claimed all or nothing, with leases and a change log."""
+
+from corral.ledger._base import (
+    Change,
+    Claim,
+    ClaimOp,
+    CompactedError,
+    Compare,
+    Lease,
+    Ledger,
+    Record,
+    ReleaseAllOp,
+    ReleaseOp,
+    Txn,
+    TxnOp,
+)
+from corral.ledger._open import DEFAULT_FILE, open_ledger
+from corral.ledger._sqlite import SCHEMA_VERSION, SqliteLedger
+
+__all__ = [
+    "DEFAULT_FILE",
+    "SCHEMA_VERSION",
+    "Change",
+    "Claim",
+    "ClaimOp",
+    "CompactedError",
+    "Compare",
+    "Lease",
+    "Ledger",
+    "Record",
+    "ReleaseAllOp",
+    "ReleaseOp",
+    "SqliteLedger",
+    "Txn",
+    "TxnOp",
+    "open_ledger",
+]

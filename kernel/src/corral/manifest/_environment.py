@@ -1,0 +1,71 @@
+"""The app's side of the contract: the environment every instance and cron run starts with."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from corral.errors import CorralError, ErrorCode, NotFoundError
+from corral.manifest._load import ResolvedManifest
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_LANG = "C.UTF-8"
+# What may pass from the caller's environment (e.g. `corral run` on a laptop): locale, terminal
+# and search path. Nothing else leaks, so a secret in the operator's shell stays there.
+INHERITED = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TERM"})
+INHERITED_PREFIX = "LC_"
+
+
+def env_suffix(name: str) -> str:
+    """Return the variable suffix for a port or path name: ``static-files`` -> ``STATIC_FILES``."""
+    return name.upper().replace("-", "_")
+
+
+def app_environment(
+    resolved: ResolvedManifest,
+    *,
+    process: str,
+    index: int,
+    manifest_path: Path,
+    base_env: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Return the complete environment of instance ``index`` of ``process``.
+
+    ``process`` is a ``[processes]`` name, or a cron job's name (``cron.<job>`` or just
+    ``<job>`` when no process has that name), and then ``index`` is the run number and the
+    instance is ``<app>.cron.<job>.<index>``. ``base_env`` is consulted only for PATH, HOME,
+    LANG, LANGUAGE, LC_*, TZ and TERM; ``--env`` values come next, the contract variables last.
+    """
+    manifest = resolved.manifest
+    app = manifest.app.name
+    if index < 0:
+        raise CorralError(f"instance index must be 0 or more, got {index}", code=ErrorCode.INVALID)
+    port: int | None = None
+    job = process.removeprefix("cron.")
+    if process in manifest.processes:
+        port_name = manifest.processes[process].port
+        port = manifest.ports[port_name] if port_name is not None else None
+        instance = f"{app}.{process}.{index}"
+    elif job in manifest.cron:
+        instance = f"{app}.cron.{job}.{index}"
+    else:
+        known = [*manifest.processes, *(f"cron.{job}" for job in manifest.cron)]
+        raise NotFoundError(
+            f"app {app!r} has no process {process!r} (it has: {', '.join(known) or 'none'})"
+        )
+
+    env = {"PATH": DEFAULT_PATH, "LANG": DEFAULT_LANG, "HOME": str(resolved.directory)}
+    for key, value in (base_env or {}).items():
+        if key in INHERITED or key.startswith(INHERITED_PREFIX):
+            env[key] = value
+    env.update(resolved.env_overrides)
+    env["CORRAL_APP"] = app
+    env["CORRAL_INSTANCE"] = instance
+    env["CORRAL_MANIFEST"] = str(manifest_path)
+    for name, number in manifest.ports.items():
+        env[f"CORRAL_PORT_{env_suffix(name)}"] = str(number)
+    for name, grant in manifest.paths.items():
+        env[f"CORRAL_PATH_{env_suffix(name)}"] = grant.path
+    if port is not None:
+        env["PORT"] = str(port)
+    return env

@@ -1,0 +1,54 @@
+"""The driver's CDP/1 operations, called as the kernel calls them, on real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+
+from corral.protocol import AppSpec, InstanceRecord, InstanceSpec
+from corral.protocol._ops import AppAttach, InstanceStarted, InstanceStopped, StateSync
+from corral_lb.driver import LbDriver
+from integration.lb._harness import backends, free_port, get
+
+
+def test_driver_declares_the_lb_operations() -> None:
+    """HELLO declares the lifecycle ops and the two queries."""
+    assert set(LbDriver.operations) == {
+        "app.attach", "instance.started", "instance.stopping", "instance.stopped", "app.detach",
+        "state.sync",
+        "query.lb.status", "query.lb.metrics"}
+
+
+def test_driver_lifecycle_attach_started_stopped_detach() -> None:
+    """attach opens the frontend; started adds a healthy backend; stopped drains it."""
+    fe, port = free_port(), free_port()
+    manifest = {"lb": {"name": "shop.test", "frontend": fe, "mode": "http", "plane": None,
+                       "health": {"tcp": True, "interval": 0.1, "timeout": 0.5, "rise": 1,
+                                  "fall": 1}, "idle": None, "process": "web"}}
+    app = AppSpec(name="shop", directory="/tmp", manifest=manifest)
+    spec = InstanceSpec(id="shop.web.1", app="shop", process="web", index=1, argv=["x"],
+                        env={}, cwd="/tmp", port=port)
+    rec = InstanceRecord(spec=spec, pid=1, start_time=0.0, state="ready")
+
+    async def main() -> None:
+        d = LbDriver()
+        with backends(("web1", port)):
+            assert (await d.attach(AppAttach(app=app)))["lb"] is True
+            assert await d.started(InstanceStarted(app=app, instance=rec)) == {
+                "backend": True, "healthy": True}
+            assert await get(fe, host="shop.test") == (200, b"web1")
+            status = await d.status({"app": "shop"})
+            assert status["services"][0]["backends"][0]["state"] == "healthy"
+            metrics = await d.metrics({})
+            assert metrics["services"][0]["backends"][0]["requests"] == 1
+            # state.sync without the instance removes it; with the app gone, the service goes
+            await d.sync(StateSync(apps=[app], instances=[]))
+            assert d.balancer.service("shop").backends == {}
+            await d.sync(StateSync(apps=[app], instances=[rec]))
+            assert "shop.web.1" in d.balancer.service("shop").backends
+            assert await d.stopped(InstanceStopped(app="shop", instance_id="shop.web.1")) == {
+                "drained": True}
+            await d.sync(StateSync(apps=[], instances=[]))
+            assert d.balancer.services == {}
+            await d.stop()
+
+    asyncio.run(main())
