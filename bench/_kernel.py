@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from corral.testing import KernelProcess
+from corral.testing import KernelProcess, remove_tree
 
 NO_DRIVERS = 'disabled = ["net", "fs", "log", "lb", "cron"]\n'
 
@@ -24,4 +23,4 @@ def kernel(host_toml: str = NO_DRIVERS) -> Iterator[KernelProcess]:
         yield k
     finally:
         k.teardown()
-        shutil.rmtree(base, ignore_errors=True)
+        remove_tree(base)

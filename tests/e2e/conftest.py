@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from corral.testing import remove_tree
 
 
 @pytest.fixture
@@ -17,4 +18,4 @@ def public_dir() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="corral-e2e-", dir="/tmp"))
     d.chmod(0o755)
     yield d
-    shutil.rmtree(d, ignore_errors=True)
+    remove_tree(d)

@@ -68,6 +68,16 @@ class Live:
 
 
 @dataclass
+class Job:
+    """A spawned job (cron run): watched until it ends; its status kept for instance.wait."""
+
+    record: InstanceRecord
+    output: str | None
+    done: asyncio.Future[dict[str, Any]]
+    watcher: asyncio.Task[None] | None = None
+
+
+@dataclass
 class AppState:
     """An app as the kernel keeps it in memory (the ledger has the same, durably)."""
 
@@ -90,6 +100,7 @@ class Deployer:
     def __init__(self, kernel: Kernel) -> None:
         self.kernel = kernel
         self.apps: dict[str, AppState] = {}
+        self.jobs: dict[str, Job] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
     # ---- deploy ------------------------------------------------------------------------------
@@ -468,9 +479,18 @@ class Deployer:
                                  argv=["/bin/sh", "-c", args.command], env=env,
                                  cwd=state.spec.directory)
             plan = await self._plan(state, ispec)
-            pid, start_time = await asyncio.to_thread(launcher.launch, plan)
+            try:
+                pid, start_time = await asyncio.to_thread(launcher.launch, plan)
+            except BaseException:
+                await self._broadcast("instance.stopped", {"app": args.app,
+                                                           "instance_id": ispec.id}, strict=False)
+                raise
             rec = InstanceRecord(spec=plan.instance, pid=pid, start_time=start_time,
                                  state="ready", address=plan.address or "127.0.0.1")
+            output = plan.stdout if plan.stdout and Path(plan.stdout).is_file() else None
+            job = Job(rec, output, asyncio.get_running_loop().create_future())
+            self.jobs[ispec.id] = job
+            job.watcher = asyncio.ensure_future(self._watch_job(job))
             return rec.model_dump(mode="json")
         procs = doc.get("processes") or {}
         if args.process not in procs:
@@ -490,6 +510,50 @@ class Deployer:
             live = await self._launch(state, found, state.spec.generation, wait_s=30)
         return live.record.model_dump(mode="json")
 
+    async def _watch_job(self, job: Job) -> None:
+        """Wait for a job's end, collect its status (we are its subreaper), release it."""
+        rec = job.record
+        await _wait_pid(rec.pid, rec.start_time)
+        try:
+            got, status = os.waitpid(rec.pid, 0)
+        except ChildProcessError:  # adopted across a kernel restart: status unknown
+            got, status = 0, -1
+        result: dict[str, Any] = {"instance": rec.spec.id, "exit_code": None, "signal": None}
+        if got and os.WIFEXITED(status):
+            result["exit_code"] = os.WEXITSTATUS(status)
+        elif got and os.WIFSIGNALED(status):
+            result["signal"] = os.WTERMSIG(status)
+        else:
+            result["note"] = "exit status unknown (the job was not reaped by this kernel)"
+        # whatever the job left in its process group ends with it
+        launcher.signal_instance(rec.pid, rec.start_time, signal.SIGKILL, group=True)
+        if job.output:
+            try:
+                with open(job.output, "rb") as f:
+                    f.seek(0, os.SEEK_END)
+                    f.seek(max(0, f.tell() - 16384))
+                    result["output_tail"] = f.read().decode("utf-8", "replace")
+            except OSError:
+                pass
+        await self._broadcast("instance.stopped", {"app": rec.spec.app,
+                                                   "instance_id": rec.spec.id}, strict=False)
+        self.kernel.bus.publish(f"app.{rec.spec.app}.job.exited", result)
+        job.done.set_result(result)
+        # keep the status a while for instance.wait callers that come late
+        await asyncio.sleep(300)
+        self.jobs.pop(rec.spec.id, None)
+
+    async def wait_job(self, instance_id: str, timeout_s: float) -> dict[str, Any]:
+        """``instance.wait``: the job's exit status, waiting up to ``timeout_s``."""
+        job = self.jobs.get(instance_id)
+        if job is None:
+            raise NotFoundError(f"no job {instance_id!r} (finished more than 5 min ago?)")
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.done), timeout_s)
+        except TimeoutError:
+            raise CorralError(f"job {instance_id!r} still running after {timeout_s:.0f}s",
+                              code=ErrorCode.TIMEOUT) from None
+
     async def stop(self, instance_id: str) -> dict[str, Any]:
         """``instance.stop``."""
         for state in self.apps.values():
@@ -500,7 +564,11 @@ class Deployer:
         raise NotFoundError(f"no instance {instance_id!r}")
 
     def signal(self, instance_id: str, sig: int, group: bool) -> dict[str, Any]:
-        """``instance.signal``."""
+        """``instance.signal``: an instance or a running job."""
+        job = self.jobs.get(instance_id)
+        if job is not None:
+            launcher.signal_instance(job.record.pid, job.record.start_time, sig, group=group)
+            return {"instance": instance_id}
         for state in self.apps.values():
             live = state.instances.get(instance_id)
             if live is not None:

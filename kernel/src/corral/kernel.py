@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 
 from corral import __version__
+from corral._forksafety import protect_signal_handlers
 from corral.bus import BusServer, Peer
 from corral.deploy import Deployer
 from corral.errors import CorralError, ErrorCode, NotFoundError
@@ -38,6 +39,7 @@ from corral.protocol._ops import (
     DriverQuery,
     InstanceId,
     InstanceSignal,
+    InstanceWait,
     LedgerClaim,
     LedgerList,
     LedgerRelease,
@@ -87,6 +89,7 @@ class Kernel:
             env=self._driver_env(),
             log_dir=self.home / "drivers",
             on_ready=self._driver_ready,
+            forget=self.bus.forget,
         )
         self.handlers: dict[str, Handler] = {
             "app.deploy": self._deploy,
@@ -102,6 +105,7 @@ class Kernel:
             "instance.spawn": self._spawn,
             "instance.signal": self._signal,
             "instance.stop": self._stop_instance,
+            "instance.wait": self._wait_instance,
             "event.publish": self._publish,
         }
         declared = {name for table in KERNEL_OPS.values() for name in table}
@@ -272,6 +276,9 @@ class Kernel:
     async def _stop_instance(self, peer: Peer, args: InstanceId) -> dict[str, Any]:
         return await self.deployer.stop(args.instance_id)
 
+    async def _wait_instance(self, peer: Peer, args: InstanceWait) -> dict[str, Any]:
+        return await self.deployer.wait_job(args.instance_id, args.timeout_s)
+
     async def _publish(self, peer: Peer, args: Publish) -> dict[str, Any]:
         self.bus.publish(args.topic, args.data)
         return {}
@@ -281,6 +288,7 @@ class Kernel:
     async def run(self, ready: Callable[[], None] | None = None) -> None:
         """Start everything, serve until SIGTERM/SIGINT, then stop (apps keep running)."""
         become_subreaper()
+        protect_signal_handlers()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)

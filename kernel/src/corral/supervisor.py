@@ -142,12 +142,14 @@ class Supervisor:
         env: dict[str, str],
         log_dir: Path,
         on_ready: Callable[[DriverSlot], Awaitable[None]],
+        forget: Callable[[bytes, str], None] = lambda _identity, _why: None,
     ) -> None:
         self.config = config
         self.ledger = ledger
         self.env = env
         self.log_dir = log_dir
         self.on_ready = on_ready
+        self.forget = forget
         self.slots: dict[str, DriverSlot] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._closing = False
@@ -177,7 +179,9 @@ class Supervisor:
 
     def _spawn(self, slot: DriverSlot) -> None:
         slot.token = secrets.token_hex(16)
-        env = {**self.env, **slot.env, "CORRAL_DRIVER_TOKEN": slot.token, "CORRAL_DRIVER_NAME": slot.name}
+        env = {**self.env, **slot.env, "CORRAL_DRIVER_TOKEN": slot.token,
+               "CORRAL_DRIVER_NAME": slot.name,
+               "PYTHONUNBUFFERED": "1"}  # a driver killed with -9 still leaves its last words
         out = open(self.log_dir / f"{slot.name}.log", "ab")
         try:
             proc = subprocess.Popen(
@@ -224,6 +228,8 @@ class Supervisor:
         status = _reap(pid)
         if self._closing or slot.pid != pid:
             return
+        if slot.peer is not None:  # requests in flight to the dead driver fail now
+            self.forget(slot.peer.identity, f"driver {slot.name!r} exited ({status})")
         slot.peer = None
         slot.pid = None
         now = time.monotonic()

@@ -125,6 +125,35 @@ class KernelProcess:
         self.teardown()
 
 
+def mounts_below(path: Path) -> list[str]:
+    """Mount points at or below ``path`` (from /proc/self/mountinfo), deepest first."""
+    prefix = str(path.resolve())
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            target = line.split()[4].replace("\\040", " ")
+            if target == prefix or target.startswith(prefix + "/"):
+                found.append(target)
+    return sorted(found, key=lambda t: t.count("/"), reverse=True)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a test directory, but never through a mount: unmount what is below it first.
+
+    A sandbox root left behind by a failed test holds bind mounts of host directories; a
+    plain rmtree would walk into them (and into rw grants, deleting host data).
+    """
+    import shutil
+
+    for target in mounts_below(path):
+        subprocess.run(["umount", "--recursive", "--lazy", target], check=False,
+                       capture_output=True)
+    left = mounts_below(path)
+    if left:
+        raise RuntimeError(f"refusing to delete {path}: still mounted: {left[:3]}")
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def leftover_apps(home: Path) -> list[psutil.Process]:
     """Live processes launched for apps of the kernel rooted at ``home``."""
     found = []

@@ -45,7 +45,7 @@ def kill9(pid: int) -> None:
 
 def test_server_is_small_and_isolated_from_the_terminal() -> None:
     """One server, its own session, only ctypes-level imports (well under the kernel's size)."""
-    pid, start = launch(plan(["true"]))
+    launch(plan(["true"]))
     server = psutil.Process(server_pid())
     assert server.ppid() == os.getpid()
     assert os.getsid(server.pid) == server.pid

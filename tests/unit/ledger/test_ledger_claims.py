@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from corral.errors import ConflictError, CorralError, ErrorCode, NotFoundError
-from corral.ledger import Claim, CompactedError, SqliteLedger
+from corral.ledger import Claim, CompactedError, SqliteLedger, Txn
 
 T0 = 1795600800.0  # 2026-11-25T10:00:00Z
 
@@ -414,3 +415,56 @@ def test_threads_share_one_ledger(ledger: SqliteLedger) -> None:
     assert len(ledger.list()) == 200
     assert ledger.revision() == 600
     assert sorted({c.revision for c in ledger.changes(0)}) == list(range(1, 601))
+
+
+def test_commit_many_isolates_failures_and_numbers_revisions(ledger: SqliteLedger) -> None:
+    """A batch commits each Txn on its own: a failing one changes nothing, the rest land."""
+    ledger.put("blog", "port", "8000")
+    a = Txn().claim("shop", "port", "9000").claim("shop", "app", "shop")
+    bad = Txn().claim("other", "port", "7000").claim("other", "port", "8000")
+    same = Txn().claim("blog", "port", "8000")  # changes nothing
+    b = Txn().release("blog", "port", "8000").claim("blog", "port", "8001")
+
+    results = ledger.commit_many([a, bad, same, b])
+
+    assert results[0] == 2 and a.revision == 2
+    assert isinstance(results[1], ConflictError) and results[1].holder == "blog"
+    assert bad.revision is None
+    assert results[2] == 2
+    assert results[3] == 3 and b.revision == 3
+    assert ledger.get("port", "7000") is None
+    assert [(c.revision, c.type, c.key) for c in ledger.changes(1)] == [
+        (2, "put", "9000"),
+        (2, "put", "shop"),
+        (3, "delete", "8000"),
+        (3, "put", "8001"),
+    ]
+
+
+def test_commit_many_crosses_compaction_marks(tmp_path: Path) -> None:
+    """A batch spanning a compaction mark still compacts, and revisions stay contiguous."""
+    ledger = SqliteLedger(tmp_path / "l.sqlite3", history=5)
+    results = ledger.commit_many([Txn().claim("a", "n", "n", {"i": i}) for i in range(300)])
+    assert results == list(range(1, 301))
+    with pytest.raises(CompactedError):
+        ledger.changes(0)
+    assert [c.revision for c in ledger.changes(295)] == [296, 297, 298, 299, 300]
+    ledger.close()
+
+
+def test_a_busy_ledger_is_reported_as_retryable(tmp_path: Path) -> None:
+    """When another process holds the write lock past the timeout, the error says busy, retry."""
+    path = tmp_path / "l.sqlite3"
+    ledger = SqliteLedger(path, busy_timeout_ms=100)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(CorralError, match=r"is busy") as info:
+            ledger.put("blog", "port", "8000")
+        assert info.value.retry is True and info.value.code == ErrorCode.UNAVAILABLE
+        assert ledger.get("port", "8000") is None  # reads still work beside the writer
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert ledger.put("blog", "port", "8000") == 1
+    ledger.close()

@@ -20,27 +20,37 @@ KILLS = 24
 OWNER = "crash"
 
 # The writer loops forever over three kinds of transaction, each touching all KEYS keys:
-# claim them all (new), claim them all again with a new value (update), release them all.
-# After each commit it prints the revision, so the test knows what was acknowledged.
+# claim them all (new), claim them all again with a new value (update), release them all;
+# on even runs it commits them in batches of three (commit_many). After each commit it prints
+# the revision, so the test knows what was acknowledged.
 WRITER = """
 import sys
 from pathlib import Path
-from corral.ledger import SqliteLedger
+from corral.ledger import SqliteLedger, Txn
 
 path, keys, run = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 ledger = SqliteLedger(path, history=10**9)
 print("ready", flush=True)
+
+def txn(i):
+    txn = Txn()
+    if i % 3 == 0:
+        txn.release_all("crash")
+    else:
+        for k in range(keys):
+            txn.claim("crash", "slot", f"k{k:02d}", {"txn": i, "pad": "x" * (40 + k)})
+        txn.claim("crash", "last", "txn", {"txn": i})
+    return txn
+
 i = run * 1_000_000
 while True:
-    i += 1
-    with ledger.transaction() as txn:
-        if i % 3 == 0:
-            txn.release_all("crash")
-        else:
-            for k in range(keys):
-                txn.claim("crash", "slot", f"k{k:02d}", {"txn": i, "pad": "x" * (40 + k)})
-            txn.claim("crash", "last", "txn", {"txn": i})
-    print(txn.revision, flush=True)
+    if run % 2:
+        i += 1
+        revision = ledger.commit(txn(i))
+    else:  # even runs: group commits of three transactions
+        i += 3
+        revision = ledger.commit_many([txn(i - 2), txn(i - 1), txn(i)])[-1]
+    print(revision, flush=True)
 """
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from corral.errors import ConflictError, NotFoundError
-from corral.ledger import Claim, SqliteLedger
+from corral.ledger import Claim, SqliteLedger, Txn
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precondition, rule
@@ -85,37 +85,67 @@ class LedgerModel(RuleBasedStateMachine):
             owner = self.lease_table[lease][0]  # mostly claim under one's own lease
         self.claim(owner, items, lease)
 
+    def predict(
+        self, owner: str, items: list[tuple[tuple[str, str], int]], lease: str | None
+    ) -> tuple[str, str, str] | None:
+        """Apply a claim to the model; return what it must fail on (kind, key, holder), if any.
+
+        ``("lease", id, "")`` stands for a lease that is gone (NotFoundError).
+        """
+        live = self.live()
+        if lease is not None and not self.lease_live(lease):
+            return ("lease", lease, "")
+        if lease is not None and self.lease_table[lease][0] != owner:
+            return ("lease", lease, self.lease_table[lease][0])
+        for kind, key in (resource for resource, _ in items):
+            if (kind, key) in live and live[kind, key].owner != owner:
+                return (kind, key, live[kind, key].owner)
+        for (kind, key), v in items:
+            self.held[kind, key] = Held(owner, {"v": v}, lease)
+        return None
+
+    @staticmethod
+    def check(outcome: int | Exception | None, expected: tuple[str, str, str] | None) -> None:
+        """Compare a claim's outcome (revision or error) with the model's prediction."""
+        if expected is None:
+            assert isinstance(outcome, int), f"expected success, got {outcome!r}"
+        elif expected[2] == "":
+            assert isinstance(outcome, NotFoundError), f"expected NotFoundError, got {outcome!r}"
+        else:
+            assert isinstance(outcome, ConflictError), f"expected {expected}, got {outcome!r}"
+            assert (outcome.kind, outcome.key, outcome.holder) == expected
+
     def claim(
         self, owner: str, items: list[tuple[tuple[str, str], int]], lease: str | None
     ) -> None:
         """Claim ``items`` in the ledger and check the outcome against the model."""
-        live = self.live()
+        expected = self.predict(owner, items, lease)
         claims = [Claim(kind, key, {"v": v}) for (kind, key), v in items]
-        if lease is not None and not self.lease_live(lease):
-            try:
-                self.ledger.claim(owner, claims, lease=lease)
-            except NotFoundError:
-                return
-            raise AssertionError("claim under a dead lease succeeded")
-        # The first thing the claim must trip on, if any: another's lease, then another's key.
-        blocker: tuple[str, str, str] | None = None  # kind, key, holder
-        if lease is not None and self.lease_table[lease][0] != owner:
-            blocker = ("lease", lease, self.lease_table[lease][0])
-        else:
-            for kind, key in (resource for resource, _ in items):
-                if (kind, key) in live and live[kind, key].owner != owner:
-                    blocker = (kind, key, live[kind, key].owner)
-                    break
-        if blocker is not None:
-            try:
-                self.ledger.claim(owner, claims, lease=lease)
-            except ConflictError as err:
-                assert (err.kind, err.key, err.holder) == blocker
-                return
-            raise AssertionError(f"claim by {owner} should have met {blocker}")
-        self.ledger.claim(owner, claims, lease=lease)
-        for (kind, key), v in items:
-            self.held[kind, key] = Held(owner, {"v": v}, lease)
+        outcome: int | Exception
+        try:
+            outcome = self.ledger.claim(owner, claims, lease=lease)
+        except (ConflictError, NotFoundError) as err:
+            outcome = err
+        self.check(outcome, expected)
+
+    @rule(
+        batch=st.lists(
+            st.tuples(OWNERS, st.lists(st.tuples(RESOURCES, VALUES), min_size=1, max_size=3)),
+            min_size=1,
+            max_size=5,
+        )
+    )
+    def claim_batch(self, batch: list[tuple[str, list[tuple[tuple[str, str], int]]]]) -> None:
+        """commit_many: each claim succeeds or fails as if committed alone, in order."""
+        expected = [self.predict(owner, items, None) for owner, items in batch]
+        txns = []
+        for owner, items in batch:
+            txn = Txn()
+            for (kind, key), v in items:
+                txn.claim(owner, kind, key, {"v": v})
+            txns.append(txn)
+        for outcome, want in zip(self.ledger.commit_many(txns), expected, strict=True):
+            self.check(outcome, want)
 
     @precondition(lambda self: any(self.lease_live(lease) for lease in self.lease_table))
     @rule(data=st.data(), items=st.lists(st.tuples(RESOURCES, VALUES), min_size=1, max_size=2))

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from corral.errors import ManifestError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from corral_cron._duration import format_duration, parse_duration
 from corral_cron._schedule import Schedule, ScheduleError, parse_schedule
@@ -33,7 +33,9 @@ class AlertsSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     command: str | None = Field(default=None, description="run with /bin/sh -c on each alert")
     on: list[AlertEvent] = Field(default_factory=lambda: list(ALERT_EVENTS))
-    no_success: str | None = Field(default=None, description="alert when no run succeeded in it")
+    no_success: str | float | None = Field(
+        default=None, description="alert when no run succeeded in it",
+        validation_alias=AliasChoices("no_success", "no_success_within"))
 
 
 class CronJobSpec(BaseModel):
@@ -46,10 +48,15 @@ class CronJobSpec(BaseModel):
     overlap: Overlap = "forbid"
     missed: Missed = "once"
     backfill: int = Field(default=3, ge=1, le=100, description="cap of catch-up runs, missed=all")
-    timeout: str | None = Field(default=None, description="default: see docs/drivers/cron.md")
-    kill_grace: str = "10s"
-    jitter: str | None = Field(default=None, description="opt-in: maximum delay, fixed per job")
-    alerts: AlertsSpec = Field(default_factory=AlertsSpec)
+    # Durations come as text ("10m") or, from the kernel's resolved manifest, as seconds.
+    timeout: str | float | None = Field(default=None,
+                                        description="default: see docs/drivers/cron.md")
+    kill_grace: str | float = "10s"
+    jitter: str | float | bool | None = Field(
+        default=None, description="opt-in: maximum delay (true: a tenth of the shortest interval,"
+        " at most 1 min), fixed per job")
+    alerts: AlertsSpec = Field(default_factory=AlertsSpec,
+                               validation_alias=AliasChoices("alerts", "alert"))
 
 
 @dataclass(frozen=True)
@@ -116,11 +123,12 @@ def load_job(app: str, name: str, raw: Any) -> CronJob:
         ]) from None
     problems: list[str] = []
 
-    def duration(field_name: str, text: str | None) -> timedelta | None:
+    def duration(field_name: str, text: str | float | None) -> timedelta | None:
         if text is None:
             return None
         try:
-            value = parse_duration(text)
+            value = (timedelta(seconds=float(text)) if isinstance(text, int | float)
+                     else parse_duration(text))
         except ValueError as exc:
             problems.append(f"{where}.{field_name}: {exc}")
             return None
@@ -142,11 +150,14 @@ def load_job(app: str, name: str, raw: Any) -> CronJob:
                         "(e.g. 'Europe/Paris', 'America/New_York', 'UTC')")
     timeout = duration("timeout", spec.timeout)
     kill_grace = duration("kill_grace", spec.kill_grace)
-    jitter_max = duration("jitter", spec.jitter) or timedelta(0)
+    jitter_max = (timedelta(0) if spec.jitter is True or spec.jitter is False
+                  else duration("jitter", spec.jitter) or timedelta(0))
     no_success = duration("alerts.no_success", spec.alerts.no_success)
     if schedule is None or zone is None or problems:
         raise ManifestError(problems or [f"{where}: invalid"])
     shortest = shortest_interval(schedule)
+    if spec.jitter is True:
+        jitter_max = min(shortest / 10, timedelta(minutes=1))
     if jitter_max >= shortest:
         problems.append(f"{where}.jitter: {spec.jitter} must be shorter than the shortest interval"
                         f" between runs ({format_duration(shortest)})")

@@ -12,8 +12,7 @@ from corral.protocol import InstanceRecord
 
 from corral_cron._launcher import ExitStatus, JobProcess, LaunchRequest
 
-_NO_STATUS = ("the kernel does not report a job's exit status yet; see the run's output "
-              "through the log driver")
+_NO_STATUS = "the kernel could not report this run's exit status"
 
 
 class KernelCalls(Protocol):
@@ -26,8 +25,9 @@ class KernelCalls(Protocol):
 class _KernelProcess:
     """A job the kernel started; identity is (pid, start time), never the pid alone."""
 
-    def __init__(self, record: InstanceRecord) -> None:
+    def __init__(self, record: InstanceRecord, kernel: KernelCalls) -> None:
         self.record = record
+        self.kernel = kernel
 
     @property
     def pid(self) -> int:
@@ -46,7 +46,7 @@ class _KernelProcess:
         try:
             fd = os.pidfd_open(self.record.pid)
         except ProcessLookupError:
-            return ExitStatus(None, None, "", note=_NO_STATUS)
+            return await self._status()
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
 
@@ -62,7 +62,18 @@ class _KernelProcess:
             loop.remove_reader(fd)
             os.close(fd)
         self.signal(9)  # leftovers of the job's process group end with it
-        return ExitStatus(None, None, "", note=_NO_STATUS)
+        return await self._status()
+
+    async def _status(self) -> ExitStatus:
+        """The exit status as the kernel (the job's reaper) collected it: ``instance.wait``."""
+        try:
+            res = await self.kernel.call(
+                "instance.wait", {"instance_id": self.record.spec.id, "timeout_s": 10.0},
+                timeout=15.0)
+        except Exception as exc:  # the kernel restarted, or is gone: say so in the run record
+            return ExitStatus(None, None, "", note=f"{_NO_STATUS}: {exc}")
+        return ExitStatus(res.get("exit_code"), res.get("signal"),
+                          str(res.get("output_tail", "")), note=res.get("note"))
 
     def signal(self, sig: int) -> None:
         if self._alive():
@@ -82,4 +93,4 @@ class KernelLauncher:
         reply = await self.kernel.call("instance.spawn", {
             "app": request.app, "process": request.name, "kind": "job",
             "command": request.command, "env": extra, "label": str(request.run_id)})
-        return _KernelProcess(InstanceRecord.model_validate(reply))
+        return _KernelProcess(InstanceRecord.model_validate(reply), self.kernel)

@@ -57,7 +57,7 @@ class CronDriver(Driver):
 
     async def _publish(self, alert: Alert) -> None:
         app = alert.job.split(".", 1)[0] if alert.job else "_"
-        await self.publish(f"app.{app}.cron.{alert.event}", alert.as_json())
+        await self.publish(f"cron.{app}.{alert.event}", alert.as_json())
 
     @property
     def _sched(self) -> Scheduler:

@@ -4,7 +4,10 @@
 ``CgroupV1`` the per-controller hierarchies (older hosts, and hybrid ones whose v2 mount has
 no controllers). ``detect()`` picks the one the host actually offers for pids, memory, cpu.
 Every instance gets ``<base>/<instance-id>``; the launcher writes the new process into the
-returned ``cgroup.procs`` files before it execs, so every descendant is accounted.
+returned ``cgroup.procs`` files before it execs, so every descendant is accounted. The base is
+one per kernel (``sandbox.cgroup_base``): the driver collects every group under it that the
+kernel does not list as live, so two kernels on one host must never share a base. The base
+itself is removed with its last group, leaving the hierarchy as it was.
 """
 
 from __future__ import annotations
@@ -111,6 +114,20 @@ class CgroupTree(abc.ABC):
                 raise TimeoutError(f"cgroup {name!r} still holds pids {sorted(pids)}")
             time.sleep(0.01)
 
+    @abc.abstractmethod
+    def bases(self) -> list[Path]:
+        """The base directories (one per hierarchy) that hold the groups."""
+
+    def release_base(self) -> None:
+        """Remove the base directories once they hold no group (idempotent)."""
+        for base in self.bases():
+            try:
+                base.rmdir()
+            except OSError as err:
+                # ENOTEMPTY/EBUSY: a group remains (or was just created); ENOENT: done already
+                if err.errno not in (errno.ENOTEMPTY, errno.EBUSY, errno.ENOENT):
+                    raise
+
     def remove(self, name: str, timeout: float = 5.0) -> None:
         """Kill what remains and remove the group's directories (idempotent)."""
         self.kill(name, timeout)
@@ -144,6 +161,9 @@ class CgroupV2(CgroupTree):
 
     def directories(self, name: str) -> list[Path]:
         return [self.base / name]
+
+    def bases(self) -> list[Path]:
+        return [self.base]
 
     def names(self) -> set[str]:
         if not self.base.is_dir():
@@ -186,6 +206,9 @@ class CgroupV1(CgroupTree):
 
     def directories(self, name: str) -> list[Path]:
         return [self.mounts[c] / self.base / name for c in CONTROLLERS]
+
+    def bases(self) -> list[Path]:
+        return [self.mounts[c] / self.base for c in CONTROLLERS]
 
     def names(self) -> set[str]:
         found: set[str] = set()

@@ -8,7 +8,9 @@ roots are mounts and the cgroups are kernel objects, so apps survive a driver re
 
 from __future__ import annotations
 
+import hashlib
 import os
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,17 @@ from corral_fs._cgroups import CgroupTree, Limits, detect
 from corral_fs._root import Grant, RootBuilder, RootSpec
 
 DEFAULT_UID_RANGE = (61000, 61999)
+DEFAULT_RUNTIME_DIR = Path("/run/corral")
+
+
+def cgroup_base(runtime_dir: Path) -> str:
+    """The cgroup base of the kernel whose runtime dir is ``runtime_dir``: ``corral`` for the
+    host's kernel (/run/corral), ``corral-<hash>`` for any other (tests, side-by-side
+    kernels), so that one kernel's garbage collection never touches another's instances."""
+    resolved = Path(os.path.abspath(runtime_dir))
+    if resolved == DEFAULT_RUNTIME_DIR:
+        return "corral"
+    return "corral-" + hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
 
 
 def grants(app: AppSpec) -> list[Grant]:
@@ -34,6 +47,16 @@ def grants(app: AppSpec) -> list[Grant]:
     return found
 
 
+def instance_grants(app: AppSpec, instance: InstanceSpec) -> list[Grant]:
+    """The app's grants plus, read-only, the resolved manifest the kernel hands the app
+    (``CORRAL_MANIFEST``): part of the app's contract, so it must be readable inside."""
+    found = grants(app)
+    manifest = instance.env.get("CORRAL_MANIFEST")
+    if manifest and os.path.isabs(manifest) and os.path.isfile(manifest):
+        found.append(Grant(os.path.normpath(manifest), "ro"))
+    return found
+
+
 def tmp_size(limits: Limits) -> str:
     """Size of the private /tmp and /dev/shm: the memory limit (tmpfs pages are charged to the
     writer's cgroup anyway), else 128 MiB."""
@@ -41,16 +64,25 @@ def tmp_size(limits: Limits) -> str:
 
 
 class Sandbox:
-    """Prepares and tears down instance sandboxes on this host."""
+    """Prepares and tears down instance sandboxes on this host. Thread-safe: the driver runs
+    its operations in threads, and a release removing the (empty) bases must not race a
+    prepare creating the first group or root under them."""
 
     def __init__(self, runtime_dir: Path, cgroups: CgroupTree | None = None) -> None:
         self.roots = RootBuilder(runtime_dir)
-        self.cgroups = cgroups if cgroups is not None else detect()
+        self.cgroups = cgroups if cgroups is not None else detect(cgroup_base(runtime_dir))
+        self._lock = threading.RLock()
 
     def prepare(self, app: AppSpec, instance: InstanceSpec, uid: int, gid: int) -> PlanFragment:
         """Build the root and the cgroup of ``instance``; undo both on failure."""
+        with self._lock:
+            return self._prepare(app, instance, uid, gid)
+
+    def _prepare(self, app: AppSpec, instance: InstanceSpec, uid: int, gid: int
+                 ) -> PlanFragment:
         limits = Limits.from_manifest(app.manifest)
-        spec = RootSpec(app.directory, grants(app), owner=(uid, gid), tmp_size=tmp_size(limits))
+        spec = RootSpec(app.directory, instance_grants(app, instance), owner=(uid, gid),
+                        tmp_size=tmp_size(limits))
         procs = self.cgroups.create(instance.id, limits)
         try:
             root = self.roots.build(instance.id, spec)
@@ -70,17 +102,21 @@ class Sandbox:
         """Re-create the host side of a live instance (its cgroup if gone, its root if
         incomplete); the running app keeps its own copy of the mounts meanwhile."""
         limits = Limits.from_manifest(app.manifest)
-        if not self.cgroups.exists(instance.id):
-            self.cgroups.create(instance.id, limits)
-        if not self.roots.is_complete(instance.id):
-            spec = RootSpec(app.directory, grants(app), (uid, gid), tmp_size(limits))
-            self.roots.build(instance.id, spec)
+        with self._lock:
+            if not self.cgroups.exists(instance.id):
+                self.cgroups.create(instance.id, limits)
+            if not self.roots.is_complete(instance.id):
+                spec = RootSpec(app.directory, instance_grants(app, instance), (uid, gid),
+                                tmp_size(limits))
+                self.roots.build(instance.id, spec)
 
     def release(self, instance_id: str) -> None:
         """Kill what remains in the instance's cgroup, remove it, unmount and remove the root."""
-        self.cgroups.remove(instance_id)
-        self.roots.remove(instance_id)
-        self.roots.release_base()
+        with self._lock:
+            self.cgroups.remove(instance_id)
+            self.roots.remove(instance_id)
+            self.roots.release_base()
+            self.cgroups.release_base()
 
     def known(self) -> set[str]:
         """Instance ids that have a root or a cgroup on this host."""
@@ -92,7 +128,8 @@ class Sandbox:
 
     def collect(self, live: Iterable[str]) -> list[str]:
         """Release every instance not in ``live``; return the ids released."""
-        dead = sorted(self.known() - set(live))
-        for instance_id in dead:
-            self.release(instance_id)
-        return dead
+        with self._lock:
+            dead = sorted(self.known() - set(live))
+            for instance_id in dead:
+                self.release(instance_id)
+            return dead

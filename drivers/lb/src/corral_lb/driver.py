@@ -193,4 +193,4 @@ class LbDriver(Driver):
 
 def main() -> None:
     """``python -m corral_lb``: run the lb driver under corrald."""
-    run(LbDriver)
+    run(LbDriver, uvloop=True)

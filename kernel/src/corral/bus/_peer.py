@@ -93,7 +93,7 @@ class Connection:
                 return body
             if isinstance(body, Error):
                 self.close()
-                raise CorralError(body.reason, code=ErrorCode(body.code), retry=body.retry)
+                raise CorralError(body.reason, code=_code(body.code), retry=body.retry)
             # anything else before WELCOME (a stray heartbeat) is ignored
 
     async def call(
@@ -153,6 +153,9 @@ class Connection:
                 body = decode(frames)
             except CorralError as exc:
                 log.warning("bad frame from kernel", reason=exc.reason)
+                continue
+            except Exception as exc:  # a codec bug must not end the driver
+                log.exception("undecodable message", error=repr(exc))
                 continue
             if isinstance(body, Bye):
                 self._fail_pending(f"kernel said BYE: {body.reason}")

@@ -94,7 +94,8 @@ class BusServer:
         self._on_lost = on_lost
         self._ctx = zmq.asyncio.Context()
         self.peers: dict[bytes, Peer] = {}
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        # keyed by (peer identity, request id): only the peer asked may answer
+        self._pending: dict[tuple[bytes, int], asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stats = {"received": 0, "refused": 0, "errors": 0}
@@ -179,21 +180,28 @@ class BusServer:
         elif isinstance(body, Request):
             self._spawn(self._serve_request(peer, body))
         elif isinstance(body, Reply):
-            fut = self._pending.get(body.id)
+            fut = self._pending.get((identity, body.id))
             if fut is not None and not fut.done():
                 fut.set_result(body.result)
         elif isinstance(body, Error):
-            fut = self._pending.get(body.id) if body.id is not None else None
+            fut = self._pending.get((identity, body.id)) if body.id is not None else None
             if fut is not None and not fut.done():
                 fut.set_exception(
                     CorralError(body.reason, code=_code(body.code), retry=body.retry,
                                 details=body.details)
                 )
         elif isinstance(body, Event):
-            if peer.role == "driver":
+            cap = peer.hello.capability or ""
+            # a driver speaks only under its own topics, never as the kernel (app.*)
+            if peer.role == "driver" and body.topic.startswith(
+                    (f"{cap}.", f"driver.{peer.name}.")):
                 self.publish(body.topic, body.data)
+            else:
+                log.warning("event refused", peer=peer.name, topic=body.topic[:80])
         elif isinstance(body, Bye):
+            log.info("peer said BYE", peer=peer.name, role=peer.role, reason=body.reason)
             self.peers.pop(identity, None)
+            self._fail_pending(identity, f"{peer.name} said BYE")
             await self._on_lost(peer)
         elif isinstance(body, Heartbeat):
             pass
@@ -243,7 +251,8 @@ class BusServer:
         """Send a REQUEST to ``peer`` (a driver) and await its REPLY."""
         rid = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
+        key = (peer.identity, rid)
+        self._pending[key] = fut
         try:
             try:
                 await self._router.send_multipart(
@@ -259,7 +268,7 @@ class BusServer:
                 code=ErrorCode.TIMEOUT,
             ) from None
         finally:
-            self._pending.pop(rid, None)
+            self._pending.pop(key, None)
 
     def publish(self, topic: str, data: dict[str, Any]) -> None:
         """Publish an EVENT under ``topic``; never blocks (PUB drops for slow subscribers)."""
@@ -277,9 +286,21 @@ class BusServer:
                 if now - peer.last_heard > 3 * self.heartbeat_s:
                     log.warning("peer lost", peer=peer.name, role=peer.role)
                     self.peers.pop(identity, None)
+                    self._fail_pending(identity, f"{peer.name} stopped answering")
                     await self._on_lost(peer)
                     continue
                 await self._send(identity, Heartbeat(time=time.time()))
+
+    def _fail_pending(self, identity: bytes, why: str) -> None:
+        """Requests waiting on a peer that is gone fail now, not at their deadline."""
+        for (ident, _rid), fut in list(self._pending.items()):
+            if ident == identity and not fut.done():
+                fut.set_exception(UnavailableError(why))
+
+    def forget(self, identity: bytes, why: str) -> None:
+        """Drop a peer (its process died): pending requests to it fail at once."""
+        if self.peers.pop(identity, None) is not None:
+            self._fail_pending(identity, why)
 
     async def say_bye(self, reason: str) -> None:
         """Tell every peer goodbye (orderly kernel shutdown)."""

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from corral.cli import _observe
+from corral.cli import _cron, _observe
 from corral.errors import CorralError, ErrorCode, ManifestError
 
 EXIT_FAILED = 1
@@ -179,6 +179,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "logs": _observe.cmd_logs,
     "errors": _observe.cmd_errors,
     "top": _observe.cmd_top,
+    "cron": _cron.cmd_cron,
 }
 
 
@@ -211,6 +212,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("query")
     s.add_argument("args", nargs="?", help="JSON object")
     _observe.add_parsers(sub)
+    _cron.add_parsers(sub)
     return p
 
 

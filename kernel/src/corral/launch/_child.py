@@ -176,6 +176,47 @@ def _build_root(order: Order) -> bytes:
     return b"/newroot"
 
 
+def _nearest_device(path: bytes) -> int:
+    """The device of ``path``'s nearest existing ancestor (where creating it would write)."""
+    existing = os.path.dirname(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    return os.stat(existing).st_dev
+
+
+def _graft(root: bytes, mounts: list[tuple[bytes, bytes, bool]]) -> None:
+    """Child only: bind ``mounts`` into a prepared ``root``, in our own mount namespace.
+
+    A missing mount point is created on the root's own tmpfs (its read-only flag lifted on
+    our copy of the mount only, and restored after) or on its private /tmp; never on a bound
+    host directory, which would write to the host (EROFS instead).
+    """
+    root_dev = os.stat(root).st_dev
+    tmp_dev = os.stat(root + b"/tmp").st_dev if os.path.isdir(root + b"/tmp") else root_dev
+    opened = False
+    for source, target, readonly in sorted(mounts, key=lambda m: m[1].count(b"/")):
+        dest = root + target
+        is_dir = os.path.isdir(source)
+        if not os.path.lexists(dest):
+            device = _nearest_device(dest)
+            if device not in (root_dev, tmp_dev):
+                raise OSError(errno.EROFS, f"no mount point for {os.fsdecode(target)!r} "
+                                           "inside a bound host path")
+            if device == root_dev and not opened:
+                linux.mount(None, root, None,
+                            linux.MS_REMOUNT | linux.MS_BIND | linux.MS_NOSUID | linux.MS_NODEV)
+                opened = True
+            if is_dir:
+                os.makedirs(dest, 0o755)
+            else:
+                os.makedirs(os.path.dirname(dest), 0o755, exist_ok=True)
+                os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+        linux.bind(source, dest, readonly=readonly)
+    if opened:
+        linux.mount(None, root, None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY
+                    | linux.MS_NOSUID | linux.MS_NODEV)
+
+
 def _grandchild(order: Order) -> NoReturn:
     """Child only: enter cgroups and namespaces, pivot, drop privileges, seccomp, execve."""
     step = "signals"
@@ -206,6 +247,9 @@ def _grandchild(order: Order) -> NoReturn:
         if root is None and order.mounts:
             step = "mounts"
             root = _build_root(order)
+        elif root is not None and order.mounts:
+            step = "mounts"
+            _graft(root, order.mounts)
         if order.pid_namespace:
             # a fresh /proc that shows only this pid namespace; mounted before the old root
             # is detached, since the kernel only allows it while a full /proc is visible
@@ -324,6 +368,7 @@ def _execute(raw: bytes, fds: list[int], sock_fd: int) -> None:
 
 def serve(sock_fd: int) -> None:
     """The fork server's loop: execute one order per message until EOF on ``sock_fd``."""
+    os.chdir("/")  # pin no directory of the caller's (it may live on a mount to be removed)
     sock = _socket.socket(fileno=sock_fd)
     ancillary_size = _socket.CMSG_SPACE(MAX_FDS * 4)
     while True:

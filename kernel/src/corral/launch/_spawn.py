@@ -218,7 +218,7 @@ def _run(prep: _Prepared) -> tuple[int, float]:
         pipes = [err_r, err_w, pid_r, pid_w, go_r, go_w]
         order = dict(prep.order, fds={**prep.order["fds"], "err_w": len(prep.fds),
                                       "pid_w": len(prep.fds) + 1, "go_r": len(prep.fds) + 2})
-        SERVER.send(marshal.dumps(order), [*prep.fds, err_w, pid_w, go_r])
+        server = SERVER.send(marshal.dumps(order), [*prep.fds, err_w, pid_w, go_r])
         for fd in (err_w, pid_w, go_r):  # the server holds its own copies now
             os.close(fd)
             pipes.remove(fd)
@@ -243,7 +243,7 @@ def _run(prep: _Prepared) -> tuple[int, float]:
             step, code, message = [*report.decode(errors="replace").split("\0", 2), "", ""][:3]
             err = OSError(int(code) if code.isdigit() else 0, message)
             raise _error(step or "unknown", err, message or None)
-        if not pid and not report and SERVER.died(timeout=2.0):
+        if not pid and SERVER.died(server, timeout=2.0):
             raise ServerGone()
         if not pid or start is None:
             raise LaunchError("the launched process vanished before exec", step="fork")

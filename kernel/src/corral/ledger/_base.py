@@ -190,8 +190,9 @@ class Txn:
 class Ledger(abc.ABC):
     """Who holds what, as keyed records; one instance per process, safe to share across threads.
 
-    Backends implement ``commit`` and the reads; ``claim``, ``release``, ``put`` and
-    ``transaction`` are defined here in terms of ``commit`` so every backend behaves alike.
+    Backends implement ``commit`` and the reads; ``claim``, ``release``, ``put``,
+    ``transaction`` and (unless a backend batches) ``commit_many`` are defined here in terms of
+    ``commit`` so every backend behaves alike. Calls from several threads are serialised.
     Every write returns the ledger revision after it; a write that changes nothing (re-claiming
     the same value, releasing a free key) creates no revision and returns the current one.
     """
@@ -206,7 +207,26 @@ class Ledger(abc.ABC):
         key held by another owner, or when a release names another owner's key; its message
         names kind, key, holder and since. Raises ``NotFoundError`` for a claim under a lease
         that does not exist or has expired, ``ConflictError`` for one under another's lease.
+        Once it returns, the transaction survives the death (kill -9) of any process.
         """
+
+    def commit_many(self, txns: Sequence[Txn]) -> builtins.list[int | CorralError]:
+        """Commit independent transactions in order; return each one's revision or its error.
+
+        Each ``Txn`` is all or nothing on its own; one failing (``CorralError``) does not stop
+        the others; a ``Txn``'s revision is the one it would get if committed alone, in order.
+        Backends override this to share one durable write among the batch (group commit): a
+        kernel with several requests waiting commits them together. Any other exception
+        propagates: a batching backend then writes nothing of the batch; this default keeps
+        what it committed before.
+        """
+        results: list[int | CorralError] = []
+        for txn in txns:
+            try:
+                results.append(self.commit(txn))
+            except CorralError as exc:
+                results.append(exc)
+        return results
 
     @abc.abstractmethod
     def get(self, kind: str, key: str) -> Record | None:

@@ -10,18 +10,22 @@ the WAL is fsynced only at checkpoints, so the last transactions before the cras
 (the file stays consistent, it just rolls back to an earlier commit); with FULL every commit
 is fsynced and survives.
 
-Measured on the development machine (2 cores, virtio disk, ext4; one key claimed then released,
-two commits, through this class): WAL + NORMAL about 19,000 claim+release pairs/s (~53 µs per
-pair, ~26 µs per commit); WAL + FULL about 600 pairs/s (~1.7 ms per pair, an fsync per commit).
-The kernel needs 5,000 round trips/s through the bus with the ledger's share well under 100 µs,
-which only NORMAL meets, so NORMAL is the default; a host that prefers power-loss durability to
-throughput sets ``sqlite:///path?synchronous=full``. After a power loss the kernel reconciles
-from what is running (pid + start time), so a lost last claim is repaired, not silently wrong.
+Measured on the development machine (2 cores shared with other jobs, virtio disk, ext4),
+claiming one key then releasing it, two commits, through this class: WAL + NORMAL about
+75 µs per claim+release pair (~13,000 pairs/s; 80-130 µs while the machine is busy); WAL +
+FULL about 350-480 µs per pair (~2,300 pairs/s: an fsync per commit). The kernel needs 5,000
+round trips/s through the bus with the ledger's share well under 100 µs, which only NORMAL
+meets one commit at a time, so NORMAL is the default. What NORMAL risks on power loss is the
+transactions committed since the WAL was last fsynced (at the last checkpoint, about every
+1,000 pages written, a few hundred commits); the file itself stays consistent.
+``commit_many`` shares one commit among a batch: 16 transactions per batch bring a pair to
+~30 µs with NORMAL and ~60 µs with FULL, so a kernel that batches the requests waiting on its
+socket can afford FULL (``sqlite:///path?synchronous=full``).
 
 Thread safety: one connection per ``SqliteLedger``, opened with ``check_same_thread=False`` and
 guarded by a lock, so any thread may call any method; calls are serialised. Several processes
-may open the same file (the CLI reading, a second kernel refusing to start): WAL lets readers
-run beside the writer, and writers wait up to ``busy_timeout`` for each other.
+may open the same file (a reader beside the kernel, a test): WAL lets readers run beside the
+writer, and writers wait up to ``busy_timeout_ms`` (default 5 s) for each other.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -138,6 +142,7 @@ class SqliteLedger(Ledger):
         synchronous: Synchronous = "NORMAL",
         clock: Callable[[], float] = time.time,
         history: int = HISTORY,
+        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
     ) -> None:
         if synchronous not in ("NORMAL", "FULL"):
             raise CorralError(
@@ -161,12 +166,12 @@ class SqliteLedger(Ledger):
                 self.path,
                 isolation_level=None,  # we issue BEGIN/COMMIT ourselves
                 check_same_thread=False,  # guarded by self._lock
-                timeout=BUSY_TIMEOUT_MS / 1000,
+                timeout=busy_timeout_ms / 1000,
             )
         except sqlite3.Error as exc:
             raise CorralError(f"cannot open ledger {self.path}: {exc}", retry=False) from exc
         try:
-            _configure(conn, self.path, synchronous)
+            _configure(conn, self.path, synchronous, busy_timeout_ms)
             _migrate(conn, self.path)
         except BaseException:
             conn.close()
@@ -181,17 +186,31 @@ class SqliteLedger(Ledger):
     def commit(self, txn: Txn) -> int:
         """See ``Ledger.commit``."""
         with self._lock, self._write() as write:
-            for compare in txn.compares:
-                _check(write, compare)
-            for op in txn.ops:
-                if isinstance(op, ClaimOp):
-                    _claim(write, op)
-                elif isinstance(op, ReleaseOp):
-                    _release(write, op)
-                else:
-                    _release_all(write, op)
+            _apply(write, txn)
         txn.revision = write.revision
         return write.revision
+
+    def commit_many(self, txns: Sequence[Txn]) -> builtins.list[int | CorralError]:
+        """See ``Ledger.commit_many``: one SQLite transaction, a savepoint per ``Txn``."""
+        results: list[int | CorralError] = []
+        with self._lock, self._write() as write:
+            for txn in txns:
+                write.conn.execute("SAVEPOINT txn")
+                try:
+                    _apply(write, txn)
+                except CorralError as exc:
+                    write.conn.execute("ROLLBACK TO txn")
+                    write.conn.execute("RELEASE txn")
+                    write.seq = 0  # its changes are gone; the next one reuses the revision
+                    results.append(exc)
+                    continue
+                write.conn.execute("RELEASE txn")
+                results.append(write.revision)
+                write.next_txn()
+        for txn, result in zip(txns, results, strict=True):
+            if isinstance(result, int):
+                txn.revision = result
+        return results
 
     def grant_lease(self, ttl_s: float, owner: str) -> str:
         """See ``Ledger.grant_lease``."""
@@ -357,21 +376,28 @@ class _Write:
         self.path = path
         self.now = now
         self.history = history
-        self.base = 0
-        self.seq = 0  # position of the next change within this revision
+        self.start = 0  # the revision when the transaction began
+        self.base = 0  # the revision before the Txn being applied
+        self.seq = 0  # position of the next change within revision base + 1
 
     @property
     def revision(self) -> int:
         """The revision this transaction leaves the ledger at."""
         return self.base + 1 if self.seq else self.base
 
+    def next_txn(self) -> None:
+        """Start the next ``Txn`` of a batch: it gets the revision after this one's."""
+        if self.seq:
+            self.base += 1
+            self.seq = 0
+
     def __enter__(self) -> _Write:
         try:
             self.conn.execute("BEGIN IMMEDIATE")  # take the write lock now: no upgrade deadlock
-        except sqlite3.OperationalError as exc:
-            raise UnavailableError(f"ledger {self.path} is busy: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise _storage_error(self.path, exc) from exc
         try:
-            self.base = _current_revision(self.conn)
+            self.start = self.base = _current_revision(self.conn)
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
@@ -383,14 +409,20 @@ class _Write:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        try:
-            if exc_type is None:
-                if self.seq and self.revision % _COMPACT_EVERY == 0:
+        failure = exc
+        if exc_type is None:
+            try:
+                if self.revision // _COMPACT_EVERY != self.start // _COMPACT_EVERY:
                     self._compact()
                 self.conn.execute("COMMIT")
-        finally:
-            if self.conn.in_transaction:  # an exception above or in the body
-                self.conn.execute("ROLLBACK")
+            except BaseException as commit_failure:
+                failure = commit_failure
+        if self.conn.in_transaction:  # the body or the commit failed: undo everything
+            self.conn.execute("ROLLBACK")
+        if isinstance(failure, sqlite3.Error):
+            raise _storage_error(self.path, failure) from failure
+        if failure is not None and exc_type is None:
+            raise failure
 
     def log(
         self, type_: str, kind: str, key: str, owner: str, value: str, lease: str | None
@@ -418,7 +450,7 @@ class _Write:
         if row is None:
             return None
         owner, value, since, revision, lease, expires_at = row
-        if lease is not None and (expires_at is None or expires_at < self.now - 1):
+        if lease is not None and (expires_at is None or expires_at <= self.now):
             self.drop_lease(lease)
             return None
         return owner, value, since, revision, lease
@@ -440,6 +472,25 @@ class _Write:
         if cutoff > _meta(self.conn, "compacted"):
             self.conn.execute("DELETE FROM changes WHERE revision <= ?", (cutoff,))
             self.conn.execute("UPDATE meta SET value = ? WHERE name = 'compacted'", (cutoff,))
+
+
+def _storage_error(path: Path, exc: sqlite3.Error) -> CorralError:
+    """Name the ledger file in an SQLite failure; a busy database is worth a retry."""
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc).lower():
+        return UnavailableError(f"ledger {path} is busy: {exc}")
+    return CorralError(f"ledger {path}: {exc}", retry=False)
+
+
+def _apply(write: _Write, txn: Txn) -> None:
+    for compare in txn.compares:
+        _check(write, compare)
+    for op in txn.ops:
+        if isinstance(op, ClaimOp):
+            _claim(write, op)
+        elif isinstance(op, ReleaseOp):
+            _release(write, op)
+        else:
+            _release_all(write, op)
 
 
 def _check(write: _Write, compare: Compare) -> None:
@@ -591,7 +642,9 @@ def _prepare_file(path: Path) -> None:
         raise CorralError(f"cannot create ledger {path}: {exc}", retry=False) from exc
 
 
-def _configure(conn: sqlite3.Connection, path: Path, synchronous: Synchronous) -> None:
+def _configure(
+    conn: sqlite3.Connection, path: Path, synchronous: Synchronous, busy_timeout_ms: int
+) -> None:
     try:
         # Small pages: a commit writes one WAL frame per dirty page (records, owner index,
         # change log), and rows here are ~100 bytes; 1 KiB pages made a claim+release ~25%
@@ -600,7 +653,7 @@ def _configure(conn: sqlite3.Connection, path: Path, synchronous: Synchronous) -
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         conn.execute(f"PRAGMA synchronous = {synchronous}")  # literal from a closed set
         conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         conn.execute("PRAGMA trusted_schema = OFF")
     except sqlite3.DatabaseError as exc:
         raise CorralError(f"cannot open ledger {path}: {exc}", retry=False) from exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -44,17 +45,23 @@ def decode(frames: list[bytes]) -> Body:
             f"body of {len(raw)} bytes exceeds {MAX_BODY}", code=ErrorCode.TOO_LARGE
         )
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_not_json)
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, NaN, 4300+ digit ints
         raise CorralError(f"body is not UTF-8 JSON: {exc}", code=ErrorCode.INVALID) from None
+    except RecursionError:  # hostile nesting: refuse it, never let it unwind the peer
+        raise CorralError("body nests too deeply", code=ErrorCode.INVALID) from None
     if not isinstance(data, dict):
         raise CorralError("body must be a JSON object", code=ErrorCode.INVALID)
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, strict=True)  # "5" is not an id, "yes" not a bool
     except ValidationError as exc:
         raise CorralError(
             f"invalid {command.decode()} body: {_first_problem(exc)}", code=ErrorCode.INVALID
         ) from None
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _first_problem(exc: ValidationError) -> str:

@@ -107,6 +107,13 @@ class InstanceId(Args):
     instance_id: str
 
 
+class InstanceWait(Args):
+    """``instance.wait``: wait up to ``timeout_s`` for a spawned job to end; its exit status."""
+
+    instance_id: str
+    timeout_s: float = Field(default=30.0, gt=0, le=86400)
+
+
 class Publish(Args):
     """``event.publish``: the kernel republishes on PUB under ``topic``."""
 
@@ -191,6 +198,7 @@ _DRIVER_OPS = _table(
     Operation("instance.spawn", Spawn, "start a process of an app in its sandbox"),
     Operation("instance.signal", InstanceSignal, "signal an instance"),
     Operation("instance.stop", InstanceId, "stop an instance and release it"),
+    Operation("instance.wait", InstanceWait, "wait for a spawned job; its exit status"),
     Operation("event.publish", Publish, "publish an event on the bus"),
 )
 

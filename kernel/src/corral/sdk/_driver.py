@@ -19,6 +19,7 @@ from typing import Any, ClassVar, TypeVar
 import structlog
 from pydantic import BaseModel, ValidationError
 
+from corral._forksafety import protect_signal_handlers
 from corral.bus import Connection, Handler
 from corral.errors import CorralError, ErrorCode
 from corral.host import bus_endpoint
@@ -186,14 +187,24 @@ async def _sleep_or(event: asyncio.Event, seconds: float) -> None:
         pass
 
 
-def run(driver_cls: type[Driver]) -> None:
-    """Entry point of a Python driver process (``python -m corral_<cap>``)."""
+def run(driver_cls: type[Driver], *, uvloop: bool = False) -> None:
+    """Entry point of a Python driver process (``python -m corral_<cap>``).
+
+    ``uvloop=True`` runs the driver on uvloop when it is installed (the lb's proxy wants it);
+    it is off by default because some libraries (pyroute2's netlink sockets) need the
+    standard event loop.
+    """
     endpoint = os.environ.get("CORRAL_BUS") or bus_endpoint()
     token = os.environ.get("CORRAL_DRIVER_TOKEN")
-    try:
-        import uvloop
+    # A child forked by a library (pyroute2 forks for netns work) inherits asyncio's signal
+    # wake-up fd: a SIGTERM sent to that child would be read by *our* loop as our own
+    # SIGTERM, and the driver would stop. Children get default signal handling instead.
+    protect_signal_handlers()
+    if uvloop:
+        try:
+            import uvloop as _uvloop
 
-        uvloop.install()
-    except ImportError:
-        pass
+            _uvloop.install()
+        except ImportError:
+            pass
     asyncio.run(serve(driver_cls(), endpoint, token))
