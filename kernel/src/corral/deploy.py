@@ -88,8 +88,8 @@ class AppState:
 
 def spec_hash(spec: InstanceSpec) -> str:
     """Identity of an instance's configuration: same hash, no need to replace it."""
-    data = spec.model_dump(mode="json", exclude={"env"})
-    env = {k: v for k, v in spec.env.items() if k != "NOTIFY_SOCKET"}
+    data = spec.model_dump(mode="json", exclude={"env", "id"})
+    env = {k: v for k, v in spec.env.items() if k not in ("NOTIFY_SOCKET", "CORRAL_INSTANCE_ID")}
     raw = json.dumps([data, env], sort_keys=True).encode()
     return hashlib.sha256(raw).hexdigest()[:16]
 
@@ -146,30 +146,35 @@ class Deployer:
             # 4.-5. instances: keep unchanged live ones, launch the rest
             step = "launch"
             wanted = self._instance_specs(spec, resolved, manifest_path)
-            keep: set[str] = set()
-            to_replace: list[Live] = []
-            for ispec in wanted:
-                live = state.instances.get(ispec.id)
+            # With the net driver every instance has its own address: a replacement starts
+            # beside the old one and the old one is drained and stopped after (rolling).
+            # Without it they share 127.0.0.1:PORT, so the old one must go first.
+            rolling = self.kernel.supervisor.by_capability("net") is not None
+            for ispec in wanted:  # one slot at a time
                 h = spec_hash(ispec)
-                if live is not None and live.spec_hash == h and launcher.is_alive(
-                    live.record.pid, live.record.start_time
-                ):
-                    live.generation = generation
-                    keep.add(ispec.id)
+                olds = [lv for lv in state.instances.values() if _slot(lv) == ispec.id]
+                if any(lv.spec_hash == h and launcher.is_alive(lv.record.pid,
+                                                                lv.record.start_time)
+                       for lv in olds):
+                    for lv in olds:  # unchanged and alive: keep it (a rerun kills nothing)
+                        lv.generation = generation
                     continue
-                if live is not None:
-                    to_replace.append(live)
-            for old in to_replace:  # same id: the old one must go before the new one binds
-                await self._stop_instance(state, old, release=False)
-            for ispec in wanted:
-                if ispec.id in keep:
-                    continue
-                live = await self._launch(state, ispec, generation, wait_s=args.wait_s)
+                if not rolling:
+                    for old in olds:
+                        await self._stop_instance(state, old)
+                    olds = []
+                iid = ispec.id if ispec.id not in state.instances else f"{ispec.id}-g{generation}"
+                new = ispec.model_copy(update={"id": iid})
+                live = await self._launch(state, new, generation, wait_s=args.wait_s,
+                                          spec_hash_=h)
                 launched.append(live)
-            # 6. instances of other ids (scaled down, renamed processes) go
+                for old in olds:
+                    await self._stop_instance(state, old)
+            # 6. instances of slots no longer wanted (scaled down, renamed processes) go
             step = "retire"
-            for iid in [i for i in state.instances if i not in {w.id for w in wanted}]:
-                await self._stop_instance(state, state.instances[iid])
+            slots = {w.id for w in wanted}
+            for live in [lv for lv in state.instances.values() if _slot(lv) not in slots]:
+                await self._stop_instance(state, live)
             k.ledger.put(name, "app", name, self._app_value(spec, manifest_path, "running"))
         except BaseException as exc:
             log.error("deploy failed, undoing", app=name, step=step, error=str(exc))
@@ -305,11 +310,12 @@ class Deployer:
         return plan
 
     async def _launch(self, state: AppState, ispec: InstanceSpec, generation: int, *,
-                      wait_s: float) -> Live:
+                      wait_s: float, spec_hash_: str | None = None) -> Live:
         k = self.kernel
         notify = _NotifySocket(k.notify_dir / f"{ispec.id}.sock", state.spec.uid)
-        h = spec_hash(ispec)
-        ispec = ispec.model_copy(update={"env": {**ispec.env, "NOTIFY_SOCKET": str(notify.path)}})
+        h = spec_hash_ or spec_hash(ispec)
+        ispec = ispec.model_copy(update={"env": {**ispec.env, "NOTIFY_SOCKET": str(notify.path),
+                                                 "CORRAL_INSTANCE_ID": ispec.id}})
         # Recorded before the fork: a crash between fork and record leaves a findable trace.
         k.ledger.put(ispec.app, "instance", ispec.id,
                      {"state": "launching", "spec": ispec.model_dump(mode="json"),
@@ -722,6 +728,12 @@ def _check_reachable(directory: Path, uid: int) -> None:
                 code=ErrorCode.INVALID)
 
 
+def _slot(live: Live) -> str:
+    """The instance slot ('<app>.<process>.<index>') a live instance fills."""
+    spec = live.record.spec
+    return spec.env.get("CORRAL_INSTANCE", spec.id)
+
+
 async def _port_open(address: str, port: int) -> bool:
     try:
         _r, w = await asyncio.wait_for(asyncio.open_connection(address, port), 0.5)
@@ -785,8 +797,9 @@ def _find_by_env(instance_id: str) -> tuple[int, float] | None:
     for proc in psutil.process_iter(["pid", "create_time"]):
         try:
             # the launcher makes the instance its own process group leader
-            if proc.environ().get("CORRAL_INSTANCE") == instance_id and os.getpgid(
-                proc.pid) == proc.pid:
+            env = proc.environ()
+            iid = env.get("CORRAL_INSTANCE_ID", env.get("CORRAL_INSTANCE"))
+            if iid == instance_id and os.getpgid(proc.pid) == proc.pid:
                 return proc.pid, proc.info["create_time"]
         except (psutil.Error, OSError):
             continue

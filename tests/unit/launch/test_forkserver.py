@@ -3,6 +3,7 @@ launched outlive it; concurrent launches and launches from a forked caller work.
 
 from __future__ import annotations
 
+import marshal
 import os
 import signal
 import subprocess
@@ -165,3 +166,21 @@ def test_oversized_order_is_refused_at_step_plan() -> None:
     with pytest.raises(LaunchError) as info:
         launch(LaunchPlan(instance=spec))
     assert info.value.step == "plan"
+
+
+def test_malformed_order_leaves_the_server_serving(tmp_path: Path) -> None:
+    """Garbage on the socket, and an order whose fields are wrong, are told back as step
+    'forkserver' where possible; the same server then serves the next launch."""
+    launch(plan(["true"]))
+    first = server_pid()
+    SERVER.send(b"\x00not marshal", [])
+    err_r, err_w = os.pipe()
+    SERVER.send(marshal.dumps({"fds": {"err_w": 0}}), [err_w])
+    os.close(err_w)
+    told = os.read(err_r, 4000).split(b"\0")
+    os.close(err_r)
+    assert told[0] == b"forkserver"
+    out = tmp_path / "out"
+    launch(plan(["echo", "still"], stdout=str(out)))
+    assert server_pid() == first
+    wait_until(lambda: out.read_text() == "still\n")
