@@ -10,10 +10,12 @@ cd "$(dirname "$0")/.."
 #   tini                   init (pid 1) of each sandbox's pid namespace (fs driver)
 #   libseccomp2            seccomp filters compiled by the launch path
 #   bubblewrap             the sandbox benchmark's reference
-#   gcc make libzmq3-dev   the reference driver in C (examples/driver-c)
-#   iperf3? no: benchmarks install their own peers (haproxy, wrk) when run
-APT_PACKAGES=(nftables libnftables1 iproute2 tini libseccomp2 bubblewrap gcc make libzmq3-dev
-              procps curl)
+#   gcc make pkg-config libzmq3-dev libjansson-dev   the reference driver in C (examples/driver-c)
+#   nodejs npm             the lb policy example in JavaScript (examples/policy-js)
+#   util-linux             setpriv, unshare for the tests
+#   Benchmarks install their own peers (haproxy, wrk, nginx-light) when run.
+APT_PACKAGES=(nftables libnftables1 iproute2 tini libseccomp2 bubblewrap gcc make pkg-config
+              libzmq3-dev libjansson-dev util-linux procps curl)
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
@@ -27,9 +29,17 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   fi
 fi
 
+# node and npm: the image ships them; Debian's otherwise
+if [ "$(id -u)" = 0 ] && ! command -v npm >/dev/null && command -v apt-get >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+
 if ! command -v uv >/dev/null; then
   echo "setup: installing uv"
   python3 -m pip install -q "uv==0.13.9"
 fi
 uv sync --frozen -q 2>/dev/null || uv sync -q
+if command -v npm >/dev/null && [ ! -d examples/policy-js/node_modules/zeromq ]; then
+  (cd examples/policy-js && npm ci --no-audit --no-fund --loglevel=error)
+fi
 echo "setup: ready (.venv/bin/corral)"

@@ -625,6 +625,8 @@ class Deployer:
             "apps": [s.spec.model_dump(mode="json") for s in self.apps.values()],
             "instances": [lv.record.model_dump(mode="json")
                           for s in self.apps.values() for lv in s.instances.values()],
+            "launching": [r.key for r in self.kernel.ledger.list(kind="instance")
+                          if r.value.get("state") == "launching"],
         }
 
     # ---- views -------------------------------------------------------------------------------

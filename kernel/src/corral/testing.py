@@ -67,6 +67,8 @@ class KernelProcess:
                 return self
             except CorralError:
                 time.sleep(0.05)
+        self.proc.kill()  # __exit__ will not run when __enter__ raises: leave nothing behind
+        self.proc.wait(5)
         raise RuntimeError(f"corrald did not become ready: {self.log()}")
 
     def call(self, op: str, args: dict[str, Any] | None = None, *, timeout: float = 30.0

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from corral.errors import ManifestError
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from corral_cron._duration import format_duration, parse_duration
 from corral_cron._schedule import Schedule, ScheduleError, parse_schedule
@@ -57,6 +57,12 @@ class CronJobSpec(BaseModel):
         " at most 1 min), fixed per job")
     alerts: AlertsSpec = Field(default_factory=AlertsSpec,
                                validation_alias=AliasChoices("alerts", "alert"))
+
+    @field_validator("alerts", mode="before")
+    @classmethod
+    def _no_alerts(cls, value: Any) -> Any:
+        """The kernel's resolved manifest writes an undeclared alert table as null."""
+        return {} if value is None else value
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from corral.errors import ConflictError, NotFoundError
 from corral_lb.activation import Activator, OnDemand
 from corral_lb.backend import BackendState
 from corral_lb.config import LbConfig, PolicyProgram
-from corral_lb.nft import NftPlane, established_to, service_key
+from corral_lb.nft import TABLE, NftPlane, established_to, service_key
 from corral_lb.policy_program import PolicyProgram as PolicyProgramRunner
 from corral_lb.proxy_http import HttpFrontend
 from corral_lb.proxy_l4 import L4Frontend
@@ -35,12 +35,13 @@ class Balancer:
 
     def __init__(
         self, *, activators: ActivatorFactory | None = None, runtime_dir: Path | None = None,
-        nft: NftPlane | None = None,
+        nft: NftPlane | None = None, nft_table: str = TABLE,
     ) -> None:
         self.services: dict[str, Service] = {}  # app -> service
         self.activators = activators
         self.runtime_dir = runtime_dir or Path(tempfile.mkdtemp(prefix="corral-lb-"))
         self._nft = nft
+        self.nft_table = nft_table  # used when the kernel plane is first needed
         self._http: dict[tuple[str, int], HttpFrontend] = {}
         self._l4: dict[str, L4Frontend] = {}
         self._programs: dict[str, PolicyProgramRunner] = {}
@@ -50,7 +51,7 @@ class Balancer:
     def nft(self) -> NftPlane:
         """The kernel plane, created on first use (needs root and libnftables)."""
         if self._nft is None:
-            self._nft = NftPlane()
+            self._nft = NftPlane(self.nft_table)
         return self._nft
 
     # -- services ----------------------------------------------------------------------------

@@ -13,12 +13,13 @@ from typing import Any
 
 import structlog
 from corral.errors import CorralError, ErrorCode
-from corral.protocol import AppSpec, InstanceRecord
+from corral.protocol import AppSpec, InstanceRecord, Welcome
 from corral.sdk import Driver, KernelLink, op, run
 
 from corral_lb.activation import StartedInstance
 from corral_lb.balancer import Balancer
 from corral_lb.config import LbConfig, load_lb_config
+from corral_lb.nft import TABLE as NFT_TABLE
 
 log = structlog.get_logger("corral_lb")
 
@@ -70,6 +71,11 @@ class LbDriver(Driver):
             return None
         return load_lb_config(section, app=app.name,
                               default_plane=str(self.config.get("plane", "proxy")))
+
+    def welcomed(self, welcome: Welcome) -> None:
+        """Take the host config: ``plane`` (default plane), ``nft_table`` (this driver's table)."""
+        super().welcomed(welcome)
+        self.balancer.nft_table = str(self.config.get("nft_table", NFT_TABLE))
 
     async def start(self) -> None:
         """Keep sockets of policy programs under the runtime directory."""

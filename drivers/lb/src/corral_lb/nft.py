@@ -51,11 +51,19 @@ def service_key(name: str) -> str:
 
 
 class NftPlane:
-    """Installs, updates and removes DNAT services in ``table ip corral_lb``."""
+    """Installs, updates and removes DNAT services in ``table ip <table>`` (``corral_lb``).
 
-    def __init__(self) -> None:
+    Each lb driver on a host needs a table of its own (host config ``[drivers.lb] config =
+    { nft_table = "..." }``): garbage collection removes every service of the table that the
+    driver does not know.
+    """
+
+    def __init__(self, table: str = TABLE) -> None:
         import nftables  # imported here: only hosts using the kernel plane need libnftables
 
+        if not table or not all(c.isalnum() or c == "_" for c in table):
+            raise NftError(f"lb nft_table {table!r}: letters, digits and _ only", retry=False)
+        self.table = table
         self._nft = nftables.Nftables()
         self._nft.set_json_output(True)
         self._nft.set_handle_output(False)
@@ -87,14 +95,14 @@ class NftPlane:
 
     def ensure_table(self) -> None:
         """Create the table with its base chains and frontend maps unless it already exists."""
-        if self._list(f"list table ip {TABLE}") is not None:
+        if self._list(f"list table ip {self.table}") is not None:
             return
         dispatch = (
             "ip daddr . tcp dport vmap @fe_addr\n"
             "    fib daddr type local tcp dport vmap @fe_any"
         )
         self._text(
-            f"""table ip {TABLE} {{
+            f"""table ip {self.table} {{
   map fe_any {{ type inet_service : verdict; }}
   map fe_addr {{ type ipv4_addr . inet_service : verdict; }}
   chain prerouting {{
@@ -115,14 +123,14 @@ class NftPlane:
 
     def delete_table(self) -> None:
         """Remove the whole ``corral_lb`` table (``corral down`` of the last service, tests)."""
-        if self._list(f"list table ip {TABLE}") is not None:
-            self._text(f"delete table ip {TABLE}", "delete table")
+        if self._list(f"list table ip {self.table}") is not None:
+            self._text(f"delete table ip {self.table}", "delete table")
 
     # -- services -----------------------------------------------------------------------------
 
     def installed(self) -> set[str]:
         """Keys of the services present in the table (for state.sync garbage collection)."""
-        items = self._list(f"list table ip {TABLE}") or []
+        items = self._list(f"list table ip {self.table}") or []
         return {
             i["chain"]["name"][2:] for i in items
             if "chain" in i and i["chain"]["name"].startswith("c_")
@@ -140,16 +148,16 @@ class NftPlane:
         key = service_key(name)
         host, port = listen
         if host in ("0.0.0.0", ""):  # noqa: S104 - matches, does not bind
-            elem = f"add element ip {TABLE} fe_any {{ {port} : jump c_{key} }}"
+            elem = f"add element ip {self.table} fe_any {{ {port} : jump c_{key} }}"
         else:
-            elem = f"add element ip {TABLE} fe_addr {{ {host} . {port} : jump c_{key} }}"
+            elem = f"add element ip {self.table} fe_addr {{ {host} . {port} : jump c_{key} }}"
         drop = self._remove_script(key, listen) if key in self.installed() else ""
         self._text(
             drop
-            + f"add map ip {TABLE} m_{key} {{ typeof numgen random mod {SLOTS} : "
+            + f"add map ip {self.table} m_{key} {{ typeof numgen random mod {SLOTS} : "
             "ip daddr . tcp dport; }\n"
-            f"add chain ip {TABLE} c_{key}\n"
-            f"add rule ip {TABLE} c_{key} meta l4proto tcp dnat ip to {_SELECTORS[policy]} "
+            f"add chain ip {self.table} c_{key}\n"
+            f"add rule ip {self.table} c_{key} meta l4proto tcp dnat ip to {_SELECTORS[policy]} "
             f"map @m_{key} "
             f'comment "{_comment(name)}"\n' + elem + "\n",
             f"install service {name!r}",
@@ -161,11 +169,11 @@ class NftPlane:
         key = service_key(name)
         table = slot_table(backends, SLOTS)
         commands: list[dict[str, Any]] = [
-            {"flush": {"map": {"family": "ip", "table": TABLE, "name": f"m_{key}"}}}
+            {"flush": {"map": {"family": "ip", "table": self.table, "name": f"m_{key}"}}}
         ]
         if table:
             commands.append({"add": {"element": {
-                "family": "ip", "table": TABLE, "name": f"m_{key}",
+                "family": "ip", "table": self.table, "name": f"m_{key}",
                 "elem": [[i, {"concat": [b.host, b.port]}] for i, b in enumerate(table)],
             }}})
         self._json(commands, f"update backends of {name!r}")
@@ -173,7 +181,7 @@ class NftPlane:
 
     def slots(self, name: str) -> dict[int, tuple[str, int]]:
         """The service's slot map as installed in the kernel (for status and tests)."""
-        items = self._list(f"list map ip {TABLE} m_{service_key(name)}") or []
+        items = self._list(f"list map ip {self.table} m_{service_key(name)}") or []
         out: dict[int, tuple[str, int]] = {}
         for i in items:
             if "map" in i:
@@ -188,10 +196,17 @@ class NftPlane:
         if key not in self.installed():
             return
         self._text(self._remove_script(key, listen), f"remove service {name!r}")
+        self._drop_if_empty()
+
+    def _drop_if_empty(self) -> None:
+        """Delete the table once its last service is gone: teardown leaves the ruleset as it
+        was before the first service."""
+        if not self.installed():
+            self.delete_table()
 
     def uninstall_key(self, key: str) -> None:
         """Remove a service known only by key (garbage from a previous run)."""
-        items = self._list(f"list table ip {TABLE}") or []
+        items = self._list(f"list table ip {self.table}") or []
         script = ""
         for i in items:
             m = i.get("map")
@@ -199,23 +214,24 @@ class NftPlane:
                 for k, v in m.get("elem", []):
                     if v.get("jump", {}).get("target") == f"c_{key}":
                         if m["name"] == "fe_any":
-                            script += f"delete element ip {TABLE} fe_any {{ {k} }}\n"
+                            script += f"delete element ip {self.table} fe_any {{ {k} }}\n"
                         else:
                             a, p = k["concat"]
-                            script += f"delete element ip {TABLE} fe_addr {{ {a} . {p} }}\n"
-        script += (f"flush chain ip {TABLE} c_{key}\ndelete chain ip {TABLE} c_{key}\n"
-                   f"delete map ip {TABLE} m_{key}\n")
+                            script += f"delete element ip {self.table} fe_addr {{ {a} . {p} }}\n"
+        script += (f"flush chain ip {self.table} c_{key}\ndelete chain ip {self.table} c_{key}\n"
+                   f"delete map ip {self.table} m_{key}\n")
         self._text(script, f"remove stale service {key}")
+        self._drop_if_empty()
 
-    @staticmethod
-    def _remove_script(key: str, listen: tuple[str, int]) -> str:
+    def _remove_script(self, key: str, listen: tuple[str, int]) -> str:
+        table = self.table
         host, port = listen
         if host in ("0.0.0.0", ""):  # noqa: S104 - matches, does not bind
-            elem = f"delete element ip {TABLE} fe_any {{ {port} }}\n"
+            elem = f"delete element ip {table} fe_any {{ {port} }}\n"
         else:
-            elem = f"delete element ip {TABLE} fe_addr {{ {host} . {port} }}\n"
-        return (elem + f"flush chain ip {TABLE} c_{key}\ndelete chain ip {TABLE} c_{key}\n"
-                f"delete map ip {TABLE} m_{key}\n")
+            elem = f"delete element ip {table} fe_addr {{ {host} . {port} }}\n"
+        return (elem + f"flush chain ip {table} c_{key}\ndelete chain ip {table} c_{key}\n"
+                f"delete map ip {table} m_{key}\n")
 
 
 def _comment(name: str) -> str:

@@ -19,6 +19,7 @@ import structlog
 import zmq
 import zmq.asyncio
 
+from corral.bus._socket import LoopSocket
 from corral.errors import CorralError, ErrorCode, UnavailableError
 from corral.protocol import (
     Body,
@@ -48,17 +49,19 @@ class Connection:
         hello: Hello,
         *,
         handlers: Mapping[str, Handler] | None = None,
-        ctx: zmq.asyncio.Context | None = None,
+        ctx: zmq.Context[Any] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.hello = hello
         self.handlers: Mapping[str, Handler] = handlers or {}
-        self._ctx = ctx or zmq.asyncio.Context.instance()
-        self._sock: zmq.asyncio.Socket | None = None
+        self._ctx = ctx or zmq.Context.instance()
+        self._io: LoopSocket | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.welcome: Welcome | None = None
+        self._greeting: asyncio.Future[Body] | None = None
+        self._ended: asyncio.Future[bool] | None = None
         self._last_heard = 0.0
         self._closed = False
 
@@ -69,104 +72,99 @@ class Connection:
 
     async def connect(self, timeout: float = 5.0) -> Welcome:
         """Open the socket, send HELLO and wait for WELCOME; raise the kernel's ERROR."""
-        sock = self._ctx.socket(zmq.DEALER)
+        loop = asyncio.get_running_loop()
+        sock: zmq.Socket[bytes] = zmq.Socket(self._ctx, zmq.DEALER)
         sock.linger = 0
-        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing towards a kernel that is not there
         sock.connect(self.endpoint)
-        self._sock = sock
-        deadline = time.monotonic() + timeout
+        self._greeting = loop.create_future()
+        self._ended = loop.create_future()
+        self._io = LoopSocket(sock, self._on_message)
+        self._io.send(encode(self.hello))
         try:
-            # IMMEDIATE: with no live kernel behind the socket the send waits; bound it.
-            await asyncio.wait_for(sock.send_multipart(encode(self.hello)), timeout)
+            body = await asyncio.wait_for(asyncio.shield(self._greeting), timeout)
         except TimeoutError:
             self.close()
-            raise UnavailableError(f"no kernel listening at {self.endpoint}") from None
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not await sock.poll(int(left * 1000)):
-                self.close()
-                raise UnavailableError(f"no answer from the kernel at {self.endpoint}")
-            body = decode(await sock.recv_multipart())
-            if isinstance(body, Welcome):
-                self.welcome = body
-                self._last_heard = time.monotonic()
-                return body
-            if isinstance(body, Error):
-                self.close()
-                raise CorralError(body.reason, code=_code(body.code), retry=body.retry)
-            # anything else before WELCOME (a stray heartbeat) is ignored
+            raise UnavailableError(f"no answer from the kernel at {self.endpoint}") from None
+        if isinstance(body, Error):
+            self.close()
+            raise CorralError(body.reason, code=_code(body.code), retry=body.retry)
+        assert isinstance(body, Welcome)
+        self.welcome = body
+        self._last_heard = time.monotonic()
+        return body
 
     async def call(
         self, op: str, args: Mapping[str, Any] | None = None, *, timeout: float = 30.0
     ) -> dict[str, Any]:
         """Send a REQUEST and wait for its REPLY; raise CorralError on ERROR or timeout."""
-        if self._sock is None:
+        if self._io is None or self._closed:
             raise UnavailableError("not connected")
         rid = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         try:
             req = Request(id=rid, op=op, args=dict(args or {}), deadline_ms=int(timeout * 1000))
-            async with asyncio.timeout(timeout):
-                await self._sock.send_multipart(encode(req))
-                return await fut
+            self._io.send(encode(req))
+            return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             raise CorralError(f"{op}: no reply in {timeout:.1f}s", code=ErrorCode.TIMEOUT) from None
         finally:
             self._pending.pop(rid, None)
 
-    async def send(self, body: Body, *, timeout: float = 5.0) -> None:
-        """Send one message (EVENT, HEARTBEAT, BYE...); give up silently after ``timeout``."""
-        if self._sock is not None:
+    async def send(self, body: Body) -> None:
+        """Send one message (EVENT, HEARTBEAT, BYE...); never blocks."""
+        if self._io is not None and not self._closed:
             try:
-                await asyncio.wait_for(self._sock.send_multipart(encode(body)), timeout)
-            except TimeoutError:
-                log.warning("send timed out", command=type(body).__name__)
+                self._io.send(encode(body))
+            except zmq.ZMQError as exc:
+                log.warning("send failed", command=type(body).__name__, error=str(exc))
 
     async def run(self) -> bool:
         """Serve until BYE from the kernel or ``close()`` (True) or the kernel is lost (False)."""
-        assert self._sock is not None
-        hb = asyncio.create_task(self._heartbeat())
-        receiver = asyncio.create_task(self._receive())
+        assert self._ended is not None
+        hb = asyncio.ensure_future(self._heartbeat())
         try:
-            while not receiver.done():
-                await asyncio.wait({receiver}, timeout=self.heartbeat_s)
-                if not receiver.done() and (
+            while not self._ended.done():
+                await asyncio.wait({self._ended}, timeout=self.heartbeat_s)
+                if not self._ended.done() and (
                     time.monotonic() - self._last_heard > 3 * self.heartbeat_s
                 ):
                     log.warning("kernel lost", endpoint=self.endpoint)
                     self._fail_pending("kernel lost")
                     return False
-            return receiver.result()
+            return self._ended.result()
         finally:
             hb.cancel()
-            receiver.cancel()
 
-    async def _receive(self) -> bool:
-        """The receive loop proper: True on BYE/close, False when the kernel forgot us."""
-        assert self._sock is not None
-        sock = self._sock
-        while not self._closed:
-            frames = await sock.recv_multipart()
-            self._last_heard = time.monotonic()
-            try:
-                body = decode(frames)
-            except CorralError as exc:
-                log.warning("bad frame from kernel", reason=exc.reason)
-                continue
-            except Exception as exc:  # a codec bug must not end the driver
-                log.exception("undecodable message", error=repr(exc))
-                continue
-            if isinstance(body, Bye):
-                self._fail_pending(f"kernel said BYE: {body.reason}")
-                return True
-            if isinstance(body, Error) and body.code == ErrorCode.UNAUTHENTICATED:
-                # A restarted kernel does not know this connection: HELLO again.
-                log.warning("kernel forgot this peer", reason=body.reason)
-                self._fail_pending("kernel restarted")
-                return False
+    def _end(self, orderly: bool) -> None:
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(orderly)
+
+    def _on_message(self, frames: list[zmq.Frame]) -> None:
+        self._last_heard = time.monotonic()
+        try:
+            body = decode([f.bytes for f in frames])
+        except CorralError as exc:
+            log.warning("bad frame from kernel", reason=exc.reason)
+            return
+        except Exception as exc:  # a codec bug must not end the driver
+            log.exception("undecodable message", error=repr(exc))
+            return
+        if self.welcome is None:
+            if isinstance(body, Welcome | Error) and self._greeting and not self._greeting.done():
+                self._greeting.set_result(body)
+            return  # anything else before WELCOME (a stray heartbeat) is ignored
+        if isinstance(body, Bye):
+            self._fail_pending(f"kernel said BYE: {body.reason}")
+            self._end(True)
+        elif isinstance(body, Error) and body.code == ErrorCode.UNAUTHENTICATED:
+            # A restarted kernel does not know this connection: HELLO again.
+            log.warning("kernel forgot this peer", reason=body.reason)
+            self._fail_pending("kernel restarted")
+            self._end(False)
+        else:
             self._dispatch(body)
-        return True
 
     def _dispatch(self, body: Body) -> None:
         if isinstance(body, Reply):
@@ -182,7 +180,7 @@ class Connection:
                     )
                 )
         elif isinstance(body, Request):
-            task = asyncio.create_task(self._serve(body))
+            task = asyncio.ensure_future(self._serve(body))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         # HEARTBEAT only refreshes _last_heard; EVENT is not sent to DEALERs.
@@ -227,19 +225,22 @@ class Connection:
         await self.send(Event(topic=topic, time=time.time(), data=data))
 
     async def bye(self, reason: str = "") -> None:
-        """Say BYE and close."""
-        try:
-            await self.send(Bye(reason=reason))
-        finally:
-            self.close()
+        """Say BYE and close (the BYE is flushed before the socket goes)."""
+        if self._io is not None and not self._closed:
+            try:
+                self._io.sock.send_multipart(encode(Bye(reason=reason)), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        self.close()
 
     def close(self) -> None:
         """Close the socket; pending requests fail."""
         self._closed = True
         self._fail_pending("connection closed")
-        if self._sock is not None:
-            self._sock.close(0)
-            self._sock = None
+        self._end(True)
+        if self._io is not None:
+            self._io.close()
+            self._io = None
 
 
 def _code(value: int) -> ErrorCode:

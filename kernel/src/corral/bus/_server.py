@@ -21,6 +21,7 @@ import structlog
 import zmq
 import zmq.asyncio
 
+from corral.bus._socket import LoopSocket
 from corral.bus._zap import DOMAIN, ZapHandler, run_zap
 from corral.errors import CorralError, ErrorCode, UnavailableError
 from corral.host import bus_endpoint, ensure_private_dir, events_endpoint
@@ -105,15 +106,14 @@ class BusServer:
         ensure_private_dir(self.runtime)
         self._zap = ZapHandler(self._ctx, self._admit)
         self._spawn(run_zap(self._zap))
-        self._router = self._ctx.socket(zmq.ROUTER)
+        # Plain sockets driven through LoopSocket (see _socket.py): no Future per message.
+        self._router: zmq.Socket[bytes] = zmq.Socket(self._ctx, zmq.ROUTER)
         self._router.zap_domain = DOMAIN
         self._router.linger = 0
         self._router.maxmsgsize = HARD_MAX_MESSAGE
         self._router.router_mandatory = True
         self._router.sndhwm = 10000
-        # A blocking-API view of the same socket, for non-blocking drains without a Future.
-        self._drain: zmq.Socket[bytes] = zmq.Socket.shadow(self._router.underlying)
-        self._pub = self._ctx.socket(zmq.PUB)
+        self._pub: zmq.Socket[bytes] = zmq.Socket(self._ctx, zmq.PUB)
         self._pub.zap_domain = DOMAIN
         self._pub.linger = 0
         self._pub.maxmsgsize = 65536  # subscribers send subscriptions only
@@ -123,6 +123,7 @@ class BusServer:
                 os.unlink(path)  # a stale socket of a dead kernel
             sock.bind(ep)
             os.chmod(path, 0o600)
+        self._io = LoopSocket(self._router, self._on_message)
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -131,26 +132,18 @@ class BusServer:
         return task
 
     async def serve(self) -> None:
-        """Receive and handle messages until cancelled; also runs heartbeats."""
-        self._spawn(self._heartbeats())
-        while True:
-            batch = [await self._router.recv_multipart(copy=False)]
-            # Drain what is already queued in one wake-up: under load this saves a loop
-            # iteration and an fd wake-up per message.
-            while len(batch) < 256:
-                try:
-                    batch.append(self._drain.recv_multipart(flags=zmq.NOBLOCK, copy=False))
-                except zmq.Again:
-                    break
-            for frames in batch:
-                self.stats["received"] += 1
-                try:
-                    await self._handle(frames)
-                except Exception:  # the kernel keeps serving whatever one message does
-                    self.stats["errors"] += 1
-                    log.exception("message handling failed")
+        """Run heartbeats until cancelled (messages are handled from the loop's reader)."""
+        await self._heartbeats()
 
-    async def _handle(self, frames: list[zmq.Frame]) -> None:
+    def _on_message(self, frames: list[zmq.Frame]) -> None:
+        self.stats["received"] += 1
+        try:
+            self._handle(frames)
+        except Exception:  # the kernel keeps serving whatever one message does
+            self.stats["errors"] += 1
+            log.exception("message handling failed")
+
+    def _handle(self, frames: list[zmq.Frame]) -> None:
         identity = frames[0].bytes
         user = frames[-1].get("User-Id") if len(frames) > 1 else None
         uid = _uid_of(user if isinstance(user, str) else None)
@@ -161,15 +154,15 @@ class BusServer:
         try:
             body = decode([f.bytes for f in frames[1:]])
         except CorralError as exc:
-            await self._send(identity, Error(code=exc.code, reason=exc.reason))
+            self._send(identity, Error(code=exc.code, reason=exc.reason))
             return
         peer = self.peers.get(identity)
         if peer is not None:
             peer.last_heard = time.monotonic()
         if isinstance(body, Hello):
-            await self._hello(identity, uid, body)
+            self._spawn(self._hello(identity, uid, body))
         elif peer is None:
-            await self._send(
+            self._send(
                 identity,
                 Error(
                     id=getattr(body, "id", None),
@@ -202,26 +195,26 @@ class BusServer:
             log.info("peer said BYE", peer=peer.name, role=peer.role, reason=body.reason)
             self.peers.pop(identity, None)
             self._fail_pending(identity, f"{peer.name} said BYE")
-            await self._on_lost(peer)
+            self._spawn(self._on_lost(peer))
         elif isinstance(body, Heartbeat):
             pass
         else:
-            await self._send(
+            self._send(
                 identity,
                 Error(code=ErrorCode.BAD_FRAME, reason=f"{type(body).__name__} is kernel-only"),
             )
 
     async def _hello(self, identity: bytes, uid: int, hello: Hello) -> None:
         if identity in self.peers:
-            await self._send(identity, Error(code=ErrorCode.BAD_FRAME, reason="second HELLO"))
+            self._send(identity, Error(code=ErrorCode.BAD_FRAME, reason="second HELLO"))
             return
         try:
             welcome = await self._on_hello(identity, uid, hello)
         except CorralError as exc:
-            await self._send(identity, Error(code=exc.code, reason=exc.reason, retry=exc.retry))
+            self._send(identity, Error(code=exc.code, reason=exc.reason, retry=exc.retry))
             return
         self.peers[identity] = Peer(identity, uid, hello, welcome.peer_id)
-        await self._send(identity, welcome)
+        self._send(identity, welcome)
 
     async def _serve_request(self, peer: Peer, req: Request) -> None:
         try:
@@ -237,11 +230,11 @@ class BusServer:
                 id=req.id, code=ErrorCode.INTERNAL, reason=f"{type(exc).__name__}: {exc}",
                 retry=True,
             )
-        await self._send(peer.identity, reply)
+        self._send(peer.identity, reply)
 
-    async def _send(self, identity: bytes, body: Body) -> None:
+    def _send(self, identity: bytes, body: Body) -> None:
         try:
-            await self._router.send_multipart([identity, *encode(body)])
+            self._io.send([identity, *encode(body)])
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone
             log.debug("send failed", error=str(exc))
 
@@ -255,7 +248,7 @@ class BusServer:
         self._pending[key] = fut
         try:
             try:
-                await self._router.send_multipart(
+                self._io.send(
                     [peer.identity,
                      *encode(Request(id=rid, op=op, args=args, deadline_ms=int(timeout * 1000)))]
                 )
@@ -289,7 +282,7 @@ class BusServer:
                     self._fail_pending(identity, f"{peer.name} stopped answering")
                     await self._on_lost(peer)
                     continue
-                await self._send(identity, Heartbeat(time=time.time()))
+                self._send(identity, Heartbeat(time=time.time()))
 
     def _fail_pending(self, identity: bytes, why: str) -> None:
         """Requests waiting on a peer that is gone fail now, not at their deadline."""
@@ -305,7 +298,7 @@ class BusServer:
     async def say_bye(self, reason: str) -> None:
         """Tell every peer goodbye (orderly kernel shutdown)."""
         for identity in list(self.peers):
-            await self._send(identity, Bye(reason=reason))
+            self._send(identity, Bye(reason=reason))
 
     def close(self) -> None:
         """Cancel tasks, close sockets and remove the socket files."""
@@ -314,7 +307,7 @@ class BusServer:
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(UnavailableError("kernel stopping"))
-        self._router.close(0)
+        self._io.close()
         self._pub.close(0)
         self._zap.close()
         self._ctx.term()

@@ -162,6 +162,8 @@ class StateSync(Args):
 
     apps: list[AppSpec]
     instances: list[InstanceRecord]
+    launching: list[str] = Field(
+        default_factory=list, description="ids of instances being launched: treat as live")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,372 @@
+"""The lb driver through the real kernel: `corral up`/`down` with the net, fs, lb, log drivers.
+
+Every app instance gets its own network namespace and address from the net driver, so two
+instances of one process listen on the same port side by side and the lb balances them.
+Each kernel gets its own address pools, nft table names, netns and link prefixes (a random
+tag), so kernels of other test sessions on this machine never touch its state, nor it theirs.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import secrets
+import shutil
+import socket
+import subprocess
+import textwrap
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import require
+from corral.testing import KernelProcess
+from e2e.apps import free_port
+
+pytestmark = pytest.mark.root
+
+# An HTTP/1.1 keep-alive server on every address of its namespace (v4 and v6): answers
+# /healthz with 200 and anything else with "<instance id> <VERSION>".
+WEB = textwrap.dedent('''
+    import http.server, os, socket, socketserver, sys, time
+    t0 = time.time()
+    time.sleep(float(os.environ.get("START_DELAY", "0")))
+    iid = os.environ.get("CORRAL_INSTANCE_ID", os.environ.get("CORRAL_INSTANCE", "?"))
+    version = os.environ.get("VERSION", "1")
+    class H(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        def do_GET(self):
+            body = (f"{iid} {version}\\n" if self.path != "/healthz" else "ok\\n").encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        def log_message(self, *a): pass
+    class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        address_family = socket.AF_INET6
+        daemon_threads = True
+        request_queue_size = 256
+        def server_bind(self):
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            super().server_bind()
+    srv = S(("::", int(os.environ["PORT"])), H)
+    started = os.environ.get("STARTED_FILE")
+    if started:
+        with open(started, "a") as f:
+            f.write(f"{iid} {t0} {time.time()}\\n")
+    srv.serve_forever()
+''')
+
+
+@dataclass
+class NetHost:
+    """Names and address ranges unique to one test's kernel."""
+
+    tag: str
+    pool4: str
+    pool6: str
+    table: str
+    netns_prefix: str
+    link_prefix: str
+    lb_table: str
+
+    def host_toml(self, drivers: tuple[str, ...] = ("net", "fs", "lb", "log")) -> str:
+        """The kernel's host config: exactly ``drivers``, net and lb scoped to this tag."""
+        sections = {
+            "net": f'config = {{ pool4 = "{self.pool4}", pool6 = "{self.pool6}", '
+                   f'table = "{self.table}", netns_prefix = "{self.netns_prefix}", '
+                   f'link_prefix = "{self.link_prefix}" }}',
+            "lb": f'config = {{ nft_table = "{self.lb_table}" }}',
+        }
+        out = [f'address_pool = "{self.pool4}"', f'address_pool6 = "{self.pool6}"']
+        for name in drivers:
+            out.append(f"[drivers.{name}]")
+            if name in sections:
+                out.append(sections[name])
+        return "\n".join(out) + "\n"
+
+
+def new_net_host() -> NetHost:
+    """Random, collision-resistant names: 'z' + 4 hex digits never prefixes another tag's."""
+    tag = secrets.token_hex(2)
+    word = random.randint(0x100, 0xFFFE)
+    return NetHost(tag=tag, pool4=f"10.{random.randint(150, 199)}.{random.randint(0, 255)}.0/24",
+                   pool6=f"fd63:6f72:7262:{word:x}::/64", table=f"ze{tag}",
+                   netns_prefix=f"ze{tag}-", link_prefix=f"z{tag}", lb_table=f"zlb{tag}")
+
+
+def _libnftables() -> bool:
+    try:
+        import nftables
+
+        nftables.Nftables()
+        return True
+    except Exception:
+        return False
+
+
+def require_net() -> None:
+    """Everything the deployed net and lb drivers need on this host."""
+    require(shutil.which("nft") is not None, "nftables (nft)")
+    require(shutil.which("ip") is not None, "iproute2 (ip)")
+    require(_libnftables(), "Debian's libnftables1 (python nftables binding)")
+    require(os.path.exists("/proc/self/ns/net"), "network namespaces")
+    require(os.path.exists("/usr/bin/tini-static"), "Debian package tini (fs driver)")
+    require(os.path.exists("/usr/bin/python3"), "/usr/bin/python3 (the apps run on it)")
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 15.0, step: float = 0.05,
+              what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"{what} not met in {timeout}s")
+
+
+def drivers_running(k: KernelProcess, names: tuple[str, ...]) -> bool:
+    r = k.cli("drivers", "--json")
+    if r.returncode != 0:
+        return False
+    states = {d["name"]: d["state"] for d in json.loads(r.stdout)}
+    return all(states.get(n) == "running" for n in names)
+
+
+def start_kernel(base: Path, host: NetHost,
+                 drivers: tuple[str, ...] = ("net", "fs", "lb", "log")) -> KernelProcess:
+    base.mkdir()
+    k = KernelProcess(base, host.host_toml(drivers))
+    k.start()
+    try:
+        wait_for(lambda: drivers_running(k, drivers), 20, what=f"drivers {drivers} running")
+    except BaseException:
+        print(k.log())
+        for name in drivers:
+            log = k.home / "drivers" / f"{name}.log"
+            if log.exists():
+                print(name, log.read_text()[-3000:])
+        k.teardown()
+        raise
+    return k
+
+
+@pytest.fixture
+def net_host() -> NetHost:
+    require_net()
+    return new_net_host()
+
+
+@pytest.fixture
+def kernel(public_dir: Path, net_host: NetHost) -> Iterator[KernelProcess]:
+    """A real kernel with the net, fs, lb and log drivers, scoped to ``net_host``."""
+    k = start_kernel(public_dir / "k", net_host)
+    try:
+        yield k
+    finally:
+        k.teardown()
+
+
+def web_app(d: Path, name: str, port: int, lb: str, *, instances: int = 2,
+            extra: str = "") -> Path:
+    """An app of ``instances`` WEB instances on ``port`` behind an ``[lb]`` section."""
+    d.mkdir(parents=True)
+    (d / "web.py").write_text(WEB)
+    (d / "corral.toml").write_text(textwrap.dedent(f'''
+        [app]
+        name = "{name}"
+        [ports]
+        http = {port}
+        [processes]
+        web = {{ command = "python3 web.py", port = "http", instances = {instances} }}
+        [lb]
+    ''').lstrip() + textwrap.dedent(lb).strip() + "\n" + extra)
+    for path in (d, *d.iterdir()):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return d
+
+
+def up(k: KernelProcess, d: Path, *args: str, ok: bool = True) -> dict[str, Any]:
+    r = k.cli("up", str(d), "--json", *args, timeout=180)
+    if not ok:
+        assert r.returncode != 0, r.stdout
+        return {"stderr": r.stderr}
+    assert r.returncode == 0, f"{r.stderr}\n{k.log()}\n{driver_logs(k)}"
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def driver_logs(k: KernelProcess) -> str:
+    out = []
+    for log in sorted((k.home / "drivers").glob("*.log")):
+        out.append(f"--- {log.name}\n{log.read_text()[-2500:]}")
+    return "\n".join(out)
+
+
+def query(k: KernelProcess, capability: str, name: str, args: dict[str, Any] | None = None
+          ) -> dict[str, Any]:
+    argv = ["query", capability, name] + ([json.dumps(args)] if args else [])
+    r = k.cli(*argv)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def ps(k: KernelProcess) -> list[dict[str, Any]]:
+    r = k.cli("ps", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def http_get(host: str, port: int, lb_name: str, path: str = "/", timeout: float = 5.0) -> str:
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Host": lb_name})
+        resp = conn.getresponse()
+        body = resp.read().decode()
+        assert resp.status == 200, (resp.status, body)
+        return body
+    finally:
+        conn.close()
+
+
+def tcp_get(host: str, port: int, timeout: float = 5.0) -> str:
+    """One HTTP/1.0 request over a plain TCP connection (for the L4 frontends)."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect((host, port))
+        s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    return data.split(b"\r\n\r\n", 1)[1].decode()
+
+
+def lb_backends(k: KernelProcess, app: str) -> dict[str, str]:
+    """Backend id -> state, as `corral query lb status` reports them."""
+    res = query(k, "lb", "status", {"app": app})
+    return {b["id"]: b["state"] for b in res["services"][0]["backends"]}
+
+
+class Load:
+    """Threads doing keep-alive HTTP requests to a frontend until stopped, counting failures."""
+
+    def __init__(self, port: int, lb_name: str, threads: int = 6) -> None:
+        self.port, self.lb_name = port, lb_name
+        self.ok = 0
+        self.failures: list[str] = []
+        self.bodies: Counter[str] = Counter()
+        self.last: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
+                         for i in range(threads)]
+
+    def start(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def _run(self, n: int) -> None:
+        conn: http.client.HTTPConnection | None = None
+        while not self._stop.is_set():
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                conn.request("GET", "/", headers={"Host": self.lb_name})
+                resp = conn.getresponse()
+                body = resp.read().decode()
+                with self._lock:
+                    if resp.status == 200:
+                        self.ok += 1
+                        self.bodies[body.strip()] += 1
+                        self.last[n] = body.strip()
+                    else:
+                        self.failures.append(f"{time.time():.3f} http {resp.status}: {body!r}")
+                if resp.will_close:
+                    conn.close()
+                    conn = None
+            except (OSError, http.client.HTTPException) as exc:
+                with self._lock:
+                    self.failures.append(f"{time.time():.3f} {type(exc).__name__}: {exc}")
+                if conn is not None:
+                    conn.close()
+                conn = None
+                time.sleep(0.01)
+        if conn is not None:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(15)
+
+
+# ---- tests ---------------------------------------------------------------------------------
+
+
+def test_http_proxy_two_instances_status_ledger_and_name_conflict(
+    kernel: KernelProcess, public_dir: Path
+) -> None:
+    """Both instances answer through the HTTP frontend by Host; status, ps and ledger agree;
+    a second app claiming the same lb name is refused naming the holder."""
+    k = kernel
+    port, front = free_port(), free_port()
+    lb_name = f"shop-{secrets.token_hex(3)}.test"
+    d = web_app(public_dir / "shop", "shop", port, f'''
+        name = "{lb_name}"
+        frontend = {front}
+        health = {{ http = "/healthz", interval = "1s", rise = 1 }}
+        plane = "proxy"
+        mode = "http"
+    ''')
+    res = up(k, d)
+    ids = sorted(i["id"] for i in res["instances"])
+    assert ids == ["shop.web.1", "shop.web.2"]
+    addresses = {i["address"] for i in res["instances"]}
+    assert len(addresses) == 2 and "127.0.0.1" not in addresses, res["instances"]
+    # instance.started returned once each backend was healthy: both serve at once
+    assert lb_backends(k, "shop") == {"shop.web.1": "healthy", "shop.web.2": "healthy"}
+    seen = Counter(http_get("127.0.0.1", front, lb_name).split()[0] for _ in range(40))
+    assert set(seen) == {"shop.web.1", "shop.web.2"}, seen
+
+    status = query(k, "lb", "status", {"app": "shop"})["services"][0]
+    assert status["name"] == lb_name and status["frontend"].endswith(f":{front}")
+    assert status["plane"] == "proxy" and status["mode"] == "http"
+    apps = {a["app"]: a for a in ps(k)}
+    assert {i["state"] for i in apps["shop"]["instances"]} == {"ready"}
+    assert "net" in apps["shop"]["drivers"], apps["shop"]
+
+    ledger = json.loads(k.cli("ledger", "--json").stdout)["records"]
+    held = {(r["kind"], r["key"]): r["owner"] for r in ledger}
+    assert held[("lbname", lb_name)] == "shop"
+    assert held[("port", str(front))] == "shop"
+    assert held[("port", str(port))] == "shop"
+    assert sum(1 for (kind, _), owner in held.items()
+               if kind == "address" and owner == "shop") == 2
+
+    # a second app wanting the same name is refused, naming the holder, and holds nothing
+    d2 = web_app(public_dir / "copy", "copycat", free_port(), f'''
+        name = "{lb_name}"
+        frontend = {free_port()}
+        mode = "http"
+    ''', instances=1)
+    err = up(k, d2, ok=False)["stderr"]
+    assert f"{lb_name}" in err and "held by app 'shop'" in err, err
+    assert k.call("ledger.list", {"owner": "copycat"})["records"] == []
+    assert set(Counter(http_get("127.0.0.1", front, lb_name).split()[0]
+                       for _ in range(10))) <= {"shop.web.1", "shop.web.2"}
+
+    r = k.cli("down", "shop")
+    assert r.returncode == 0, r.stderr
+    ledger = json.loads(k.cli("ledger", "--json").stdout)["records"]
+    assert [r for r in ledger if r["owner"] == "shop"] == []
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", front), timeout=2).close()
