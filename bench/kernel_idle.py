@@ -14,7 +14,7 @@ import psutil
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _kernel import kernel  # noqa: E402
+from _kernel import kernel
 
 WINDOW = float(os.environ.get("BENCH_SECONDS", "20"))
 

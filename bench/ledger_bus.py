@@ -15,11 +15,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _kernel import kernel  # noqa: E402
-
-from corral import __version__  # noqa: E402
-from corral.bus import Connection  # noqa: E402
-from corral.protocol import PROTOCOL, Hello  # noqa: E402
+from _kernel import kernel
+from corral import __version__
+from corral.bus import Connection
+from corral.protocol import PROTOCOL, Hello
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
 

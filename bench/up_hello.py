@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _kernel import kernel  # noqa: E402
+from _kernel import kernel
 
 HELLO = Path(__file__).resolve().parents[1] / "examples" / "hello"
 RUNS = int(os.environ.get("BENCH_RUNS", "7"))

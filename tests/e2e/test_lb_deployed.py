@@ -15,7 +15,6 @@ import random
 import secrets
 import shutil
 import socket
-import subprocess
 import textwrap
 import threading
 import time
@@ -370,3 +369,47 @@ def test_http_proxy_two_instances_status_ledger_and_name_conflict(
     assert [r for r in ledger if r["owner"] == "shop"] == []
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", front), timeout=2).close()
+
+
+def test_rolling_redeploy_under_load_loses_no_request(kernel: KernelProcess,
+                                                      public_dir: Path) -> None:
+    """`corral up` again with VERSION=2 while keep-alive clients hammer the frontend: every
+    instance is replaced beside the old one (-g2), the lb adds it once healthy and drains the
+    old one before the kernel stops it. Zero failed requests; answers switch to version 2."""
+    k = kernel
+    port, front = free_port(), free_port()
+    lb_name = f"roll-{secrets.token_hex(3)}.test"
+    d = web_app(public_dir / "roll", "roll", port, f'''
+        name = "{lb_name}"
+        frontend = {front}
+        health = {{ http = "/healthz", interval = "1s", rise = 2 }}
+        plane = "proxy"
+        mode = "http"
+    ''')
+    first = up(k, d, "--env", "VERSION=1")
+    old_pids = {i["pid"] for i in first["instances"]}
+    load = Load(front, lb_name).start()
+    try:
+        wait_for(lambda: load.ok > 200, 20, what="load running")
+        t0 = time.monotonic()
+        second = up(k, d, "--env", "VERSION=2")
+        redeploy_s = time.monotonic() - t0
+        ok_at_switch = load.ok
+        wait_for(lambda: load.ok > ok_at_switch + 300, 20, what="load after the redeploy")
+    finally:
+        load.stop()
+    ids = sorted(i["id"] for i in second["instances"])
+    assert ids == ["roll.web.1-g2", "roll.web.2-g2"], second
+    assert not old_pids & {i["pid"] for i in second["instances"]}
+    print(f"\nrolling redeploy: {redeploy_s:.2f}s, {load.ok} requests ok, "
+          f"{len(load.failures)} failed; answers: {dict(load.bodies)}")
+    assert load.failures == [], load.failures[:10]
+    assert {b.split()[1] for b in load.bodies} == {"1", "2"}
+    # every client ends on the new version, and only new instances answer
+    assert set(load.last.values()) <= {"roll.web.1-g2 2", "roll.web.2-g2 2"}, load.last
+    assert set(Counter(http_get("127.0.0.1", front, lb_name) for _ in range(20))) == {
+        "roll.web.1-g2 2\n", "roll.web.2-g2 2\n"}
+    assert lb_backends(k, "roll") == {"roll.web.1-g2": "healthy", "roll.web.2-g2": "healthy"}
+    # the old instances' addresses were released by the net driver
+    addrs = {r["key"] for r in k.call("ledger.list", {"kind": "address"})["records"]}
+    assert addrs == {i["address"] for i in second["instances"]}

@@ -96,8 +96,8 @@ def test_broken_driver_package_is_disabled_not_fatal(tmp_path: Path) -> None:
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: corral-broken\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[corral.drivers]\nbroken = corral_broken:DRIVER\n")
     (site / "corral_broken.py").write_text("raise ImportError('missing libfoo')\n")
-    toml = '[drivers.broken]\n[drivers.echo]\nexec = ["%s", "%s"]\ncapability = "cron"\n' % (
-        sys.executable, ECHO)
+    toml = (f'[drivers.broken]\n[drivers.echo]\nexec = ["{sys.executable}", "{ECHO}"]\n'
+            'capability = "cron"\n')
     env = {"PYTHONPATH": f"{site}:{os.environ.get('PYTHONPATH', '')}"}
     with KernelProcess(_mk(tmp_path / "k"), toml, extra_env=env) as k:
         b = driver(k, "broken")
