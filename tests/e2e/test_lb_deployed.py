@@ -15,6 +15,7 @@ import random
 import secrets
 import shutil
 import socket
+import subprocess
 import textwrap
 import threading
 import time
@@ -56,9 +57,9 @@ WEB = textwrap.dedent('''
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             super().server_bind()
     srv = S(("::", int(os.environ["PORT"])), H)
-    started = os.environ.get("STARTED_FILE")
-    if started:
-        with open(started, "a") as f:
+    data = os.environ.get("CORRAL_PATH_DATA")
+    if data:  # when the app listens, for the on-demand figures
+        with open(os.path.join(data, "started"), "a") as f:
             f.write(f"{iid} {t0} {time.time()}\\n")
     srv.serve_forever()
 ''')
@@ -413,3 +414,110 @@ def test_rolling_redeploy_under_load_loses_no_request(kernel: KernelProcess,
     # the old instances' addresses were released by the net driver
     addrs = {r["key"] for r in k.call("ledger.list", {"kind": "address"})["records"]}
     assert addrs == {i["address"] for i in second["instances"]}
+
+
+def host_addresses4() -> list[str]:
+    """The host's own IPv4 addresses besides loopback (eth0 and the like)."""
+    out = subprocess.run(["ip", "-j", "-4", "addr"], capture_output=True, text=True, check=True)
+    return [a["local"] for link in json.loads(out.stdout) for a in link.get("addr_info", [])
+            if not a["local"].startswith("127.") and link["ifname"] != "lo"
+            and not link["ifname"].startswith("z")]
+
+
+def test_nft_plane_tcp_from_loopback_and_host_address(kernel: KernelProcess,
+                                                      public_dir: Path) -> None:
+    """Kernel DNAT: the frontend answers on 127.0.0.1 and on the host's address, and both
+    backends get connections; `corral down` removes the service and the lb's table."""
+    k = kernel
+    port, front = free_port(), free_port()
+    lb_name = f"dnat-{secrets.token_hex(3)}.test"
+    d = web_app(public_dir / "dnat", "dnat", port, f'''
+        name = "{lb_name}"
+        frontend = {front}
+        health = {{ tcp = true, interval = "1s", rise = 1 }}
+        plane = "nft"
+        mode = "tcp"
+        policy = "round-robin"
+    ''')
+    up(k, d)
+    assert lb_backends(k, "dnat") == {"dnat.web.1": "healthy", "dnat.web.2": "healthy"}
+    status = query(k, "lb", "status", {"app": "dnat"})["services"][0]
+    assert status["plane"] == "nft"
+    table = KernelTable(k)
+    assert table.exists(), "the lb's nft table was not created"
+    targets = ["127.0.0.1", *host_addresses4()]
+    require(len(targets) > 1, "a non-loopback IPv4 address on the host")
+    for host in targets:
+        seen = Counter(tcp_get(host, front).split()[0] for _ in range(20))
+        assert set(seen) == {"dnat.web.1", "dnat.web.2"}, (host, seen)
+    r = k.cli("down", "dnat")
+    assert r.returncode == 0, r.stderr
+    assert not table.exists(), "the lb's nft table outlived its last service"
+
+
+class KernelTable:
+    """The lb driver's nft table of a test kernel (named in its host config)."""
+
+    def __init__(self, k: KernelProcess) -> None:
+        text = k.config.read_text()
+        self.name = text.split('nft_table = "', 1)[1].split('"', 1)[0]
+
+    def exists(self) -> bool:
+        return subprocess.run(["nft", "list", "table", "ip", self.name],
+                              capture_output=True).returncode == 0
+
+
+def instances_of(k: KernelProcess, app: str) -> list[dict[str, Any]]:
+    for a in ps(k):
+        if a["app"] == app:
+            return a["instances"]  # type: ignore[no-any-return]
+    raise AssertionError(f"app {app!r} not in corral ps")
+
+
+def test_on_demand_activation_through_the_kernel(kernel: KernelProcess, public_dir: Path
+                                                ) -> None:
+    """No instance after `corral up`; the first request starts one (instance.spawn) and is
+    answered; after `idle` without traffic it is stopped; the next request starts it again."""
+    k = kernel
+    port, front = free_port(), free_port()
+    lb_name = f"lazy-{secrets.token_hex(3)}.test"
+    d = web_app(public_dir / "lazy", "lazy", port, f'''
+        name = "{lb_name}"
+        frontend = {front}
+        health = {{ http = "/healthz", interval = "1s", rise = 1 }}
+        plane = "proxy"
+        mode = "http"
+        activation = "on-demand"
+        idle = "2s"
+    ''', instances=1, extra='[paths]\ndata = { path = "data", mode = "rw" }\n')
+    data = d / "data"
+    data.mkdir()
+    data.chmod(0o1777)  # the app's uid is known only once deployed
+    up(k, d)
+    assert instances_of(k, "lazy") == [], "an on-demand app runs no instance until a request"
+    time.sleep(0.5)
+    assert instances_of(k, "lazy") == []
+
+    figures = []
+    for round_ in (1, 2):
+        t0 = time.time()
+        body = http_get("127.0.0.1", front, lb_name, timeout=30)
+        first_s = time.time() - t0
+        insts = instances_of(k, "lazy")
+        assert len(insts) == 1 and insts[0]["state"] == "ready", insts
+        assert body.split()[0] == insts[0]["id"]
+        iid, app_t0, listening = (data / "started").read_text().splitlines()[-1].split()
+        assert iid == insts[0]["id"]
+        app_start_s = float(listening) - float(insts[0]["started"])
+        figures.append((first_s, app_start_s))
+        print(f"\non-demand round {round_}: first request {first_s * 1000:.1f} ms, app start "
+              f"(exec to listening) {app_start_s * 1000:.1f} ms, difference "
+              f"{(first_s - app_start_s) * 1000:.1f} ms")
+        assert first_s < 15
+        # more requests are served by the same instance, no new start
+        assert http_get("127.0.0.1", front, lb_name).split()[0] == insts[0]["id"]
+        # idle: the lb drains it and asks the kernel to stop it
+        wait_for(lambda: instances_of(k, "lazy") == [], 15, 0.2, what="idle stop")
+        assert k.call("ledger.list", {"owner": "lazy", "kind": "instance"})["records"] == []
+        assert k.call("ledger.list", {"owner": "lazy", "kind": "address"})["records"] == []
+    assert len((data / "started").read_text().splitlines()) == 2

@@ -49,7 +49,9 @@ def test_driver_handshake_and_query(kernel: KernelProcess) -> None:
     assert d["capability"] == "cron" and set(d["ops"]) == {"state.sync", "query.cron.echo"}
     res = kernel.call("driver.query", {"capability": "cron", "query": "echo", "args": {"x": 1}})
     assert res["echo"] == {"x": 1} and res["pid"] == d["pid"]
-    assert res["synced"] == {"apps": 0, "instances": 0}
+    synced = wait_for(lambda: kernel.call("driver.query", {"capability": "cron", "query": "echo",
+                                                         "args": {}})["synced"])
+    assert synced == {"apps": 0, "instances": 0}  # state.sync came right after WELCOME
 
 
 def test_query_not_served_is_refused(kernel: KernelProcess) -> None:

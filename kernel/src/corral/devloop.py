@@ -62,7 +62,7 @@ def run_foreground(directory: Path, *, set_: list[str], offset: int, env: list[s
                      for n in notes]
             notes.append("The file system is not confined: as root, use `corral up` for the "
                          "sandboxed mount view.")
-        plan.stdout, plan.stderr = "/dev/stdout", "/dev/stderr"
+        plan.stdout, plan.stderr = "inherit:stdout", "inherit:stderr"
         for note in notes:
             if note not in said:
                 said.append(note)

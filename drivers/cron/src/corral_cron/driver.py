@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import datetime
+from datetime import timedelta
 from typing import Any
 
 from corral.errors import CorralError, ErrorCode, NotFoundError
@@ -21,6 +21,16 @@ from corral_cron._launcher import JobLauncher, LocalLauncher
 from corral_cron._preview import preview, warnings
 from corral_cron._scheduler import AppContext, Scheduler
 from corral_cron._store import CronStore, iso, parse_iso
+
+
+def clock_offset(config: dict[str, Any]) -> timedelta:
+    """``clock_offset_s`` of the host config: shifts the scheduler's wall clock (tests, ops)."""
+    raw = config.get("clock_offset_s", 0)
+    try:
+        return timedelta(seconds=float(raw))
+    except (TypeError, ValueError):
+        raise CorralError(f"[drivers.cron] clock_offset_s: expected seconds, got {raw!r}",
+                          code=ErrorCode.INVALID) from None
 
 
 class CronDriver(Driver):
@@ -42,7 +52,8 @@ class CronDriver(Driver):
         self.store = CronStore(self.home / "cron.sqlite3")
         launcher: JobLauncher = (LocalLauncher() if self.config.get("launcher") == "local"
                                  else KernelLauncher(self.kernel))
-        self.scheduler = Scheduler(self.store, launcher, SystemClock(), alert=self._publish)
+        self.scheduler = Scheduler(self.store, launcher, SystemClock(clock_offset(self.config)),
+                                   alert=self._publish)
         self._loop = asyncio.ensure_future(self.scheduler.run())
 
     async def stop(self) -> None:
@@ -174,7 +185,8 @@ class CronDriver(Driver):
             "uid": app.uid if app else None, "gid": app.gid if app else None,
             "env_added": ["CORRAL_CRON_JOB", "CORRAL_CRON_RUN", "CORRAL_CRON_REASON",
                           "CORRAL_CRON_SLOT"],
-            "now": iso(datetime.now(self._sched.clock.now().tzinfo)),
+            "now": iso(self._sched.clock.now()),
+            "clock_offset_s": clock_offset(self.config).total_seconds(),
         }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from corral.errors import CorralError, ErrorCode
@@ -119,7 +120,12 @@ class LogDriver(Driver):
     @op("query.log.top")
     async def top(self, args: dict[str, Any]) -> dict[str, Any]:
         """``{app?}`` -> per-instance CPU, RSS, open files, threads, connections."""
-        return (await self.service()).top(args)
+        svc = await self.service()
+        if any(u.sampled_at == 0.0 for _, u in svc.sampler.instances.values()):
+            # tracked but not sampled yet (sampling runs every few seconds): sample now, so a
+            # fresh instance does not show as 0 bytes
+            await asyncio.to_thread(svc.sampler.sample)
+        return svc.top(args)
 
     @op("query.log.stats")
     async def stats(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from corral_log.records import iso_ns
 from corral_log.tracebacks import Trace
 
 _SCHEMA = """
@@ -74,7 +75,11 @@ class ErrorStore:
                 (app, limit),
             )
             cols = [d[0] for d in cur.description]
-            return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+            rows = [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+        for row in rows:  # what `corral errors` prints next to the ns figures
+            row["first_seen"] = iso_ns(row["first_seen_ns"])
+            row["last_seen"] = iso_ns(row["last_seen_ns"])
+        return rows
 
     def forget(self, app: str) -> None:
         """Delete an app's groups (the app was detached)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -38,6 +39,7 @@ class InstanceSampler:
     def __init__(self) -> None:
         self.instances: dict[str, tuple[psutil.Process, Usage]] = {}
         self._procs: dict[tuple[int, float], psutil.Process] = {}
+        self._lock = threading.Lock()  # the periodic sample and an on-demand one (top) may meet
 
     def track(self, app: str, process: str, instance: str, pid: int, start_time: float) -> None:
         """Sample ``pid`` as ``instance`` if it is the process that started at ``start_time``."""
@@ -59,6 +61,10 @@ class InstanceSampler:
 
     def sample(self) -> None:
         """Refresh every instance's figures (blocking; a few hundred µs per process)."""
+        with self._lock:
+            self._sample()
+
+    def _sample(self) -> None:
         seen: set[tuple[int, float]] = set()
         for _instance, (root, usage) in list(self.instances.items()):
             try:

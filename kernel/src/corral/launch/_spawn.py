@@ -64,11 +64,17 @@ class _Prepared:
         self.fds = []
 
 
+INHERIT = {"inherit:stdout": 1, "inherit:stderr": 2}
+"""Plan output values that pass the caller's own descriptor instead of opening a path."""
+
+
 def _open_output(path: str | None, step: str) -> int:
     """Open stdout/stderr: a FIFO write-only (refusing to block on a missing reader), a file
     for appending, /dev/null when unset."""
     if path is None:
         return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    if path in INHERIT:  # the caller's own stdout/stderr (the dev loop's terminal or pipe)
+        return os.dup(INHERIT[path])
     try:
         is_fifo = stat.S_ISFIFO(os.stat(path).st_mode)
     except FileNotFoundError:

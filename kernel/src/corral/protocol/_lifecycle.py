@@ -76,7 +76,10 @@ class PlanFragment(_Model):
     cgroup_procs: list[str] = Field(
         default_factory=list, description="cgroup.procs files the child writes its pid into (fs)"
     )
-    stdout: str | None = Field(default=None, description="path opened O_WRONLY for stdout (log)")
+    stdout: str | None = Field(
+        default=None,
+        description="path opened O_WRONLY for stdout (log); 'inherit:stdout' passes the caller's",
+    )
     stderr: str | None = Field(default=None, description="path opened O_WRONLY for stderr (log)")
     pid_namespace: bool | None = None
     seccomp: str | None = Field(default=None, description="seccomp profile name, e.g. 'default'")
