@@ -194,6 +194,16 @@ class OnDemand:
                 self._socket = None
         log.info("on-demand instance stopped", service=self.service.name, instance=inst.id)
 
+    def forget(self, instance_id: str) -> bool:
+        """The kernel stopped ``instance_id`` itself (a redeploy retired it, `corral down`):
+        drop it without stopping it again, so the next connection starts a fresh one."""
+        if self.instance is None or self.instance.id != instance_id:
+            return False
+        self.instance = None
+        log.info("on-demand instance stopped by the kernel", service=self.service.name,
+                 instance=instance_id)
+        return True
+
     async def close(self) -> None:
         """Stop watching and stop the instance."""
         if self._watch is not None:

@@ -132,6 +132,7 @@ class LbConfig(_Section):
 
 
 NFT_POLICIES = ("weighted", "round-robin", "hash-source")
+KERNEL_DEFAULT_POLICY = "p2c"  # corral.manifest's Balancer.policy default
 
 
 def load_lb_config(
@@ -145,6 +146,11 @@ def load_lb_config(
     section = {k: v for k, v in section.items() if v is not None}
     section.setdefault("name", app)
     section.setdefault("plane", default_plane)
+    if section["plane"] == "nft" and section.get("policy") == KERNEL_DEFAULT_POLICY:
+        # The kernel's manifest model writes its default policy ("p2c", proxy only) into every
+        # resolved [lb] section, so "unset" cannot be told apart here: on the nft plane it
+        # means the plane's own default (weighted).
+        del section["policy"]
     try:
         return LbConfig.model_validate(section)
     except ValidationError as e:

@@ -16,7 +16,7 @@ from corral.errors import CorralError, ErrorCode
 from corral.protocol import AppSpec, InstanceRecord, Welcome
 from corral.sdk import Driver, KernelLink, op, run
 
-from corral_lb.activation import StartedInstance
+from corral_lb.activation import OnDemand, StartedInstance
 from corral_lb.balancer import Balancer
 from corral_lb.config import LbConfig, load_lb_config
 from corral_lb.nft import TABLE as NFT_TABLE
@@ -130,14 +130,21 @@ class LbDriver(Driver):
         """Drain the instance's backend (no new work, wait for active work) and remove it.
 
         The kernel calls this before it signals the instance, so no request is cut."""
+        self._forget_on_demand(args.app, args.instance_id)
         clean = await self.balancer.remove_backend(args.app, args.instance_id)
         return {"drained": clean}
 
     @op("instance.stopped")
     async def stopped(self, args: Any) -> dict[str, Any]:
         """Forget the instance if it went away without `instance.stopping` (it crashed)."""
+        self._forget_on_demand(args.app, args.instance_id)
         clean = await self.balancer.remove_backend(args.app, args.instance_id, drain=0)
         return {"drained": clean}
+
+    def _forget_on_demand(self, app: str, instance_id: str) -> None:
+        service = self.balancer.services.get(app)
+        if service is not None and isinstance(service.activation, OnDemand):
+            service.activation.forget(instance_id)
 
     @op("app.detach")
     async def detach(self, args: Any) -> dict[str, Any]:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from corral.errors import CorralError, ErrorCode
-from corral.protocol import PlanFragment
+from corral.protocol import MAX_BODY, PlanFragment, Welcome
 from corral.protocol._ops import (
     AppAttach,
     AppDetach,
@@ -18,6 +19,27 @@ from corral.protocol._ops import (
 from corral.sdk import Driver, op
 
 from corral_log.service import LogService
+
+REPLY_BUDGET = MAX_BODY - (64 << 10)  # room for the envelope around the records
+
+
+def fit_reply(res: dict[str, Any], budget: int = REPLY_BUDGET) -> dict[str, Any]:
+    """Keep the newest records (or lines) that fit in one CDP/1 body; say how many were cut.
+
+    A reply over MAX_BODY would be refused whole (TOO_LARGE): `corral logs -n 100000` gets
+    the newest part instead, with ``truncated`` telling how many older ones were left out."""
+    key = "records" if "records" in res else "lines"
+    items = res.get(key) or []
+    total = 0
+    keep = len(items)
+    for i in range(len(items) - 1, -1, -1):
+        total += len(json.dumps(items[i])) + 2  # the codec is never larger
+        if total > budget:
+            keep = len(items) - 1 - i
+            break
+    if keep < len(items):
+        res = {**res, key: items[len(items) - keep:], "truncated": len(items) - keep}
+    return res
 
 
 def _need_app(args: dict[str, Any]) -> str:
@@ -37,19 +59,29 @@ class LogDriver(Driver):
     def __init__(self) -> None:
         super().__init__()
         self._service: LogService | None = None
+        self._creating = asyncio.Lock()
+        self._early: asyncio.Task[LogService] | None = None
 
     async def service(self) -> LogService:
         """The service, created with the kernel's config on first use."""
-        if self._service is None:
-            svc = LogService(
-                self.home,
-                runtime=self.runtime_dir / "log",
-                config=self.config,
-                publish=self.publish,
-            )
-            await svc.start()
-            self._service = svc
+        async with self._creating:
+            if self._service is None:
+                svc = LogService(
+                    self.home,
+                    runtime=self.runtime_dir / "log",
+                    config=self.config,
+                    publish=self.publish,
+                )
+                await svc.start()
+                self._service = svc
         return self._service
+
+    def welcomed(self, welcome: Welcome) -> None:
+        """Take the kernel's config, then start the service at once: after a restart it
+        resumes draining the instances' FIFOs without waiting for any request."""
+        super().welcomed(welcome)
+        if self._service is None and self._early is None:
+            self._early = asyncio.ensure_future(self.service())
 
     async def stop(self) -> None:
         """Orderly shutdown: FIFOs and keepers stay so the apps keep running."""
@@ -103,13 +135,14 @@ class LogDriver(Driver):
                 for r in args.instances
                 if r.state != "exited"
             ],
+            frozenset(args.launching),
         )
 
     @op("query.log.read")
     async def read(self, args: dict[str, Any]) -> dict[str, Any]:
         """``{app, since?, grep?, instance?, limit?, json?}`` -> records (oldest first)."""
         _need_app(args)
-        return (await self.service()).read(args)
+        return fit_reply((await self.service()).read(args))
 
     @op("query.log.errors")
     async def errors(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -141,6 +141,7 @@ class LogService:
             asyncio.create_task(self._every(self.sample_s, self._sample)),
             asyncio.create_task(self._every(0.1, self._flush_tail)),
         ]
+        self.recover()
         metrics = self.config.get("metrics", "127.0.0.1:9464")
         if metrics:
             addr, _, port = str(metrics).rpartition(":")
@@ -176,6 +177,47 @@ class LogService:
                 await fn()
             except Exception:  # a periodic job must not die of one bad round
                 log.exception("periodic job %s failed", getattr(fn, "__name__", fn))
+
+    def recover(self) -> list[str]:
+        """After a restart: resume draining every instance whose keeper still holds its FIFOs,
+        at once, with the app's sinks as last attached (saved in the runtime dir).
+
+        Nothing waits for the kernel's ``state.sync``: an app blocked on a full pipe resumes as
+        soon as the driver is up. ``state.sync`` later starts sampling and collects the
+        instances that are gone."""
+        resumed = []
+        for iid in capture.live_keepers(self.runtime):
+            out, _err = capture.fifo_paths(self.runtime, iid)
+            if iid in self.instances or not out.exists():
+                continue
+            if capture.find_keeper(self.runtime, iid) is None:
+                continue  # the keeper is gone: state.sync decides (adopt or collect)
+            app = iid.split(".", 1)[0]
+            if app not in self.apps:
+                saved = self._saved_app(app)
+                self.attach(app, {"logs": saved.get("logs")}, saved.get("directory"))
+            self._capture(app, iid)
+            resumed.append(iid)
+        if resumed:
+            log.info("resumed capture of %s", ", ".join(resumed))
+        return resumed
+
+    def _app_file(self, app: str) -> Path:
+        return self.runtime / "apps" / f"{app}.json"
+
+    def _saved_app(self, app: str) -> dict[str, Any]:
+        try:
+            data = json.loads(self._app_file(app).read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _save_app(self, app: str, logs: Any, directory: str | None) -> None:
+        path = self._app_file(app)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"logs": logs, "directory": directory}))
+        os.replace(tmp, path)
 
     # ---- apps and sinks ----------------------------------------------------------------------
 
@@ -233,6 +275,7 @@ class LogService:
             raise
         for r in built:
             r.start()
+        self._save_app(app, manifest.get("logs"), directory)
         return self._app_summary(appl)
 
     def _app_summary(self, appl: AppLog) -> dict[str, Any]:
@@ -255,6 +298,7 @@ class LogService:
         appl = self.apps.pop(app, None)
         if appl is not None:
             self._close_app(appl, drain_s=5.0)
+        self._app_file(app).unlink(missing_ok=True)
         return {"app": app, "detached": appl is not None}
 
     def _app(self, app: str) -> AppLog:
@@ -480,9 +524,11 @@ class LogService:
         self,
         apps: list[tuple[str, dict[str, Any], str | None]],
         instances: list[tuple[str, str, int, float]],
+        launching: frozenset[str] = frozenset(),
     ) -> dict[str, Any]:
         """Re-adopt live instances (re-open their FIFOs, drain what piled up), collect the
-        leftovers of instances and apps that are gone."""
+        leftovers of instances and apps that are gone. ``launching`` instances (prepared, not
+        started yet) are left as they are: neither adopted nor collected."""
         for name, manifest, directory in apps:
             self.attach(name, manifest, directory)
         live = {iid: (app, pid, st) for app, iid, pid, st in instances}
@@ -500,11 +546,11 @@ class LogService:
                         "(its output is not captured until it restarts)",
                     )
             self.started(app, iid, pid, start)
-        for iid in [i for i in self.instances if i not in live]:
+        for iid in [i for i in self.instances if i not in live and i not in launching]:
             self.stopped(self.instances[iid].app, iid)
             collected.append(iid)
         for iid in capture.live_keepers(self.runtime):
-            if iid not in live:
+            if iid not in live and iid not in launching:
                 app = iid.split(".", 1)[0]
                 self.stopped(app, iid)
                 collected.append(iid)
@@ -610,7 +656,9 @@ class LogService:
                     if i.app == name
                 },
             }
-        dropped = sum(s["dropped_lines"] for a in apps.values() for s in a["sinks"].values())
+        for a in apps.values():  # what `corral ps` shows per app
+            a["dropped_lines"] = sum(s["dropped_lines"] for s in a["sinks"].values())
+        dropped = sum(a["dropped_lines"] for a in apps.values())
         return {"apps": apps, "dropped_lines": dropped, "metrics_port": self.metrics_port}
 
 

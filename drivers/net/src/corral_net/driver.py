@@ -15,6 +15,7 @@ from corral.errors import CorralError, ErrorCode
 from corral.protocol import PlanFragment
 from corral.sdk import Driver, op, run
 
+from corral_net.claim import HostClaim
 from corral_net.config import NetConfig
 from corral_net.host import HostNetwork
 from corral_net.model import AppPolicy, policy_from_manifest
@@ -34,12 +35,18 @@ class NetDriver(Driver):
         super().__init__()
         self._net: HostNetwork | None = None
         self._refresher: asyncio.Task[None] | None = None
+        self._claim: HostClaim | None = None
 
     @property
     def net(self) -> HostNetwork:
-        """The library, built from the config handed over at WELCOME."""
+        """The library, built from the config handed over at WELCOME, once this driver holds
+        the host-wide claim on its table, prefixes and pools (``corral_net.claim``)."""
         if self._net is None:
-            self._net = HostNetwork(NetConfig.from_mapping(self.config))
+            config = NetConfig.from_mapping(self.config)
+            claim = HostClaim(config)
+            claim.acquire()
+            self._claim = claim
+            self._net = HostNetwork(config)
         return self._net
 
     async def start(self) -> None:
@@ -50,6 +57,8 @@ class NetDriver(Driver):
         """Stop the refresher; rules and namespaces stay (apps keep running)."""
         if self._refresher is not None:
             self._refresher.cancel()
+        if self._claim is not None:
+            self._claim.release()
 
     async def _refresh_names(self) -> None:
         while True:

@@ -152,6 +152,9 @@ class Connection:
             log.exception("undecodable message", error=repr(exc))
             return
         if self.welcome is None:
+            if isinstance(body, Welcome):
+                # set here, not after connect() resumes: a REQUEST may follow in the same drain
+                self.welcome = body
             if isinstance(body, Welcome | Error) and self._greeting and not self._greeting.done():
                 self._greeting.set_result(body)
             return  # anything else before WELCOME (a stray heartbeat) is ignored
