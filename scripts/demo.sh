@@ -23,5 +23,11 @@ echo "== corral up $APP"; $C up $APP
 echo "== corral ps"; $C ps
 port=$($C check $APP | python3 -c 'import json,sys; print(json.load(sys.stdin)["ports"]["http"])')
 echo "== curl http://127.0.0.1:$port/"; curl -fsS "http://127.0.0.1:$port/"
+if $C drivers --json | grep -q '"capability": "lb"'; then
+  front=$($C check $APP | python3 -c 'import json,sys; print(json.load(sys.stdin)["lb"]["frontend"])')
+  echo "== through the lb: curl -H 'Host: hello.corral.test' http://127.0.0.1:$front/"
+  curl -fsS -m 5 -H "Host: hello.corral.test" "http://127.0.0.1:$front/" || echo "(lb frontend not answering)"
+fi
+echo "== corral logs hello"; $C logs hello -n 5 || true
 echo "== corral down hello"; $C down hello
-echo "== corral ledger (empty after down)"; $C ledger
+echo "== corral ledger --owner hello (nothing held after down)"; $C ledger --owner hello

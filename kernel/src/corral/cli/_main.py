@@ -115,7 +115,13 @@ def cmd_ps(ns: argparse.Namespace) -> int:
     for app in res["apps"]:
         extra = []
         for driver, figures in sorted(app.get("drivers", {}).items()):
-            extra += [f"{driver}.{k}={v}" for k, v in sorted(figures.items())]
+            # the counters worth a glance (refused connections, dropped lines...); the rest
+            # is in --json
+            extra += [f"{driver}.{k}={v}" for k, v in sorted(figures.items())
+                      if isinstance(v, int | float) and not isinstance(v, bool)
+                      and any(w in k for w in ("refused", "dropped", "spooled", "unhealthy",
+                                               "failed"))
+                      and not k.endswith("_bytes")]
         for i in app["instances"] or [{"id": "-", "pid": "-", "state": "no instances",
                                        "address": "", "port": None}]:
             rows.append([app["app"], i["id"], str(i["pid"]), i["state"],
