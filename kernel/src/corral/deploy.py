@@ -32,7 +32,6 @@ import psutil
 import structlog
 
 from corral import launch as launcher
-from corral import manifest as manifests
 from corral.errors import CorralError, ErrorCode, LaunchError, NotFoundError
 from corral.ledger import Claim, Txn
 from corral.protocol import (
@@ -112,6 +111,8 @@ class Deployer:
         """``app.deploy``: the whole sequence; returns the app and its instances."""
         started = time.monotonic()
         directory = Path(args.directory)
+        from corral import manifest as manifests  # loaded on first use: an idle kernel is small
+
         resolved = manifests.load(directory, set_=args.set, offset=args.offset, env=args.env)
         doc = resolved.as_json()
         name = str(doc["app"]["name"])
@@ -263,6 +264,8 @@ class Deployer:
                         ) -> list[InstanceSpec]:
         out = []
         for process, index, command, port in resolved.instances():
+            from corral import manifest as manifests
+
             env = manifests.app_environment(resolved, process=process, index=index,
                                             manifest_path=Path(manifest_path))
             out.append(InstanceSpec(
@@ -469,6 +472,8 @@ class Deployer:
         if state is None:
             raise NotFoundError(f"no app named {args.app!r}")
         doc = state.spec.manifest
+        from corral import manifest as manifests
+
         resolved = manifests.ResolvedManifest.from_json(doc)  # with the deploy's overrides
         manifest_path = str(self.kernel.home / "apps" / args.app / "manifest.json")
         if args.kind == "job":
