@@ -12,6 +12,7 @@ import socket
 from typing import Any
 
 import structlog
+from corral.bus import Handler
 from corral.errors import CorralError, ErrorCode
 from corral.protocol import AppSpec, InstanceRecord, Welcome
 from corral.sdk import Driver, KernelLink, op, run
@@ -23,6 +24,7 @@ from corral_lb.nft import TABLE as NFT_TABLE
 
 log = structlog.get_logger("corral_lb")
 
+WELCOME_WAIT = 10.0  # seconds an early request waits for WELCOME's config
 HEALTHY_WAIT = 30.0  # instance.started waits this long for the new backend to turn healthy
 
 
@@ -61,6 +63,7 @@ class LbDriver(Driver):
         super().__init__()
         self.balancer = Balancer(activators=self._activator, runtime_dir=None)
         self._configs: dict[str, LbConfig] = {}
+        self._welcome_seen = asyncio.Event()
 
     def _activator(self, app: str, config: LbConfig) -> KernelActivator:
         return KernelActivator(self.kernel, app, config.process or "web")
@@ -72,10 +75,31 @@ class LbDriver(Driver):
         return load_lb_config(section, app=app.name,
                               default_plane=str(self.config.get("plane", "proxy")))
 
+    # The SDK may dispatch a request that arrived right behind WELCOME before it has handed
+    # the driver its config (see the report on corral.sdk): every operation waits for it, so
+    # nothing ever runs with the defaults instead of this host's settings.
     def welcomed(self, welcome: Welcome) -> None:
-        """Take the host config: ``plane`` (default plane), ``nft_table`` (this driver's table)."""
+        """Take the host config (``plane``: default plane, ``nft_table``: this driver's table);
+        operations may run from now on."""
         super().welcomed(welcome)
         self.balancer.nft_table = str(self.config.get("nft_table", NFT_TABLE))
+        self._welcome_seen.set()
+
+    def handlers(self) -> dict[str, Handler]:
+        """The SDK's dispatch table, each operation held until WELCOME was taken."""
+        return {name: self._after_welcome(h) for name, h in super().handlers().items()}
+
+    def _after_welcome(self, handler: Handler) -> Handler:
+        async def handle(args: dict[str, Any]) -> dict[str, Any]:
+            if not self._welcome_seen.is_set():
+                try:
+                    await asyncio.wait_for(self._welcome_seen.wait(), WELCOME_WAIT)
+                except TimeoutError:
+                    raise CorralError(f"{self.name}: no WELCOME (host config) yet",
+                                      code=ErrorCode.UNAVAILABLE, retry=True) from None
+            return await handler(args)
+
+        return handle
 
     async def start(self) -> None:
         """Keep sockets of policy programs under the runtime directory."""
