@@ -50,6 +50,63 @@ async def rounds(endpoint: str, workers: int) -> tuple[int, float]:
     return done, elapsed
 
 
+def raw_pipelined(endpoint: str, in_flight: int) -> tuple[int, float]:
+    """Kernel capacity: a lean client (blocking pyzmq, pre-built JSON) keeping ``in_flight``
+    requests outstanding, so the figure is the kernel's and the bus's, not our client's."""
+    import json
+
+    import zmq
+
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.linger = 0
+    s.connect(endpoint)
+    s.send_multipart([b"CDP1", b"HELLO", json.dumps(
+        {"role": "client", "name": "bench-raw", "version": "0", "protocols": ["CDP/1"]}).encode()])
+    assert s.recv_multipart()[1] == b"WELCOME"
+    seq = 0
+
+    def send_pair_step(i: int, release: bool) -> None:
+        nonlocal seq
+        seq += 1
+        key = f"raw-{i}"
+        if release:
+            body = {"id": seq, "op": "ledger.release",
+                    "args": {"owner": "bench", "keys": [["lease", key]]}}
+        else:
+            body = {"id": seq, "op": "ledger.claim",
+                    "args": {"owner": "bench", "claims": [{"kind": "lease", "key": key}]}}
+        s.send_multipart([b"CDP1", b"REQUEST", json.dumps(body).encode()])
+
+    state: dict[int, tuple[int, bool]] = {}  # request id -> (pair number, was release)
+    pairs = 0
+    nxt = 0
+    for _ in range(in_flight):
+        send_pair_step(nxt, False)
+        state[seq] = (nxt, False)
+        nxt += 1
+    t0 = time.perf_counter()
+    deadline = t0 + SECONDS
+    while time.perf_counter() < deadline:
+        frames = s.recv_multipart()
+        if frames[1] != b"REPLY":
+            continue
+        rid = json.loads(frames[2])["id"]
+        i, was_release = state.pop(rid)
+        if was_release:
+            pairs += 1
+            send_pair_step(nxt, False)
+            state[seq] = (nxt, False)
+            nxt += 1
+        else:
+            send_pair_step(i, True)
+            state[seq] = (i, True)
+    elapsed = time.perf_counter() - t0
+    s.close(0)
+    ctx.term()
+    return pairs, elapsed
+
+
 def main() -> int:
     with kernel() as k:
         n, s = asyncio.run(rounds(k.endpoint, 1))
@@ -57,6 +114,8 @@ def main() -> int:
         for workers in (8, 32):
             n, s = asyncio.run(rounds(k.endpoint, workers))
             print(f"ledger_claim_release_{workers}_concurrent: {n / s:.0f}/s (goal >= 5000)")
+        n, s = raw_pipelined(k.endpoint, 32)
+        print(f"ledger_claim_release_lean_client_32_in_flight: {n / s:.0f}/s (goal >= 5000)")
     return 0
 
 

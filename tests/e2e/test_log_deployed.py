@@ -260,11 +260,16 @@ def test_kill9_of_the_log_driver_loses_no_line(kernel: KernelProcess, public_dir
     assert inst["pid"] == pid and inst["restarts"] == 0, "the app was restarted"
 
     def complete() -> Counter[int] | None:
+        # query.log.read, the operation behind `corral logs`, in raw-line form: 10,000 lines
+        # per reply stay under CDP/1's 1 MiB (the CLI's JSON records would need 80 calls)
         seen: Counter[int] = Counter()
-        for p in range(0, total // 1000, 5):  # 5000 records per query: replies < 1 MiB
-            block = f"^seq {p // 10:02d}[{p % 10}-{p % 10 + 4}]\\d{{3}} "
-            for rec in records(kernel, "counter", "--grep", block):
-                seen[int(rec["message"].split()[1])] += 1
+        for block in range(total // 10_000):
+            res = kernel.call("driver.query", {"capability": "log", "query": "read", "args": {
+                "app": "counter", "grep": f"^seq {block:02d}\\d{{4}} ", "limit": 20_000,
+                "json": False}})
+            assert "truncated" not in res
+            for line in res["lines"]:
+                seen[int(line.split()[4])] += 1
         return seen if len(seen) == total else None
 
     seen = wait_for(complete, timeout=60, step=1.0)
@@ -276,6 +281,10 @@ def test_kill9_of_the_log_driver_loses_no_line(kernel: KernelProcess, public_dir
         assert len(dup) * 40 <= 2**20, f"{len(dup)} duplicated lines exceed one pipe_size"
     stats = cli_json(kernel, "ps")[0]["drivers"]["log"]
     assert stats["dropped_lines"] == 0
+    # and the CLI shows the same lines
+    cli = records(kernel, "counter", "--grep", "^seq 1234\\d\\d ")
+    assert [int(x["message"].split()[1]) for x in cli if seen[int(x["message"].split()[1])] == 1
+            ] == [n for n in range(123400, 123500) if seen[n] == 1]
 
 
 SINK_APP = '''

@@ -31,7 +31,7 @@ from corral.host import (
     runtime_dir,
 )
 from corral.launch import become_subreaper
-from corral.ledger import Claim, Ledger, open_ledger
+from corral.ledger import GroupCommit, Ledger, Txn, open_ledger
 from corral.protocol import KERNEL_OPS, PROTOCOL, QUERY_OP, Args, Hello, Request, Welcome
 from corral.protocol._ops import (
     AppName,
@@ -73,6 +73,7 @@ class Kernel:
         os.chmod(self.notify_dir, 0o711)
         self.stop_drivers_on_exit = stop_drivers_on_exit
         self.ledger: Ledger = open_ledger(self.config.ledger, self.home)
+        self.group_commit = GroupCommit(self.ledger)
         self.started = time.time()
         self.bus = BusServer(
             self.runtime,
@@ -239,12 +240,19 @@ class Kernel:
                              "revision": r.revision, "value": r.value} for r in recs]}
 
     async def _ledger_claim(self, peer: Peer, args: LedgerClaim) -> dict[str, Any]:
-        rev = self.ledger.claim(args.owner, [Claim(c.kind, c.key, c.value) for c in args.claims])
-        return {"revision": rev}
+        txn = Txn()
+        for c in args.claims:
+            txn.claim(args.owner, c.kind, c.key, c.value)
+        return {"revision": await self.group_commit.commit(txn)}
 
     async def _ledger_release(self, peer: Peer, args: LedgerRelease) -> dict[str, Any]:
-        keys = [tuple(k) for k in args.keys] if args.keys is not None else None
-        return {"revision": self.ledger.release(args.owner, keys)}  # type: ignore[arg-type]
+        txn = Txn()
+        if args.keys is None:
+            txn.release_all(args.owner)
+        else:
+            for kind, key in args.keys:
+                txn.release(args.owner, kind, key)
+        return {"revision": await self.group_commit.commit(txn)}
 
     async def _drivers_list(self, peer: Peer, args: Any) -> dict[str, Any]:
         return {"drivers": [s.as_json() for s in self.supervisor.slots.values()]}

@@ -14,6 +14,7 @@ from corral.ledger._base import (
     Txn,
     TxnOp,
 )
+from corral.ledger._group import GroupCommit
 from corral.ledger._open import DEFAULT_FILE, open_ledger
 from corral.ledger._sqlite import SCHEMA_VERSION, SqliteLedger
 
@@ -25,6 +26,7 @@ __all__ = [
     "ClaimOp",
     "CompactedError",
     "Compare",
+    "GroupCommit",
     "Lease",
     "Ledger",
     "Record",
