@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
+
 from corral_cron import AppContext, CronStore, LocalLauncher, Scheduler, SystemClock, load_jobs
 
 

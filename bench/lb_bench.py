@@ -77,6 +77,7 @@ def wait_port(port: int, timeout: float = 10.0) -> float:
 def serve_proxy() -> None:
     """--serve: the corral proxy plane (tcp on PX_TCP, http on PX_HTTP) to the nginx backend."""
     import uvloop
+
     from corral_lb.balancer import Balancer
     from corral_lb.config import load_lb_config
 
@@ -100,6 +101,7 @@ def serve_proxy() -> None:
 def on_demand(rounds: int) -> tuple[float, float]:
     """(median app start-to-listen, median on-demand first request) in ms."""
     import uvloop
+
     from corral_lb.activation import ProcessActivator
     from corral_lb.balancer import Balancer
     from corral_lb.config import load_lb_config

@@ -16,6 +16,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 
 from _kernel import kernel
+
 from corral import __version__
 from corral.bus import Connection
 from corral.protocol import PROTOCOL, Hello

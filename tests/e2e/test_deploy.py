@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from corral.ledger import open_ledger
 from corral.testing import KernelProcess
 from e2e.apps import free_port, write_app

@@ -24,6 +24,7 @@ from typing import Any
 
 import psutil
 import pytest
+
 from conftest import require
 from corral.testing import KernelProcess, leftover_apps
 from corral_fs._cgroups import Limits, detect

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from corral.testing import KernelProcess
 
 ECHO = Path(__file__).parent / "drivers" / "echo_driver.py"

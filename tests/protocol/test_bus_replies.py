@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq.asyncio
+
 from corral.bus import BusServer, Connection, Peer
 from corral.errors import CorralError
 from corral.protocol import PROTOCOL, Hello, Reply, Request, Welcome, encode

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from corral.conformance import CHECKS, run_kit
 from corral.conformance._checks import GARBAGE, HOSTILE, MALFORMED_ARGS
 from corral.errors import CorralError

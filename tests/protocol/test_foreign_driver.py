@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from conftest import require
 from corral.conformance import StandIn, run_kit
 from corral.protocol import Hello, Reply

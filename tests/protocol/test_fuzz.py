@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from corral.errors import CorralError, ErrorCode
-from corral.protocol import BODIES, SIGNATURE, Body, decode, encode
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from corral.errors import CorralError, ErrorCode
+from corral.protocol import BODIES, SIGNATURE, Body, decode, encode
 
 COMMANDS = [c.encode() for c in BODIES]
 

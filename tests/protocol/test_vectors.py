@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import require
 from corral.errors import CorralError
 from corral.protocol import BODIES, decode, encode

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psutil
+
 from conftest import require
 from corral_cron import AppContext, CronStore, LocalLauncher, Scheduler, SystemClock, load_jobs
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
 from conftest import require
 from integration.fs.harness import PYTHON, Host, make_host
 

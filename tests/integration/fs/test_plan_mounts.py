@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from conftest import require
 from corral.errors import LaunchError
 from corral.launch import is_alive, launch

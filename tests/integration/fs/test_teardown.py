@@ -7,6 +7,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from conftest import require
 from corral_fs.sandbox import cgroup_base
 from integration.fs.harness import PYTHON, make_host

@@ -8,6 +8,7 @@ import subprocess
 from collections import Counter
 
 import pytest
+
 from conftest import require
 from corral_lb.balancer import Balancer
 from corral_lb.config import load_lb_config

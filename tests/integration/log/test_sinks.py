@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from corral_log.records import Chunk, Record
 from corral_log.service import LogService
 from corral_log.sinks import JournaldSink, LokiSink, SyslogSink

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import require
 
 HERE = Path(__file__).parent

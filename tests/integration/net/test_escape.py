@@ -12,8 +12,9 @@ import time
 from typing import Any
 
 import pytest
-from corral_net.model import policy_from_manifest
 from netlab import HostService, Lab, free_port, host_connect
+
+from corral_net.model import policy_from_manifest
 
 REFUSED = {"ECONNREFUSED", "EHOSTUNREACH", "ENETUNREACH", "EACCES", "EPERM"}
 

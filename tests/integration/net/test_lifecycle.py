@@ -9,9 +9,10 @@ import time
 from typing import Any
 
 import pytest
+from netlab import Lab, free_port, host_connect
+
 from corral_net.host import HostNetwork
 from corral_net.model import policy_from_manifest
-from netlab import Lab, free_port, host_connect
 
 
 def _json(*argv: str) -> Any:

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from conftest import require
 from corral.errors import ErrorCode
 from corral.protocol import PROTOCOL, Hello, encode
 from corral.testing import KernelProcess
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 NO_DRIVERS = 'disabled = ["net", "fs", "log", "lb", "cron"]\n'
 

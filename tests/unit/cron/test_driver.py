@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+
 from corral.errors import ManifestError, NotFoundError
 from corral.protocol import AppSpec
 from corral.protocol._ops import AppAttach, AppDetach, StateSync

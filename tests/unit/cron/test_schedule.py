@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from corral.errors import CorralError, ManifestError
 from corral_cron import JobKind, ScheduleError, load_jobs, parse_schedule
 

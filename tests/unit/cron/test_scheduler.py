@@ -7,6 +7,7 @@ import signal
 from datetime import timedelta
 
 import pytest
+
 from corral.errors import ConflictError
 from corral_cron import AppContext, CronJob, check_heartbeat, load_jobs
 from corral_cron._store import iso

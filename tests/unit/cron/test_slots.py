@@ -8,9 +8,10 @@ from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
-from corral_cron import Schedule, next_slots, parse_schedule
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from corral_cron import Schedule, next_slots, parse_schedule
 
 
 @dataclass(frozen=True)

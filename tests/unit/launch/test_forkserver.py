@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from corral.launch import is_alive, launch, signal_instance
 from corral.launch._forkserver import SERVER
 from corral.protocol._lifecycle import InstanceSpec, LaunchPlan

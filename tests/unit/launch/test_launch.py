@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from corral.errors import LaunchError
 from corral.launch import is_alive, launch, signal_instance
 from corral.protocol._lifecycle import InstanceSpec, LaunchPlan

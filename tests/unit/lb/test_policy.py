@@ -6,6 +6,7 @@ import random
 from collections import Counter
 
 import pytest
+
 from corral.errors import ManifestError
 from corral_lb.backend import Backend, BackendState, LatencyHistogram
 from corral_lb.config import load_lb_config, parse_duration

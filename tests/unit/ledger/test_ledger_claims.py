@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from corral.errors import ConflictError, CorralError, ErrorCode, NotFoundError
 from corral.ledger import Claim, CompactedError, SqliteLedger, Txn
 

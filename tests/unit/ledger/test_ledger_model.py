@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from corral.errors import ConflictError, NotFoundError
-from corral.ledger import Claim, SqliteLedger, Txn
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precondition, rule
+
+from corral.errors import ConflictError, NotFoundError
+from corral.ledger import Claim, SqliteLedger, Txn
 
 OWNERS = st.sampled_from(["blog", "shop", "driver:net"])
 KINDS = st.sampled_from(["port", "app"])

@@ -7,6 +7,7 @@ import stat
 from pathlib import Path
 
 import pytest
+
 from corral.errors import CorralError, ErrorCode
 from corral.ledger import SCHEMA_VERSION, SqliteLedger, open_ledger
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import require
 from corral_log.tracebacks import Trace, TraceCollector
 

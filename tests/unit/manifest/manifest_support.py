@@ -7,6 +7,7 @@ from pathlib import Path
 from textwrap import dedent
 
 import pytest
+
 from corral.errors import ManifestError
 from corral.manifest import ResolvedManifest, load
 

@@ -12,10 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from manifest_support import load_ok, write_app
+
 from corral import app
 from corral.errors import CorralError, NotFoundError
 from corral.manifest import app_environment
-from manifest_support import load_ok, write_app
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -6,9 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+from manifest_support import MINIMAL, located, only_problem, problems_of, write_app
+
 from corral.errors import ManifestError
 from corral.manifest import load
-from manifest_support import MINIMAL, located, only_problem, problems_of, write_app
 
 
 def test_unknown_top_level_key(tmp_path: Path) -> None:

@@ -9,14 +9,15 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from corral.errors import ManifestError
-from corral.manifest import ResolvedManifest, load
-from corral.manifest._locate import field_lines
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from manifest_support import FULL as FULL_TEXT
 from manifest_support import write_app
 from toml_writer import TomlWriter
+
+from corral.errors import ManifestError
+from corral.manifest import ResolvedManifest, load
+from corral.manifest._locate import field_lines
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

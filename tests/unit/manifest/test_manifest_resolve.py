@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from manifest_support import FULL, MINIMAL, load_ok, write_app
+
 from corral.errors import ManifestError
 from corral.manifest import ResolvedManifest, schema
 from corral.manifest._units import UnitError, parse_duration, parse_size
-from manifest_support import FULL, MINIMAL, load_ok, write_app
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+
 from corral.errors import CorralError, ManifestError
 from corral_net.config import NetConfig, instance_names
 from corral_net.egress import parse_egress

@@ -11,9 +11,9 @@ from datetime import timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from corral.errors import ManifestError
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from corral.errors import ManifestError
 from corral_cron._duration import format_duration, parse_duration
 from corral_cron._schedule import Schedule, ScheduleError, parse_schedule
 

@@ -8,8 +8,8 @@ import os
 from typing import Any, Protocol
 
 import psutil
-from corral.protocol import InstanceRecord
 
+from corral.protocol import InstanceRecord
 from corral_cron._launcher import ExitStatus, JobProcess, LaunchRequest
 
 _NO_STATUS = "the kernel could not report this run's exit status"

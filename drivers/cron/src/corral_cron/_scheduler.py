@@ -20,8 +20,8 @@ from itertools import count, islice
 from typing import Any
 
 import structlog
-from corral.errors import ConflictError, NotFoundError
 
+from corral.errors import ConflictError, NotFoundError
 from corral_cron._alerts import Alert, AlertSink, run_alert_command
 from corral_cron._clock import Clock
 from corral_cron._duration import format_duration

@@ -11,7 +11,6 @@ from corral.errors import CorralError, ErrorCode, NotFoundError
 from corral.protocol import AppSpec
 from corral.protocol._ops import AppAttach, AppDetach, StateSync
 from corral.sdk import Driver, op, run
-
 from corral_cron._alerts import Alert, check_heartbeat
 from corral_cron._clock import SystemClock
 from corral_cron._duration import format_duration

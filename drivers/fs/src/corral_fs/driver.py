@@ -7,10 +7,10 @@ import hashlib
 from typing import Any
 
 import structlog
+
 from corral.errors import ConflictError, CorralError, ErrorCode
 from corral.protocol._lifecycle import AppSpec, PlanFragment
 from corral.sdk import Driver, op, run
-
 from corral_fs.sandbox import DEFAULT_UID_RANGE, Sandbox
 
 log = structlog.get_logger("corral_fs")

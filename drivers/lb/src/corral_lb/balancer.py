@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from corral.errors import ConflictError, NotFoundError
 
+from corral.errors import ConflictError, NotFoundError
 from corral_lb.activation import Activator, OnDemand
 from corral_lb.backend import BackendState
 from corral_lb.config import LbConfig, PolicyProgram

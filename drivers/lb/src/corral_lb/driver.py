@@ -12,11 +12,11 @@ import socket
 from typing import Any
 
 import structlog
+
 from corral.bus import Handler
 from corral.errors import CorralError, ErrorCode
 from corral.protocol import AppSpec, InstanceRecord, Welcome
 from corral.sdk import Driver, KernelLink, op, run
-
 from corral_lb.activation import OnDemand, StartedInstance
 from corral_lb.balancer import Balancer
 from corral_lb.config import LbConfig, load_lb_config

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from corral.errors import CorralError
-
 from corral_lb.backend import Backend
 from corral_lb.policy import slot_table
 

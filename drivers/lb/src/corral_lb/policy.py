@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from corral.errors import ManifestError
-
 from corral_lb.backend import Backend
 
 

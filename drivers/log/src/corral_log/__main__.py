@@ -6,7 +6,6 @@ from __future__ import annotations
 def main() -> None:
     """Start the driver (connects to the kernel named by $CORRAL_BUS)."""
     from corral.sdk import run
-
     from corral_log.driver import LogDriver
 
     run(LogDriver)

@@ -17,7 +17,6 @@ from corral.protocol._ops import (
     StateSync,
 )
 from corral.sdk import Driver, op
-
 from corral_log.service import LogService
 
 REPLY_BUDGET = MAX_BODY - (64 << 10)  # room for the envelope around the records

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from corral.errors import CorralError, ErrorCode
-
 from corral_net.config import NetConfig
 
 CLAIMS_DIR = Path("/run/corral-net")

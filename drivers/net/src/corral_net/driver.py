@@ -11,11 +11,11 @@ import asyncio
 from typing import Any
 
 import structlog
+
 from corral.bus import Handler
 from corral.errors import CorralError, ErrorCode
 from corral.protocol import PlanFragment, Welcome
 from corral.sdk import Driver, op, run
-
 from corral_net.claim import HostClaim
 from corral_net.config import NetConfig
 from corral_net.host import HostNetwork

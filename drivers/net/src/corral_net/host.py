@@ -14,7 +14,6 @@ from typing import Any
 
 from corral.errors import CorralError, ErrorCode
 from corral.protocol._lifecycle import PlanFragment
-
 from corral_net.config import NetConfig, instance_names
 from corral_net.egress import NameResolver
 from corral_net.model import AppPolicy, DesiredState, InstanceNet

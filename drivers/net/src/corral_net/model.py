@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corral.errors import ManifestError
-
 from corral_net.egress import EgressEntry, parse_egress
 from corral_net.pool import SlotAddresses
 

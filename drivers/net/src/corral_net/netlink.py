@@ -11,9 +11,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from corral.errors import CorralError, ErrorCode
 from pyroute2 import IPRoute, NetlinkError, NetNS, netns
 
+from corral.errors import CorralError, ErrorCode
 from corral_net.pool import SlotAddresses
 
 NETNS_DIR = Path("/run/netns")

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from corral.errors import CorralError, ErrorCode, NotFoundError
-
 from corral_net.config import NetConfig
 
 

@@ -14,7 +14,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from corral.errors import CorralError, ErrorCode
-
 from corral_net.config import NetConfig
 from corral_net.egress import IPNetwork
 from corral_net.model import AppPolicy, DesiredState, InstanceNet

@@ -6,7 +6,6 @@ import re
 from typing import Protocol, runtime_checkable
 
 from corral.errors import CorralError, ErrorCode
-
 from corral_log.records import Chunk
 
 
