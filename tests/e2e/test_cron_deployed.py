@@ -24,6 +24,7 @@ from typing import Any
 
 import psutil
 import pytest
+
 from corral.testing import KernelProcess
 
 pytestmark = pytest.mark.root
@@ -70,10 +71,9 @@ def finished(k: KernelProcess, job: str, run_id: int) -> dict[str, Any] | None:
 def host_config(lead_s: float) -> tuple[str, datetime]:
     """Host config whose cron clock reaches a minute boundary ``lead_s`` seconds from now;
     that boundary (the slot of the first scheduled run), in UTC."""
-    now = time.time()
-    fake_at_fire = now + lead_s
-    boundary = math.ceil(fake_at_fire / 60) * 60 + 60  # never closer than a full minute
-    offset = boundary - fake_at_fire
+    fire_at = time.time() + lead_s  # real time of the fire
+    boundary = math.ceil(fire_at / 60) * 60
+    offset = boundary - fire_at  # the cron clock reads `boundary` at `fire_at`
     return ("[drivers.log]\nconfig = { metrics = false }\n[drivers.fs]\n"
             f"[drivers.cron]\nconfig = {{ clock_offset_s = {offset:.3f} }}\n",
             datetime.fromtimestamp(boundary, UTC))
@@ -131,8 +131,9 @@ def start_kernel(base: Path, lead_s: float) -> tuple[KernelProcess, datetime]:
 
 @pytest.fixture
 def scheduled(public_dir: Path) -> Iterator[tuple[KernelProcess, datetime, Path]]:
-    """A kernel whose cron clock hits a minute boundary ~10 s from now, and a deployed app."""
-    k, slot = start_kernel(public_dir / "k", lead_s=10.0)
+    """A kernel whose cron clock hits a minute boundary ~20 s from now, and a deployed app
+    (the manual runs and views of the test come before it)."""
+    k, slot = start_kernel(public_dir / "k", lead_s=20.0)
     try:
         app = cron_app(public_dir / "app", "crony")
         r = k.cli("up", str(app))
@@ -200,7 +201,7 @@ def test_runs_in_the_sandbox_with_exit_status_timeout_and_views(
     # next: the DST gap of 2026-03-08 in New York, and what happens to the 02:30 run
     nxt = k.cli("cron", "next", "crony.dst", "-n", "3", "--from", "2026-03-08T06:00:00Z")
     assert nxt.returncode == 0, nxt.stderr
-    assert "2026-03-08T03:00:00-04:00  2026-03-08T07:00:00.000Z" in nxt.stdout
+    assert re.search(r"^  2026-03-08T03:00:00-04:00 +2026-03-08T07:00:00.000Z$", nxt.stdout, re.M)
     assert re.search(r"warning: DST change on 2026-03-08 \(America/New_York\).*02:30 does not "
                      r"exist.*03:00", nxt.stdout), nxt.stdout
 
@@ -211,6 +212,8 @@ def test_runs_in_the_sandbox_with_exit_status_timeout_and_views(
     assert re.search(rf"^uid\s+{uid}$", text, re.M) and re.search(rf"^cwd\s+{app}$", text, re.M)
 
     # the scheduled fire at the minute boundary of the cron clock
+    assert not [r for r in runs(k, "crony.tick") if r["reason"] == "scheduled"], \
+        "the scheduled fire came before the manual checks: raise lead_s"
     row = wait_for(lambda: next((r for r in runs(k, "crony.tick")
                                  if r["reason"] == "scheduled" and r["state"] == "succeeded"),
                                 None), timeout=30)

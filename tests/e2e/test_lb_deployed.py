@@ -21,11 +21,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import require
 from corral.testing import KernelProcess
 from e2e.apps import free_port
@@ -399,19 +400,21 @@ def test_rolling_redeploy_under_load_loses_no_request(kernel: KernelProcess,
     load = Load(front, lb_name).start()
     try:
         wait_for(lambda: load.ok > 200, 20, what="load running")
-        t0 = time.monotonic()
+        t0, ok_before = time.monotonic(), load.ok
         second = up(k, d, "--env", "VERSION=2")
         redeploy_s = time.monotonic() - t0
         ok_at_switch = load.ok
+        during = ok_at_switch - ok_before
         wait_for(lambda: load.ok > ok_at_switch + 300, 20, what="load after the redeploy")
     finally:
         load.stop()
     ids = sorted(i["id"] for i in second["instances"])
     assert ids == ["roll.web.1-g2", "roll.web.2-g2"], second
     assert not old_pids & {i["pid"] for i in second["instances"]}
-    print(f"\nrolling redeploy: {redeploy_s:.2f}s, {load.ok} requests ok, "
-          f"{len(load.failures)} failed; answers: {dict(load.bodies)}")
+    print(f"\nrolling redeploy: {redeploy_s:.2f}s, {during} requests during it, {load.ok} in "
+          f"all, {len(load.failures)} failed; answers: {dict(load.bodies)}")
     assert load.failures == [], load.failures[:10]
+    assert during > 50, "the load did not run through the redeploy"
     assert {b.split()[1] for b in load.bodies} == {"1", "2"}
     # every client ends on the new version, and only new instances answer
     assert set(load.last.values()) <= {"roll.web.1-g2 2", "roll.web.2-g2 2"}, load.last
@@ -533,3 +536,46 @@ def test_on_demand_activation_through_the_kernel(kernel: KernelProcess, public_d
     up(k, d, "--env", "VERSION=2")
     assert instances_of(k, "lazy") == []
     assert http_get("127.0.0.1", front, lb_name, timeout=30).split() == ["lazy.web.1", "2"]
+
+
+def test_lb_gc_of_one_kernel_spares_another_kernels_nft_services(public_dir: Path) -> None:
+    """Two kernels whose lb drivers share one nft table: the restarted lb driver of one
+    garbage-collects only its own services; the other kernel's frontend keeps answering."""
+    require_net()
+    host_a = new_net_host()
+    host_b = replace(new_net_host(), lb_table=host_a.lb_table)
+    kernels = []
+    try:
+        fronts = {}
+        for name, host in (("alpha", host_a), ("beta", host_b)):
+            k = start_kernel(public_dir / f"k{name}", host)
+            kernels.append(k)
+            fronts[name] = free_port()
+            d = web_app(public_dir / name, name, free_port(), f'''
+                name = "{name}-{host_a.tag}.test"
+                frontend = {fronts[name]}
+                plane = "nft"
+                policy = "round-robin"
+            ''', instances=1)
+            up(k, d)
+            assert tcp_get("127.0.0.1", fronts[name]).split()[0] == f"{name}.web.1"
+        beta = kernels[1]
+        pid = next(d["pid"] for d in json.loads(beta.cli("drivers", "--json").stdout)
+                   if d["name"] == "lb")
+        os.kill(pid, 9)
+        wait_for(lambda: next((d["pid"] for d in json.loads(beta.cli("drivers", "--json").stdout)
+                               if d["name"] == "lb" and d["state"] == "running"), pid) != pid,
+                 15, what="lb driver restarted")
+        wait_for(lambda: lb_backends(beta, "beta") == {"beta.web.1": "healthy"}, 10,
+                 what="beta re-synced")
+        for name in ("alpha", "beta"):
+            assert tcp_get("127.0.0.1", fronts[name]).split()[0] == f"{name}.web.1", name
+        table = KernelTable(kernels[0])
+        assert kernels[0].cli("down", "alpha").returncode == 0
+        assert table.exists(), "beta's service still lives in the shared table"
+        assert tcp_get("127.0.0.1", fronts["beta"]).split()[0] == "beta.web.1"
+        assert beta.cli("down", "beta").returncode == 0
+        assert not table.exists()
+    finally:
+        for k in kernels:
+            k.teardown()

@@ -25,9 +25,9 @@ from typing import Any
 
 import psutil
 import pytest
+
 from corral.testing import KernelProcess
 from corral_log.testing import SyslogReceiver
-from e2e.apps import free_port
 
 pytestmark = pytest.mark.root
 
@@ -220,7 +220,7 @@ def _read_for(proc: subprocess.Popen[str], seconds: float) -> list[str]:
     return buf.splitlines()
 
 
-# numbered lines, 40 bytes each (8 MB in all, eight times the pipe), as fast as the pipe takes them, then idle
+# numbered lines, 40 bytes each (8 MB in all, eight times the pipe), about 2 s, then idle
 COUNTER = '''
     import os, sys, time
     n = 200000
@@ -310,12 +310,13 @@ def test_manifest_sinks_receive_lines(kernel: KernelProcess, public_dir: Path) -
         r = kernel.cli("up", str(app))
         assert r.returncode == 0, r.stderr
 
-        def got(rcv: SyslogReceiver) -> list[bytes]:
-            return [m for m in list(rcv.messages) if b"to the sinks" in m
+        def got(rcv: SyslogReceiver) -> list[bytes] | None:
+            msgs = [m for m in list(rcv.messages) if b"to the sinks" in m
                     or b"an error line" in m]
+            return msgs if len(msgs) == 51 else None
 
         for rcv in (udp, tcp):
-            msgs = wait_for(lambda rcv=rcv: (lambda m: m if len(m) == 51 else None)(got(rcv)))
+            msgs: list[bytes] = wait_for(lambda rcv=rcv: got(rcv))  # type: ignore[misc]
             bodies = [m.rsplit(b"] ", 1)[-1].decode() for m in msgs]
             assert [b for b in bodies if b.startswith("to the sinks")] == [
                 f"to the sinks {i}" for i in range(50)]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from corral.testing import KernelProcess
 from e2e.apps import free_port
 from e2e.test_lb_deployed import (

@@ -146,7 +146,10 @@ class Deployer:
             attached = await self._broadcast("app.attach", {"app": spec.model_dump(mode="json")})
             # 4.-5. instances: keep unchanged live ones, launch the rest
             step = "launch"
-            wanted = self._instance_specs(spec, resolved, manifest_path)
+            # An on-demand process has no instance until the lb asks for one (instance.spawn).
+            lazy = _on_demand_process(doc)
+            wanted = [w for w in self._instance_specs(spec, resolved, manifest_path)
+                      if w.process != lazy]
             # With the net driver every instance has its own address: a replacement starts
             # beside the old one and the old one is drained and stopped after (rolling).
             # Without it they share 127.0.0.1:PORT, so the old one must go first.
@@ -733,6 +736,14 @@ def _check_reachable(directory: Path, uid: int) -> None:
                 f"{'read' if d == directory else 'traverse'} {d} (mode {st.st_mode & 0o777:o});"
                 f" make it {'o+rx' if d == directory else 'o+x'} or move the app",
                 code=ErrorCode.INVALID)
+
+
+def _on_demand_process(doc: dict[str, Any]) -> str | None:
+    """The process the lb starts on demand (``lb.activation = "on-demand"``), if any."""
+    lb = doc.get("lb") or {}
+    if lb.get("activation") != "on-demand":
+        return None
+    return str(lb.get("process") or "web")
 
 
 def _slot(live: Live) -> str:

@@ -46,6 +46,10 @@ CREATE TABLE IF NOT EXISTS runs (
     UNIQUE (job, slot)
 );
 CREATE INDEX IF NOT EXISTS runs_by_job ON runs (job, id);
+CREATE TABLE IF NOT EXISTS apps (
+    app          TEXT PRIMARY KEY,
+    spec         TEXT NOT NULL              -- the AppSpec last attached, as JSON
+);
 CREATE TABLE IF NOT EXISTS heartbeat (
     scheduler    TEXT PRIMARY KEY,
     pid          INTEGER NOT NULL,
@@ -144,7 +148,20 @@ class CronStore:
             for key in keys:
                 db.execute("DELETE FROM runs WHERE job=?", (key,))
             db.execute("DELETE FROM jobs WHERE app=?", (app,))
+            db.execute("DELETE FROM apps WHERE app=?", (app,))
         return keys
+
+    # -- apps ----------------------------------------------------------------------------------
+    def save_app(self, app: str, spec: dict[str, Any]) -> None:
+        """Remember the app as last attached, to schedule its jobs again after a restart."""
+        with self._tx() as db:
+            db.execute("INSERT INTO apps (app, spec) VALUES (?, ?) ON CONFLICT (app) DO UPDATE"
+                       " SET spec=excluded.spec", (app, json.dumps(spec)))
+
+    def saved_apps(self) -> list[dict[str, Any]]:
+        """Every app remembered by ``save_app`` and not forgotten since."""
+        rows = self._db.execute("SELECT spec FROM apps ORDER BY app").fetchall()
+        return [json.loads(r[0]) for r in rows]
 
     def forget_job(self, job: str) -> None:
         """Remove one job (dropped from the manifest) and its history."""

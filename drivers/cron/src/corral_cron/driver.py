@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import structlog
+
 from corral.errors import CorralError, ErrorCode, NotFoundError
-from corral.protocol import AppSpec
+from corral.protocol import AppSpec, Welcome
 from corral.protocol._ops import AppAttach, AppDetach, StateSync
 from corral.sdk import Driver, op, run
 from corral_cron._alerts import Alert, check_heartbeat
@@ -19,7 +21,9 @@ from corral_cron._kernel_launcher import KernelLauncher
 from corral_cron._launcher import JobLauncher, LocalLauncher
 from corral_cron._preview import preview, warnings
 from corral_cron._scheduler import AppContext, Scheduler
-from corral_cron._store import CronStore, iso, parse_iso
+from corral_cron._store import CronStore, iso
+
+log = structlog.get_logger("corral.cron")
 
 
 def clock_offset(config: dict[str, Any]) -> timedelta:
@@ -30,6 +34,16 @@ def clock_offset(config: dict[str, Any]) -> timedelta:
     except (TypeError, ValueError):
         raise CorralError(f"[drivers.cron] clock_offset_s: expected seconds, got {raw!r}",
                           code=ErrorCode.INVALID) from None
+
+
+def parse_instant(text: str) -> datetime:
+    """An ISO 8601 instant for ``--from``: any precision, 'Z' or an offset; no offset is UTC."""
+    try:
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise CorralError(f"from: {text!r} is not an ISO 8601 time (e.g. 2026-03-08T06:00:00Z)",
+                          code=ErrorCode.INVALID) from None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class CronDriver(Driver):
@@ -47,13 +61,36 @@ class CronDriver(Driver):
         self._apps: dict[str, AppSpec] = {}
 
     async def start(self) -> None:
-        """Open the state and start the scheduler loop."""
+        """Begin now if the config was given before start (embedding, tests); under the SDK
+        the kernel hands it over later, in WELCOME (see ``welcomed``)."""
+        if self.config and self.scheduler is None:
+            self._begin()
+
+    def welcomed(self, welcome: Welcome) -> None:
+        """Take the kernel's config; on the first welcome, open the state and start the
+        scheduler (``start()`` runs before the kernel handed over home and config)."""
+        super().welcomed(welcome)
+        if self.scheduler is None:
+            self._begin()
+
+    def _begin(self) -> None:
         self.store = CronStore(self.home / "cron.sqlite3")
         launcher: JobLauncher = (LocalLauncher() if self.config.get("launcher") == "local"
                                  else KernelLauncher(self.kernel))
         self.scheduler = Scheduler(self.store, launcher, SystemClock(clock_offset(self.config)),
                                    alert=self._publish)
-        self._loop = asyncio.ensure_future(self.scheduler.run())
+        self._loop = asyncio.ensure_future(self._serve(self.scheduler))
+
+    async def _serve(self, scheduler: Scheduler) -> None:
+        """Schedule the apps saved by the last run at once (a restart must not wait for the
+        kernel's state.sync, which corrects the list when it comes), then run."""
+        assert self.store is not None
+        for raw in self.store.saved_apps():
+            try:
+                await self._apply(AppSpec.model_validate(raw))
+            except Exception as exc:  # a saved app that no longer loads: state.sync decides
+                log.warning("saved app not rescheduled", app=raw.get("name"), error=str(exc))
+        await scheduler.run()
 
     async def stop(self) -> None:
         """Stop the loop (runs in progress keep going: they belong to the kernel)."""
@@ -85,6 +122,8 @@ class CronDriver(Driver):
         jobs = load_jobs(app.name, app.manifest.get("cron"))
         await self._sched.set_app(AppContext(app.name, app.directory), jobs)
         self._apps[app.name] = app
+        assert self.store is not None
+        self.store.save_app(app.name, app.model_dump(mode="json"))
         now = self._sched.clock.now()
         return {"jobs": [j.key for j in jobs],
                 "warnings": {j.key: w for j in jobs if (w := warnings(j, now))}}
@@ -104,6 +143,7 @@ class CronDriver(Driver):
         assert self.store is not None
         gone = {key.split(".", 1)[0] for key in self.store.jobs()} - live
         gone |= {j.app for j in self._sched.jobs()} - live
+        gone |= {str(a.get("name")) for a in self.store.saved_apps()} - live
         for name in gone:
             await self._sched.remove_app(name)
             self._apps.pop(name, None)
@@ -147,7 +187,7 @@ class CronDriver(Driver):
     async def next(self, args: dict[str, Any]) -> dict[str, Any]:
         """{job, n=10, from?}: the next runs in the job's zone and UTC, with warnings."""
         job = self._job(args)
-        start = parse_iso(args["from"]) if args.get("from") else self._sched.clock.now()
+        start = parse_instant(str(args["from"])) if args.get("from") else self._sched.clock.now()
         return preview(job, start, int(args.get("n", 10)))
 
     @op("query.cron.runs")

@@ -42,6 +42,7 @@ class Balancer:
         self.runtime_dir = runtime_dir or Path(tempfile.mkdtemp(prefix="corral-lb-"))
         self._nft = nft
         self.nft_table = nft_table  # used when the kernel plane is first needed
+        self.nft_owner = ""  # tags this balancer's nft services (see NftPlane.owner)
         self._http: dict[tuple[str, int], HttpFrontend] = {}
         self._l4: dict[str, L4Frontend] = {}
         self._programs: dict[str, PolicyProgramRunner] = {}
@@ -51,7 +52,7 @@ class Balancer:
     def nft(self) -> NftPlane:
         """The kernel plane, created on first use (needs root and libnftables)."""
         if self._nft is None:
-            self._nft = NftPlane(self.nft_table)
+            self._nft = NftPlane(self.nft_table, owner=self.nft_owner)
         return self._nft
 
     # -- services ----------------------------------------------------------------------------

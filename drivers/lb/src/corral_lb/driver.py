@@ -7,6 +7,7 @@ deploy transaction, before ``app.attach``; this driver claims nothing itself.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import socket
 from typing import Any
@@ -83,6 +84,9 @@ class LbDriver(Driver):
         operations may run from now on."""
         super().welcomed(welcome)
         self.balancer.nft_table = str(self.config.get("nft_table", NFT_TABLE))
+        # this kernel's services, told apart from other kernels' in a shared table
+        self.balancer.nft_owner = hashlib.blake2b(str(self.home).encode(),
+                                                  digest_size=6).hexdigest()
         self._welcome_seen.set()
 
     def handlers(self) -> dict[str, Handler]:
@@ -213,7 +217,7 @@ class LbDriver(Driver):
             from corral_lb.nft import service_key
 
             keep = {service_key(c.name) for c in self._configs.values() if c.plane == "nft"}
-            for key in self.balancer.nft.installed() - keep:
+            for key in self.balancer.nft.installed(mine=True) - keep:
                 self.balancer.nft.uninstall_key(key)
         return {"services": len(self.balancer.services), "removed_backends": removed}
 

@@ -57,12 +57,15 @@ class NftPlane:
     driver does not know.
     """
 
-    def __init__(self, table: str = TABLE) -> None:
+    def __init__(self, table: str = TABLE, owner: str = "") -> None:
         import nftables  # imported here: only hosts using the kernel plane need libnftables
 
         if not table or not all(c.isalnum() or c == "_" for c in table):
             raise NftError(f"lb nft_table {table!r}: letters, digits and _ only", retry=False)
         self.table = table
+        # Written into each service's rule comment: garbage collection by one driver spares
+        # the services another driver (another kernel) installed in a shared table.
+        self.owner = "".join(c for c in owner if c.isalnum())[:16]
         self._nft = nftables.Nftables()
         self._nft.set_json_output(True)
         self._nft.set_handle_output(False)
@@ -127,12 +130,21 @@ class NftPlane:
 
     # -- services -----------------------------------------------------------------------------
 
-    def installed(self) -> set[str]:
-        """Keys of the services present in the table (for state.sync garbage collection)."""
+    def installed(self, *, mine: bool = False) -> set[str]:
+        """Keys of the services present in the table; with ``mine``, only those this owner
+        installed (what state.sync may garbage-collect)."""
         items = self._list(f"list table ip {self.table}") or []
-        return {
+        keys = {
             i["chain"]["name"][2:] for i in items
             if "chain" in i and i["chain"]["name"].startswith("c_")
+        }
+        if not mine:
+            return keys
+        tag = f" @{self.owner}"
+        return {
+            i["rule"]["chain"][2:] for i in items
+            if "rule" in i and i["rule"]["chain"][2:] in keys
+            and str(i["rule"].get("comment", "")).endswith(tag)
         }
 
     def install(self, name: str, listen: tuple[str, int], policy: str) -> str:
@@ -158,7 +170,7 @@ class NftPlane:
             f"add chain ip {self.table} c_{key}\n"
             f"add rule ip {self.table} c_{key} meta l4proto tcp dnat ip to {_SELECTORS[policy]} "
             f"map @m_{key} "
-            f'comment "{_comment(name)}"\n' + elem + "\n",
+            f'comment "{_comment(name, self.owner)}"\n' + elem + "\n",
             f"install service {name!r}",
         )
         return key
@@ -233,8 +245,9 @@ class NftPlane:
                 f"delete map ip {table} m_{key}\n")
 
 
-def _comment(name: str) -> str:
-    return "corral lb " + "".join(c for c in name if c.isalnum() or c in ".-_")[:100]
+def _comment(name: str, owner: str) -> str:
+    text = "corral lb " + "".join(c for c in name if c.isalnum() or c in ".-_")[:100]
+    return f"{text} @{owner}" if owner else text
 
 
 CONNTRACK = Path("/proc/net/nf_conntrack")

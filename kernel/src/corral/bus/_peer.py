@@ -50,10 +50,12 @@ class Connection:
         *,
         handlers: Mapping[str, Handler] | None = None,
         ctx: zmq.Context[Any] | None = None,
+        on_welcome: Callable[[Welcome], None] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.hello = hello
         self.handlers: Mapping[str, Handler] = handlers or {}
+        self._on_welcome = on_welcome
         self._ctx = ctx or zmq.Context.instance()
         self._io: LoopSocket | None = None
         self._ids = itertools.count(1)
@@ -153,8 +155,11 @@ class Connection:
             return
         if self.welcome is None:
             if isinstance(body, Welcome):
-                # set here, not after connect() resumes: a REQUEST may follow in the same drain
+                # Taken here, not after connect() resumes: a REQUEST may follow in the same
+                # drain, and its handler must already see the configuration.
                 self.welcome = body
+                if self._on_welcome is not None:
+                    self._on_welcome(body)
             if isinstance(body, Welcome | Error) and self._greeting and not self._greeting.done():
                 self._greeting.set_result(body)
             return  # anything else before WELCOME (a stray heartbeat) is ignored

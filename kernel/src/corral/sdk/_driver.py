@@ -152,17 +152,18 @@ async def serve(driver: Driver, endpoint: str, token: str | None) -> None:
     await driver.start()
     try:
         while not stop.is_set():
-            conn = Connection(endpoint, driver.hello(token), handlers=driver.handlers())
+            conn = Connection(endpoint, driver.hello(token), handlers=driver.handlers(),
+                              on_welcome=driver.welcomed)
+            driver.kernel._conn = conn  # handlers may call the kernel as soon as WELCOME is in
             try:
-                welcome = await conn.connect(timeout=2.0)
+                await conn.connect(timeout=2.0)
             except CorralError as exc:
                 if exc.code not in (ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT):
                     log.error("kernel refused this driver", reason=exc.reason)
                     raise SystemExit(3) from None
+                driver.kernel._conn = None
                 await _sleep_or(stop, 0.5)
                 continue
-            driver.welcomed(welcome)
-            driver.kernel._conn = conn
             runner = asyncio.create_task(conn.run())
             stopper = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
