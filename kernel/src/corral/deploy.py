@@ -116,6 +116,7 @@ class Deployer:
         resolved = manifests.load(directory, set_=args.set, offset=args.offset, env=args.env)
         doc = resolved.as_json()
         name = str(doc["app"]["name"])
+        await self._drivers_settled()
         async with self._lock(name):
             return await self._deploy(name, resolved, doc, args, started)
 
@@ -204,6 +205,14 @@ class Deployer:
             "instances": [self._view(live) for live in state.instances.values()],
             "seconds": round(time.monotonic() - started, 3),
         }
+
+    async def _drivers_settled(self) -> None:
+        """Never launch while an enabled driver is (re)connecting: an app started then would
+        run without its sandbox, network rules or log capture."""
+        pending = await self.kernel.supervisor.wait_settled(15.0)
+        if pending:
+            raise CorralError(f"drivers not connected yet: {', '.join(pending)}; retry",
+                              code=ErrorCode.UNAVAILABLE)
 
     def _app_ids(self, name: str) -> tuple[int | None, int | None]:
         """The app's uid/gid: as root a dynamic uid claimed in the ledger; else our own."""
@@ -474,6 +483,7 @@ class Deployer:
         state = self.apps.get(args.app)
         if state is None:
             raise NotFoundError(f"no app named {args.app!r}")
+        await self._drivers_settled()
         doc = state.spec.manifest
         from corral import manifest as manifests
 
@@ -541,6 +551,11 @@ class Deployer:
             result["note"] = "exit status unknown (the job was not reaped by this kernel)"
         # whatever the job left in its process group ends with it
         launcher.signal_instance(rec.pid, rec.start_time, signal.SIGKILL, group=True)
+        # drivers release the job first (the log driver drains its capture)...
+        await self._broadcast("instance.stopped", {"app": rec.spec.app,
+                                                   "instance_id": rec.spec.id}, strict=False)
+        if job.output is None:  # ...so the tail read from the log driver is complete
+            result["output_tail"] = await self._job_output(rec)
         if job.output:
             try:
                 with open(job.output, "rb") as f:
@@ -549,13 +564,23 @@ class Deployer:
                     result["output_tail"] = f.read().decode("utf-8", "replace")
             except OSError:
                 pass
-        await self._broadcast("instance.stopped", {"app": rec.spec.app,
-                                                   "instance_id": rec.spec.id}, strict=False)
         self.kernel.bus.publish(f"app.{rec.spec.app}.job.exited", result)
         job.done.set_result(result)
         # keep the status a while for instance.wait callers that come late
         await asyncio.sleep(300)
         self.jobs.pop(rec.spec.id, None)
+
+    async def _job_output(self, rec: InstanceRecord) -> str:
+        slot = self.kernel.supervisor.by_capability("log")
+        if slot is None or slot.peer is None or "query.log.read" not in slot.ops:
+            return ""
+        try:
+            res = await self.kernel.bus.call(slot.peer, "query.log.read", {
+                "app": rec.spec.app, "instance": rec.spec.id, "limit": 400, "json": False},
+                timeout=5.0)
+        except CorralError:
+            return ""
+        return "\n".join(str(ln).split(" ", 3)[-1] for ln in res.get("lines", []))[-16384:]
 
     async def wait_job(self, instance_id: str, timeout_s: float) -> dict[str, Any]:
         """``instance.wait``: the job's exit status, waiting up to ``timeout_s``."""
@@ -632,7 +657,8 @@ class Deployer:
         return {
             "apps": [s.spec.model_dump(mode="json") for s in self.apps.values()],
             "instances": [lv.record.model_dump(mode="json")
-                          for s in self.apps.values() for lv in s.instances.values()],
+                          for s in self.apps.values() for lv in s.instances.values()]
+            + [j.record.model_dump(mode="json") for j in self.jobs.values() if not j.done.done()],
             "launching": [r.key for r in self.kernel.ledger.list(kind="instance")
                           if r.value.get("state") == "launching"],
         }

@@ -294,6 +294,18 @@ class Supervisor:
                     log.warning("driver unresponsive, killing", driver=slot.name)
                     _kill(slot.pid, slot.start_time)
 
+    async def wait_settled(self, timeout: float) -> list[str]:
+        """Wait until no enabled driver is starting or restarting; the names still pending."""
+        deadline = time.monotonic() + timeout
+        pending: list[str] = []
+        while time.monotonic() < deadline:
+            pending = [s.name for s in self.slots.values()
+                       if s.state in ("starting", "restarting")]
+            if not pending:
+                return []
+            await asyncio.sleep(0.05)
+        return pending
+
     def serving(self, op: str) -> list[DriverSlot]:
         """Connected drivers that declared ``op``."""
         return [s for s in self.slots.values() if s.peer is not None and op in s.ops]

@@ -15,7 +15,7 @@ def test_driver_declares_the_lb_operations() -> None:
     assert set(LbDriver.operations) == {
         "app.attach", "instance.started", "instance.stopping", "instance.stopped", "app.detach",
         "state.sync",
-        "query.lb.status", "query.lb.metrics"}
+        "query.lb.status", "query.lb.stats", "query.lb.metrics"}
 
 
 def test_driver_lifecycle_attach_started_stopped_detach() -> None:

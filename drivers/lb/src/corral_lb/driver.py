@@ -226,6 +226,20 @@ class LbDriver(Driver):
         """Services with their backends and health (``{"app": name}`` for one)."""
         return self.balancer.status(args.get("app"))
 
+    @op("query.lb.stats")
+    async def stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Per app, for `corral ps`: backends by health, and each backend's health."""
+        apps: dict[str, Any] = {}
+        for svc in self.balancer.status()["services"]:
+            backends = svc["backends"]
+            healthy = sum(1 for b in backends if b["state"] == "healthy")
+            apps[svc["app"]] = {
+                "name": svc["name"], "frontend": svc["frontend"],
+                "backends_healthy": healthy, "backends_unhealthy": len(backends) - healthy,
+                "backends": {b["id"]: b["state"] for b in backends},
+            }
+        return {"apps": apps}
+
     @op("query.lb.metrics")
     async def metrics(self, args: dict[str, Any]) -> dict[str, Any]:
         """Per-backend requests, active connections, latency histogram, 5xx count."""

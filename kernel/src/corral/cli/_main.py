@@ -119,7 +119,7 @@ def cmd_ps(ns: argparse.Namespace) -> int:
             # is in --json
             extra += [f"{driver}.{k}={v}" for k, v in sorted(figures.items())
                       if isinstance(v, int | float) and not isinstance(v, bool)
-                      and any(w in k for w in ("refused", "dropped", "spooled", "unhealthy",
+                      and any(w in k for w in ("refused", "dropped", "spooled", "healthy",
                                                "failed"))
                       and not k.endswith("_bytes")]
         for i in app["instances"] or [{"id": "-", "pid": "-", "state": "no instances",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
 from typing import Any
 
@@ -31,8 +32,12 @@ def cmd_logs(ns: argparse.Namespace) -> int:
         args["grep"] = ns.grep
     if ns.instance:
         args["instance"] = ns.instance
-    for rec in _query("read", args).get("records", []):
+    res = _query("read", args)
+    for rec in res.get("records", []):
         print(_line(rec, ns.json), flush=True)
+    if res.get("truncated"):
+        print(f"-- {res['truncated']} older records left out (reply size limit); narrow with "
+              "--since or --grep", file=sys.stderr)
     if ns.follow:
         asyncio.run(_follow(ns))
     return 0

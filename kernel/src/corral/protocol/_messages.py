@@ -14,7 +14,7 @@ Role = Literal["driver", "client"]
 class Body(BaseModel):
     """Base of every message body: unknown fields are refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 class Hello(Body):

@@ -19,7 +19,7 @@ from corral.protocol._lifecycle import AppSpec, InstanceRecord, InstanceSpec
 class Args(BaseModel):
     """Base of operation arguments: unknown fields are refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 class NoArgs(Args):
