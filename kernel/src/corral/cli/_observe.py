@@ -25,6 +25,14 @@ def _line(rec: dict[str, Any], as_json: bool) -> str:
 
 def cmd_logs(ns: argparse.Namespace) -> int:
     """An app's output: the last lines, filtered; -f follows live."""
+    if ns.follow:
+        asyncio.run(_follow(ns))
+    else:
+        _history(ns, _query("read", _read_args(ns)))
+    return 0
+
+
+def _read_args(ns: argparse.Namespace) -> dict[str, Any]:
     args: dict[str, Any] = {"app": ns.app, "limit": ns.lines, "json": True}
     if ns.since:
         args["since"] = ns.since
@@ -32,34 +40,59 @@ def cmd_logs(ns: argparse.Namespace) -> int:
         args["grep"] = ns.grep
     if ns.instance:
         args["instance"] = ns.instance
-    res = _query("read", args)
+    return args
+
+
+def _history(ns: argparse.Namespace, res: dict[str, Any]) -> tuple[int, set[tuple[str, str]]]:
+    """Print stored records; return the newest timestamp and what was printed at it."""
+    newest, at_newest = 0, set[tuple[str, str]]()
     for rec in res.get("records", []):
         print(_line(rec, ns.json), flush=True)
+        t = int(rec.get("time_ns", 0))
+        if t > newest:
+            newest, at_newest = t, set()
+        if t == newest:
+            at_newest.add((str(rec.get("instance")), str(rec.get("message"))))
     if res.get("truncated"):
         print(f"-- {res['truncated']} older records left out (reply size limit); narrow with "
               "--since or --grep", file=sys.stderr)
-    if ns.follow:
-        asyncio.run(_follow(ns))
-    return 0
+    return newest, at_newest
 
 
 async def _follow(ns: argparse.Namespace) -> None:
     import re
 
     pattern = re.compile(ns.grep) if ns.grep else None
-    async for event in events(f"log.{ns.app}"):
+    stream = events(f"log.{ns.app}")
+    first = asyncio.ensure_future(anext(stream))  # subscribe before reading the history
+    await asyncio.sleep(0.2)  # let the subscription reach the kernel's PUB socket
+    newest, at_newest = _history(
+        ns, await KernelClient().acall("driver.query", {"capability": "log", "query": "read",
+                                                        "args": _read_args(ns)}))
+
+    def fresh(rec: dict[str, Any]) -> bool:
+        t = int(rec.get("time_ns", 0))
+        if t < newest:
+            return False  # already printed from the history
+        return not (t == newest and (str(rec.get("instance")), str(rec.get("message")))
+                    in at_newest)
+
+    event = await first
+    while True:
         data = event.data
-        if data.get("app") != ns.app:  # prefix subscriptions also match log.<app>suffix
-            continue
-        for rec in data.get("records", []):
-            if ns.instance and ns.instance not in (rec.get("instance"), rec.get("process")):
-                continue
-            if pattern and not pattern.search(str(rec.get("message", ""))):
-                continue
-            print(_line(rec, ns.json), flush=True)
-        if data.get("skipped"):
-            print(f"-- {data['skipped']} records skipped by the live tail's rate cap "
-                  "(all are in the files: corral logs without -f)", flush=True)
+        if data.get("app") == ns.app:  # prefix subscriptions also match log.<app>suffix
+            for rec in data.get("records", []):
+                if not fresh(rec):
+                    continue
+                if ns.instance and ns.instance not in (rec.get("instance"), rec.get("process")):
+                    continue
+                if pattern and not pattern.search(str(rec.get("message", ""))):
+                    continue
+                print(_line(rec, ns.json), flush=True)
+            if data.get("skipped"):
+                print(f"-- {data['skipped']} records skipped by the live tail's rate cap "
+                      "(all are in the files: corral logs without -f)", flush=True)
+        event = await anext(stream)
 
 
 def cmd_errors(ns: argparse.Namespace) -> int:
