@@ -14,7 +14,6 @@ from typing import Any
 
 import structlog
 
-from corral.bus import Handler
 from corral.errors import CorralError, ErrorCode
 from corral.protocol import AppSpec, InstanceRecord, Welcome
 from corral.sdk import Driver, KernelLink, op, run
@@ -25,7 +24,6 @@ from corral_lb.nft import TABLE as NFT_TABLE
 
 log = structlog.get_logger("corral_lb")
 
-WELCOME_WAIT = 10.0  # seconds an early request waits for WELCOME's config
 HEALTHY_WAIT = 30.0  # instance.started waits this long for the new backend to turn healthy
 
 
@@ -64,7 +62,6 @@ class LbDriver(Driver):
         super().__init__()
         self.balancer = Balancer(activators=self._activator, runtime_dir=None)
         self._configs: dict[str, LbConfig] = {}
-        self._welcome_seen = asyncio.Event()
 
     def _activator(self, app: str, config: LbConfig) -> KernelActivator:
         return KernelActivator(self.kernel, app, config.process or "web")
@@ -87,23 +84,6 @@ class LbDriver(Driver):
         # this kernel's services, told apart from other kernels' in a shared table
         self.balancer.nft_owner = hashlib.blake2b(str(self.home).encode(),
                                                   digest_size=6).hexdigest()
-        self._welcome_seen.set()
-
-    def handlers(self) -> dict[str, Handler]:
-        """The SDK's dispatch table, each operation held until WELCOME was taken."""
-        return {name: self._after_welcome(h) for name, h in super().handlers().items()}
-
-    def _after_welcome(self, handler: Handler) -> Handler:
-        async def handle(args: dict[str, Any]) -> dict[str, Any]:
-            if not self._welcome_seen.is_set():
-                try:
-                    await asyncio.wait_for(self._welcome_seen.wait(), WELCOME_WAIT)
-                except TimeoutError:
-                    raise CorralError(f"{self.name}: no WELCOME (host config) yet",
-                                      code=ErrorCode.UNAVAILABLE, retry=True) from None
-            return await handler(args)
-
-        return handle
 
     async def start(self) -> None:
         """Keep sockets of policy programs under the runtime directory."""

@@ -12,7 +12,6 @@ from typing import Any
 
 import structlog
 
-from corral.bus import Handler
 from corral.errors import CorralError, ErrorCode
 from corral.protocol import PlanFragment, Welcome
 from corral.sdk import Driver, op, run
@@ -23,7 +22,6 @@ from corral_net.model import AppPolicy, policy_from_manifest
 
 log = structlog.get_logger("corral.net")
 ADDRESS = "address"
-WELCOME_WAIT = 10.0  # seconds an early request waits for WELCOME's config
 
 
 class NetDriver(Driver):
@@ -40,29 +38,11 @@ class NetDriver(Driver):
         self._claim: HostClaim | None = None
         self._welcome_seen = asyncio.Event()
 
-    # The SDK may dispatch a request that arrived right behind WELCOME before it has handed
-    # the driver its config (see the report on corral.sdk): every operation waits for it, so
-    # nothing ever runs with the defaults instead of this host's settings.
     def welcomed(self, welcome: Welcome) -> None:
-        """Take the host config handed over at WELCOME; operations may run from now on."""
+        """Take the host config handed over at WELCOME (the SDK calls this before it
+        dispatches any request); until then nothing may touch the host's network."""
         super().welcomed(welcome)
         self._welcome_seen.set()
-
-    def handlers(self) -> dict[str, Handler]:
-        """The SDK's dispatch table, each operation held until WELCOME was taken."""
-        return {name: self._after_welcome(h) for name, h in super().handlers().items()}
-
-    def _after_welcome(self, handler: Handler) -> Handler:
-        async def handle(args: dict[str, Any]) -> dict[str, Any]:
-            if not self._welcome_seen.is_set():
-                try:
-                    await asyncio.wait_for(self._welcome_seen.wait(), WELCOME_WAIT)
-                except TimeoutError:
-                    raise CorralError(f"{self.name}: no WELCOME (host config) yet",
-                                      code=ErrorCode.UNAVAILABLE, retry=True) from None
-            return await handler(args)
-
-        return handle
 
     @property
     def net(self) -> HostNetwork:
