@@ -109,6 +109,12 @@ def raw_pipelined(endpoint: str, in_flight: int) -> tuple[int, float]:
 
 
 def main() -> int:
+    try:  # the Python client runs on uvloop too when it is installed, like the kernel
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
     with kernel() as k:
         n, s = asyncio.run(rounds(k.endpoint, 1))
         print(f"ledger_claim_release_sequential: {n / s:.0f}/s (goal >= 5000)")

@@ -16,6 +16,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -28,6 +29,7 @@ from typing import Any
 import pytest
 
 from conftest import require
+from corral.errors import CorralError, ErrorCode, NotFoundError
 from corral.testing import KernelProcess
 from e2e.apps import free_port
 
@@ -579,3 +581,180 @@ def test_lb_gc_of_one_kernel_spares_another_kernels_nft_services(public_dir: Pat
     finally:
         for k in kernels:
             k.teardown()
+
+
+# A server that never binds: it serves HTTP on the socket it inherited as fd 3 and answers
+# with what socket activation handed it (its pid as it sees it, LISTEN_*, fd 3's address).
+SOCKET_APP = textwrap.dedent('''
+    import http.server, json, os, socket, socketserver
+    fds = sorted(int(f) for f in os.listdir("/proc/self/fd"))
+    seen = {"pid": os.getpid(), "LISTEN_FDS": os.environ.get("LISTEN_FDS"),
+            "LISTEN_PID": os.environ.get("LISTEN_PID"),
+            "LISTEN_FDNAMES": os.environ.get("LISTEN_FDNAMES"),
+            "id": os.environ.get("CORRAL_INSTANCE_ID"), "fds_at_start": fds}
+    if seen["LISTEN_FDS"] != "1" or seen["LISTEN_PID"] != str(os.getpid()):
+        raise SystemExit(f"not socket-activated: {seen}")
+    sock = socket.socket(fileno=3)
+    seen["fd3"] = list(sock.getsockname()[:2])
+    class H(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        def do_GET(self):
+            body = (json.dumps(seen) + "\\n").encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        def log_message(self, *a): pass
+    class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+    srv = S(sock.getsockname()[:2], H, bind_and_activate=False)
+    srv.socket.close()
+    srv.socket = sock
+    srv.serve_forever()
+''')
+
+
+def test_socket_activation_through_the_kernel(kernel: KernelProcess, public_dir: Path) -> None:
+    """lb.socket_activation: the first request starts the instance (instance.spawn with
+    listen_fd); the kernel lifts the lb's listening socket with pidfd_getfd and the instance
+    gets it as fd 3 with LISTEN_FDS=1, LISTEN_PID = its own pid (behind tini in its pid
+    namespace) and LISTEN_FDNAMES=http, and answers without ever binding its port. A crash
+    is restarted on the same socket; after `idle` it is stopped, and the next request gets a
+    fresh instance on a fresh socket. A client may not pass a descriptor."""
+    k = kernel
+    port, front = free_port(), free_port()
+    lb_name = f"sock-{secrets.token_hex(3)}.test"
+    d = public_dir / "sock"
+    d.mkdir()
+    (d / "app.py").write_text(SOCKET_APP)
+    (d / "corral.toml").write_text(textwrap.dedent(f'''
+        [app]
+        name = "sock"
+        [ports]
+        http = {port}
+        [processes]
+        web = {{ command = "python3 app.py", port = "http" }}
+        [lb]
+        name = "{lb_name}"
+        frontend = {front}
+        health = {{ http = "/healthz", interval = "1s", rise = 1 }}
+        plane = "proxy"
+        mode = "http"
+        activation = "on-demand"
+        idle = "2s"
+        socket_activation = true
+    ''').lstrip())
+    for path in (d, *d.iterdir()):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    up(k, d)
+    assert instances_of(k, "sock") == []
+
+    t0 = time.time()
+    seen = json.loads(http_get("127.0.0.1", front, lb_name, timeout=30))
+    first_s = time.time() - t0
+    print(f"\nsocket-activated first request through the kernel: {first_s * 1000:.1f} ms")
+    insts = instances_of(k, "sock")
+    assert len(insts) == 1 and insts[0]["state"] == "ready", insts
+    inst = insts[0]
+    assert seen["id"] == inst["id"] == "sock.web.1"
+    assert seen["LISTEN_FDS"] == "1"
+    assert seen["LISTEN_PID"] == str(seen["pid"])
+    assert seen["pid"] == 2, seen  # tini is pid 1 of the instance's pid namespace
+    assert seen["LISTEN_FDNAMES"] == "http"
+    assert 3 in seen["fds_at_start"]
+    # fd 3 is the lb's socket on the host's loopback, not the instance's own address:port
+    assert seen["fd3"][0] == "127.0.0.1" and seen["fd3"][1] != port, seen
+    assert inst["address"] != "127.0.0.1"
+    with pytest.raises(OSError):
+        socket.create_connection((inst["address"], port), timeout=1).close()
+    backends = query(k, "lb", "status", {"app": "sock"})["services"][0]["backends"]
+    assert [b["id"] for b in backends] == ["sock.web.1"], backends
+    assert json.loads(http_get("127.0.0.1", front, lb_name))["id"] == "sock.web.1"
+
+    # a crash: the kernel restarts it with its copy of the same socket; the lb did nothing
+    os.kill(inst["pid"], 9)
+    wait_for(lambda: [i for i in instances_of(k, "sock")
+                      if i["pid"] != inst["pid"] and i["state"] == "ready"], 20, 0.1,
+             what="restart of the crashed instance")
+    again = json.loads(http_get("127.0.0.1", front, lb_name, timeout=30))
+    assert again["fd3"] == seen["fd3"] and again["LISTEN_PID"] == str(again["pid"])
+    restarted = instances_of(k, "sock")[0]
+    assert restarted["restarts"] == 1, restarted
+
+    # idle: stopped and released; the next request starts a fresh instance on a fresh socket
+    wait_for(lambda: instances_of(k, "sock") == [], 20, 0.2, what="idle stop")
+    assert k.call("ledger.list", {"owner": "sock", "kind": "instance"})["records"] == []
+    third = json.loads(http_get("127.0.0.1", front, lb_name, timeout=30))
+    assert third["LISTEN_FDS"] == "1" and third["LISTEN_PID"] == str(third["pid"])
+    assert third["fd3"] != seen["fd3"]
+
+    # only drivers may spawn, and only the lb driver may hand over a descriptor
+    with pytest.raises(CorralError) as refused:
+        k.call("instance.spawn", {"app": "sock", "process": "web",
+                                  "listen_fd": {"pid": os.getpid(), "fd": 0}})
+    assert refused.value.code == ErrorCode.FORBIDDEN, refused.value
+    assert k.cli("down", "sock").returncode == 0
+
+
+# A foreign driver of capability CAP (argv[1]) whose query.<cap>.spawn asks the kernel for
+# instance.spawn with listen_fd = {pid, fd} of its choosing and reports the kernel's answer.
+IMPOSTER = textwrap.dedent('''
+    import os, socket, sys
+    from corral.errors import CorralError
+    from corral.sdk import Driver, op, run
+    CAP = sys.argv[1]
+    LISTENING = socket.socket()
+    LISTENING.bind(("127.0.0.1", 0))
+    LISTENING.listen(1)
+    class Imposter(Driver):
+        name = "imposter"
+        capability = CAP
+        version = "0.0.1"
+        @op("state.sync")
+        async def sync(self, args):
+            return {}
+        @op(f"query.{CAP}.spawn")
+        async def spawn(self, args):
+            pid = {"own": os.getpid(), "parent": os.getppid()}[args.get("pid", "own")]
+            fd = {"listening": LISTENING.fileno(), "stdin": 0}[args.get("fd", "listening")]
+            try:
+                await self.kernel.call("instance.spawn", {
+                    "app": "nope", "process": "web", "listen_fd": {"pid": pid, "fd": fd}})
+            except CorralError as exc:
+                return {"code": int(exc.code), "reason": exc.reason}
+            return {"code": 0, "reason": "spawned"}
+    run(Imposter)
+''')
+
+
+def test_only_the_lb_driver_may_pass_its_own_listening_socket(public_dir: Path) -> None:
+    """The kernel lifts a descriptor only for the lb driver's peer, only from that driver's
+    own process, and only a listening socket: a cron-capability driver is refused (403), an lb
+    driver naming another process (its parent, the kernel) is refused (403), stdin is not a
+    listening socket (422); with all three right the request reaches the deploy (404: no app)."""
+    script = public_dir / "imposter.py"
+    script.write_text(IMPOSTER)
+    base = public_dir / "k"
+    base.mkdir()
+    toml = "".join(
+        f'[drivers.{cap}x]\nexec = ["{sys.executable}", "{script}", "{cap}"]\n'
+        f'capability = "{cap}"\n' for cap in ("cron", "lb"))
+    k = KernelProcess(base, toml)
+    k.start()
+    try:
+        wait_for(lambda: drivers_running(k, ("cronx", "lbx")), 20, what="imposters running")
+
+        def attempt(cap: str, **args: str) -> tuple[int, str]:
+            res = k.call("driver.query", {"capability": cap, "query": "spawn", "args": args})
+            return int(res["code"]), str(res["reason"])
+
+        code, reason = attempt("cron")
+        assert code == ErrorCode.FORBIDDEN and "only the lb driver" in reason, reason
+        code, reason = attempt("lb", pid="parent")
+        assert code == ErrorCode.FORBIDDEN and "is not the lb driver's process" in reason, reason
+        code, reason = attempt("lb", fd="stdin")
+        assert code == ErrorCode.INVALID and "not a listening stream socket" in reason, reason
+        code, reason = attempt("lb")
+        assert code == NotFoundError.code and "no app named 'nope'" in reason, reason
+    finally:
+        k.teardown()

@@ -44,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     except CorralError as exc:
         print(f"corrald: {exc.reason}", file=sys.stderr)
         return 2
+    try:  # uvloop when installed (a faster loop for the bus); the kernel does not require it
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
     asyncio.run(kernel.run(ready=lambda: print("corrald: ready", file=sys.stderr, flush=True)))
     return 0
 

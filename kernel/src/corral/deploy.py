@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +65,15 @@ class Live:
     stopping: bool = False
     restarts: int = 0
     exit_status: str = ""
+    # socket activation: the kernel's copies of the sockets the instance got as fd 3.., kept
+    # so that a restart hands it the same sockets (the lb still routes to them)
+    listen_fds: list[int] = field(default_factory=list)
+
+    def close_listen_fds(self) -> None:
+        """Drop the kernel's copies of the instance's sockets (it is gone for good)."""
+        fds, self.listen_fds = self.listen_fds, []
+        for fd in fds:
+            os.close(fd)
 
 
 @dataclass
@@ -325,7 +335,10 @@ class Deployer:
         return plan
 
     async def _launch(self, state: AppState, ispec: InstanceSpec, generation: int, *,
-                      wait_s: float, spec_hash_: str | None = None) -> Live:
+                      wait_s: float, spec_hash_: str | None = None,
+                      listen_fds: Sequence[int] = ()) -> Live:
+        """Plan, launch and wait for one instance; ``listen_fds`` are handed over as fd 3..
+        (the caller keeps its descriptors; the instance's ``Live`` holds copies)."""
         k = self.kernel
         notify = _NotifySocket(k.notify_dir / f"{ispec.id}.sock", state.spec.uid)
         h = spec_hash_ or spec_hash(ispec)
@@ -340,6 +353,7 @@ class Deployer:
             if plan.root is not None:  # a sandboxed view must still see its notify socket
                 plan.mounts.append(BindMount(source=str(notify.path), target=str(notify.path),
                                              mode="rw"))
+            plan.listen_fds = list(listen_fds)
             pid, start_time = await asyncio.to_thread(launcher.launch, plan)
         except BaseException:
             notify.close()
@@ -349,7 +363,7 @@ class Deployer:
             raise
         record = InstanceRecord(spec=plan.instance, pid=pid, start_time=start_time,
                                 address=plan.address or "127.0.0.1")
-        live = Live(record, h, generation)
+        live = Live(record, h, generation, listen_fds=[os.dup(fd) for fd in listen_fds])
         state.instances[ispec.id] = live
         self._record(live)
         live.watcher = asyncio.ensure_future(self._watch(state, live))
@@ -381,6 +395,10 @@ class Deployer:
         port = rec.spec.port
         mode = str(((self.apps[rec.spec.app].spec.manifest.get("processes") or {})
                     .get(rec.spec.process) or {}).get("ready", "auto"))
+        if live.listen_fds and mode in ("auto", "port"):
+            # socket activation: the socket listens already and queues connections until the
+            # program accepts; the program never binds its port, so there is nothing to poll
+            mode = "socket"
         if mode == "auto":
             mode = "port" if port is not None else "started"
         quiet_until = time.monotonic() + 0.3  # a 'started' process must survive this long
@@ -389,7 +407,7 @@ class Deployer:
                 raise LaunchError(
                     f"instance {rec.spec.id} exited before it was ready"
                     f" ({live.exit_status or 'gone'}); {self._tail(rec)}", step="ready")
-            if notify.ready():  # READY=1 always counts, whatever the mode
+            if notify.ready() or mode == "socket":  # READY=1 always counts, whatever the mode
                 return
             if mode == "port" and port is not None:
                 if await _port_open(rec.address, port):
@@ -432,10 +450,13 @@ class Deployer:
             try:
                 spec = rec.spec.model_copy(update={"env": {
                     k: v for k, v in rec.spec.env.items() if k != "NOTIFY_SOCKET"}})
-                new = await self._launch(state, spec, live.generation, wait_s=30)
+                new = await self._launch(state, spec, live.generation, wait_s=30,
+                                         listen_fds=live.listen_fds)
                 new.restarts = live.restarts + 1
             except CorralError as exc:
                 log.error("restart failed", instance=rec.spec.id, error=exc.reason)
+            finally:
+                live.close_listen_fds()  # the new instance holds its own copies
 
     # ---- stop --------------------------------------------------------------------------------
 
@@ -452,6 +473,7 @@ class Deployer:
         _reap(rec.pid)
         if state.instances.get(rec.spec.id) is live:
             del state.instances[rec.spec.id]
+        live.close_listen_fds()
         await self._broadcast("instance.stopped", {"app": rec.spec.app,
                                                    "instance_id": rec.spec.id}, strict=False)
         if release or self.kernel.ledger.get("instance", rec.spec.id) is not None:
@@ -478,8 +500,11 @@ class Deployer:
 
     # ---- spawn (cron runs, on-demand) --------------------------------------------------------
 
-    async def spawn(self, args: Spawn) -> dict[str, Any]:
-        """``instance.spawn``: start a process of ``app`` in its sandbox; returns its record."""
+    async def spawn(self, args: Spawn, *, listen_fd: int | None = None) -> dict[str, Any]:
+        """``instance.spawn``: start a process of ``app`` in its sandbox; returns its record.
+
+        ``listen_fd`` (the kernel's copy of the lb's socket, ``args.listen_fd``; the caller
+        keeps and closes it) becomes the instance's fd 3 with LISTEN_FDS=1 and LISTEN_PID."""
         state = self.apps.get(args.app)
         if state is None:
             raise NotFoundError(f"no app named {args.app!r}")
@@ -490,6 +515,8 @@ class Deployer:
         resolved = manifests.ResolvedManifest.from_json(doc)  # with the deploy's overrides
         manifest_path = str(self.kernel.home / "apps" / args.app / "manifest.json")
         if args.kind == "job":
+            if listen_fd is not None:
+                raise CorralError("listen_fd is for instances, not jobs", code=ErrorCode.INVALID)
             if not args.command:
                 raise CorralError("a job needs a command", code=ErrorCode.INVALID)
             run = int(time.time() * 1000) % 1_000_000_000
@@ -530,8 +557,14 @@ class Deployer:
         if found is None:
             raise CorralError(f"{args.process} has all its instances running",
                               code=ErrorCode.CONFLICT)
+        fds: list[int] = []
+        if listen_fd is not None and args.listen_fd is not None:
+            fds = [listen_fd]
+            found = found.model_copy(update={"env": {**found.env,
+                                                     "LISTEN_FDNAMES": args.listen_fd.name}})
         async with self._lock(args.app):
-            live = await self._launch(state, found, state.spec.generation, wait_s=30)
+            live = await self._launch(state, found, state.spec.generation, wait_s=30,
+                                      listen_fds=fds)
         return live.record.model_dump(mode="json")
 
     async def _watch_job(self, job: Job) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import os
 import secrets
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -30,7 +31,8 @@ from corral.host import (
     load_config,
     runtime_dir,
 )
-from corral.launch import become_subreaper
+from corral.launch import become_subreaper, is_alive
+from corral.launch.linux import pidfd_getfd
 from corral.ledger import GroupCommit, Ledger, Txn, open_ledger
 from corral.protocol import KERNEL_OPS, PROTOCOL, QUERY_OP, Args, Hello, Request, Welcome
 from corral.protocol._ops import (
@@ -270,13 +272,74 @@ class Kernel:
         return await self.bus.call(slot.peer, op, args.args)
 
     async def _status(self, peer: Peer, args: Any) -> dict[str, Any]:
+        """The kernel's own figures (``corral status``, the log driver's /metrics)."""
+        drivers: dict[str, int] = {}
+        for slot in self.supervisor.slots.values():
+            drivers[slot.state] = drivers.get(slot.state, 0) + 1
         return {"pid": os.getpid(), "version": __version__, "protocol": PROTOCOL,
                 "uptime_s": round(time.time() - self.started, 3), "home": str(self.home),
                 "runtime_dir": str(self.runtime), "revision": self.ledger.revision(),
-                "peers": len(self.bus.peers)}
+                "peers": len(self.bus.peers), "bus": dict(self.bus.stats),
+                "apps": len(self.deployer.apps),
+                "instances": sum(len(a.instances) for a in self.deployer.apps.values()),
+                "drivers": drivers}
 
     async def _spawn(self, peer: Peer, args: Spawn) -> dict[str, Any]:
-        return await self.deployer.spawn(args)
+        if args.listen_fd is None:
+            return await self.deployer.spawn(args)
+        fd = self._take_listen_fd(peer, args.listen_fd.pid, args.listen_fd.fd)
+        try:
+            return await self.deployer.spawn(args, listen_fd=fd)
+        finally:
+            os.close(fd)  # the instance's Live holds its own copy
+
+    def _take_listen_fd(self, peer: Peer, pid: int, fd: int) -> int:
+        """A copy of the lb driver's listening socket ``fd`` (socket activation).
+
+        Only the lb driver's own peer may pass one, and only from its own process: ``pid``
+        must be the pid the supervisor started for that driver (and the process still the one
+        it started), so no peer can make the kernel lift a descriptor out of anyone else."""
+        slot = next((s for s in self.supervisor.slots.values()
+                     if s.peer is not None and s.peer.identity == peer.identity), None)
+        if slot is None or slot.capability != "lb":
+            raise CorralError("instance.spawn: only the lb driver may pass listen_fd",
+                              code=ErrorCode.FORBIDDEN)
+        if slot.pid is None or pid != slot.pid:
+            raise CorralError(f"instance.spawn: listen_fd.pid {pid} is not the lb driver's "
+                              f"process ({slot.pid})", code=ErrorCode.FORBIDDEN)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as err:
+            raise CorralError(f"instance.spawn: lb driver process {pid}: {err.strerror}",
+                              code=ErrorCode.UNAVAILABLE) from None
+        try:
+            # the pidfd pins the process: if it is still the one the supervisor started, the
+            # descriptor we take is that process's
+            if slot.start_time is not None and not is_alive(pid, slot.start_time):
+                raise CorralError(f"instance.spawn: process {pid} is no longer the lb driver",
+                                  code=ErrorCode.FORBIDDEN)
+            try:
+                copy = pidfd_getfd(pidfd, fd)
+            except OSError as err:
+                raise CorralError(f"instance.spawn: cannot take descriptor {fd} of the lb "
+                                  f"driver (pid {pid}): {os.strerror(err.errno or 0)}",
+                                  code=ErrorCode.INVALID) from None
+        finally:
+            os.close(pidfd)
+        try:
+            sock = socket.socket(fileno=copy)
+            try:
+                listening = (sock.type == socket.SOCK_STREAM
+                             and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1)
+            finally:
+                sock.detach()
+        except OSError:
+            listening = False
+        if not listening:
+            os.close(copy)
+            raise CorralError(f"instance.spawn: descriptor {fd} of the lb driver is not a "
+                              "listening stream socket", code=ErrorCode.INVALID)
+        return copy
 
     async def _signal(self, peer: Peer, args: InstanceSignal) -> dict[str, Any]:
         return self.deployer.signal(args.instance_id, args.signal, args.group)

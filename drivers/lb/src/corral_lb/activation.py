@@ -200,6 +200,9 @@ class OnDemand:
         if self.instance is None or self.instance.id != instance_id:
             return False
         self.instance = None
+        if self._socket is not None:  # the next instance gets a fresh socket
+            self._socket.close()
+            self._socket = None
         log.info("on-demand instance stopped by the kernel", service=self.service.name,
                  instance=instance_id)
         return True

@@ -107,6 +107,9 @@ class LbConfig(_Section):
             if isinstance(self.policy, str) and self.policy not in NFT_POLICIES:
                 raise ValueError(f"policy {self.policy!r} needs plane = 'proxy'; the nft plane "
                                  f"supports {', '.join(NFT_POLICIES)}")
+        if self.socket_activation and self.activation != "on-demand":
+            raise ValueError("socket_activation needs activation = 'on-demand' (the lb hands "
+                             "its socket to the instance it starts)")
         if self.policy == "hash-header" and not self.hash_header:
             raise ValueError("policy 'hash-header' needs hash_header = '<header name>'")
         if self.policy == "hash-header" and self.mode != "http":

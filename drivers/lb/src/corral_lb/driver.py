@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import os
 import socket
+from collections.abc import Coroutine
 from typing import Any
 
 import structlog
@@ -34,13 +35,20 @@ class KernelActivator:
         self.kernel, self.app, self.process = kernel, app, process
 
     async def start(self, listen: socket.socket | None) -> StartedInstance:
-        """Ask the kernel for one instance; returns once it is launched (not yet ready)."""
+        """Ask the kernel for one instance; returns once it is launched.
+
+        With ``listen`` the kernel takes a copy of that socket from this process (by pid and
+        descriptor number, ``pidfd_getfd``) and hands it to the instance as fd 3
+        (``LISTEN_FDS=1``): the backend is the socket's own address, which queues connections
+        until the app accepts them."""
+        args: dict[str, Any] = {"app": self.app, "process": self.process}
         if listen is not None:
-            raise CorralError(
-                f"app {self.app!r}: socket activation through the kernel needs fd passing "
-                "(instance.spawn has no listen_fd yet)", code=ErrorCode.INVALID, retry=False)
-        reply = await self.kernel.call("instance.spawn", {"app": self.app, "process": self.process})
+            args["listen_fd"] = {"pid": os.getpid(), "fd": listen.fileno(), "name": "http"}
+        reply = await self.kernel.call("instance.spawn", args)
         rec = InstanceRecord.model_validate(reply)
+        if listen is not None:
+            host, port = listen.getsockname()[:2]
+            return StartedInstance(rec.spec.id, host, port, rec)
         if rec.spec.port is None:
             raise CorralError(f"app {self.app!r}: process {self.process!r} has no port",
                               code=ErrorCode.INVALID, retry=False)
@@ -62,6 +70,7 @@ class LbDriver(Driver):
         super().__init__()
         self.balancer = Balancer(activators=self._activator, runtime_dir=None)
         self._configs: dict[str, LbConfig] = {}
+        self._tasks: set[asyncio.Future[None]] = set()
 
     def _activator(self, app: str, config: LbConfig) -> KernelActivator:
         return KernelActivator(self.kernel, app, config.process or "web")
@@ -129,6 +138,10 @@ class LbDriver(Driver):
         found = self._backend_of(app, rec)
         if found is None or app.name not in self.balancer.services:
             return {"backend": False}
+        activation = self.balancer.services[app.name].activation
+        if isinstance(activation, OnDemand) and activation.socket_activation:
+            # the app listens on our socket, not on its port: OnDemand adds that backend
+            return {"backend": False, "socket_activation": True}
         healthy = await self.balancer.add_backend(
             app.name, rec.spec.id, rec.address, found[1], wait=HEALTHY_WAIT)
         return {"backend": True, "healthy": healthy}
@@ -184,6 +197,13 @@ class LbDriver(Driver):
             found = self._backend_of(app, rec)
             if found is None:
                 continue
+            activation = self.balancer.services[app.name].activation
+            if (isinstance(activation, OnDemand) and activation.socket_activation
+                    and (activation.instance is None or activation.instance.id != rec.spec.id)):
+                # it listens on a socket of a previous lb process, whose address we no longer
+                # know: stop it (after this reply); the next connection starts a fresh one
+                self._background(self._stop_orphan(rec.spec.id))
+                continue
             live.setdefault(app.name, set()).add(rec.spec.id)
             adds.append(self.balancer.add_backend(app.name, rec.spec.id, rec.address, found[1]))
         await asyncio.gather(*adds)
@@ -200,6 +220,18 @@ class LbDriver(Driver):
             for key in self.balancer.nft.installed(mine=True) - keep:
                 self.balancer.nft.uninstall_key(key)
         return {"services": len(self.balancer.services), "removed_backends": removed}
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _stop_orphan(self, instance_id: str) -> None:
+        try:
+            await self.kernel.call("instance.stop", {"instance_id": instance_id})
+        except CorralError as exc:
+            log.warning("cannot stop orphaned socket-activated instance",
+                        instance=instance_id, error=exc.reason)
 
     @op("query.lb.status")
     async def status(self, args: dict[str, Any]) -> dict[str, Any]:

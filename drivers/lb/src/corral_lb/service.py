@@ -230,7 +230,8 @@ class Service:
 
     def metrics(self) -> dict[str, Any]:
         """Per-backend counters and latency histograms."""
-        return {"name": self.name, "backends": [b.metrics() for b in self.backends.values()]}
+        return {"app": self.app, "name": self.name,
+                "backends": [b.metrics() for b in self.backends.values()]}
 
     async def close(self) -> None:
         """Stop health checks and any on-demand instance; remove every backend."""

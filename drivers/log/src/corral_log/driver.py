@@ -70,6 +70,7 @@ class LogDriver(Driver):
                     runtime=self.runtime_dir / "log",
                     config=self.config,
                     publish=self.publish,
+                    call=self.kernel.call,
                 )
                 await svc.start()
                 self._service = svc

@@ -1,16 +1,26 @@
-"""Per-instance resource figures (psutil) and the Prometheus text endpoint."""
+"""Per-instance resource figures (psutil) and the Prometheus text endpoint.
+
+The endpoint also serves figures the log driver polls from the kernel every sample interval:
+the kernel's own (``kernel.status``) and the lb's per backend (``driver.query lb metrics``).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import psutil
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector, CollectorRegistry
 
 
@@ -102,12 +112,120 @@ class InstanceSampler:
         return sorted(rows, key=lambda r: (-r["cpu_percent"], r["instance"]))
 
 
-class DriverCollector(Collector):
-    """Exposes instance usage and the driver's own counters to prometheus_client."""
+KernelCall = Callable[[str, dict[str, Any]], Coroutine[Any, Any, dict[str, Any]]]
+POLL_TIMEOUT_S = 2.0
 
-    def __init__(self, sampler: InstanceSampler, stats: Callable[[], dict[str, Any]]) -> None:
+
+class PolledFigures:
+    """The kernel's status and the lb's per-backend metrics as last polled (None: the kernel
+    or the lb did not answer, e.g. no lb driver is installed)."""
+
+    def __init__(self) -> None:
+        self.kernel: dict[str, Any] | None = None
+        self.lb: dict[str, Any] | None = None
+        self.polled_at = 0.0
+
+    async def poll(self, call: KernelCall) -> None:
+        """Ask the kernel for both; a failure blanks that part until the next poll."""
+        self.kernel = await _answer(call("kernel.status", {}))
+        self.lb = await _answer(call("driver.query", {"capability": "lb", "query": "metrics",
+                                                      "args": {}}))
+        self.polled_at = time.time()
+
+
+async def _answer(request: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any] | None:
+    try:
+        return await asyncio.wait_for(request, POLL_TIMEOUT_S)
+    except Exception:  # unavailable, timed out, refused: the endpoint shows it as down
+        return None
+
+
+def kernel_families(status: dict[str, Any] | None) -> list[Metric]:
+    """``corral_kernel_*``: up, uptime, peers, ledger revision, apps, instances, drivers by
+    state, bus messages received/refused and handling errors."""
+    up = GaugeMetricFamily("corral_kernel_up", "1 if the kernel answered the last poll")
+    up.add_metric([], 1.0 if status else 0.0)
+    fams: list[Metric] = [up]
+    if not status:
+        return fams
+    for name, key, doc in (
+        ("uptime_seconds", "uptime_s", "seconds since the kernel started"),
+        ("peers", "peers", "peers connected to the bus (drivers and clients)"),
+        ("ledger_revision", "revision", "the ledger's revision"),
+        ("apps", "apps", "deployed apps"),
+        ("instances", "instances", "instances the kernel watches"),
+    ):
+        if key in status:
+            g = GaugeMetricFamily(f"corral_kernel_{name}", doc)
+            g.add_metric([], float(status[key]))
+            fams.append(g)
+    drivers = GaugeMetricFamily("corral_kernel_drivers", "drivers by state", labels=["state"])
+    for state, n in sorted((status.get("drivers") or {}).items()):
+        drivers.add_metric([state], float(n))
+    fams.append(drivers)
+    bus = status.get("bus") or {}
+    for key, name, doc in (
+        ("received", "bus_messages_received", "messages received on the bus"),
+        ("refused", "bus_messages_refused", "messages refused (peer not admitted)"),
+        ("errors", "bus_errors", "messages whose handling failed"),
+    ):
+        if key in bus:
+            c = CounterMetricFamily(f"corral_kernel_{name}", doc)
+            c.add_metric([], float(bus[key]))
+            fams.append(c)
+    return fams
+
+
+def lb_families(metrics: dict[str, Any] | None) -> list[Metric]:
+    """``corral_lb_*`` per backend: requests, active, outstanding, 5xx, connect failures,
+    the latency histogram (seconds) and its p50/p99."""
+    up = GaugeMetricFamily("corral_lb_up", "1 if the lb driver answered the last poll")
+    up.add_metric([], 1.0 if metrics is not None else 0.0)
+    labels = ["app", "name", "backend"]
+    requests = CounterMetricFamily("corral_lb_requests", "requests (tcp: connections) forwarded",
+                                   labels=labels)
+    errors = CounterMetricFamily("corral_lb_errors_5xx", "5xx answers", labels=labels)
+    failures = CounterMetricFamily("corral_lb_connect_failures", "failed connects to the backend",
+                                   labels=labels)
+    active = GaugeMetricFamily("corral_lb_active", "active connections", labels=labels)
+    outstanding = GaugeMetricFamily("corral_lb_outstanding", "requests in flight", labels=labels)
+    latency = HistogramMetricFamily("corral_lb_latency_seconds",
+                                    "request latency (tcp: connection lifetime)", labels=labels)
+    p50 = GaugeMetricFamily("corral_lb_latency_p50_seconds", "median latency (bucket bound)",
+                            labels=labels)
+    p99 = GaugeMetricFamily("corral_lb_latency_p99_seconds", "99th percentile latency "
+                            "(bucket bound)", labels=labels)
+    for svc in (metrics or {}).get("services", []):
+        for b in svc.get("backends", []):
+            lv = [str(svc.get("app", "")), str(svc.get("name", "")), str(b.get("id", ""))]
+            requests.add_metric(lv, float(b.get("requests", 0)))
+            errors.add_metric(lv, float(b.get("errors_5xx", 0)))
+            failures.add_metric(lv, float(b.get("connect_failures", 0)))
+            active.add_metric(lv, float(b.get("active", 0)))
+            outstanding.add_metric(lv, float(b.get("outstanding", 0)))
+            lat = b.get("latency") or {}
+            cumulative, buckets = 0, []
+            for bucket in lat.get("buckets", []):
+                cumulative += int(bucket["count"])
+                le = bucket["le"]
+                buckets.append(("+Inf" if le == "+Inf" else repr(float(le)), float(cumulative)))
+            if buckets:
+                latency.add_metric(lv, buckets, float(lat.get("sum", 0.0)))
+            for fam, key in ((p50, "p50"), (p99, "p99")):
+                if lat.get(key) is not None:
+                    fam.add_metric(lv, float(lat[key]))
+    return [up, requests, errors, failures, active, outstanding, latency, p50, p99]
+
+
+class DriverCollector(Collector):
+    """Exposes instance usage, the driver's own counters, and the polled kernel and lb
+    figures to prometheus_client."""
+
+    def __init__(self, sampler: InstanceSampler, stats: Callable[[], dict[str, Any]],
+                 figures: PolledFigures | None = None) -> None:
         self.sampler = sampler
         self.stats = stats
+        self.figures = figures
 
     def collect(self) -> Iterator[Metric]:
         """One family per figure."""
@@ -165,6 +283,9 @@ class DriverCollector(Collector):
                 spooled.add_metric([app, name], s["spooled_bytes"])
                 up.add_metric([app, name], 1.0 if s["up"] else 0.0)
         yield from (delivered, dropped, rejected, spooled, up)
+        if self.figures is not None:
+            yield from kernel_families(self.figures.kernel)
+            yield from lb_families(self.figures.lb)
 
 
 def serve_metrics(collector: DriverCollector, address: str, port: int) -> tuple[Any, int]:

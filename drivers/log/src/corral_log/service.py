@@ -29,7 +29,7 @@ from typing import Any
 from corral_log import capture
 from corral_log.errorstore import ErrorStore
 from corral_log.framing import DEFAULT_MAX_LINE, LineFramer
-from corral_log.metrics import DriverCollector, InstanceSampler, serve_metrics
+from corral_log.metrics import DriverCollector, InstanceSampler, PolledFigures, serve_metrics
 from corral_log.reading import DEFAULT_NAME, app_log_dir, read_logs
 from corral_log.records import DRIVER_INSTANCE, Record, encode_block, encode_lines, process_of
 from corral_log.sinks import (
@@ -48,6 +48,7 @@ from corral_log.tracebacks import TraceCollector
 
 log = logging.getLogger("corral_log")
 Publish = Callable[[str, dict[str, Any]], Coroutine[Any, Any, None]]
+KernelCall = Callable[[str, dict[str, Any]], Coroutine[Any, Any, dict[str, Any]]]
 
 TAIL_MAX_RECORDS = 2000  # per app per flush window: beyond it live tail says "skipped": n
 TAIL_EVENT_RECORDS = 500  # records per EVENT (bodies stay far below CDP/1's 1 MiB limit)
@@ -108,12 +109,15 @@ class LogService:
         runtime: Path | None = None,
         config: dict[str, Any] | None = None,
         publish: Publish | None = None,
+        call: KernelCall | None = None,
     ) -> None:
         self.home = home
         self.config = dict(config or {})
         self.runtime = Path(self.config.get("runtime_dir") or runtime or home / "run" / "log")
         self.runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.publish = publish
+        self.call = call  # the kernel, for its own and the lb's figures on /metrics
+        self.figures = PolledFigures()
         self.pipe_size = parse_size(self.config.get("pipe_size", "1MiB"))
         self.max_line = parse_size(self.config.get("max_line", DEFAULT_MAX_LINE))
         self.idle_flush_s = parse_duration(self.config.get("idle_flush", "1s"))
@@ -139,6 +143,7 @@ class LogService:
         self._tasks = [
             asyncio.create_task(self._every(self.idle_flush_s / 2, self._flush_idle)),
             asyncio.create_task(self._every(self.sample_s, self._sample)),
+            asyncio.create_task(self._every(self.sample_s, self._poll_figures)),
             asyncio.create_task(self._every(0.1, self._flush_tail)),
         ]
         self.recover()
@@ -147,7 +152,8 @@ class LogService:
             addr, _, port = str(metrics).rpartition(":")
             try:
                 self.metrics_server, self.metrics_port = serve_metrics(
-                    DriverCollector(self.sampler, self.stats), addr or "127.0.0.1", int(port)
+                    DriverCollector(self.sampler, self.stats, self.figures),
+                    addr or "127.0.0.1", int(port)
                 )
             except OSError as exc:
                 log.warning("metrics endpoint %s not started: %s", metrics, exc)
@@ -575,6 +581,11 @@ class LogService:
                 if st.traces is not None:
                     for trace in st.traces.flush():
                         self._trace(inst, trace, time.time_ns())
+
+    async def _poll_figures(self) -> None:
+        """Fetch the kernel's status and the lb's per-backend figures for /metrics."""
+        if self.call is not None:
+            await self.figures.poll(self.call)
 
     async def _sample(self) -> None:
         if self.sampler.instances:

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from corral.client import KernelClient, events
+from corral.errors import CorralError
 
 
 def _query(name: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -115,24 +116,69 @@ def cmd_errors(ns: argparse.Namespace) -> int:
 
 
 def cmd_top(ns: argparse.Namespace) -> int:
-    """Per-instance CPU, memory, files, threads, connections; refreshed until Ctrl-C."""
+    """Per-instance CPU, memory, files, threads, connections, and the lb's figures of the
+    instances that are backends (requests, active, 5xx, p99); refreshed until Ctrl-C."""
     while True:
-        res = _query("top", {"app": ns.app} if ns.app else {})
-        rows = res.get("instances", [])
+        rows = _top_rows(ns.app)
         if ns.json:
             print(json.dumps(rows, indent=2, sort_keys=True))
             return 0
         print("\x1b[H\x1b[2J" if not ns.once else "", end="")
         print(f"{'INSTANCE':32} {'CPU%':>6} {'RSS MiB':>8} {'FILES':>6} {'THREADS':>7} "
-              f"{'CONNS':>6} {'PROCS':>6}")
+              f"{'CONNS':>6} {'PROCS':>6} {'REQS':>8} {'ACTIVE':>6} {'5XX':>5} {'P99 ms':>7}")
         for r in rows:
-            print(f"{r.get('instance', ''):32} {r.get('cpu_percent', 0):6.1f} "
-                  f"{r.get('rss_bytes', 0) / 2**20:8.1f} {r.get('open_files', 0):6} "
-                  f"{r.get('threads', 0):7} {r.get('connections', 0):6} "
-                  f"{r.get('processes', 0):6}")
+            lb = r.get("lb")
+            lb_cols = (f"{lb['requests']:8} {lb['active']:6} {lb['errors_5xx']:5} "
+                       f"{_ms(lb.get('p99_s')):>7}" if lb else f"{'-':>8} {'-':>6} {'-':>5} "
+                                                           f"{'-':>7}")
+            if "pid" in r:
+                print(f"{r.get('instance', ''):32} {r.get('cpu_percent', 0):6.1f} "
+                      f"{r.get('rss_bytes', 0) / 2**20:8.1f} {r.get('open_files', 0):6} "
+                      f"{r.get('threads', 0):7} {r.get('connections', 0):6} "
+                      f"{r.get('processes', 0):6} {lb_cols}")
+            else:  # a backend the log driver does not sample
+                print(f"{r.get('instance', ''):32} {'-':>6} {'-':>8} {'-':>6} {'-':>7} {'-':>6} "
+                      f"{'-':>6} {lb_cols}")
         if ns.once:
             return 0
         time.sleep(ns.interval)
+
+
+def _ms(seconds: Any) -> str:
+    if seconds is None:
+        return "-"
+    return "inf" if seconds == float("inf") else f"{seconds * 1000:.1f}"
+
+
+def _top_rows(app: str | None) -> list[dict[str, Any]]:
+    """The log driver's per-instance rows, each backend's lb figures under ``lb`` (rows of
+    backends the log driver does not sample carry ``instance``, ``app`` and ``lb`` only).
+    Without an lb driver the rows are the log driver's alone."""
+    rows: list[dict[str, Any]] = list(
+        _query("top", {"app": app} if app else {}).get("instances", []))
+    try:
+        metrics = KernelClient().call("driver.query", {"capability": "lb", "query": "metrics",
+                                                       "args": {}})
+    except CorralError:
+        return rows
+    by_id = {str(r.get("instance")): r for r in rows}
+    for svc in metrics.get("services", []):
+        if app and svc.get("app") != app:
+            continue
+        for b in svc.get("backends", []):
+            lat = b.get("latency") or {}
+            figures = {"name": svc.get("name"), "requests": int(b.get("requests", 0)),
+                       "active": int(b.get("active", 0)),
+                       "errors_5xx": int(b.get("errors_5xx", 0)),
+                       "connect_failures": int(b.get("connect_failures", 0)),
+                       "p50_s": lat.get("p50"), "p99_s": lat.get("p99")}
+            row = by_id.get(str(b.get("id")))
+            if row is None:
+                row = {"instance": str(b.get("id")), "app": svc.get("app")}
+                by_id[row["instance"]] = row
+                rows.append(row)
+            row["lb"] = figures
+    return rows
 
 
 def add_parsers(sub: Any) -> None:

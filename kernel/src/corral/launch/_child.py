@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import _socket
 import errno
+import fcntl
 import marshal
 import os
 import signal
@@ -31,6 +32,7 @@ from corral.launch import linux
 
 MAX_ORDER = 1 << 20  # bytes of one marshalled order (argv + env + mounts)
 MAX_FDS = 16  # descriptors passed with one order
+SD_LISTEN_FDS_START = 3  # systemd socket activation: passed sockets are fds 3, 4, ...
 DESCRIPTORS = ("stdin", "stdout", "stderr", "netns", "init", "err_w", "pid_w", "go_r")
 # Device nodes a launcher-built root gets (bound from the host: mknod is not possible in a
 # user namespace, and binding keeps one code path for both modes).
@@ -68,6 +70,7 @@ class Order:
         self.stdin, self.stdout, self.stderr = fd["stdin"], fd["stdout"], fd["stderr"]
         self.netns, self.init = fd["netns"], fd["init"]
         self.err_w, self.pid_w, self.go_r = fd["err_w"], fd["pid_w"], fd["go_r"]
+        self.listen = [fds[slots[f"listen{i}"]] for i in range(data.get("listen_fds", 0))]
 
 
 def tell(fd: int, step: str, err: BaseException) -> None:
@@ -217,6 +220,36 @@ def _graft(root: bytes, mounts: list[tuple[bytes, bytes, bool]]) -> None:
                     | linux.MS_NOSUID | linux.MS_NODEV)
 
 
+def _place_listen_fds(order: Order) -> tuple[int, ...]:
+    """Child only: put the passed sockets on fds 3, 4, ... (inheritable) and set LISTEN_FDS
+    and LISTEN_PID; returns the descriptors placed.
+
+    LISTEN_PID must be the pid the *program* sees. Without a pid namespace that is ours (the
+    program is exec'd in this process). With one, we are pid 1 there and exec tini, whose
+    first and only fork runs the program: pid allocation in a fresh namespace is sequential,
+    and nothing else can enter it before, so the program is pid 2 (checked by the tests).
+    """
+    n = len(order.listen)
+    if not n:
+        return ()
+    top = SD_LISTEN_FDS_START + n
+
+    def lift(fd: int) -> int:
+        # a descriptor we still need that sits where a socket must go moves above them
+        if SD_LISTEN_FDS_START <= fd < top:
+            return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top)
+        return fd
+
+    order.err_w, order.go_r, order.init = lift(order.err_w), lift(order.go_r), lift(order.init)
+    sources = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top) for fd in order.listen]
+    for i, fd in enumerate(sources):
+        os.dup2(fd, SD_LISTEN_FDS_START + i, inheritable=True)
+    pid = 2 if order.init >= 0 else os.getpid()
+    order.env[b"LISTEN_FDS"] = str(n).encode()
+    order.env[b"LISTEN_PID"] = str(pid).encode()
+    return tuple(range(SD_LISTEN_FDS_START, top))
+
+
 def _grandchild(order: Order) -> NoReturn:
     """Child only: enter cgroups and namespaces, pivot, drop privileges, seccomp, execve."""
     step = "signals"
@@ -293,8 +326,10 @@ def _grandchild(order: Order) -> NoReturn:
         if order.no_new_privs:
             step = "no_new_privs"
             linux.set_no_new_privs()
+        step = "listen_fds"
+        keep = _place_listen_fds(order)
         step = "close_fds"
-        _close_all_but((order.err_w, order.go_r, order.init))
+        _close_all_but((order.err_w, order.go_r, order.init, *keep))
         step = "sync"
         # the caller has read our start time; anything but its "g" (EOF: it gave up or died)
         # means nobody will track this process, so it must not run

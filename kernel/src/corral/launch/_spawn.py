@@ -158,8 +158,14 @@ def _prepare(plan: LaunchPlan) -> _Prepared:
         "last_cap": linux.last_capability() if drop_caps else 40,
         "no_new_privs": plan.no_new_privs,
         "seccomp": compiled_filter(plan.seccomp) if plan.seccomp else None,
+        "listen_fds": len(plan.listen_fds),
     })
     try:
+        for i, fd in enumerate(plan.listen_fds):
+            try:  # our own copy: the order's descriptors are closed after each launch
+                prep.add_fd(f"listen{i}", os.dup(fd))
+            except OSError as err:
+                raise _error("listen_fds", err, f"descriptor {fd}") from err
         if plan.pid_namespace:
             prep.add_fd("init", os.open(_find_init(), os.O_PATH | os.O_CLOEXEC))
         prep.add_fd("stdin", os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))

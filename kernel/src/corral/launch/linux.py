@@ -66,8 +66,8 @@ SECCOMP_MODE_FILTER = 2
 
 _SYSCALLS: dict[str, dict[str, int]] = {
     # Only the calls glibc does not wrap; numbers differ per architecture.
-    "x86_64": {"pivot_root": 155, "capset": 126, "mount_setattr": 442},
-    "aarch64": {"pivot_root": 41, "capset": 91, "mount_setattr": 442},
+    "x86_64": {"pivot_root": 155, "capset": 126, "mount_setattr": 442, "pidfd_getfd": 438},
+    "aarch64": {"pivot_root": 41, "capset": 91, "mount_setattr": 442, "pidfd_getfd": 438},
 }
 _NR = _SYSCALLS.get(os.uname().machine, _SYSCALLS["x86_64"])
 
@@ -229,6 +229,14 @@ def clear_capability_sets() -> None:
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
     _check(_libc.syscall(_NR["capset"], ctypes.byref(header), ctypes.byref(data)), "capset")
+
+
+def pidfd_getfd(pidfd: int, target_fd: int) -> int:
+    """A copy (close-on-exec) of descriptor ``target_fd`` of the process behind ``pidfd``.
+
+    Needs ptrace access to that process (root, or its uid without Yama restrictions)."""
+    return _check(_libc.syscall(_NR["pidfd_getfd"], pidfd, target_fd, 0),
+                  f"pidfd_getfd(fd {target_fd})")
 
 
 def set_no_new_privs() -> None:

@@ -551,6 +551,11 @@ class Balancer(_Section):
     )
     plane: Literal["nft", "proxy"] | None = Field(default=None, description="default: host config")
     mode: Literal["tcp", "http"] = "tcp"
+    socket_activation: bool = Field(
+        default=False,
+        description="on-demand: the lb hands its listening socket to the instance as fd 3 "
+        "(LISTEN_FDS=1, LISTEN_PID); the app accepts on it instead of binding its port",
+    )
 
 
 AlertEvent = Literal["failure", "timeout", "missed", "no-success"]

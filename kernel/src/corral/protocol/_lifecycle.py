@@ -103,3 +103,9 @@ class LaunchPlan(_Model):
     pid_namespace: bool = False
     seccomp: str | None = None
     no_new_privs: bool = True
+    listen_fds: list[int] = Field(
+        default_factory=list,
+        description="descriptors open in the launching process, passed to the program as fd 3, "
+        "4, ... with LISTEN_FDS and LISTEN_PID set (systemd socket activation); the caller "
+        "keeps its own copies",
+    )

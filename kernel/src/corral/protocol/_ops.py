@@ -82,6 +82,19 @@ class DriverQuery(Args):
     args: dict[str, Any] = Field(default_factory=dict)
 
 
+class ListenFd(Args):
+    """A listening socket the calling driver holds: descriptor ``fd`` of its process ``pid``.
+
+    Only the lb driver may pass one, and only with its own pid (the kernel checks both and
+    takes a copy with ``pidfd_getfd``); the instance gets it as fd 3 (systemd socket activation).
+    """
+
+    pid: int = Field(gt=0, description="the calling driver's own pid")
+    fd: int = Field(ge=0, description="the descriptor number in that process")
+    name: str = Field(default="unknown", pattern=r"^[A-Za-z0-9_.-]{1,255}$",
+                      description="LISTEN_FDNAMES of the socket")
+
+
 class Spawn(Args):
     """``instance.spawn``: start a process of ``app`` in its sandbox (cron runs, on-demand)."""
 
@@ -91,6 +104,9 @@ class Spawn(Args):
     command: str | None = Field(default=None, description="jobs: the command to run")
     env: dict[str, str] = Field(default_factory=dict)
     label: str | None = Field(default=None, description="jobs: run label used in the id")
+    listen_fd: ListenFd | None = Field(
+        default=None, description="instances: hand this listening socket to the instance as "
+        "fd 3 with LISTEN_FDS=1/LISTEN_PID (socket activation; lb driver only)")
 
 
 class InstanceSignal(Args):
@@ -202,6 +218,8 @@ _DRIVER_OPS = _table(
     Operation("instance.stop", InstanceId, "stop an instance and release it"),
     Operation("instance.wait", InstanceWait, "wait for a spawned job; its exit status"),
     Operation("event.publish", Publish, "publish an event on the bus"),
+    Operation("driver.query", DriverQuery, "forward a query to a driver (e.g. log polls lb)"),
+    Operation("kernel.status", NoArgs, "pid, uptime, version, ledger revision, bus figures"),
 )
 
 KERNEL_OPS: dict[str, dict[str, Operation]] = {"client": _CLIENT_OPS, "driver": _DRIVER_OPS}
