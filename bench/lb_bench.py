@@ -64,6 +64,14 @@ def wrk(port: int, duration: int) -> tuple[float, float]:
     return rps, p99
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of process ``pid`` so far (0 for None: no relay process)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_port(port: int, timeout: float = 10.0) -> float:
     """Seconds until port accepts a connection."""
     t0 = time.monotonic()
@@ -212,15 +220,27 @@ backend bk_http
                  "haproxy-http": HA_HTTP, "proxy-http": PX_HTTP}
         if args.only:
             names = {n: p for n, p in names.items() if n in args.only.split(",")}
-        for name, port in names.items():  # warm up: first connections, caches, JIT-free paths
+        for port in names.values():  # warm up: first connections, caches
             wrk(port, 1)
+        # The relay process of each contestant, to report its CPU time per request.
+        haproxy_pid = int((d / "haproxy.pid").read_text().split()[0])
+        relay = {"haproxy-tcp": haproxy_pid, "haproxy-http": haproxy_pid,
+                 "proxy-tcp": proxy.pid, "proxy-http": proxy.pid}
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+        cpu_us: dict[str, list[float]] = {name: [] for name in names if name in relay}
         order = list(names)
         for r in range(args.rounds):
             for name in order[r % len(order):] + order[:r % len(order)]:
+                pid = relay.get(name)
+                before = cpu_seconds(pid)
                 rps, p99 = wrk(names[name], args.duration)
-                print(f"  round {r + 1} {name:13s} {rps:10.0f} req/s  p99 {p99:6.2f} ms",
-                      file=sys.stderr)
+                extra = ""
+                if pid is not None:
+                    cpu_us[name].append((cpu_seconds(pid) - before) * 1e6
+                                        / (rps * args.duration))
+                    extra = f"  relay CPU {cpu_us[name][-1]:5.1f} us/req"
+                print(f"  round {r + 1} {name:13s} {rps:10.0f} req/s  p99 {p99:6.2f} ms"
+                      f"{extra}", file=sys.stderr)
                 runs[name].append((rps, p99))
         start_ms, first_ms = on_demand(3) if not args.only else (0.0, 0.0)
     finally:
@@ -245,7 +265,9 @@ backend bk_http
 
     for name, rs in runs.items():
         print(f"{name}: median {statistics.median(x[0] for x in rs):.0f} req/s, p99 "
-              f"{statistics.median(x[1] for x in rs):.2f} ms ({len(rs)} rounds)")
+              f"{statistics.median(x[1] for x in rs):.2f} ms ({len(rs)} rounds)"
+              + (f", relay CPU {statistics.median(cpu_us[name]):.1f} us/req"
+                 if cpu_us.get(name) else ""))
     ratio("nft", "direct", ">= 0.95")
     ratio("nft", "haproxy-tcp", ">= 1.8")
     ratio("proxy-tcp", "haproxy-tcp", ">= 1.0")

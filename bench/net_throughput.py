@@ -44,7 +44,8 @@ def ensure_iperf3() -> bool:
     return shutil.which("iperf3") is not None
 
 
-def iperf(prefix: Sequence[str], address: str, port: int, seconds: int) -> tuple[float, float, float]:
+def iperf(prefix: Sequence[str], address: str, port: int,
+          seconds: int) -> tuple[float, float, float]:
     """(received bit/s, sender CPU %, receiver CPU %) of one iperf3 run to address:port."""
     cmd = [*prefix, "iperf3", "-c", address, "-p", str(port), "-t", str(seconds), "-O", "1",
            "-J"]

@@ -28,8 +28,19 @@ def configure_logging(verbose: bool = False) -> None:
     )
 
 
+def _lean_malloc() -> None:
+    """Few malloc arenas: ZeroMQ's I/O threads would otherwise each get their own heap."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(-8, 2)  # M_ARENA_MAX = 2 (glibc)
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse flags and run the kernel until SIGTERM/SIGINT."""
+    _lean_malloc()
     parser = argparse.ArgumentParser(prog="corrald", description="the corral kernel")
     parser.add_argument("--stop-drivers", action="store_true",
                         help="stop the drivers when the kernel stops (default: they outlive it "

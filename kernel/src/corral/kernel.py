@@ -372,6 +372,7 @@ class Kernel:
         (self.runtime / "kernel.pid").write_text(f"{os.getpid()}\n")
         log.info("kernel ready", endpoint=self.bus.endpoint, home=str(self.home),
                  drivers=[s.name for s in self.supervisor.slots.values()])
+        _release_startup_memory()
         if ready is not None:
             ready()
         await self._stop.wait()
@@ -389,6 +390,18 @@ class Kernel:
         while True:
             await asyncio.sleep(1.0)
             self.ledger.expire()
+
+
+def _release_startup_memory() -> None:
+    """Start-up (imports, entry-point scans) leaves freed heap behind: give it back."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _first(exc: Exception) -> str:
