@@ -679,7 +679,8 @@ class Deployer:
             if not launcher.is_alive(irec.pid, irec.start_time):
                 ledger.release(rec.owner, [("instance", rec.key)])
                 continue
-            live = Live(irec, str(value.get("spec_hash", "")), int(value.get("generation", 1)))
+            live = Live(irec, str(value.get("spec_hash", "")), int(value.get("generation", 1)),
+                        listen_fds=_recover_listen_fds(irec))
             state.instances[irec.spec.id] = live
             self._record(live)
             live.watcher = asyncio.ensure_future(self._watch(state, live))
@@ -795,6 +796,42 @@ def _check_reachable(directory: Path, uid: int) -> None:
                 f"{'read' if d == directory else 'traverse'} {d} (mode {st.st_mode & 0o777:o});"
                 f" make it {'o+rx' if d == directory else 'o+x'} or move the app",
                 code=ErrorCode.INVALID)
+
+
+def _recover_listen_fds(rec: InstanceRecord) -> list[int]:
+    """A socket-activated instance adopted after a kernel restart: take back a copy of the
+    listening sockets it was handed (fds 3..), so a crash can be restarted on them."""
+    names = rec.spec.env.get("LISTEN_FDNAMES")  # set by spawn() with the socket it passed
+    count = len(names.split(":")) if names else 0
+    if count <= 0:
+        return []
+    from corral.launch.linux import pidfd_getfd
+
+    fds: list[int] = []
+    try:
+        pidfd = os.pidfd_open(rec.pid)
+    except OSError:
+        return []
+    try:
+        if not launcher.is_alive(rec.pid, rec.start_time):  # same process, held by the pidfd
+            return []
+        for target in range(3, 3 + count):
+            try:
+                fd = pidfd_getfd(pidfd, target)
+            except OSError:
+                break
+            sock = socket.socket(fileno=os.dup(fd))
+            try:
+                listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+            finally:
+                sock.close()
+            if not listening:
+                os.close(fd)
+                break
+            fds.append(fd)
+    finally:
+        os.close(pidfd)
+    return fds
 
 
 def _on_demand_process(doc: dict[str, Any]) -> str | None:
