@@ -222,3 +222,17 @@ def test_bus_over_tcp_is_unreachable_from_the_app(lab: Lab, host_service: HostSe
     ])
     _assert_refused(results, "bus endpoint")
     time.sleep(0)
+
+
+@pytest.mark.root
+def test_listed_peer_is_refused_through_an_unlisted_interface(lab: Lab) -> None:
+    """[network].interfaces: a peer on the egress list is still refused when the only route
+    to it leaves through an interface the manifest does not list."""
+    port = free_port()
+    policy = policy_from_manifest("shop", {
+        "ports": {"http": port},
+        "network": {"egress": [f"{lab.peer_db4}/32:5432"], "interfaces": ["lo"]}})
+    lab.net.set_app(policy)
+    instance = lab.net.prepare_instance("shop", "shop.web.0", port=port)
+    results = lab.probe(instance.netns, [{"op": "connect", "host": lab.peer_db4, "port": 5432}])
+    _assert_refused(results, "listed peer via an unlisted interface")
