@@ -17,7 +17,7 @@ import signal
 import textwrap
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,21 +25,12 @@ from typing import Any
 import psutil
 import pytest
 
-from corral.testing import KernelProcess
+from corral.testing import KernelProcess, wait_for
 
 pytestmark = pytest.mark.root
 
 SLOW_MARK = "61.25"  # the job's `sleep`, found by its argument
 
-
-def wait_for(cond: Callable[[], Any], timeout: float = 20.0, step: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"condition not met in {timeout}s")
 
 
 def drivers(k: KernelProcess) -> dict[str, dict[str, Any]]:

@@ -21,7 +21,7 @@ import textwrap
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ import pytest
 
 from conftest import require
 from corral.errors import CorralError, ErrorCode, NotFoundError
-from corral.testing import KernelProcess
+from corral.testing import KernelProcess, wait_for
 from e2e.apps import free_port
 
 pytestmark = pytest.mark.root
@@ -131,16 +131,6 @@ def require_net() -> None:
     require(os.path.exists("/usr/bin/tini-static"), "Debian package tini (fs driver)")
     require(os.path.exists("/usr/bin/python3"), "/usr/bin/python3 (the apps run on it)")
 
-
-def wait_for(cond: Callable[[], Any], timeout: float = 15.0, step: float = 0.05,
-              what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"{what} not met in {timeout}s")
 
 
 def drivers_running(k: KernelProcess, names: tuple[str, ...]) -> bool:

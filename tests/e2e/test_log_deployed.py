@@ -19,29 +19,20 @@ import sys
 import textwrap
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
-from corral.testing import KernelProcess
+from corral.testing import KernelProcess, wait_for
 from corral_log.testing import SyslogReceiver
 
 pytestmark = pytest.mark.root
 
 HOST = "[drivers.log]\nconfig = { metrics = false }\n[drivers.fs]\n"
 
-
-def wait_for(cond: Callable[[], Any], timeout: float = 20.0, step: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"condition not met in {timeout}s")
 
 
 def drivers(k: KernelProcess) -> dict[str, dict[str, Any]]:

@@ -16,9 +16,8 @@ import shutil
 import signal
 import subprocess
 import textwrap
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import psutil
 import pytest
 
 from conftest import require
-from corral.testing import KernelProcess, leftover_apps
+from corral.testing import KernelProcess, leftover_apps, wait_for
 from corral_fs._cgroups import Limits, detect
 from corral_fs._root import mount_points
 from corral_fs.sandbox import cgroup_base
@@ -72,15 +71,6 @@ PROBE_APP = textwrap.dedent('''
     http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
 ''')
 
-
-def wait_for(cond: Callable[[], Any], timeout: float = 15.0, step: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"condition not met in {timeout}s")
 
 
 def get(port: int) -> str:

@@ -6,13 +6,13 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from corral.testing import KernelProcess
+from corral.testing import KernelProcess, wait_for
 
 ECHO = Path(__file__).parent / "drivers" / "echo_driver.py"
 
@@ -22,15 +22,6 @@ def host_toml(mode: str = "") -> str:
              f'env = {{ ECHO_MODE = "{mode}" }}', "[drivers.echo.config]", 'greeting = "hi"']
     return "\n".join(lines) + "\n"
 
-
-def wait_for(cond: Callable[[], Any], timeout: float = 10.0, step: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"condition not met in {timeout}s")
 
 
 def driver(k: KernelProcess, name: str = "echo") -> dict[str, Any]:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -125,6 +126,18 @@ class KernelProcess:
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.teardown()
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 20.0, step: float = 0.05,
+             what: str = "condition") -> Any:
+    """Poll ``cond`` until it returns something truthy (returned); AssertionError on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"{what} not met in {timeout}s")
 
 
 def mounts_below(path: Path) -> list[str]:
