@@ -34,6 +34,7 @@ import structlog
 from corral.bus import Peer
 from corral.errors import CorralError, ErrorCode
 from corral.host import DriverConfig, HostConfig
+from corral.launch import is_alive, signal_instance
 from corral.ledger import Ledger
 from corral.protocol import PROTOCOL, DriverDescription, Hello, check_driver_ops
 
@@ -349,22 +350,12 @@ def _record(slot: DriverSlot) -> Any:
 
 
 def _alive(pid: Any, start_time: Any) -> bool:
-    if not pid:
-        return False
-    try:
-        proc = psutil.Process(int(pid))
-        same = abs(proc.create_time() - float(start_time or 0)) < 0.01
-        return bool(same and proc.status() != psutil.STATUS_ZOMBIE)
-    except psutil.Error:
-        return False
+    """Identity by (pid, start time), as for instances; tolerant of missing ledger values."""
+    return bool(pid) and is_alive(int(pid), float(start_time or 0))
 
 
 def _kill(pid: int, start_time: float | None, sig: int = signal.SIGKILL) -> None:
-    if _alive(pid, start_time):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
+    signal_instance(pid, float(start_time or 0), sig, group=False)
 
 
 def _reap(pid: int) -> str:
