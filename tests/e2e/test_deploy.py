@@ -241,3 +241,51 @@ def _is_ours(p: psutil.Process, k: KernelProcess) -> bool:
         return p.environ().get("CORRAL_MANIFEST", "").startswith(str(k.home))
     except (psutil.Error, OSError):
         return False
+
+
+def _held(k: KernelProcess, owner: str) -> set[tuple[str, str, str]]:
+    """What ``owner`` holds apart from instance records, values included."""
+    return {(r["kind"], r["key"], json.dumps(r["value"], sort_keys=True))
+            for r in k.call("ledger.list", {"owner": owner})["records"] if r["kind"] != "instance"}
+
+
+def test_failed_redeploy_leaves_the_previous_generation_as_it_was(
+    kernel: KernelProcess, public_dir: Path
+) -> None:
+    """A redeploy that fails undoes itself: the ledger holds exactly what it held (a port the
+    new manifest wanted is free again), the app's manifest file is the old one, and the
+    previous instances serve, whether they were kept running or stopped to make room."""
+    p1, p2 = free_port(), free_port()
+    d = write_app(public_dir / "redo", "redo", {"http": p1},
+                  {"web": '{ command = "python3 server.py", port = "http" }'})
+    r = kernel.cli("up", str(d))
+    assert r.returncode == 0, r.stderr
+    held, manifest = _held(kernel, "redo"), (kernel.home / "apps/redo/manifest.json").read_text()
+    pid = kernel.call("app.ps")["apps"][0]["instances"][0]["pid"]
+    crash = "python3 -c 'import sys; sys.exit(3)'"
+
+    # 1. web is unchanged and kept; the new worker process dies before it is ready
+    r = kernel.cli("up", str(d), "--set", f"processes.worker.command={crash}")
+    assert r.returncode == 1 and "step 'launch'" in r.stderr, r.stderr
+    assert _held(kernel, "redo") == held
+    assert (kernel.home / "apps/redo/manifest.json").read_text() == manifest
+    [app] = kernel.call("app.ps")["apps"]
+    assert [(i["id"], i["pid"]) for i in app["instances"]] == [("redo.web.1", pid)]
+    assert get(p1).strip() == "redo.web.1"
+
+    # 2. web moves to another port (so the old one is stopped first) and dies
+    r = kernel.cli("up", str(d), "--set", f"ports.http={p2}",
+                   "--set", f"processes.web.command={crash}")
+    assert r.returncode == 1 and "step 'launch'" in r.stderr, r.stderr
+    assert _held(kernel, "redo") == held  # p2 released, p1 held again
+    assert not [r for r in kernel.call("ledger.list", {"kind": "port"})["records"]
+                if r["key"] == str(p2)]
+    assert (kernel.home / "apps/redo/manifest.json").read_text() == manifest
+    [inst] = kernel.call("app.ps")["apps"][0]["instances"]
+    assert inst["state"] == "ready" and inst["port"] == p1
+    assert get(p1).strip() == "redo.web.1"
+
+    # and a good redeploy goes through afterwards
+    r = kernel.cli("up", str(d), "--set", f"ports.http={p2}")
+    assert r.returncode == 0, r.stderr
+    assert get(p2).strip().startswith("redo.web.1")

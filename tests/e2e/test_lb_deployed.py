@@ -686,6 +686,64 @@ def test_socket_activation_through_the_kernel(kernel: KernelProcess, public_dir:
     assert k.cli("down", "sock").returncode == 0
 
 
+def test_socket_activated_instance_keeps_its_socket_across_a_kernel_crash(
+    kernel: KernelProcess, public_dir: Path
+) -> None:
+    """kill -9 of corrald while a socket-activated instance runs: the next kernel adopts it
+    and takes back a copy of its listening socket (pidfd_getfd of fd 3), so a crash after the
+    restart is still restarted on the same socket, with no help from the lb."""
+    k = kernel
+    port, front = free_port(), free_port()
+    lb_name = f"sockr-{secrets.token_hex(3)}.test"
+    d = public_dir / "sockr"
+    d.mkdir()
+    (d / "app.py").write_text(SOCKET_APP)
+    (d / "corral.toml").write_text(textwrap.dedent(f'''
+        [app]
+        name = "sockr"
+        [ports]
+        http = {port}
+        [processes]
+        web = {{ command = "python3 app.py", port = "http" }}
+        [lb]
+        name = "{lb_name}"
+        frontend = {front}
+        health = {{ http = "/healthz", interval = "1s", rise = 1 }}
+        plane = "proxy"
+        mode = "http"
+        activation = "on-demand"
+        idle = "300s"
+        socket_activation = true
+    ''').lstrip())
+    for path in (d, *d.iterdir()):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    up(k, d)
+    seen = json.loads(http_get("127.0.0.1", front, lb_name, timeout=30))
+    [inst] = instances_of(k, "sockr")
+
+    k.kill9()
+    k.start()
+    wait_for(lambda: drivers_running(k, ("net", "fs", "lb", "log")), 20, what="drivers back")
+    [adopted] = instances_of(k, "sockr")
+    assert adopted["pid"] == inst["pid"]
+    # the lb (which outlived the kernel) still forwards to its own socket, not to the
+    # instance's address:port, which a socket-activated app never binds
+    assert json.loads(http_get("127.0.0.1", front, lb_name))["fd3"] == seen["fd3"]
+    backends = query(k, "lb", "status", {"app": "sockr"})["services"][0]["backends"]
+    assert [(b["id"], b["address"]) for b in backends] == [
+        ("sockr.web.1", "{}:{}".format(*seen["fd3"]))], backends
+
+    os.kill(inst["pid"], 9)
+    wait_for(lambda: [i for i in instances_of(k, "sockr")
+                      if i["pid"] != inst["pid"] and i["state"] == "ready"], 20, 0.1,
+             what="restart of the crashed instance on the recovered socket")
+    again = json.loads(http_get("127.0.0.1", front, lb_name, timeout=30))
+    assert again["LISTEN_FDS"] == "1" and again["LISTEN_PID"] == str(again["pid"])
+    assert again["fd3"] == seen["fd3"], (again, seen)  # the same socket, not a fresh one
+    assert instances_of(k, "sockr")[0]["restarts"] == 1
+    assert k.cli("down", "sockr").returncode == 0
+
+
 # A foreign driver of capability CAP (argv[1]) whose query.<cap>.spawn asks the kernel for
 # instance.spawn with listen_fd = {pid, fd} of its choosing and reports the kernel's answer.
 IMPOSTER = textwrap.dedent('''

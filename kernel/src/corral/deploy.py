@@ -34,7 +34,7 @@ import structlog
 
 from corral import launch as launcher
 from corral.errors import CorralError, ErrorCode, LaunchError, NotFoundError
-from corral.ledger import Claim, Txn
+from corral.ledger import Claim, Record, Txn
 from corral.protocol import (
     AppSpec,
     BindMount,
@@ -134,7 +134,8 @@ class Deployer:
         self, name: str, resolved: Any, doc: dict[str, Any], args: Deploy, started: float
     ) -> dict[str, Any]:
         k = self.kernel
-        previous = self.apps.get(name)
+        previous = self.apps.get(name)  # the same AppState this deploy updates in place
+        previous_spec = previous.spec if previous is not None else None
         old_rec = k.ledger.get("app", name)
         generation = int(old_rec.value.get("generation", 0)) + 1 if old_rec else 1
         uid, gid = self._app_ids(name)
@@ -142,12 +143,20 @@ class Deployer:
             _check_reachable(Path(resolved.directory), uid)
         spec = AppSpec(name=name, directory=str(resolved.directory), manifest=doc,
                        uid=uid, gid=gid, generation=generation)
+        # What a failed redeploy restores while the previous generation keeps running.
+        held_before = k.ledger.list(owner=name)
         manifest_path = self._write_manifest(spec)
 
         # 2. one transaction: everything the app holds, and the release of what it no longer does
-        k.ledger.commit(self._claims(spec, manifest_path))
+        try:
+            k.ledger.commit(self._claims(spec, manifest_path))
+        except BaseException:
+            if previous_spec is not None:
+                self._write_manifest(previous_spec)
+            raise
         attached: list[str] = []
         launched: list[Live] = []
+        replaced: list[Live] = []  # previous instances stopped before their replacement started
         state = self.apps.setdefault(name, AppState(spec))
         state.spec = spec
         state.deploying = True
@@ -177,6 +186,7 @@ class Deployer:
                 if not rolling:
                     for old in olds:
                         await self._stop_instance(state, old)
+                        replaced.append(old)
                     olds = []
                 iid = ispec.id if ispec.id not in state.instances else f"{ispec.id}-g{generation}"
                 new = ispec.model_copy(update={"id": iid})
@@ -195,7 +205,18 @@ class Deployer:
             log.error("deploy failed, undoing", app=name, step=step, error=str(exc))
             for live in reversed(launched):
                 await self._stop_instance(state, live)
-            if previous is None or not previous.instances:
+            if previous_spec is not None and (state.instances or replaced):
+                # the previous generation runs on: its claims, manifest and spec come back,
+                # and what this deploy stopped to make room is started again
+                await self._revert(state, previous_spec, held_before, attached)
+                for old in replaced:
+                    try:
+                        await self._launch(state, old.record.spec, old.generation,
+                                           wait_s=args.wait_s, spec_hash_=old.spec_hash)
+                    except Exception as again:  # reported; the undo goes on
+                        log.error("redeploy undo: a previous instance did not come back",
+                                  instance=old.record.spec.id, error=str(again))
+            if previous_spec is None or not state.instances:
                 await self._broadcast("app.detach", {"app": name}, only=attached, strict=False)
                 for live in list(state.instances.values()):
                     await self._stop_instance(state, live)
@@ -215,6 +236,35 @@ class Deployer:
             "instances": [self._view(live) for live in state.instances.values()],
             "seconds": round(time.monotonic() - started, 3),
         }
+
+    async def _revert(self, state: AppState, spec: AppSpec, held: list[Record],
+                      attached: list[str]) -> None:
+        """Undo a failed redeploy whose previous generation is still running.
+
+        The ledger gets back exactly what the app ``held`` before (claims the redeploy added are
+        released, released ones re-claimed with their old values; instance records are left
+        to the instances), the app's manifest file and spec are the previous ones again, and
+        the drivers that attached the new spec attach the previous one.
+        """
+        name = spec.name
+        kept = {"app", "port", "path", "lbname", "uid"}
+        before = {(r.kind, r.key): r for r in held if r.kind in kept}
+        txn = Txn()
+        for rec in self.kernel.ledger.list(owner=name):
+            if rec.kind in kept and (rec.kind, rec.key) not in before:
+                txn.release(name, rec.kind, rec.key)
+        for rec in before.values():
+            txn.claim(name, rec.kind, rec.key, rec.value)
+        try:
+            self.kernel.ledger.commit(txn)
+        except CorralError as exc:  # a released claim was taken meanwhile: say so, keep going
+            log.error("redeploy undo: previous claims not restored", app=name, error=exc.reason)
+        self._write_manifest(spec)
+        state.spec = spec
+        for live in state.instances.values():  # kept instances were relabelled as the new one
+            live.generation = spec.generation
+        await self._broadcast("app.attach", {"app": spec.model_dump(mode="json")},
+                              only=attached, strict=False)
 
     async def _drivers_settled(self) -> None:
         """Never launch while an enabled driver is (re)connecting: an app started then would

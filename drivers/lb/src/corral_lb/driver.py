@@ -198,11 +198,14 @@ class LbDriver(Driver):
             if found is None:
                 continue
             activation = self.balancer.services[app.name].activation
-            if (isinstance(activation, OnDemand) and activation.socket_activation
-                    and (activation.instance is None or activation.instance.id != rec.spec.id)):
-                # it listens on a socket of a previous lb process, whose address we no longer
-                # know: stop it (after this reply); the next connection starts a fresh one
-                self._background(self._stop_orphan(rec.spec.id))
+            if isinstance(activation, OnDemand) and activation.socket_activation:
+                if activation.instance is None or activation.instance.id != rec.spec.id:
+                    # it listens on a socket of a previous lb process, whose address we no
+                    # longer know: stop it (after this reply); the next connection starts a
+                    # fresh one
+                    self._background(self._stop_orphan(rec.spec.id))
+                else:  # ours (the kernel restarted, we did not): its backend is our socket
+                    live.setdefault(app.name, set()).add(rec.spec.id)
                 continue
             live.setdefault(app.name, set()).add(rec.spec.id)
             adds.append(self.balancer.add_backend(app.name, rec.spec.id, rec.address, found[1]))
