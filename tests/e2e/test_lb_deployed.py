@@ -604,22 +604,17 @@ SOCKET_APP = textwrap.dedent('''
 ''')
 
 
-def test_socket_activation_through_the_kernel(kernel: KernelProcess, public_dir: Path) -> None:
-    """lb.socket_activation: the first request starts the instance (instance.spawn with
-    listen_fd); the kernel lifts the lb's listening socket with pidfd_getfd and the instance
-    gets it as fd 3 with LISTEN_FDS=1, LISTEN_PID = its own pid (behind tini in its pid
-    namespace) and LISTEN_FDNAMES=http, and answers without ever binding its port. A crash
-    is restarted on the same socket; after `idle` it is stopped, and the next request gets a
-    fresh instance on a fresh socket. A client may not pass a descriptor."""
-    k = kernel
+
+def socket_app(k: KernelProcess, d: Path, *, idle: str) -> tuple[int, int, str]:
+    """Deploy SOCKET_APP as app ``d.name``: on-demand, socket-activated, behind the HTTP proxy.
+    Returns (the app's port, the lb frontend, the lb name)."""
     port, front = free_port(), free_port()
-    lb_name = f"sock-{secrets.token_hex(3)}.test"
-    d = public_dir / "sock"
+    lb_name = f"{d.name}-{secrets.token_hex(3)}.test"
     d.mkdir()
     (d / "app.py").write_text(SOCKET_APP)
     (d / "corral.toml").write_text(textwrap.dedent(f'''
         [app]
-        name = "sock"
+        name = "{d.name}"
         [ports]
         http = {port}
         [processes]
@@ -631,12 +626,23 @@ def test_socket_activation_through_the_kernel(kernel: KernelProcess, public_dir:
         plane = "proxy"
         mode = "http"
         activation = "on-demand"
-        idle = "2s"
+        idle = "{idle}"
         socket_activation = true
     ''').lstrip())
     for path in (d, *d.iterdir()):
         path.chmod(0o755 if path.is_dir() else 0o644)
     up(k, d)
+    return port, front, lb_name
+
+def test_socket_activation_through_the_kernel(kernel: KernelProcess, public_dir: Path) -> None:
+    """lb.socket_activation: the first request starts the instance (instance.spawn with
+    listen_fd); the kernel lifts the lb's listening socket with pidfd_getfd and the instance
+    gets it as fd 3 with LISTEN_FDS=1, LISTEN_PID = its own pid (behind tini in its pid
+    namespace) and LISTEN_FDNAMES=http, and answers without ever binding its port. A crash
+    is restarted on the same socket; after `idle` it is stopped, and the next request gets a
+    fresh instance on a fresh socket. A client may not pass a descriptor."""
+    k = kernel
+    port, front, lb_name = socket_app(k, public_dir / "sock", idle="2s")
     assert instances_of(k, "sock") == []
 
     t0 = time.time()
@@ -693,31 +699,7 @@ def test_socket_activated_instance_keeps_its_socket_across_a_kernel_crash(
     and takes back a copy of its listening socket (pidfd_getfd of fd 3), so a crash after the
     restart is still restarted on the same socket, with no help from the lb."""
     k = kernel
-    port, front = free_port(), free_port()
-    lb_name = f"sockr-{secrets.token_hex(3)}.test"
-    d = public_dir / "sockr"
-    d.mkdir()
-    (d / "app.py").write_text(SOCKET_APP)
-    (d / "corral.toml").write_text(textwrap.dedent(f'''
-        [app]
-        name = "sockr"
-        [ports]
-        http = {port}
-        [processes]
-        web = {{ command = "python3 app.py", port = "http" }}
-        [lb]
-        name = "{lb_name}"
-        frontend = {front}
-        health = {{ http = "/healthz", interval = "1s", rise = 1 }}
-        plane = "proxy"
-        mode = "http"
-        activation = "on-demand"
-        idle = "300s"
-        socket_activation = true
-    ''').lstrip())
-    for path in (d, *d.iterdir()):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    up(k, d)
+    _, front, lb_name = socket_app(k, public_dir / "sockr", idle="300s")
     seen = json.loads(http_get("127.0.0.1", front, lb_name, timeout=30))
     [inst] = instances_of(k, "sockr")
 
