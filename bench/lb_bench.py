@@ -10,7 +10,7 @@ printed with its spread, and each absolute figure is the median of the rounds.
 Needs root (nft), and Debian's nginx-light haproxy wrk nftables (installed when missing).
 Prints one line per ratio: `name: value (goal ...)`; exits non-zero only if it could not
 measure. Usage: sudo .venv/bin/python bench/lb_bench.py [--duration 3] [--rounds 5]
-[--only direct,nft,haproxy-tcp,proxy-tcp]
+[--only direct,nft,nft-dnat,haproxy-tcp,proxy-tcp]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 BACKEND, HA_TCP, HA_HTTP, PX_TCP, PX_HTTP, NFT = 18181, 18182, 18183, 18192, 18193, 18195
+NFT_DNAT = 18196
 NEEDS = {"nginx": "nginx-light", "haproxy": "haproxy", "wrk": "wrk", "nft": "nftables"}
 
 APP = """
@@ -202,22 +203,32 @@ backend bk_http
   http-reuse always
   server s1 127.0.0.1:{BACKEND}
 """)
+    # "nft": the plane as deployed (the host's own connections translated at connect() by
+    # its cgroup/connect4 program, DNAT for the rest); "nft-dnat": per-packet DNAT only, the
+    # path of connections from other hosts and of hosts without cgroup v2 / BPF.
     nft = NftPlane()
+    nft_dnat = NftPlane(socket_lb=False)
     proxy: subprocess.Popen[bytes] | None = None
     nft_cfg = load_lb_config({"name": "nft.bench", "frontend": f"127.0.0.1:{NFT}",
                               "plane": "nft", "mode": "tcp"}, app="nftbench")
+    dnat_cfg = load_lb_config({"name": "nftdnat.bench", "frontend": f"127.0.0.1:{NFT_DNAT}",
+                               "plane": "nft", "mode": "tcp"}, app="nftdnatbench")
     try:
         subprocess.run(["nginx", "-c", str(d / "nginx.conf")], check=True)
         subprocess.run(["haproxy", "-D", "-p", str(d / "haproxy.pid"), "-f",
                         str(d / "haproxy.cfg")], check=True)
-        nft.install(nft_cfg.name, nft_cfg.listen, nft_cfg.policy_name)
-        nft.set_backends(nft_cfg.name, [Backend(id="nginx", host="127.0.0.1", port=BACKEND)])
+        for plane, cfg in ((nft, nft_cfg), (nft_dnat, dnat_cfg)):
+            plane.install(cfg.name, cfg.listen, cfg.policy_name)
+            plane.set_backends(cfg.name, [Backend(id="nginx", host="127.0.0.1", port=BACKEND)])
+        if nft.socket_lb is None:
+            print("  note: no connect-time translation on this host: nft is DNAT only",
+                  file=sys.stderr)
         proxy = subprocess.Popen([sys.executable, __file__, "--serve"], stdout=subprocess.PIPE)
         assert proxy.stdout is not None and proxy.stdout.readline().strip() == b"ready"
-        for port in (BACKEND, HA_TCP, HA_HTTP, PX_TCP, PX_HTTP, NFT):
+        for port in (BACKEND, HA_TCP, HA_HTTP, PX_TCP, PX_HTTP, NFT, NFT_DNAT):
             wait_port(port)
-        names = {"direct": BACKEND, "nft": NFT, "haproxy-tcp": HA_TCP, "proxy-tcp": PX_TCP,
-                 "haproxy-http": HA_HTTP, "proxy-http": PX_HTTP}
+        names = {"direct": BACKEND, "nft": NFT, "nft-dnat": NFT_DNAT, "haproxy-tcp": HA_TCP,
+                 "proxy-tcp": PX_TCP, "haproxy-http": HA_HTTP, "proxy-http": PX_HTTP}
         if args.only:
             names = {n: p for n, p in names.items() if n in args.only.split(",")}
         for port in names.values():  # warm up: first connections, caches
@@ -252,6 +263,8 @@ backend bk_http
             if p.exists():
                 subprocess.run(["kill", p.read_text().strip()], check=False)
         nft.uninstall(nft_cfg.name, nft_cfg.listen)
+        nft_dnat.uninstall(dnat_cfg.name, dnat_cfg.listen)
+        nft.close()
         shutil.rmtree(d, ignore_errors=True)
 
     def ratio(a: str, b: str, goal: str, index: int = 0) -> None:
@@ -269,6 +282,7 @@ backend bk_http
               + (f", relay CPU {statistics.median(cpu_us[name]):.1f} us/req"
                  if cpu_us.get(name) else ""))
     ratio("nft", "direct", ">= 0.95")
+    ratio("nft-dnat", "direct", "none: per-packet DNAT, for reference")
     ratio("nft", "haproxy-tcp", ">= 1.8")
     ratio("proxy-tcp", "haproxy-tcp", ">= 1.0")
     ratio("proxy-http", "haproxy-http", ">= 0.8")

@@ -18,13 +18,18 @@ from integration.lb._harness import backends, free_port, get
 FAST_HEALTH = {"interval": "100ms", "timeout": "500ms", "rise": 1, "fall": 1}
 
 
-def nft_plane() -> NftPlane:
+def nft_plane(socket_lb: bool = False) -> NftPlane:
+    """A plane on the default table; ``socket_lb``: with connect-time translation, which must
+    then be available (cgroup v2, BPF)."""
     require(shutil.which("nft") is not None, "needs nft (Debian nftables)")
     try:
-        return NftPlane()
+        plane = NftPlane(socket_lb=socket_lb)
     except ImportError:
         require(False, "needs libnftables python bindings (pip-nftables + libnftables1)")
         raise
+    if socket_lb:
+        require(plane.socket_lb is not None, "needs a cgroup v2 hierarchy and BPF (root)")
+    return plane
 
 
 def ruleset() -> str:
@@ -33,10 +38,12 @@ def ruleset() -> str:
 
 
 @pytest.mark.root
+@pytest.mark.parametrize("socket_lb", [False, True], ids=["dnat", "socket_lb"])
 @pytest.mark.parametrize("frontend", ["127.0.0.1:{port}", "{port}"])
-def test_nft_dnat_balances_and_follows_membership(frontend: str) -> None:
-    """Weighted slots spread connections; removing a backend rewrites only its map."""
-    nft = nft_plane()
+def test_nft_dnat_balances_and_follows_membership(frontend: str, socket_lb: bool) -> None:
+    """Weighted slots spread connections; removing a backend rewrites only its map. The same
+    through DNAT and through connect-time translation of the host's own connections."""
+    nft = nft_plane(socket_lb)
     pa, pb, fe = free_port(), free_port(), free_port()
 
     async def main() -> None:
@@ -54,6 +61,12 @@ def test_nft_dnat_balances_and_follows_membership(frontend: str) -> None:
                 await lb.add_backend("svc", "b", "127.0.0.1", pb, wait=5)
                 slots = Counter(nft.slots(cfg.name).values())
                 assert slots == {("127.0.0.1", pa): 128, ("127.0.0.1", pb): 128}
+                translated = nft.socket_frontends(cfg.name)
+                assert translated == ([("127.0.0.1", fe)] if socket_lb else [])
+                if socket_lb:  # the program holds the same slot table as the DNAT map
+                    assert nft.socket_lb is not None
+                    table = nft.socket_lb.table(("127.0.0.1", fe))
+                    assert table == [nft.slots(cfg.name)[i] for i in range(len(table or []))]
                 seen = Counter([(await get(fe))[1] for _ in range(20)])
                 assert seen == {b"a": 10, b"b": 10}  # numgen inc over interleaved slots
                 assert await lb.remove_backend("svc", "a")
@@ -67,9 +80,11 @@ def test_nft_dnat_balances_and_follows_membership(frontend: str) -> None:
 
 
 @pytest.mark.root
-def test_nft_drain_waits_for_established_flows() -> None:
-    """A drained backend leaves the map at once but is reported busy while a flow is open."""
-    nft = nft_plane()
+@pytest.mark.parametrize("socket_lb", [False, True], ids=["dnat", "socket_lb"])
+def test_nft_drain_waits_for_established_flows(socket_lb: bool) -> None:
+    """A drained backend leaves the map at once but is reported busy while a flow is open,
+    whether the flow was DNATed or translated at connect()."""
+    nft = nft_plane(socket_lb)
     pa, fe = free_port(), free_port()
 
     async def main() -> None:
@@ -86,7 +101,7 @@ def test_nft_drain_waits_for_established_flows() -> None:
                 await r.readuntil(b"a")
                 drain = asyncio.create_task(lb.remove_backend("svc", "a", drain=5))
                 await asyncio.sleep(0.3)
-                assert nft.slots(cfg.name) == {}
+                assert nft.slots(cfg.name) == {} and nft.socket_frontends(cfg.name) == []
                 assert not drain.done()  # conntrack still holds the open flow
                 w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # and it keeps working
                 await r.readuntil(b"a")

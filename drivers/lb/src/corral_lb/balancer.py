@@ -43,6 +43,7 @@ class Balancer:
         self._nft = nft
         self.nft_table = nft_table  # used when the kernel plane is first needed
         self.nft_owner = ""  # tags this balancer's nft services (see NftPlane.owner)
+        self.nft_socket_lb = True  # translate the host's own connections at connect()
         self._http: dict[tuple[str, int], HttpFrontend] = {}
         self._l4: dict[str, L4Frontend] = {}
         self._programs: dict[str, PolicyProgramRunner] = {}
@@ -52,7 +53,8 @@ class Balancer:
     def nft(self) -> NftPlane:
         """The kernel plane, created on first use (needs root and libnftables)."""
         if self._nft is None:
-            self._nft = NftPlane(self.nft_table, owner=self.nft_owner)
+            self._nft = NftPlane(self.nft_table, owner=self.nft_owner,
+                                 socket_lb=self.nft_socket_lb)
         return self._nft
 
     # -- services ----------------------------------------------------------------------------
@@ -182,7 +184,15 @@ class Balancer:
     def status(self, app: str | None = None) -> dict[str, Any]:
         """Services (all, or one app's) with backends and their health."""
         apps = [app] if app else sorted(self.services)
-        return {"services": [self.service(a).status() for a in apps]}
+        out = []
+        for a in apps:
+            st = self.service(a).status()
+            if st["plane"] == "nft" and self._nft is not None:
+                # frontends whose host-originated connects are translated at connect()
+                st["socket_lb"] = ["{}:{}".format(*fe)
+                                   for fe in self._nft.socket_frontends(st["name"])]
+            out.append(st)
+        return {"services": out}
 
     def metrics(self, app: str | None = None) -> dict[str, Any]:
         """Per-backend requests, active connections, latency histogram and 5xx count."""
@@ -193,3 +203,5 @@ class Balancer:
         """Detach every service (the nft table's services are removed too)."""
         for app in list(self.services):
             await self.detach(app)
+        if self._nft is not None:
+            self._nft.close()

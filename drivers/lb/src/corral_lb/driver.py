@@ -86,10 +86,12 @@ class LbDriver(Driver):
     # the driver its config (see the report on corral.sdk): every operation waits for it, so
     # nothing ever runs with the defaults instead of this host's settings.
     def welcomed(self, welcome: Welcome) -> None:
-        """Take the host config (``plane``: default plane, ``nft_table``: this driver's table);
+        """Take the host config (``plane``: default plane, ``nft_table``: this driver's table,
+        ``socket_lb``: translate the host's own connections to nft frontends at connect());
         operations may run from now on."""
         super().welcomed(welcome)
         self.balancer.nft_table = str(self.config.get("nft_table", NFT_TABLE))
+        self.balancer.nft_socket_lb = bool(self.config.get("socket_lb", True))
         # this kernel's services, told apart from other kernels' in a shared table
         self.balancer.nft_owner = hashlib.blake2b(str(self.home).encode(),
                                                   digest_size=6).hexdigest()

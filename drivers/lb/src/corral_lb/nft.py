@@ -13,6 +13,10 @@ traffic keeps flowing while the driver is down):
 
 A membership change rewrites only the service's map (flush + add, one atomic transaction), so
 established flows keep their conntrack entry and new flows see the new table at once.
+
+The host's own connections to loopback frontends are, where the host allows it, translated
+once at ``connect()`` instead of per packet (:mod:`corral_lb.socket_lb`), from the same slot
+table; the DNAT rules stay in place for everything else and as the fallback.
 This module is the only place in the lb driver that speaks to nftables; it never touches
 another table and never flushes the ruleset.
 """
@@ -26,9 +30,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from corral.errors import CorralError
 from corral_lb.backend import Backend
 from corral_lb.policy import slot_table
+from corral_lb.socket_lb import SocketBalancer, SocketLbUnavailable
+
+log = structlog.get_logger("corral_lb")
 
 TABLE = "corral_lb"
 SLOTS = 256
@@ -57,7 +66,7 @@ class NftPlane:
     driver does not know.
     """
 
-    def __init__(self, table: str = TABLE, owner: str = "") -> None:
+    def __init__(self, table: str = TABLE, owner: str = "", *, socket_lb: bool = True) -> None:
         import nftables  # imported here: only hosts using the kernel plane need libnftables
 
         if not table or not all(c.isalnum() or c == "_" for c in table):
@@ -70,6 +79,56 @@ class NftPlane:
         self._nft.set_json_output(True)
         self._nft.set_handle_output(False)
         self._lock = threading.Lock()
+        # connect-time translation of the host's own connections (None: DNAT only)
+        self._socket_lb_wanted = socket_lb
+        self._socket_lb: SocketBalancer | None = None
+        self._frontends: dict[str, tuple[tuple[str, int], str]] = {}  # name -> (listen, policy)
+
+    # -- connect-time translation ---------------------------------------------------------------
+
+    @property
+    def socket_lb(self) -> SocketBalancer | None:
+        """The connect4 program, started on first use; None when off or unavailable."""
+        if self._socket_lb is None and self._socket_lb_wanted:
+            try:
+                self._socket_lb = SocketBalancer(SLOTS)
+            except SocketLbUnavailable as exc:
+                self._socket_lb_wanted = False
+                log.warning("host connections to nft frontends use DNAT only", reason=str(exc))
+        return self._socket_lb
+
+    def _socket_set(self, name: str, table: Sequence[Backend]) -> None:
+        known = self._frontends.get(name)
+        sb = self.socket_lb
+        if known is None or sb is None:
+            return
+        try:
+            sb.set(known[0], known[1], table)
+        except OSError as exc:  # never fail the DNAT update for it: fall back to DNAT
+            log.warning("connect-time translation off for a service", service=name,
+                        error=str(exc))
+            self._socket_forget(name)
+
+    def _socket_forget(self, name: str) -> None:
+        known = self._frontends.pop(name, None)
+        if known is not None and self._socket_lb is not None:
+            for fe in SocketBalancer.handles(*known):
+                self._socket_lb.remove(fe)
+
+    def socket_frontends(self, name: str) -> list[tuple[str, int]]:
+        """The service's frontends the connect4 program translates now."""
+        known = self._frontends.get(name)
+        sb = self._socket_lb
+        if known is None or sb is None:
+            return []
+        return [fe for fe in SocketBalancer.handles(*known) if sb.table(fe) is not None]
+
+    def close(self) -> None:
+        """Detach the connect4 program (the nft table stays: traffic keeps flowing)."""
+        if self._socket_lb is not None:
+            self._socket_lb.close()
+            self._socket_lb = None
+        self._frontends.clear()
 
     # -- low level ----------------------------------------------------------------------------
 
@@ -173,6 +232,8 @@ class NftPlane:
             f'comment "{_comment(name, self.owner)}"\n' + elem + "\n",
             f"install service {name!r}",
         )
+        self._socket_forget(name)  # a replaced service may have moved
+        self._frontends[name] = (listen, policy)  # translated once it has backends
         return key
 
     def set_backends(self, name: str, backends: Sequence[Backend]) -> list[Backend]:
@@ -188,6 +249,7 @@ class NftPlane:
                 "elem": [[i, {"concat": [b.host, b.port]}] for i, b in enumerate(table)],
             }}})
         self._json(commands, f"update backends of {name!r}")
+        self._socket_set(name, table)
         return table
 
     def slots(self, name: str) -> dict[int, tuple[str, int]]:
@@ -204,6 +266,7 @@ class NftPlane:
     def uninstall(self, name: str, listen: tuple[str, int]) -> None:
         """Remove a service's frontend element, chain and map (one transaction)."""
         key = service_key(name)
+        self._socket_forget(name)
         if key not in self.installed():
             return
         self._text(self._remove_script(key, listen), f"remove service {name!r}")
@@ -254,7 +317,10 @@ CONNTRACK = Path("/proc/net/nf_conntrack")
 
 
 def established_to(b: Backend, conntrack: Path = CONNTRACK) -> int:
-    """Established DNATed flows whose reply comes from backend ``b`` (0 if conntrack is hidden).
+    """Established flows whose reply comes from backend ``b`` (0 if conntrack is hidden):
+    DNATed ones, and the host's own connections translated at connect() (which reach ``b``
+    directly, so they are told apart from nothing else: a drain also waits for other direct
+    connections to ``b``, within its timeout).
 
     The kernel keeps forwarding such flows after ``b`` left the map; a drain waits for them
     before the instance is stopped.
@@ -283,9 +349,6 @@ def established_to(b: Backend, conntrack: Path = CONNTRACK) -> int:
                 dport.append(v)
         if len(src) < 2 or len(sport) < 2 or len(dst) < 1 or len(dport) < 1:
             continue
-        # reply tuple (second) comes from b, and the original destination was not b: DNATed
-        if src[1] == b.host and sport[1] == str(b.port) and (dst[0], dport[0]) != (
-            b.host, str(b.port)
-        ):
+        if src[1] == b.host and sport[1] == str(b.port):  # the reply tuple comes from b
             n += 1
     return n
