@@ -14,6 +14,7 @@ import os
 import random
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -429,7 +430,9 @@ def host_addresses4() -> list[str]:
 def test_nft_plane_tcp_from_loopback_and_host_address(kernel: KernelProcess,
                                                       public_dir: Path) -> None:
     """Kernel DNAT: the frontend answers on 127.0.0.1 and on the host's address, and both
-    backends get connections; `corral down` removes the service and the lb's table."""
+    backends get connections; the host's loopback connections go straight to an instance
+    (translated at connect()), also after a kill -9 of the lb driver, whose program goes with
+    it; `corral down` removes the service and the lb's table."""
     k = kernel
     port, front = free_port(), free_port()
     lb_name = f"dnat-{secrets.token_hex(3)}.test"
@@ -452,6 +455,24 @@ def test_nft_plane_tcp_from_loopback_and_host_address(kernel: KernelProcess,
     for host in targets:
         seen = Counter(tcp_get(host, front).split()[0] for _ in range(20))
         assert set(seen) == {"dnat.web.1", "dnat.web.2"}, (host, seen)
+
+    addresses = {(i["address"], port) for i in instances_of(k, "dnat")}
+
+    def loopback_peer() -> tuple[str, int]:
+        with socket.create_connection(("127.0.0.1", front), timeout=5) as c:
+            return tuple(c.getpeername()[:2])  # type: ignore[return-value]
+
+    assert status["socket_lb"] == [f"127.0.0.1:{front}"]
+    assert loopback_peer() in addresses  # no NAT: connected to the instance itself
+    lb_pid = next(d["pid"] for d in k.call("drivers.list")["drivers"] if d["name"] == "lb")
+    os.kill(lb_pid, signal.SIGKILL)
+    assert "dnat.web." in tcp_get("127.0.0.1", front)  # the DNAT rules carry on meanwhile
+    wait_for(lambda: any(d["name"] == "lb" and d["pid"] not in (None, lb_pid)
+                         and d["state"] == "running"
+                         for d in k.call("drivers.list")["drivers"]), 20, what="lb restarted")
+    wait_for(lambda: query(k, "lb", "status", {"app": "dnat"})["services"][0]["socket_lb"]
+             == [f"127.0.0.1:{front}"], 20, what="the new lb driver's program")
+    assert loopback_peer() in addresses
     r = k.cli("down", "dnat")
     assert r.returncode == 0, r.stderr
     assert not table.exists(), "the lb's nft table outlived its last service"
