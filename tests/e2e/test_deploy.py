@@ -289,3 +289,51 @@ def test_failed_redeploy_leaves_the_previous_generation_as_it_was(
     r = kernel.cli("up", str(d), "--set", f"ports.http={p2}")
     assert r.returncode == 0, r.stderr
     assert get(p2).strip().startswith("redo.web.1")
+
+
+def test_scale_sets_instance_counts_of_the_deployed_manifest(
+    kernel: KernelProcess, public_dir: Path
+) -> None:
+    """`corral scale APP worker=3`: new instances start, the others are kept as they run; down
+    to 1 stops the surplus; the deployed manifest is scaled, not the directory's current one;
+    unknown processes, unknown apps and bad counts are refused and change nothing."""
+    port = free_port()
+    sleeper = '{ command = "python3 -c \'import time; time.sleep(1e6)\'", ready = "started" }'
+    d = write_app(public_dir / "sc", "sc", {"http": port},
+                  {"web": '{ command = "python3 server.py", port = "http" }',
+                   "worker": sleeper})
+    assert kernel.cli("up", str(d)).returncode == 0
+
+    def pids() -> dict[str, int]:
+        [app] = kernel.call("app.ps")["apps"]
+        return {i["id"]: i["pid"] for i in app["instances"] if i["state"] == "ready"}
+
+    before = pids()
+    assert set(before) == {"sc.web.1", "sc.worker.1"}
+    # edit the directory's manifest: scale must not pick this up
+    (d / "corral.toml").write_text((d / "corral.toml").read_text().replace("1e6", "2e6"))
+    r = kernel.cli("scale", "sc", "worker=3", "--json")
+    assert r.returncode == 0, r.stderr
+    after = pids()
+    assert set(after) == {"sc.web.1", "sc.worker.1", "sc.worker.2", "sc.worker.3"}
+    assert {k: after[k] for k in before} == before  # kept, not restarted
+    assert json.loads(r.stdout)["generation"] == 2
+    for pid in after.values():
+        assert "2e6" not in " ".join(psutil.Process(pid).cmdline())
+
+    held = _held(kernel, "sc")
+    for argv, code, message in (
+        (["scale", "sc", "nope=2"], 1, "has no process 'nope'"),
+        (["scale", "sc", "worker=0"], 2, "expected PROCESS=N with N >= 1"),
+        (["scale", "ghost", "web=2"], 1, "no app named 'ghost'"),
+    ):
+        r = kernel.cli(*argv)
+        assert r.returncode == code and message in r.stderr, (argv, r.returncode, r.stderr)
+    assert pids() == after and _held(kernel, "sc") == held
+
+    r = kernel.cli("scale", "sc", "worker=1")
+    assert r.returncode == 0, r.stderr
+    assert pids() == {"sc.web.1": before["sc.web.1"], "sc.worker.1": before["sc.worker.1"]}
+    for gone in ("sc.worker.2", "sc.worker.3"):
+        assert not psutil.pid_exists(after[gone]) or \
+            psutil.Process(after[gone]).status() == psutil.STATUS_ZOMBIE

@@ -195,6 +195,21 @@ def web_app(d: Path, name: str, port: int, lb: str, *, instances: int = 2,
     return d
 
 
+def http_app(public_dir: Path, name: str) -> tuple[int, int, str, Path]:
+    """web_app ``name`` behind the HTTP proxy with fast health checks: (port, frontend, lb
+    name, directory)."""
+    port, front = free_port(), free_port()
+    lb_name = f"{name}-{secrets.token_hex(3)}.test"
+    d = web_app(public_dir / name, name, port, f'''
+        name = "{lb_name}"
+        frontend = {front}
+        health = {{ http = "/healthz", interval = "1s", rise = 1 }}
+        plane = "proxy"
+        mode = "http"
+    ''')
+    return port, front, lb_name, d
+
+
 def up(k: KernelProcess, d: Path, *args: str, ok: bool = True) -> dict[str, Any]:
     r = k.cli("up", str(d), "--json", *args, timeout=180)
     if not ok:
@@ -304,6 +319,11 @@ class Load:
         if conn is not None:
             conn.close()
 
+    def served_by(self, instance: str) -> bool:
+        """Whether ``instance`` answered any request so far."""
+        with self._lock:
+            return any(b.split()[0] == instance for b in self.bodies)
+
     def stop(self) -> None:
         self._stop.set()
         for t in self._threads:
@@ -319,15 +339,7 @@ def test_http_proxy_two_instances_status_ledger_and_name_conflict(
     """Both instances answer through the HTTP frontend by Host; status, ps and ledger agree;
     a second app claiming the same lb name is refused naming the holder."""
     k = kernel
-    port, front = free_port(), free_port()
-    lb_name = f"shop-{secrets.token_hex(3)}.test"
-    d = web_app(public_dir / "shop", "shop", port, f'''
-        name = "{lb_name}"
-        frontend = {front}
-        health = {{ http = "/healthz", interval = "1s", rise = 1 }}
-        plane = "proxy"
-        mode = "http"
-    ''')
+    port, front, lb_name, d = http_app(public_dir, "shop")
     res = up(k, d)
     ids = sorted(i["id"] for i in res["instances"])
     assert ids == ["shop.web.1", "shop.web.2"]
@@ -417,6 +429,37 @@ def test_rolling_redeploy_under_load_loses_no_request(kernel: KernelProcess,
     # the old instances' addresses were released by the net driver
     addrs = {r["key"] for r in k.call("ledger.list", {"kind": "address"})["records"]}
     assert addrs == {i["address"] for i in second["instances"]}
+
+
+def test_scale_up_and_down_under_load_loses_no_request(kernel: KernelProcess,
+                                                       public_dir: Path) -> None:
+    """`corral scale APP web=3` then `web=1` while keep-alive clients hammer the frontend:
+    the new instance joins once healthy, the surplus ones are drained before they stop, the
+    one that stays is never restarted. Zero failed requests."""
+    k = kernel
+    _, front, lb_name, d = http_app(public_dir, "scale")
+    first = up(k, d)
+    pid1 = next(i["pid"] for i in first["instances"] if i["id"] == "scale.web.1")
+    load = Load(front, lb_name).start()
+    try:
+        wait_for(lambda: load.ok > 200, 20, what="load running")
+        r = k.cli("scale", "scale", "web=3", timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert lb_backends(k, "scale") == {f"scale.web.{n}": "healthy" for n in (1, 2, 3)}
+        wait_for(lambda: load.served_by("scale.web.3"), 20, what="the new instance serving")
+        ok_before = load.ok
+        r = k.cli("scale", "scale", "web=1", timeout=120)
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: load.ok > ok_before + 300, 20, what="load after scaling down")
+    finally:
+        load.stop()
+    print(f"\nscale 2 -> 3 -> 1: {load.ok} requests, {len(load.failures)} failed")
+    assert load.failures == [], load.failures[:10]
+    assert lb_backends(k, "scale") == {"scale.web.1": "healthy"}
+    [inst] = instances_of(k, "scale")
+    assert inst["id"] == "scale.web.1" and inst["pid"] == pid1
+    assert set(Counter(http_get("127.0.0.1", front, lb_name).split()[0]
+                       for _ in range(10))) == {"scale.web.1"}
 
 
 def host_addresses4() -> list[str]:

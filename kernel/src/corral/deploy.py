@@ -18,6 +18,7 @@ they exit on their own.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import json
 import os
@@ -43,7 +44,7 @@ from corral.protocol import (
     LaunchPlan,
     PlanFragment,
 )
-from corral.protocol._ops import Deploy, Spawn
+from corral.protocol._ops import Deploy, Scale, Spawn
 
 if TYPE_CHECKING:
     from corral.kernel import Kernel
@@ -129,6 +130,31 @@ class Deployer:
         await self._drivers_settled()
         async with self._lock(name):
             return await self._deploy(name, resolved, doc, args, started)
+
+    async def scale(self, args: Scale) -> dict[str, Any]:
+        """``app.scale``: the deployed manifest (not the directory's current corral.toml) with
+        new instance counts, deployed like ``corral up``: new instances start and join, surplus
+        ones are drained and stopped, the rest are kept as they are."""
+        started = time.monotonic()
+        from corral import manifest as manifests
+
+        await self._drivers_settled()
+        async with self._lock(args.name):
+            state = self.apps.get(args.name)
+            if state is None:
+                raise NotFoundError(f"no app named {args.name!r} is deployed")
+            doc = copy.deepcopy(state.spec.manifest)
+            processes: dict[str, Any] = doc.get("processes") or {}
+            unknown = sorted(set(args.counts) - set(processes))
+            if unknown:
+                raise NotFoundError(
+                    f"app {args.name!r} has no process {', '.join(map(repr, unknown))} "
+                    f"(it has {', '.join(map(repr, sorted(processes))) or 'none'})")
+            for process, count in args.counts.items():
+                processes[process]["instances"] = count
+            resolved = manifests.ResolvedManifest.from_json(doc)
+            deploy = Deploy(directory=state.spec.directory, wait_s=args.wait_s)
+            return await self._deploy(args.name, resolved, resolved.as_json(), deploy, started)
 
     async def _deploy(
         self, name: str, resolved: Any, doc: dict[str, Any], args: Deploy, started: float

@@ -46,6 +46,7 @@ from corral.protocol._ops import (
     LedgerList,
     LedgerRelease,
     Publish,
+    Scale,
     Spawn,
 )
 from corral.supervisor import DriverSlot, Supervisor
@@ -97,6 +98,7 @@ class Kernel:
         self.handlers: dict[str, Handler] = {
             "app.deploy": self._deploy,
             "app.down": self._down,
+            "app.scale": self._scale,
             "app.ps": self._ps,
             "app.get": self._app_get,
             "ledger.list": self._ledger_list,
@@ -202,6 +204,9 @@ class Kernel:
 
     async def _deploy(self, peer: Peer, args: Deploy) -> dict[str, Any]:
         return await self.deployer.deploy(args)
+
+    async def _scale(self, peer: Peer, args: Scale) -> dict[str, Any]:
+        return await self.deployer.scale(args)
 
     async def _down(self, peer: Peer, args: AppName) -> dict[str, Any]:
         return await self.deployer.down(args.name)

@@ -83,10 +83,15 @@ def cmd_up(ns: argparse.Namespace) -> int:
     res = _client().call("app.deploy", {"directory": str(directory), "set": ns.set_,
                                          "offset": ns.offset, "env": ns.env,
                                          "wait_s": ns.wait}, timeout=ns.wait + 30)
+    return _deployed(ns, res, "up")
+
+
+def _deployed(ns: argparse.Namespace, res: dict[str, Any], verb: str) -> int:
+    """Print a deploy's result (``app.deploy``, ``app.scale``): JSON, or a line and a table."""
     if ns.json:
         _print_json(res)
         return 0
-    print(f"{res['app']}: generation {res['generation']} up in {res['seconds']:.2f}s")
+    print(f"{res['app']}: generation {res['generation']} {verb} in {res['seconds']:.2f}s")
     _instances(res["instances"])
     return 0
 
@@ -96,6 +101,21 @@ def _instances(instances: list[dict[str, Any]]) -> None:
              f"{i['address']}:{i['port']}" if i.get("port") else "-", str(i.get("restarts", 0))]
             for i in instances]
     _table(rows, ["INSTANCE", "PID", "STATE", "LISTEN", "RESTARTS"])
+
+
+def cmd_scale(ns: argparse.Namespace) -> int:
+    """Set how many instances of each named process run (web=3 worker=2)."""
+    counts: dict[str, int] = {}
+    for item in ns.counts:
+        process, sep, value = item.partition("=")
+        if not sep or not process or not value.isdigit() or int(value) < 1:
+            print(f"corral scale: {item!r}: expected PROCESS=N with N >= 1 (e.g. web=3)",
+                  file=sys.stderr)
+            return EXIT_INPUT
+        counts[process] = int(value)
+    res = _client().call("app.scale", {"name": ns.app, "counts": counts, "wait_s": ns.wait},
+                         timeout=ns.wait + 30)
+    return _deployed(ns, res, "scaled")
 
 
 def cmd_down(ns: argparse.Namespace) -> int:
@@ -177,6 +197,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "up": cmd_up,
     "down": cmd_down,
+    "scale": cmd_scale,
     "ps": cmd_ps,
     "ledger": cmd_ledger,
     "drivers": cmd_drivers,
@@ -204,6 +225,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s = sub.add_parser("down", help=cmd_down.__doc__)
     s.add_argument("app")
+    s = sub.add_parser("scale", help=cmd_scale.__doc__)
+    s.add_argument("app")
+    s.add_argument("counts", nargs="+", metavar="PROCESS=N")
+    s.add_argument("--wait", type=float, default=30.0, help="seconds to wait for readiness")
+    s.add_argument("--json", action="store_true")
     for name in ("ps", "drivers"):
         s = sub.add_parser(name, help=COMMANDS[name].__doc__)
         s.add_argument("--json", action="store_true")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,6 +36,15 @@ class Deploy(Args):
     set: list[str] = Field(default_factory=list)
     offset: int = 0
     env: list[str] = Field(default_factory=list)
+    wait_s: float = Field(default=30.0, gt=0, description="how long to wait for readiness")
+
+
+class Scale(Args):
+    """``app.scale``: set the instance count of some of a deployed app's processes."""
+
+    name: str
+    counts: dict[str, Annotated[int, Field(ge=1, le=1000)]] = Field(
+        min_length=1, description="process name -> instances (e.g. {\"web\": 3})")
     wait_s: float = Field(default=30.0, gt=0, description="how long to wait for readiness")
 
 
@@ -198,6 +207,7 @@ def _table(*ops: Operation) -> dict[str, Operation]:
 _CLIENT_OPS = _table(
     Operation("app.deploy", Deploy, "claim, launch and wait for an app"),
     Operation("app.down", AppName, "stop an app and release all it holds"),
+    Operation("app.scale", Scale, "set instance counts; rolls like a redeploy"),
     Operation("app.ps", NoArgs, "apps and instances with their state"),
     Operation("app.get", AppName, "one app's spec and instances"),
     Operation("ledger.list", LedgerList, "ledger records"),
