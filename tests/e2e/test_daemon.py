@@ -1,12 +1,22 @@
-"""corrald as a process: what it loads."""
+"""corrald as a process: what it loads, and `corral daemon` being the same thing."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
-from corral.testing import KernelProcess
+from corral.errors import CorralError
+from corral.testing import KernelProcess, wait_for
 
 NO_DRIVERS = 'disabled = ["net", "fs", "log", "lb", "cron"]\n'
+
+
+def openssl_mapped(pid: int) -> list[str]:
+    """libssl/libcrypto files mapped into process ``pid``."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return sorted({line.split()[-1] for line in maps.splitlines()
+                   if len(line.split()) >= 6 and ("libcrypto" in line or "libssl" in line)})
 
 
 def test_kernel_never_maps_openssl(tmp_path: Path) -> None:
@@ -15,6 +25,25 @@ def test_kernel_never_maps_openssl(tmp_path: Path) -> None:
     with KernelProcess(tmp_path, NO_DRIVERS) as k:
         assert k.proc is not None
         assert k.call("kernel.status")["pid"] == k.proc.pid
-        maps = Path(f"/proc/{k.proc.pid}/maps").read_text()
-        mapped = {line.split()[-1] for line in maps.splitlines() if len(line.split()) >= 6}
-        assert not [p for p in mapped if "libcrypto" in p or "libssl" in p], sorted(mapped)
+        assert openssl_mapped(k.proc.pid) == []
+
+
+def test_corral_daemon_is_corrald(tmp_path: Path) -> None:
+    """`corral daemon` replaces itself with corrald (same pid, for service managers), so the
+    kernel it runs is as lean as corrald's, although the CLI loaded asyncio and OpenSSL."""
+    k = KernelProcess(tmp_path, NO_DRIVERS)
+    proc = subprocess.Popen([sys.executable, "-m", "corral.cli", "daemon", "--stop-drivers"],
+                            env=k.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def status() -> dict[str, object] | None:
+            try:
+                return k.call("kernel.status", timeout=1.0)
+            except CorralError:
+                return None
+
+        st = wait_for(status, 20, 0.05, what="corral daemon serving")
+        assert st["pid"] == proc.pid
+        assert openssl_mapped(proc.pid) == []
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -177,9 +178,13 @@ def cmd_drivers(ns: argparse.Namespace) -> int:
 
 def cmd_daemon(ns: argparse.Namespace) -> int:
     """Run the kernel in the foreground (same as corrald)."""
-    from corral.daemon import main as daemon_main
-
-    return daemon_main(["--stop-drivers"] if ns.stop_drivers else [])
+    # A fresh interpreter in this process (same pid, for systemd): the CLI has imported
+    # asyncio and with it OpenSSL, which corrald keeps out of its address space.
+    argv = [sys.executable, "-m", "corral.daemon", *(["--stop-drivers"] if ns.stop_drivers
+                                                      else [])]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)  # noqa: S606 - our own interpreter, a fixed argv
 
 
 def cmd_query(ns: argparse.Namespace) -> int:
