@@ -63,6 +63,8 @@ def value_size(slots: int) -> int:
 
 def program(map_fd: int, netns_cookie: int, slots: int) -> bytes:
     """The connect4 program (see the module docstring); ``slots`` is a power of two."""
+    if slots <= 0 or slots & (slots - 1):
+        raise ValueError(f"slots must be a power of two (the pick masks with it), not {slots}")
     pick, out = 26, 33  # instruction indexes of the labels, checked below
     code = [
         insn(0xBF, 6, 1),                          # 0  r6 = ctx
@@ -100,7 +102,7 @@ def program(map_fd: int, netns_cookie: int, slots: int) -> bytes:
         insn(0x95),                                # 34 exit
     ]
     blob = b"".join(code)
-    assert blob[pick * 8] == 0x57 and blob[out * 8] == 0xB7 and slots & (slots - 1) == 0
+    assert blob[pick * 8] == 0x57 and blob[out * 8] == 0xB7
     return blob
 
 
