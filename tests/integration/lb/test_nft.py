@@ -76,7 +76,10 @@ def test_nft_dnat_balances_and_follows_membership(frontend: str, socket_lb: bool
                 await lb.detach("svc")
             assert f"c_{key}" not in ruleset()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        nft.close()  # detach the connect4 program now, not at interpreter exit
 
 
 @pytest.mark.root
@@ -110,4 +113,7 @@ def test_nft_drain_waits_for_established_flows(socket_lb: bool) -> None:
             finally:
                 await lb.detach("svc")
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        nft.close()  # detach the connect4 program now, not at interpreter exit
