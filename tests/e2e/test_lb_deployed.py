@@ -195,18 +195,20 @@ def web_app(d: Path, name: str, port: int, lb: str, *, instances: int = 2,
     return d
 
 
-def http_app(public_dir: Path, name: str) -> tuple[int, int, str, Path]:
-    """web_app ``name`` behind the HTTP proxy with fast health checks: (port, frontend, lb
-    name, directory)."""
+def lb_app(public_dir: Path, name: str, lb_extra: str = "", *, plane: str = "proxy",
+           mode: str = "http", health: str = 'http = "/healthz"', rise: int = 1,
+           instances: int = 2, extra: str = "") -> tuple[int, int, str, Path]:
+    """web_app ``name`` behind a fresh lb name and frontend, health-checked every second
+    (``lb_extra``: more lines of its [lb] section): (port, frontend, lb name, directory)."""
     port, front = free_port(), free_port()
     lb_name = f"{name}-{secrets.token_hex(3)}.test"
     d = web_app(public_dir / name, name, port, f'''
         name = "{lb_name}"
         frontend = {front}
-        health = {{ http = "/healthz", interval = "1s", rise = 1 }}
-        plane = "proxy"
-        mode = "http"
-    ''')
+        health = {{ {health}, interval = "1s", rise = {rise} }}
+        plane = "{plane}"
+        mode = "{mode}"
+    ''' + textwrap.dedent(lb_extra), instances=instances, extra=extra)
     return port, front, lb_name, d
 
 
@@ -339,7 +341,7 @@ def test_http_proxy_two_instances_status_ledger_and_name_conflict(
     """Both instances answer through the HTTP frontend by Host; status, ps and ledger agree;
     a second app claiming the same lb name is refused naming the holder."""
     k = kernel
-    port, front, lb_name, d = http_app(public_dir, "shop")
+    port, front, lb_name, d = lb_app(public_dir, "shop")
     res = up(k, d)
     ids = sorted(i["id"] for i in res["instances"])
     assert ids == ["shop.web.1", "shop.web.2"]
@@ -391,15 +393,7 @@ def test_rolling_redeploy_under_load_loses_no_request(kernel: KernelProcess,
     instance is replaced beside the old one (-g2), the lb adds it once healthy and drains the
     old one before the kernel stops it. Zero failed requests; answers switch to version 2."""
     k = kernel
-    port, front = free_port(), free_port()
-    lb_name = f"roll-{secrets.token_hex(3)}.test"
-    d = web_app(public_dir / "roll", "roll", port, f'''
-        name = "{lb_name}"
-        frontend = {front}
-        health = {{ http = "/healthz", interval = "1s", rise = 2 }}
-        plane = "proxy"
-        mode = "http"
-    ''')
+    _, front, lb_name, d = lb_app(public_dir, "roll", rise=2)
     first = up(k, d, "--env", "VERSION=1")
     old_pids = {i["pid"] for i in first["instances"]}
     load = Load(front, lb_name).start()
@@ -437,7 +431,7 @@ def test_scale_up_and_down_under_load_loses_no_request(kernel: KernelProcess,
     the new instance joins once healthy, the surplus ones are drained before they stop, the
     one that stays is never restarted. Zero failed requests."""
     k = kernel
-    _, front, lb_name, d = http_app(public_dir, "scale")
+    _, front, lb_name, d = lb_app(public_dir, "scale")
     first = up(k, d)
     pid1 = next(i["pid"] for i in first["instances"] if i["id"] == "scale.web.1")
     load = Load(front, lb_name).start()
@@ -477,16 +471,8 @@ def test_nft_plane_tcp_from_loopback_and_host_address(kernel: KernelProcess,
     (translated at connect()), also after a kill -9 of the lb driver, whose program goes with
     it; `corral down` removes the service and the lb's table."""
     k = kernel
-    port, front = free_port(), free_port()
-    lb_name = f"dnat-{secrets.token_hex(3)}.test"
-    d = web_app(public_dir / "dnat", "dnat", port, f'''
-        name = "{lb_name}"
-        frontend = {front}
-        health = {{ tcp = true, interval = "1s", rise = 1 }}
-        plane = "nft"
-        mode = "tcp"
-        policy = "round-robin"
-    ''')
+    port, front, _, d = lb_app(public_dir, "dnat", 'policy = "round-robin"\n',
+                               plane="nft", mode="tcp", health="tcp = true")
     up(k, d)
     assert lb_backends(k, "dnat") == {"dnat.web.1": "healthy", "dnat.web.2": "healthy"}
     status = query(k, "lb", "status", {"app": "dnat"})["services"][0]
@@ -503,7 +489,8 @@ def test_nft_plane_tcp_from_loopback_and_host_address(kernel: KernelProcess,
 
     def loopback_peer() -> tuple[str, int]:
         with socket.create_connection(("127.0.0.1", front), timeout=5) as c:
-            return tuple(c.getpeername()[:2])  # type: ignore[return-value]
+            host, peer_port = c.getpeername()[:2]
+            return str(host), int(peer_port)
 
     assert status["socket_lb"] == [f"127.0.0.1:{front}"]
     assert loopback_peer() in addresses  # no NAT: connected to the instance itself
@@ -545,17 +532,9 @@ def test_on_demand_activation_through_the_kernel(kernel: KernelProcess, public_d
     """No instance after `corral up`; the first request starts one (instance.spawn) and is
     answered; after `idle` without traffic it is stopped; the next request starts it again."""
     k = kernel
-    port, front = free_port(), free_port()
-    lb_name = f"lazy-{secrets.token_hex(3)}.test"
-    d = web_app(public_dir / "lazy", "lazy", port, f'''
-        name = "{lb_name}"
-        frontend = {front}
-        health = {{ http = "/healthz", interval = "1s", rise = 1 }}
-        plane = "proxy"
-        mode = "http"
-        activation = "on-demand"
-        idle = "2s"
-    ''', instances=1, extra='[paths]\ndata = { path = "data", mode = "rw" }\n')
+    _, front, lb_name, d = lb_app(
+        public_dir, "lazy", 'activation = "on-demand"\nidle = "2s"\n', instances=1,
+        extra='[paths]\ndata = { path = "data", mode = "rw" }\n')
     data = d / "data"
     data.mkdir()
     data.chmod(0o1777)  # the app's uid is known only once deployed
