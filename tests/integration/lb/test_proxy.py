@@ -102,6 +102,11 @@ def test_l4_relay_and_backend_joins_only_when_healthy() -> None:
                 seen[data.rsplit(b"\r\n\r\n", 1)[1]] += 1
                 w.close()
             assert seen == {b"one": 6}
+            # each connection's accounting ends when the relay reports it finished
+            svc = lb.service("svc")
+            await wait_until(lambda: svc.connections == 0)
+            one = svc.backends["one"]
+            assert (one.requests, one.active, one.latency.total) == (6, 0, 6)
             two = start_backend("two", p2)
             try:
                 await wait_until(lambda: len(lb.service("svc").eligible) == 2)

@@ -22,7 +22,7 @@ from corral_lb.config import LbConfig, PolicyProgram
 from corral_lb.nft import TABLE, NftPlane, established_to, service_key
 from corral_lb.policy_program import PolicyProgram as PolicyProgramRunner
 from corral_lb.proxy_http import HttpFrontend
-from corral_lb.proxy_l4 import L4Frontend
+from corral_lb.proxy_l4 import L4Frontend, Relay
 from corral_lb.service import Service
 
 log = structlog.get_logger("corral_lb")
@@ -46,6 +46,7 @@ class Balancer:
         self.nft_socket_lb = True  # translate the host's own connections at connect()
         self._http: dict[tuple[str, int], HttpFrontend] = {}
         self._l4: dict[str, L4Frontend] = {}
+        self._relay: Relay | None = None  # the L4 proxy's relay thread, started on first use
         self._programs: dict[str, PolicyProgramRunner] = {}
         self._app_dirs: dict[str, str] = {}
 
@@ -110,7 +111,9 @@ class Balancer:
             rewrite(service)
             return
         if cfg.mode == "tcp":
-            fe = L4Frontend(service)
+            if self._relay is None:
+                self._relay = Relay()
+            fe = L4Frontend(service, self._relay)
             await fe.start(*listen)
             self._l4[service.app] = fe
             return
@@ -205,3 +208,6 @@ class Balancer:
             await self.detach(app)
         if self._nft is not None:
             self._nft.close()
+        if self._relay is not None:
+            self._relay.close()
+            self._relay = None
