@@ -55,7 +55,6 @@ class Relay:
     def add(self, conn: L4Connection, client: socket.socket, upstream: socket.socket) -> None:
         """Relay between the two sockets from now on; ``conn.finished`` is called at the end."""
         tag = next(self._tags)
-        conn.tag = tag
         a, b = client.detach(), upstream.detach()
         try:
             self._relay.add(a, b, tag)
@@ -63,6 +62,7 @@ class Relay:
             os.close(a)
             os.close(b)
             raise
+        conn.tag = tag
         self._conns[tag] = conn
 
     def cut(self, conn: L4Connection) -> None:
@@ -289,8 +289,12 @@ class L4Frontend:
                 self._loop.remove_reader(sock.fileno())
                 self._retry = self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
                 return
-            client.setblocking(False)
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                client.setblocking(False)
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # reset before we got to it
+                client.close()
+                continue
             conn = L4Connection(self, client, peer)
             self.connections.add(conn)
             conn.start()
