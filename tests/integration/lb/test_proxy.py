@@ -148,6 +148,39 @@ def test_l4_drain_waits_for_open_connections() -> None:
     asyncio.run(main())
 
 
+def test_l4_connections_are_cut_when_a_drain_times_out_and_at_close() -> None:
+    """A connection outliving its backend's drain is closed (both sides), and so is every
+    open connection when the balancer closes; their accounting ends either way."""
+    p1, fe = free_port(), free_port()
+
+    async def main() -> None:
+        lb = Balancer()
+        await lb.attach("svc", cfg(fe, mode="tcp"))
+        with backends(("one", p1)):
+            await lb.add_backend("svc", "one", "127.0.0.1", p1, wait=5)
+            svc = lb.service("svc")
+            r, w = await asyncio.open_connection("127.0.0.1", fe)
+            w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await r.readuntil(b"one")
+            one = svc.backends["one"]
+            assert (svc.connections, one.active) == (1, 1)
+            assert await lb.remove_backend("svc", "one", drain=0.3) is False  # cut, not drained
+            assert await asyncio.wait_for(r.read(), 3) == b""  # the client sees the close
+            await wait_until(lambda: svc.connections == 0)
+            assert one.active == 0
+            w.close()
+
+            await lb.add_backend("svc", "one", "127.0.0.1", p1, wait=5)
+            r, w = await asyncio.open_connection("127.0.0.1", fe)
+            w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await r.readuntil(b"one")
+            await lb.close()
+            assert await asyncio.wait_for(r.read(), 3) == b""
+            w.close()
+
+    asyncio.run(main())
+
+
 def test_rolling_replace_under_load_loses_nothing() -> None:
     """Replace every backend (add new, wait healthy, drain old, stop old) under load: 0 errors."""
     old = [free_port(), free_port()]
