@@ -6,6 +6,7 @@ and talks through it from the outer ends, with blocking sockets on the test's si
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import select
@@ -176,6 +177,41 @@ def test_close_closes_open_pairs_and_refuses_more() -> None:
     relay.close()  # idempotent
     for s in (client, backend, a, b):
         s.close()
+
+
+def test_close_in_the_middle_of_bulk_transfers() -> None:
+    """close() while pairs are busy (some waiting for their next turn, some with bytes kept
+    for a full socket): every socket is closed and nothing is left running."""
+    relay = Relay()
+    pairs = [relay_pair(relay, 20 + i) for i in range(8)]
+    stop = threading.Event()
+
+    def pump(s: socket.socket) -> None:
+        chunk = b"z" * (1 << 20)
+        with contextlib.suppress(OSError):
+            while not stop.is_set():
+                s.sendall(chunk)
+
+    def drain(s: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while s.recv(1 << 20):
+                pass
+
+    threads = []
+    for client, backend, _ in pairs:
+        threads += [threading.Thread(target=pump, args=(client,)),
+                    threading.Thread(target=drain, args=(backend,))]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    relay.close()
+    stop.set()
+    for t in threads:  # the relay's ends are gone: senders get a reset, readers the end
+        t.join(10)
+        assert not t.is_alive()
+    for client, backend, _ in pairs:
+        client.close()
+        backend.close()
 
 
 def test_bad_descriptors_are_refused(relay: Relay) -> None:

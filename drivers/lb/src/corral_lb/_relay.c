@@ -91,6 +91,7 @@ typedef struct {
     pthread_t thread;
     pthread_mutex_t lock; /* guards cmds and done */
     cmd_t *cmds, *cmds_tail;
+    cmd_t *stop_cmd; /* allocated up front: close() cannot fail for want of memory */
     pair_t *done;
     /* relay thread only: */
     pair_t *live;
@@ -513,7 +514,8 @@ static int Relay_init(RelayObject *r, PyObject *args, PyObject *kwds)
     r->epfd = r->wake_fd = r->done_fd = -1;
     r->arena = malloc(ARENA_SIZE);
     r->jobs = malloc(MAX_JOBS * sizeof(job_t));
-    if (r->arena == NULL || r->jobs == NULL) {
+    r->stop_cmd = calloc(1, sizeof(cmd_t));
+    if (r->arena == NULL || r->jobs == NULL || r->stop_cmd == NULL) {
         PyErr_NoMemory();
         return -1;
     }
@@ -631,22 +633,23 @@ static void relay_shutdown(RelayObject *r)
     if (!r->started || r->closed)
         return;
     r->closed = 1;
-    cmd_t *c = calloc(1, sizeof *c);
-    if (c != NULL) {
-        c->kind = CMD_STOP;
-        enqueue(r, c);
-        Py_BEGIN_ALLOW_THREADS
-        pthread_join(r->thread, NULL);
-        Py_END_ALLOW_THREADS
-    } else {
-        pthread_cancel(r->thread);
-        pthread_join(r->thread, NULL);
-    }
+    cmd_t *c = r->stop_cmd;
+    r->stop_cmd = NULL;
+    c->kind = CMD_STOP;
+    enqueue(r, c); /* run_commands frees it */
+    Py_BEGIN_ALLOW_THREADS
+    pthread_join(r->thread, NULL);
+    Py_END_ALLOW_THREADS
     /* The thread is gone: everything left is ours. */
+    /* The ready queue holds live pairs (freed below) and dead ones that are in no other list. */
+    for (pair_t *q = r->ready, *next; q; q = next) {
+        next = q->link;
+        if (q->dead)
+            free(q);
+    }
+    r->ready = NULL;
     free_pairs(r->live, 0);
     r->live = NULL;
-    /* Queued and graveyard pairs: the queue only holds live or graveyard pairs. */
-    r->ready = NULL;
     free_pairs(r->graveyard, 1);
     r->graveyard = NULL;
     free_pairs(r->done, 1);
@@ -680,6 +683,7 @@ static void Relay_dealloc(RelayObject *r)
         close(r->done_fd);
     free(r->arena);
     free(r->jobs);
+    free(r->stop_cmd);
     Py_TYPE(r)->tp_free((PyObject *)r);
 }
 
