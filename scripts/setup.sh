@@ -10,7 +10,9 @@ cd "$(dirname "$0")/.."
 #   tini                   init (pid 1) of each sandbox's pid namespace (fs driver)
 #   libseccomp2            seccomp filters compiled by the launch path
 #   bubblewrap             the sandbox benchmark's reference
-#   gcc make pkg-config libzmq3-dev libjansson-dev   the reference driver in C (examples/driver-c)
+#   gcc                    builds corral_lb._relay (the lb proxy's L4 relay, C) at install time;
+#                          its sanitizer runtimes (libasan, libubsan) come with it
+#   make pkg-config libzmq3-dev libjansson-dev   the reference driver in C (examples/driver-c)
 #   nodejs npm             the lb policy example in JavaScript (examples/policy-js)
 #   util-linux             setpriv, unshare for the tests
 #   Benchmarks install their own peers (haproxy, wrk, nginx-light) when run.
