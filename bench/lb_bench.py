@@ -223,7 +223,11 @@ backend bk_http
         if nft.socket_lb is None:
             print("  note: no connect-time translation on this host: nft is DNAT only",
                   file=sys.stderr)
-        proxy = subprocess.Popen([sys.executable, __file__, "--serve"], stdout=subprocess.PIPE)
+        # A session of its own, as corrald starts every driver and as `haproxy -D` runs: with
+        # autogroup scheduling (sched_autogroup_enabled) a process shares its session's CPU
+        # share, and in ours it would compete with wrk while HAProxy has a share to itself.
+        proxy = subprocess.Popen([sys.executable, __file__, "--serve"], stdout=subprocess.PIPE,
+                                 start_new_session=True)
         assert proxy.stdout is not None and proxy.stdout.readline().strip() == b"ready"
         for port in (BACKEND, HA_TCP, HA_HTTP, PX_TCP, PX_HTTP, NFT, NFT_DNAT):
             wait_port(port)
