@@ -108,10 +108,12 @@ async def get(port: int, path: str = "/", host: str = "x") -> tuple[int, bytes]:
 
 @dataclass
 class Load:
-    """Keep-alive clients requesting in a loop; every failure is recorded, none retried."""
+    """Clients requesting in a loop, on keep-alive connections or (``per_request``) on a new
+    connection each time; every failure is recorded, none retried."""
 
     port: int
     clients: int = 8
+    per_request: bool = False
     ok: int = 0
     failures: list[str] = field(default_factory=list)
     served_by: Counter[bytes] = field(default_factory=Counter)
@@ -135,6 +137,9 @@ class Load:
                     self.ok += 1
                     self.served_by[body] += 1
                     self.last[i] = body
+                if self.per_request:
+                    await c.close()
+                    c = None
             except Exception as e:
                 self.failures.append(f"client {i}: {type(e).__name__}: {e}")
                 if c is not None:

@@ -6,6 +6,8 @@ import asyncio
 import time
 from collections import Counter
 
+import pytest
+
 from corral_lb.activation import ProcessActivator
 from corral_lb.balancer import Balancer
 from corral_lb.config import LbConfig, load_lb_config
@@ -181,21 +183,23 @@ def test_l4_connections_are_cut_when_a_drain_times_out_and_at_close() -> None:
     asyncio.run(main())
 
 
-def test_rolling_replace_under_load_loses_nothing() -> None:
-    """Replace every backend (add new, wait healthy, drain old, stop old) under load: 0 errors."""
+@pytest.mark.parametrize("mode", ["http", "tcp"])
+def test_rolling_replace_under_load_loses_nothing(mode: str) -> None:
+    """Replace every backend (add new, wait healthy, drain old, stop old) under load: 0 errors.
+    In tcp mode each request is a connection of its own (the relay cannot move a connection)."""
     old = [free_port(), free_port()]
     new = [free_port(), free_port()]
     fe = free_port()
 
     async def main() -> None:
         lb = Balancer()
-        await lb.attach("svc", cfg(fe))
+        await lb.attach("svc", cfg(fe, mode=mode))
         olds = [start_backend(f"old{i}", p) for i, p in enumerate(old)]
         news = []
         try:
             for i, p in enumerate(old):
                 assert await lb.add_backend("svc", f"old{i}", "127.0.0.1", p, wait=5)
-            load = Load(fe, clients=8)
+            load = Load(fe, clients=8, per_request=mode == "tcp")
             load.start()
             await asyncio.sleep(0.5)
             for i, p in enumerate(new):  # one at a time, as a rolling deploy does
