@@ -508,6 +508,53 @@ def test_nft_plane_tcp_from_loopback_and_host_address(kernel: KernelProcess,
     assert not table.exists(), "the lb's nft table outlived its last service"
 
 
+def test_proxy_plane_tcp_mode_relays_and_survives_a_driver_kill(kernel: KernelProcess,
+                                                               public_dir: Path) -> None:
+    """The proxy plane in tcp mode (the C relay in the lb driver): both instances get
+    connections, a connection's bytes flow both ways over many requests, every connection is
+    counted per backend once it ends; after kill -9 of the lb driver the new one relays again."""
+    k = kernel
+    _, front, _, d = lb_app(public_dir, "relay", 'policy = "round-robin"\n', mode="tcp",
+                            health="tcp = true")
+    up(k, d)
+    assert lb_backends(k, "relay") == {"relay.web.1": "healthy", "relay.web.2": "healthy"}
+    seen = Counter(tcp_get("127.0.0.1", front).split()[0] for _ in range(20))
+    assert seen == {"relay.web.1": 10, "relay.web.2": 10}, seen
+    # one connection, many requests (HTTP/1.1 keep-alive through the L4 relay)
+    conn = http.client.HTTPConnection("127.0.0.1", front, timeout=10)
+    bodies = set()
+    for _ in range(50):
+        conn.request("GET", "/", headers={"Host": "x"})
+        bodies.add(conn.getresponse().read().decode().split()[0])
+    conn.close()
+    assert len(bodies) == 1, bodies  # a connection stays with its backend
+
+    def counted() -> int:
+        backends = query(k, "lb", "metrics", {"app": "relay"})["services"][0]["backends"]
+        return sum(b["requests"] for b in backends if b["active"] == 0)
+
+    wait_for(lambda: counted() == 21, 10, what="21 finished connections counted")
+    lb_pid = next(d["pid"] for d in k.call("drivers.list")["drivers"] if d["name"] == "lb")
+    os.kill(lb_pid, signal.SIGKILL)
+    wait_for(lambda: any(d["name"] == "lb" and d["pid"] not in (None, lb_pid)
+                         and d["state"] == "running"
+                         for d in k.call("drivers.list")["drivers"]), 20, what="lb restarted")
+
+    def relays() -> bool:
+        try:
+            return tcp_get("127.0.0.1", front).split()[0].startswith("relay.web.")
+        except OSError:
+            return False
+
+    wait_for(relays, 20, 0.2, what="the new lb driver relaying")
+    seen = Counter(tcp_get("127.0.0.1", front).split()[0] for _ in range(10))
+    assert set(seen) == {"relay.web.1", "relay.web.2"}, seen
+    r = k.cli("down", "relay")
+    assert r.returncode == 0, r.stderr
+    with pytest.raises(OSError):
+        tcp_get("127.0.0.1", front, timeout=2)
+
+
 class KernelTable:
     """The lb driver's nft table of a test kernel (named in its host config)."""
 
