@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from corral.protocol import AppSpec, InstanceRecord, InstanceSpec
+import pytest
+
+from corral.errors import CorralError
+from corral.protocol import AppSpec, InstanceRecord, InstanceSpec, Welcome
 from corral.protocol._ops import AppAttach, InstanceStarted, InstanceStopped, StateSync
 from corral_lb.driver import LbDriver
 from integration.lb._harness import backends, free_port, get
@@ -52,3 +55,17 @@ def test_driver_lifecycle_attach_started_stopped_detach() -> None:
             await d.stop()
 
     asyncio.run(main())
+
+
+def test_welcome_sets_the_proxy_timeouts_from_the_host_config() -> None:
+    """[drivers.lb] config's tcp_idle_timeout / http_idle_timeout reach the balancer; a bad
+    one is refused naming the key, before any operation runs."""
+    d = LbDriver()
+    d.welcomed(Welcome(peer_id="lb", heartbeat_ms=1000,
+                       config={"tcp_idle_timeout": "2m", "http_idle_timeout": "10s"}))
+    assert (d.balancer.tcp_idle_timeout, d.balancer.http_idle_timeout) == (120.0, 10.0)
+    d.welcomed(Welcome(peer_id="lb", heartbeat_ms=1000, config={}))
+    assert (d.balancer.tcp_idle_timeout, d.balancer.http_idle_timeout) == (3600.0, 75.0)
+    with pytest.raises(CorralError, match=r"\[drivers.lb\] config: http_idle_timeout"):
+        d.welcomed(Welcome(peer_id="lb", heartbeat_ms=1000,
+                           config={"http_idle_timeout": "whenever"}))

@@ -183,6 +183,75 @@ def test_l4_connections_are_cut_when_a_drain_times_out_and_at_close() -> None:
     asyncio.run(main())
 
 
+def test_http_idle_timeout_closes_idle_and_slow_clients_only() -> None:
+    """http_idle_timeout: a keep-alive client idle that long is closed, and so is one sending
+    its request head too slowly; a client making requests, and a response slower than the
+    timeout, are not cut."""
+    p1, fe = free_port(), free_port()
+
+    async def closed(r: asyncio.StreamReader, within: float) -> bool:
+        try:
+            return await asyncio.wait_for(r.read(), within) == b""
+        except TimeoutError:
+            return False
+
+    async def main() -> None:
+        lb = Balancer()
+        lb.http_idle_timeout = 0.6
+        await lb.attach("svc", cfg(fe))
+        with backends(("one", p1)):
+            await lb.add_backend("svc", "one", "127.0.0.1", p1, wait=5)
+            idle = await HttpClient.connect(fe)
+            assert (await idle.request())[0] == 200
+            slow_r, slow_w = await asyncio.open_connection("127.0.0.1", fe)
+            slow_w.write(b"GET / HTTP/1.1\r\nHo")  # and never the rest
+            busy = await HttpClient.connect(fe)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 1.5:  # well past the timeout, busy all along
+                assert (await busy.request())[0] == 200
+                await asyncio.sleep(0.1)
+            assert await closed(idle.reader, 1.0), "an idle keep-alive client was kept"
+            assert await closed(slow_r, 1.0), "a client sending its head slowly was kept"
+            status, _, body = await busy.request("GET", "/slow?ms=1200")  # slower than 0.6 s
+            assert (status, body) == (200, b"one")
+            assert (await busy.request())[0] == 200
+            await busy.close()
+            slow_w.close()
+        await lb.close()
+
+    asyncio.run(main())
+
+
+def test_tcp_idle_timeout_closes_silent_connections() -> None:
+    """tcp_idle_timeout: an L4 connection with no bytes either way that long is closed (both
+    sides) and its accounting ends; one with traffic stays."""
+    p1, fe = free_port(), free_port()
+
+    async def main() -> None:
+        lb = Balancer()
+        lb.tcp_idle_timeout = 0.6
+        await lb.attach("svc", cfg(fe, mode="tcp"))
+        with backends(("one", p1)):
+            await lb.add_backend("svc", "one", "127.0.0.1", p1, wait=5)
+            svc = lb.service("svc")
+            quiet = await HttpClient.connect(fe)
+            busy = await HttpClient.connect(fe)
+            assert (await quiet.request())[0] == 200
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 1.5:
+                assert (await busy.request())[0] == 200
+                await asyncio.sleep(0.1)
+            assert await asyncio.wait_for(quiet.reader.read(), 1.0) == b""
+            assert svc.connections == 1 and svc.backends["one"].active == 1  # busy only
+            assert (await busy.request())[0] == 200
+            await busy.close()
+            await quiet.close()
+            await wait_until(lambda: svc.connections == 0)
+        await lb.close()
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("mode", ["http", "tcp"])
 def test_rolling_replace_under_load_loses_nothing(mode: str) -> None:
     """Replace every backend (add new, wait healthy, drain old, stop old) under load: 0 errors.

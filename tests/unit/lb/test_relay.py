@@ -261,3 +261,33 @@ def test_many_pairs_at_once(relay: Relay) -> None:
     for client, backend, _ in pairs:
         client.close()
         backend.close()
+
+
+def test_idle_pairs_are_closed_after_the_idle_timeout() -> None:
+    """With idle_timeout, a pair with no bytes either way for that long is closed (reported
+    failed); one with traffic is kept, and goes the same way once it falls silent."""
+    relay = Relay(idle_timeout=0.5)
+    try:
+        quiet_client, quiet_backend, _ = relay_pair(relay, 30)
+        busy_client, busy_backend, _ = relay_pair(relay, 31)
+        t0 = time.monotonic()
+        done: list[tuple[int, int, int, bool, float]] = []
+        while time.monotonic() - t0 < 1.5:  # three timeouts' worth of steady traffic
+            busy_client.sendall(b"ping")
+            assert busy_backend.recv(10) == b"ping"
+            done += relay.collect()
+            time.sleep(0.05)
+        [(tag, _, _, failed, ended_at)] = done
+        assert (tag, failed) == (30, True)
+        assert 0.5 <= ended_at - t0 < 1.5
+        assert quiet_client.recv(10) == b"" and quiet_backend.recv(10) == b""
+        busy_client.sendall(b"still")  # the busy pair is untouched
+        assert busy_backend.recv(10) == b"still"
+        [(tag, _, _, failed, _)] = collect(relay, 1)  # now silent: closed in turn
+        assert (tag, failed) == (31, True)
+    finally:
+        relay.close()
+    for s in (quiet_client, quiet_backend, busy_client, busy_backend):
+        s.close()
+    with pytest.raises(ValueError, match="idle_timeout"):
+        Relay(idle_timeout=-1)

@@ -1,7 +1,10 @@
 /* corral_lb._relay: the L4 proxy's byte relay, in C, on a thread of its own.
  *
  * Contract
- *   Relay()            starts one relay thread with its own epoll set.
+ *   Relay(idle_timeout=0)
+ *                      starts one relay thread with its own epoll set. With idle_timeout > 0
+ *                      (seconds), a pair with no bytes either way for that long is closed
+ *                      (reported, failed), checked every min(1 s, idle_timeout / 4).
  *   add(a, b, tag)     takes ownership of two connected, non-blocking stream sockets (file
  *                      descriptors) and copies bytes both ways until both directions have
  *                      ended, or one side fails. An end of stream is passed on as
@@ -66,6 +69,7 @@ struct pair {
     unsigned char dead, failed, queued, touched;
     unsigned long long bytes[2];
     long long tag;
+    double last; /* when bytes last came from either side (for the idle timeout) */
     double ended_at;
     pair_t *prev, *next; /* live pairs (relay thread only) */
     pair_t *link;        /* ready queue, graveyard, then done list */
@@ -102,6 +106,9 @@ typedef struct {
     size_t arena_used;
     job_t *jobs;
     size_t njobs;
+    double idle_timeout; /* seconds; 0: none */
+    double now;          /* taken once per turn */
+    double last_sweep;
 } RelayObject;
 
 static double monotonic_now(void)
@@ -179,6 +186,7 @@ static int flush_pending(RelayObject *r, pair_t *p, int d)
         }
         p->pend_off[d] += (size_t)w;
         p->pend_len[d] -= (size_t)w;
+        p->last = r->now; /* a slow reader taking what was kept is not idle */
     }
     free(p->pend[d]);
     p->pend[d] = NULL;
@@ -244,6 +252,7 @@ static void read_direction(RelayObject *r, pair_t *p, int d)
         ssize_t n = recv(p->side[d].fd, r->arena + r->arena_used, room, MSG_DONTWAIT);
         if (n > 0) {
             p->bytes[d] += (unsigned long long)n;
+            p->last = r->now;
             /* Edge-triggered: a short read drained the socket, and new data raises a new
              * event. Unless the peer's FIN already arrived (EPOLLRDHUP): read on to see it. */
             if ((size_t)n < room && !p->rdhup[d])
@@ -342,6 +351,7 @@ static void settle(RelayObject *r)
 
 static void start_pair(RelayObject *r, pair_t *p)
 {
+    p->last = monotonic_now();
     p->next = r->live;
     if (r->live)
         r->live->prev = p;
@@ -405,18 +415,37 @@ static void hand_over_finished(RelayObject *r)
     signal_fd(r->done_fd);
 }
 
+static double sweep_interval(const RelayObject *r)
+{
+    double every = r->idle_timeout / 4;
+    return every > 1.0 ? 1.0 : every < 0.01 ? 0.01 : every;
+}
+
+/* Close the pairs that have been idle longer than idle_timeout. */
+static void sweep_idle(RelayObject *r)
+{
+    r->last_sweep = r->now;
+    for (pair_t *p = r->live, *next; p; p = next) {
+        next = p->next;
+        if (r->now - p->last > r->idle_timeout)
+            finish(r, p, 1);
+    }
+}
+
 static void *relay_main(void *arg)
 {
     RelayObject *r = (RelayObject *)arg;
     struct epoll_event events[MAX_EVENTS];
+    int wait_ms = r->idle_timeout > 0 ? (int)(sweep_interval(r) * 1000) : -1;
+    r->last_sweep = monotonic_now();
     for (;;) {
-        int n = epoll_wait(r->epfd, events, MAX_EVENTS, r->ready ? 0 : -1);
-
+        int n = epoll_wait(r->epfd, events, MAX_EVENTS, r->ready ? 0 : wait_ms);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
             break;
         }
+        r->now = monotonic_now();
         int stop = 0;
         for (int i = 0; i < n; i++) {
             side_t *s = (side_t *)events[i].data.ptr;
@@ -457,6 +486,8 @@ static void *relay_main(void *arg)
         }
         write_jobs(r);
         settle(r);
+        if (r->idle_timeout > 0 && r->now - r->last_sweep >= sweep_interval(r))
+            sweep_idle(r);
         hand_over_finished(r);
         if (stop)
             break;
@@ -504,9 +535,14 @@ static int check_open(RelayObject *r)
 
 static int Relay_init(RelayObject *r, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, ":Relay", kwlist))
+    static char *kwlist[] = {"idle_timeout", NULL};
+    double idle_timeout = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|d:Relay", kwlist, &idle_timeout))
         return -1;
+    if (!(idle_timeout >= 0)) {
+        PyErr_SetString(PyExc_ValueError, "idle_timeout must be >= 0 seconds");
+        return -1;
+    }
     if (r->started) {
         PyErr_SetString(PyExc_RuntimeError, "relay already started");
         return -1;
@@ -535,6 +571,7 @@ static int Relay_init(RelayObject *r, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_OSError, "pthread_mutex_init failed");
         return -1;
     }
+    r->idle_timeout = idle_timeout;
     int err = pthread_create(&r->thread, NULL, relay_main, r);
     if (err != 0) {
         pthread_mutex_destroy(&r->lock);

@@ -18,7 +18,7 @@ import structlog
 from corral.errors import ConflictError, NotFoundError
 from corral_lb.activation import Activator, OnDemand
 from corral_lb.backend import BackendState
-from corral_lb.config import LbConfig, PolicyProgram
+from corral_lb.config import HTTP_IDLE_TIMEOUT, TCP_IDLE_TIMEOUT, LbConfig, PolicyProgram
 from corral_lb.nft import TABLE, NftPlane, established_to, service_key
 from corral_lb.policy_program import PolicyProgram as PolicyProgramRunner
 from corral_lb.proxy_http import HttpFrontend
@@ -44,6 +44,11 @@ class Balancer:
         self.nft_table = nft_table  # used when the kernel plane is first needed
         self.nft_owner = ""  # tags this balancer's nft services (see NftPlane.owner)
         self.nft_socket_lb = True  # translate the host's own connections at connect()
+        # Proxy timeouts (host config), taken when the relay / an HTTP frontend is created:
+        # an L4 connection with no bytes either way, and an HTTP client that has not sent a
+        # whole request head since it connected or since its previous response.
+        self.tcp_idle_timeout = TCP_IDLE_TIMEOUT
+        self.http_idle_timeout = HTTP_IDLE_TIMEOUT
         self._http: dict[tuple[str, int], HttpFrontend] = {}
         self._l4: dict[str, L4Frontend] = {}
         self._relay: Relay | None = None  # the L4 proxy's relay thread, started on first use
@@ -112,14 +117,14 @@ class Balancer:
             return
         if cfg.mode == "tcp":
             if self._relay is None:
-                self._relay = Relay()
+                self._relay = Relay(idle_timeout=self.tcp_idle_timeout)
             fe = L4Frontend(service, self._relay)
             await fe.start(*listen)
             self._l4[service.app] = fe
             return
         http = self._http.get(listen)
         if http is None:
-            http = HttpFrontend()
+            http = HttpFrontend(idle_timeout=self.http_idle_timeout)
             await http.start(*listen)
             self._http[listen] = http
         http.add(service)

@@ -7,8 +7,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from corral.errors import ManifestError
+from corral.errors import CorralError, ErrorCode, ManifestError
 from corral_lb.policy import POLICY_NAMES
+
+TCP_IDLE_TIMEOUT = 3600.0  # s: an L4 connection with no bytes either way (host config)
+HTTP_IDLE_TIMEOUT = 75.0  # s: an HTTP client without a whole request head (nginx's keepalive)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -162,3 +165,21 @@ def load_lb_config(
             for err in e.errors()
         ]
         raise ManifestError(problems) from None
+
+
+def proxy_timeouts(host_config: dict[str, Any]) -> tuple[float, float]:
+    """``(tcp_idle_timeout, http_idle_timeout)`` in seconds from the host's ``[drivers.lb]
+    config``; unset keys keep the defaults (1 h, 75 s), 0 turns a timeout off. A bad value is
+    an ``INVALID`` ``CorralError`` naming the key."""
+    out = []
+    for key, default in (("tcp_idle_timeout", TCP_IDLE_TIMEOUT),
+                         ("http_idle_timeout", HTTP_IDLE_TIMEOUT)):
+        value = host_config.get(key, default)
+        try:
+            if isinstance(value, bool) or not isinstance(value, str | int | float):
+                raise ValueError(f"expected a duration such as '75s' or '1h', got {value!r}")
+            out.append(parse_duration(value))
+        except ValueError as e:
+            raise CorralError(f"[drivers.lb] config: {key}: {e}", code=ErrorCode.INVALID,
+                              retry=False) from None
+    return out[0], out[1]

@@ -20,7 +20,7 @@ from corral.protocol import AppSpec, InstanceRecord, Welcome
 from corral.sdk import Driver, KernelLink, op, run
 from corral_lb.activation import OnDemand, StartedInstance
 from corral_lb.balancer import Balancer
-from corral_lb.config import LbConfig, load_lb_config
+from corral_lb.config import LbConfig, load_lb_config, proxy_timeouts
 from corral_lb.nft import TABLE as NFT_TABLE
 
 log = structlog.get_logger("corral_lb")
@@ -87,11 +87,14 @@ class LbDriver(Driver):
     # nothing ever runs with the defaults instead of this host's settings.
     def welcomed(self, welcome: Welcome) -> None:
         """Take the host config (``plane``: default plane, ``nft_table``: this driver's table,
-        ``socket_lb``: translate the host's own connections to nft frontends at connect());
-        operations may run from now on."""
+        ``socket_lb``: translate the host's own connections to nft frontends at connect(),
+        ``tcp_idle_timeout``/``http_idle_timeout``: the proxy's timeouts); operations may run
+        from now on."""
         super().welcomed(welcome)
         self.balancer.nft_table = str(self.config.get("nft_table", NFT_TABLE))
         self.balancer.nft_socket_lb = bool(self.config.get("socket_lb", True))
+        self.balancer.tcp_idle_timeout, self.balancer.http_idle_timeout = proxy_timeouts(
+            self.config)
         # this kernel's services, told apart from other kernels' in a shared table
         self.balancer.nft_owner = hashlib.blake2b(str(self.home).encode(),
                                                   digest_size=6).hexdigest()

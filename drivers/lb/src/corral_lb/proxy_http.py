@@ -396,9 +396,9 @@ class HttpConnection(asyncio.Protocol):
     """One client connection: parses requests, routes by Host, relays to a chosen backend."""
 
     __slots__ = (
-        "backend", "body_remaining", "buf", "chunks", "client_eof", "frontend", "keepalive",
-        "last_gen", "last_head", "last_key", "method_head", "paused", "req_head", "req_sent_body",
-        "retried", "service", "started", "state", "transport", "upstream",
+        "backend", "body_remaining", "buf", "chunks", "client_eof", "frontend", "idle_since",
+        "keepalive", "last_gen", "last_head", "last_key", "method_head", "paused", "req_head",
+        "req_sent_body", "retried", "service", "started", "state", "transport", "upstream",
     )
 
     def __init__(self, frontend: HttpFrontend) -> None:
@@ -424,6 +424,7 @@ class HttpConnection(asyncio.Protocol):
         self.last_head = b""
         self.last_gen = -1
         self.last_key: bytes | None = None
+        self.idle_since = _now()  # waiting for a request head since (connect, last response)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -706,6 +707,7 @@ class HttpConnection(asyncio.Protocol):
         if self.state == _C_CLOSED:
             return
         self.state = _C_HEAD
+        self.idle_since = _now()
         if self.paused:
             self.paused = False
             self.transport.resume_reading()
@@ -803,9 +805,16 @@ class HttpConnection(asyncio.Protocol):
 
 
 class HttpFrontend:
-    """An HTTP listener shared by every service registered on its port, routed by Host."""
+    """An HTTP listener shared by every service registered on its port, routed by Host.
 
-    def __init__(self) -> None:
+    With ``idle_timeout`` (s), a client connection that has not sent a whole request head
+    for that long since it connected or since its previous response is closed: idle
+    keep-alive connections and heads sent too slowly alike (checked every min(1 s, 1/4 of it)).
+    """
+
+    def __init__(self, *, idle_timeout: float = 0.0) -> None:
+        self.idle_timeout = idle_timeout
+        self._sweeper: asyncio.Task[None] | None = None
         self.routes: dict[bytes, Service] = {}
         self.generation = 0  # bumped on every route change: invalidates cached routing
         self.pool = UpstreamPool()
@@ -849,9 +858,23 @@ class HttpFrontend:
         self.server = await loop.create_server(
             lambda: HttpConnection(self), host, port, reuse_address=True, backlog=4096
         )
+        if self.idle_timeout > 0:
+            self._sweeper = loop.create_task(self._sweep_idle(), name=f"http idle {port}")
+
+    async def _sweep_idle(self) -> None:
+        timeout = self.idle_timeout
+        every = min(1.0, max(0.01, timeout / 4))
+        while True:
+            await asyncio.sleep(every)
+            now = _now()
+            for c in [c for c in self.conns
+                      if c.state == _C_HEAD and now - c.idle_since > timeout]:
+                c._close()
 
     async def close(self) -> None:
         """Stop listening and close every connection."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self.server is not None:
             self.server.close()
         for c in list(self.conns):

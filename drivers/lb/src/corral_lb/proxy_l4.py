@@ -42,8 +42,9 @@ class Relay:
     every counter is only ever touched on the loop's thread.
     """
 
-    def __init__(self) -> None:
-        self._relay = _relay.Relay()
+    def __init__(self, idle_timeout: float = 0.0) -> None:
+        """``idle_timeout`` (s): close a connection with no bytes either way for that long."""
+        self._relay = _relay.Relay(idle_timeout=idle_timeout)
         self._loop = asyncio.get_running_loop()
         self._conns: dict[int, L4Connection] = {}
         self._tags = itertools.count(1)
