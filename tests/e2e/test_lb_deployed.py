@@ -177,10 +177,11 @@ def kernel(public_dir: Path, net_host: NetHost) -> Iterator[KernelProcess]:
 
 
 def web_app(d: Path, name: str, port: int, lb: str, *, instances: int = 2,
-            extra: str = "") -> Path:
-    """An app of ``instances`` WEB instances on ``port`` behind an ``[lb]`` section."""
+            extra: str = "", script: str = WEB) -> Path:
+    """An app of ``instances`` instances of ``script`` (WEB) on ``port`` behind an ``[lb]``
+    section."""
     d.mkdir(parents=True)
-    (d / "web.py").write_text(WEB)
+    (d / "web.py").write_text(script)
     (d / "corral.toml").write_text(textwrap.dedent(f'''
         [app]
         name = "{name}"
@@ -700,16 +701,7 @@ def socket_app(k: KernelProcess, d: Path, *, idle: str) -> tuple[int, int, str]:
     Returns (the app's port, the lb frontend, the lb name)."""
     port, front = free_port(), free_port()
     lb_name = f"{d.name}-{secrets.token_hex(3)}.test"
-    d.mkdir()
-    (d / "app.py").write_text(SOCKET_APP)
-    (d / "corral.toml").write_text(textwrap.dedent(f'''
-        [app]
-        name = "{d.name}"
-        [ports]
-        http = {port}
-        [processes]
-        web = {{ command = "python3 app.py", port = "http" }}
-        [lb]
+    web_app(d, d.name, port, f'''
         name = "{lb_name}"
         frontend = {front}
         health = {{ http = "/healthz", interval = "1s", rise = 1 }}
@@ -718,11 +710,10 @@ def socket_app(k: KernelProcess, d: Path, *, idle: str) -> tuple[int, int, str]:
         activation = "on-demand"
         idle = "{idle}"
         socket_activation = true
-    ''').lstrip())
-    for path in (d, *d.iterdir()):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    ''', instances=1, script=SOCKET_APP)
     up(k, d)
     return port, front, lb_name
+
 
 def test_socket_activation_through_the_kernel(kernel: KernelProcess, public_dir: Path) -> None:
     """lb.socket_activation: the first request starts the instance (instance.spawn with

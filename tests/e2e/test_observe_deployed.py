@@ -68,11 +68,11 @@ def scrape(port: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def by_backend(series: dict[str, float]) -> dict[str, float]:
-    """{backend: value} of a per-backend series (label ``backend``)."""
+def by_label(series: dict[str, float], label: str = "backend") -> dict[str, float]:
+    """{label value: sample} of a series with one sample per value of ``label``."""
     out = {}
     for labels, value in series.items():
-        m = re.search(r'backend="([^"]*)"', labels)
+        m = re.search(label + r'="([^"]*)"', labels)
         assert m, labels
         out[m.group(1)] = value
     return out
@@ -126,19 +126,19 @@ def test_lb_and_kernel_figures_in_top_and_on_metrics(observed: tuple[KernelProce
     # /metrics: polled every 0.3 s; wait for a poll after the traffic
     def polled() -> dict[str, dict[str, float]] | None:
         m = scrape(port)
-        reqs = by_backend(m.get("corral_lb_requests_total", {}))
+        reqs = by_label(m.get("corral_lb_requests_total", {}))
         return m if sum(reqs.get(i, 0) for i in ids) == 60 else None
 
     m = wait_for(polled, 10, 0.2, what="lb figures on /metrics")
-    reqs = by_backend(m["corral_lb_requests_total"])
+    reqs = by_label(m["corral_lb_requests_total"])
     assert {i: int(reqs[i]) for i in ids} == {i: rows[i]["lb"]["requests"] for i in ids}
-    assert set(by_backend(m["corral_lb_errors_5xx_total"]).values()) == {0.0}
-    assert set(by_backend(m["corral_lb_active"]).values()) == {0.0}
-    counts = by_backend(m["corral_lb_latency_seconds_count"])
+    assert set(by_label(m["corral_lb_errors_5xx_total"]).values()) == {0.0}
+    assert set(by_label(m["corral_lb_active"]).values()) == {0.0}
+    counts = by_label(m["corral_lb_latency_seconds_count"])
     assert {i: counts[i] for i in ids} == {i: reqs[i] for i in ids}
     inf = {k_: v for k_, v in m["corral_lb_latency_seconds_bucket"].items() if 'le="+Inf"' in k_}
     assert sum(inf.values()) == 60
-    assert all(0 < v <= 10 for v in by_backend(m["corral_lb_latency_p99_seconds"]).values())
+    assert all(0 < v <= 10 for v in by_label(m["corral_lb_latency_p99_seconds"]).values())
     assert f'name="{lb_name}"' in next(iter(m["corral_lb_requests_total"]))
     assert m["corral_lb_up"][""] == 1.0
 
@@ -156,14 +156,5 @@ def test_lb_and_kernel_figures_in_top_and_on_metrics(observed: tuple[KernelProce
     assert m["corral_kernel_bus_errors_total"][""] == 0
     assert status["bus"]["received"] >= received
     # instance figures are still there beside them
-    assert set(by_backend_instance(m["corral_instance_rss_bytes"])) >= ids
+    assert set(by_label(m["corral_instance_rss_bytes"], "instance")) >= ids
 
-
-def by_backend_instance(series: dict[str, float]) -> dict[str, float]:
-    """{instance: value} of a per-instance series."""
-    out = {}
-    for labels, value in series.items():
-        m = re.search(r'instance="([^"]*)"', labels)
-        assert m, labels
-        out[m.group(1)] = value
-    return out

@@ -148,32 +148,36 @@ def kernel_families(status: dict[str, Any] | None) -> list[Metric]:
     fams: list[Metric] = [up]
     if not status:
         return fams
-    for name, key, doc in (
+    fams += _scalars(GaugeMetricFamily, status, (
         ("uptime_seconds", "uptime_s", "seconds since the kernel started"),
         ("peers", "peers", "peers connected to the bus (drivers and clients)"),
         ("ledger_revision", "revision", "the ledger's revision"),
         ("apps", "apps", "deployed apps"),
         ("instances", "instances", "instances the kernel watches"),
-    ):
-        if key in status:
-            g = GaugeMetricFamily(f"corral_kernel_{name}", doc)
-            g.add_metric([], float(status[key]))
-            fams.append(g)
+    ))
     drivers = GaugeMetricFamily("corral_kernel_drivers", "drivers by state", labels=["state"])
     for state, n in sorted((status.get("drivers") or {}).items()):
         drivers.add_metric([state], float(n))
     fams.append(drivers)
-    bus = status.get("bus") or {}
-    for key, name, doc in (
-        ("received", "bus_messages_received", "messages received on the bus"),
-        ("refused", "bus_messages_refused", "messages refused (peer not admitted)"),
-        ("errors", "bus_errors", "messages whose handling failed"),
-    ):
-        if key in bus:
-            c = CounterMetricFamily(f"corral_kernel_{name}", doc)
-            c.add_metric([], float(bus[key]))
-            fams.append(c)
+    fams += _scalars(CounterMetricFamily, status.get("bus") or {}, (
+        ("bus_messages_received", "received", "messages received on the bus"),
+        ("bus_messages_refused", "refused", "messages refused (peer not admitted)"),
+        ("bus_errors", "errors", "messages whose handling failed"),
+    ))
     return fams
+
+
+def _scalars(family: type[GaugeMetricFamily] | type[CounterMetricFamily],
+             source: dict[str, Any], table: tuple[tuple[str, str, str], ...]) -> list[Metric]:
+    """One unlabelled ``corral_kernel_<name>`` family per (name, key, doc) whose key is in
+    ``source``."""
+    out: list[Metric] = []
+    for name, key, doc in table:
+        if key in source:
+            f = family(f"corral_kernel_{name}", doc)
+            f.add_metric([], float(source[key]))
+            out.append(f)
+    return out
 
 
 def lb_families(metrics: dict[str, Any] | None) -> list[Metric]:
