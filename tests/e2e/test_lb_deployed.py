@@ -97,6 +97,8 @@ class NetHost:
             "lb": f'config = {{ nft_table = "{self.lb_table}" }}',
         }
         out = [f'address_pool = "{self.pool4}"', f'address_pool6 = "{self.pool6}"']
+        if "fs" not in drivers:  # no sandbox driver: a host must say so, or deploys are refused
+            out.append("unconfined = true")
         for name in drivers:
             out.append(f"[drivers.{name}]")
             if name in sections:

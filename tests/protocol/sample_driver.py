@@ -21,7 +21,7 @@ MODE = sys.argv[1] if len(sys.argv) > 1 else "good"
 
 
 class Tiny(Driver):
-    """Serves state.sync and query.log.hello; holds no state."""
+    """Serves state.sync, instance.prepare (an empty fragment) and query.log.hello."""
 
     name = "tiny"
     capability = "log"
@@ -33,6 +33,11 @@ class Tiny(Driver):
         if MODE == "crash-on-sync":
             os._exit(7)
         return {"apps": len(args.apps), "instances": len(args.instances)}
+
+    @op("instance.prepare")
+    async def prepare(self, args: Any) -> dict[str, Any]:
+        """A log driver must contribute to launch plans; this one adds nothing."""
+        return {}
 
     @op("query.log.hello")
     async def hello_query(self, args: dict[str, Any]) -> dict[str, Any]:

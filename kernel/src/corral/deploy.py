@@ -34,7 +34,13 @@ import psutil
 import structlog
 
 from corral import launch as launcher
-from corral.errors import CorralError, ErrorCode, LaunchError, NotFoundError
+from corral.errors import (
+    CorralError,
+    DriverUnavailableError,
+    ErrorCode,
+    LaunchError,
+    NotFoundError,
+)
 from corral.ledger import Claim, Record, Txn
 from corral.protocol import (
     AppSpec,
@@ -66,9 +72,15 @@ class Live:
     stopping: bool = False
     restarts: int = 0
     exit_status: str = ""
+    waiting: str = ""  # why a crashed instance is not restarted yet (a driver it needs is down)
+    launched_at: float = field(default_factory=time.monotonic)
     # socket activation: the kernel's copies of the sockets the instance got as fd 3.., kept
     # so that a restart hands it the same sockets (the lb still routes to them)
     listen_fds: list[int] = field(default_factory=list)
+
+    def age(self) -> float:
+        """Seconds since the instance was launched."""
+        return time.monotonic() - self.launched_at
 
     def close_listen_fds(self) -> None:
         """Drop the kernel's copies of the instance's sockets (it is gone for good)."""
@@ -127,7 +139,7 @@ class Deployer:
         resolved = manifests.load(directory, set_=args.set, offset=args.offset, env=args.env)
         doc = resolved.as_json()
         name = str(doc["app"]["name"])
-        await self._drivers_settled()
+        await self._require(doc, doing=f"deploy of {name!r}")
         async with self._lock(name):
             return await self._deploy(name, resolved, doc, args, started)
 
@@ -138,7 +150,10 @@ class Deployer:
         started = time.monotonic()
         from corral import manifest as manifests
 
-        await self._drivers_settled()
+        state = self.apps.get(args.name)
+        if state is None:
+            raise NotFoundError(f"no app named {args.name!r} is deployed")
+        await self._require(state.spec.manifest, doing=f"scale of {args.name!r}")
         async with self._lock(args.name):
             state = self.apps.get(args.name)
             if state is None:
@@ -187,6 +202,7 @@ class Deployer:
         state.spec = spec
         state.deploying = True
         step = "attach"
+        k.bus.publish(f"app.{name}.deploy.started", {"generation": generation})
         try:
             # 3. drivers set up app-wide state
             attached = await self._broadcast("app.attach", {"app": spec.model_dump(mode="json")})
@@ -196,10 +212,13 @@ class Deployer:
             lazy = _on_demand_process(doc)
             wanted = [w for w in self._instance_specs(spec, resolved, manifest_path)
                       if w.process != lazy]
-            # With the net driver every instance has its own address: a replacement starts
-            # beside the old one and the old one is drained and stopped after (rolling).
-            # Without it they share 127.0.0.1:PORT, so the old one must go first.
+            # With the net driver every instance has its own address: new instances start
+            # beside the old ones (Heroku's preboot, Kamal's rollout), and only once every
+            # one of them is ready and healthy are the old ones drained and stopped; one that
+            # is not fails the deploy while the old ones serve on, untouched. Without it they
+            # share 127.0.0.1:PORT, so an old instance must go before its replacement starts.
             rolling = self.kernel.supervisor.by_capability("net") is not None
+            retiring: list[Live] = []
             for ispec in wanted:  # one slot at a time
                 h = spec_hash(ispec)
                 olds = [lv for lv in state.instances.values() if _slot(lv) == ispec.id]
@@ -216,13 +235,20 @@ class Deployer:
                     olds = []
                 iid = ispec.id if ispec.id not in state.instances else f"{ispec.id}-g{generation}"
                 new = ispec.model_copy(update={"id": iid})
-                live = await self._launch(state, new, generation, wait_s=args.wait_s,
-                                          spec_hash_=h)
+                timeout = self._start_timeout(doc, ispec.process, args.wait_s)
+                live = await self._launch(state, new, generation, wait_s=timeout,
+                                          spec_hash_=h, announce=False)
                 launched.append(live)
-                for old in olds:
-                    await self._stop_instance(state, old)
-            # 6. instances of slots no longer wanted (scaled down, renamed processes) go
+                retiring.extend(olds)
+            # 5b. join: every new instance healthy (in parallel, each within its own time)
+            step = "health"
+            joins = [self._join(state, lv, self._start_timeout(doc, lv.record.spec.process,
+                                                                args.wait_s) - lv.age())
+                     for lv in launched]
+            await _all_or_first_failure(joins)
             step = "retire"
+            await asyncio.gather(*(self._stop_instance(state, old) for old in retiring))
+            # 6. instances of slots no longer wanted (scaled down, renamed processes) go
             slots = {w.id for w in wanted}
             for live in [lv for lv in state.instances.values() if _slot(lv) not in slots]:
                 await self._stop_instance(state, live)
@@ -238,7 +264,9 @@ class Deployer:
                 for old in replaced:
                     try:
                         await self._launch(state, old.record.spec, old.generation,
-                                           wait_s=args.wait_s, spec_hash_=old.spec_hash)
+                                           wait_s=self._start_timeout(
+                                               previous_spec.manifest, old.record.spec.process,
+                                               args.wait_s), spec_hash_=old.spec_hash)
                     except Exception as again:  # reported; the undo goes on
                         log.error("redeploy undo: a previous instance did not come back",
                                   instance=old.record.spec.id, error=str(again))
@@ -249,6 +277,10 @@ class Deployer:
                 k.ledger.release(name)
                 self.apps.pop(name, None)
                 Path(manifest_path).unlink(missing_ok=True)
+            k.bus.publish(f"app.{name}.deploy.failed", {
+                "generation": generation, "step": step, "reason": str(exc) or repr(exc),
+                "kept": previous_spec.generation if name in self.apps and previous_spec
+                else None})
             if isinstance(exc, CorralError):
                 exc.reason = f"deploy of {name!r} failed at step {step!r}: {exc.reason}"
                 raise
@@ -261,6 +293,7 @@ class Deployer:
             "generation": generation,
             "instances": [self._view(live) for live in state.instances.values()],
             "seconds": round(time.monotonic() - started, 3),
+            "confined": self.kernel.supervisor.confined(),
         }
 
     async def _revert(self, state: AppState, spec: AppSpec, held: list[Record],
@@ -292,13 +325,31 @@ class Deployer:
         await self._broadcast("app.attach", {"app": spec.model_dump(mode="json")},
                               only=attached, strict=False)
 
-    async def _drivers_settled(self) -> None:
-        """Never launch while an enabled driver is (re)connecting: an app started then would
-        run without its sandbox, network rules or log capture."""
-        pending = await self.kernel.supervisor.wait_settled(15.0)
-        if pending:
-            raise CorralError(f"drivers not connected yet: {', '.join(pending)}; retry",
-                              code=ErrorCode.UNAVAILABLE)
+    async def _require(self, manifest: dict[str, Any] | None, *, doing: str) -> None:
+        """Fail closed: wait (bounded) for every driver this launch needs, or refuse.
+
+        What is needed follows from the host config and, for a deploy, the ``manifest``'s
+        sections (``Supervisor.needed``), never from what happens to be connected. A host
+        with no sandbox driver enabled refuses unless its config says ``unconfined = true``.
+        """
+        sup = self.kernel.supervisor
+        if not sup.confined() and not self.kernel.config.unconfined:
+            raise CorralError(
+                f"{doing} refused: no sandbox driver (fs) is enabled on this host, so the app "
+                "would run unconfined; enable it, or set `unconfined = true` in the host "
+                "config to run apps without a sandbox on purpose", code=ErrorCode.INVALID,
+                retry=False)
+        sections = [k for k, v in (manifest or {}).items() if v] if manifest else []
+        await sup.require(sup.needed(sections), self.kernel.config.driver_wait_s, doing=doing)
+
+    def _start_timeout(self, doc: dict[str, Any], process: str, override: float | None
+                       ) -> float:
+        """How long a new instance of ``process`` has to be ready (and healthy, in a rollout):
+        the deploy's ``wait_s``, else the process's ``start_timeout``, else the host's."""
+        if override:
+            return override
+        per = ((doc.get("processes") or {}).get(process) or {}).get("start_timeout")
+        return float(per) if per else self.kernel.config.start_timeout_s
 
     def _app_ids(self, name: str) -> tuple[int | None, int | None]:
         """The app's uid/gid: as root a dynamic uid claimed in the ledger; else our own."""
@@ -380,6 +431,14 @@ class Deployer:
         args = {"app": state.spec.model_dump(mode="json"),
                 "instance": ispec.model_dump(mode="json")}
         replies = await self._gather("instance.prepare", args)
+        # fail closed: a driver that gates launches and dropped out since _require must not
+        # be skipped silently (the instance would run without its sandbox or network rules)
+        for slot in self.kernel.supervisor.needed():
+            if slot.name not in replies:
+                raise DriverUnavailableError(
+                    f"instance {ispec.id} not started: driver {slot.name!r} ({slot.capability})"
+                    f" is {slot.state}" + (f": {slot.reason}" if slot.reason else ""),
+                    driver=slot.name, state=slot.state, driver_reason=slot.reason)
         plan = LaunchPlan(instance=ispec, uid=state.spec.uid, gid=state.spec.gid)
         owners: dict[str, str] = {}
         env = dict(ispec.env)
@@ -412,9 +471,13 @@ class Deployer:
 
     async def _launch(self, state: AppState, ispec: InstanceSpec, generation: int, *,
                       wait_s: float, spec_hash_: str | None = None,
-                      listen_fds: Sequence[int] = ()) -> Live:
-        """Plan, launch and wait for one instance; ``listen_fds`` are handed over as fd 3..
-        (the caller keeps its descriptors; the instance's ``Live`` holds copies)."""
+                      listen_fds: Sequence[int] = (), announce: bool = True) -> Live:
+        """Plan, launch and wait until one instance is ready; ``listen_fds`` are handed over
+        as fd 3.. (the caller keeps its descriptors; the instance's ``Live`` holds copies).
+
+        With ``announce`` the drivers are told ``instance.started`` without waiting on their
+        verdict (a restart, an on-demand start); a rollout passes False and calls ``_join``.
+        """
         k = self.kernel
         notify = _NotifySocket(k.notify_dir / f"{ispec.id}.sock", state.spec.uid)
         h = spec_hash_ or spec_hash(ispec)
@@ -443,6 +506,7 @@ class Deployer:
         state.instances[ispec.id] = live
         self._record(live)
         live.watcher = asyncio.ensure_future(self._watch(state, live))
+        k.bus.publish(f"app.{ispec.app}.instance.started", {"instance": ispec.id, "pid": pid})
         try:
             await self._ready(live, notify, wait_s)
         except BaseException:
@@ -452,11 +516,76 @@ class Deployer:
             notify.close()
         live.record.state = "ready"
         self._record(live)
-        await self._broadcast("instance.started", {"app": state.spec.model_dump(mode="json"),
-                                                   "instance": live.record.model_dump(mode="json")},
-                              strict=False)
         k.bus.publish(f"app.{ispec.app}.instance.ready", {"instance": ispec.id, "pid": pid})
+        if announce:
+            await self._broadcast("instance.started", self._started_args(state, live),
+                                  strict=False)
         return live
+
+    @staticmethod
+    def _started_args(state: AppState, live: Live, join_within: float | None = None
+                      ) -> dict[str, Any]:
+        args: dict[str, Any] = {"app": state.spec.model_dump(mode="json"),
+                                "instance": live.record.model_dump(mode="json")}
+        if join_within is not None:
+            args["join_within_s"] = join_within
+        return args
+
+    async def _join(self, state: AppState, live: Live, within: float) -> None:
+        """A rollout's gate: ``instance.started`` to every enabled driver serving it, and the
+        instance joins only when each has answered and none said it is unhealthy.
+
+        A driver that is (re)connecting is waited for and asked again, up to ``within``
+        seconds; one that does not answer in that time, or answers with an error, fails the
+        instance: silence is never taken for success.
+        """
+        rec = live.record
+        deadline = time.monotonic() + max(within, 1.0)
+        slots = [s for s in self.kernel.supervisor.slots.values()
+                 if s.state != "disabled" and "instance.started" in s.ops]
+        health: list[str] = []
+        for slot in slots:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise LaunchError(
+                        f"instance {rec.spec.id} did not join within {within:.0f}s: driver "
+                        f"{slot.name!r} is {slot.state}, it never answered instance.started",
+                        step="health")
+                if live.exit_status or not launcher.is_alive(rec.pid, rec.start_time):
+                    raise LaunchError(f"instance {rec.spec.id} exited before it joined "
+                                      f"({live.exit_status or 'gone'}); {self._tail(rec)}",
+                                      step="health")
+                if slot.peer is None:
+                    await asyncio.sleep(0.05)
+                    continue
+                try:
+                    reply = await self.kernel.bus.call(
+                        slot.peer, "instance.started",
+                        self._started_args(state, live, round(left, 3)), timeout=left + 5.0)
+                except CorralError as exc:
+                    if exc.code == ErrorCode.UNAVAILABLE:  # lost meanwhile: ask it again
+                        log.warning("driver lost during a rollout, waiting for it",
+                                    driver=slot.name, instance=rec.spec.id)
+                        await asyncio.sleep(0.05)
+                        continue
+                    raise LaunchError(f"instance {rec.spec.id}: driver {slot.name!r} failed "
+                                      f"instance.started: {exc.reason}", step="health") from None
+                if reply.get("healthy") is False:
+                    detail = str(reply.get("health") or "no check passed")
+                    self.kernel.bus.publish(f"app.{rec.spec.app}.instance.unhealthy",
+                                            {"instance": rec.spec.id, "driver": slot.name,
+                                             "health": detail})
+                    raise LaunchError(
+                        f"instance {rec.spec.id} did not turn healthy within {within:.0f}s "
+                        f"(driver {slot.name!r}, last health check: {detail}); the running "
+                        "release was kept", step="health")
+                if reply.get("health"):
+                    health.append(f"{slot.name}: {reply['health']}")
+                break
+        self.kernel.bus.publish(f"app.{rec.spec.app}.instance.healthy",
+                                {"instance": rec.spec.id, "pid": rec.pid,
+                                 "health": "; ".join(health)})
 
     def _record(self, live: Live) -> None:
         self.kernel.ledger.put(live.record.spec.app, "instance", live.record.spec.id,
@@ -516,23 +645,50 @@ class Deployer:
         self._record(live)
         if state.deploying:
             return
-        delay = RESTART_BACKOFF[min(live.restarts, len(RESTART_BACKOFF) - 1)]
-        await asyncio.sleep(delay)
-        if state.instances.get(rec.spec.id) is not live or live.stopping:
-            return
-        async with self._lock(state.spec.name):
-            if state.instances.get(rec.spec.id) is not live or live.stopping:
+        await self._restart(state, live)
+
+    async def _restart(self, state: AppState, live: Live) -> None:
+        """Start a crashed instance again, with a back-off, for as long as it is wanted.
+
+        Never unconfined: while a driver it needs is down the instance waits (``ps`` says
+        for which driver) and is started, confined, once that driver is back. Other
+        failures are retried too, the back-off growing to 30 s (systemd's Restart=always).
+        """
+        rec = live.record
+        attempt = live.restarts
+        spec = rec.spec.model_copy(update={"env": {
+            k: v for k, v in rec.spec.env.items() if k != "NOTIFY_SOCKET"}})
+
+        def wanted() -> bool:
+            return state.instances.get(rec.spec.id) is live and not live.stopping
+
+        while True:
+            await asyncio.sleep(RESTART_BACKOFF[min(attempt, len(RESTART_BACKOFF) - 1)])
+            attempt += 1
+            if not wanted():
                 return
             try:
-                spec = rec.spec.model_copy(update={"env": {
-                    k: v for k, v in rec.spec.env.items() if k != "NOTIFY_SOCKET"}})
-                new = await self._launch(state, spec, live.generation, wait_s=30,
-                                         listen_fds=live.listen_fds)
-                new.restarts = live.restarts + 1
+                await self._require(None, doing=f"restart of {rec.spec.id}")
+                async with self._lock(state.spec.name):
+                    if not wanted():
+                        return
+                    timeout = self._start_timeout(state.spec.manifest, spec.process, None)
+                    new = await self._launch(state, spec, live.generation, wait_s=timeout,
+                                             listen_fds=live.listen_fds)
+                    new.restarts = live.restarts + 1
+                    live.close_listen_fds()  # the new instance holds its own copies
+                    return
+            except DriverUnavailableError as exc:
+                if live.waiting != exc.reason:
+                    live.waiting = exc.reason
+                    log.error("crashed instance waits for a driver", instance=rec.spec.id,
+                              error=exc.reason)
+                    self.kernel.bus.publish(f"app.{rec.spec.app}.instance.waiting",
+                                            {"instance": rec.spec.id, "reason": exc.reason})
+                attempt = 0  # the driver is back soon or not: retry at once when it is
             except CorralError as exc:
+                live.waiting = ""
                 log.error("restart failed", instance=rec.spec.id, error=exc.reason)
-            finally:
-                live.close_listen_fds()  # the new instance holds its own copies
 
     # ---- stop --------------------------------------------------------------------------------
 
@@ -540,6 +696,8 @@ class Deployer:
         """SIGTERM the instance's process group, SIGKILL after a grace period, release it."""
         live.stopping = True
         rec = live.record
+        self.kernel.bus.publish(f"app.{rec.spec.app}.instance.draining",
+                                {"instance": rec.spec.id, "pid": rec.pid})
         # Drain first (lb: no new connections, wait for active ones), then signal.
         await self._broadcast("instance.stopping", {"app": rec.spec.app,
                                                     "instance_id": rec.spec.id}, strict=False)
@@ -584,7 +742,7 @@ class Deployer:
         state = self.apps.get(args.app)
         if state is None:
             raise NotFoundError(f"no app named {args.app!r}")
-        await self._drivers_settled()
+        await self._require(None, doing=f"start of a {args.kind} of {args.app!r}")
         doc = state.spec.manifest
         from corral import manifest as manifests
 
@@ -781,13 +939,14 @@ class Deployer:
         return {"id": rec.spec.id, "app": rec.spec.app, "process": rec.spec.process,
                 "pid": rec.pid, "state": rec.state, "address": rec.address, "port": rec.spec.port,
                 "generation": live.generation, "restarts": live.restarts,
-                "started": rec.start_time}
+                "started": rec.start_time, "waiting": live.waiting}
 
     def ps(self) -> list[dict[str, Any]]:
         """Every app with its instances."""
         out = []
+        confined = self.kernel.supervisor.confined()
         for name, state in sorted(self.apps.items()):
-            out.append({"app": name, "generation": state.spec.generation,
+            out.append({"app": name, "generation": state.spec.generation, "confined": confined,
                         "directory": state.spec.directory,
                         "ports": state.spec.manifest.get("ports") or {},
                         "instances": [self._view(lv) for lv in state.instances.values()]})
@@ -995,6 +1154,25 @@ def _find_by_env(instance_id: str) -> tuple[int, float] | None:
             continue
     return None
 
+
+
+async def _all_or_first_failure(coros: Sequence[Any]) -> None:
+    """Run ``coros`` together; on the first failure cancel the rest and raise it."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    if not tasks:
+        return
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task.done() and not task.cancelled():
+                failure = task.exception()
+                if failure is not None:
+                    raise failure
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

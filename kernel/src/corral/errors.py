@@ -64,6 +64,18 @@ class ManifestError(CorralError):
         super().__init__("\n".join(problems), details={"problems": problems, "file": file})
 
 
+class DriverUnavailableError(CorralError):
+    """A driver the operation needs is enabled but not connected (starting, restarting,
+    failed). Nothing was done; ``details`` name the driver, its state and its reason."""
+
+    code = ErrorCode.UNAVAILABLE
+
+    def __init__(self, reason: str, *, driver: str, state: str, driver_reason: str) -> None:
+        super().__init__(reason, details={"driver": driver, "state": state,
+                                          "driver_reason": driver_reason})
+        self.driver = driver
+
+
 class ConflictError(CorralError):
     """A claim hit a resource that someone else holds."""
 

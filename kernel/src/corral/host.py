@@ -49,6 +49,21 @@ class HostConfig(BaseModel):
     app_uids: tuple[int, int] = Field(default=(61000, 61999), description="dynamic app uids")
     restart_window_s: float = Field(default=60.0, description="flap detection window")
     restart_limit: int = Field(default=5, description="restarts allowed in the window")
+    unconfined: bool = Field(
+        default=False,
+        description="allow apps to run with no sandbox driver (fs) enabled; without it such a "
+        "host refuses every deploy rather than run apps unconfined",
+    )
+    driver_wait_s: float = Field(
+        default=15.0, gt=0,
+        description="how long a deploy, restart, cron run or one-off waits for a driver it "
+        "needs that is not connected, before it is refused",
+    )
+    start_timeout_s: float = Field(
+        default=60.0, gt=0,
+        description="default time for a new instance to be ready and healthy in a rollout "
+        "(processes.<name>.start_timeout overrides it per process)",
+    )
 
 
 def is_root() -> bool:

@@ -38,6 +38,7 @@ from corral.protocol import KERNEL_OPS, PROTOCOL, QUERY_OP, Args, Hello, Request
 from corral.protocol._ops import (
     AppName,
     Deploy,
+    DriverName,
     DriverQuery,
     InstanceId,
     InstanceSignal,
@@ -105,6 +106,7 @@ class Kernel:
             "ledger.claim": self._ledger_claim,
             "ledger.release": self._ledger_release,
             "drivers.list": self._drivers_list,
+            "driver.restart": self._driver_restart,
             "driver.query": self._driver_query,
             "kernel.status": self._status,
             "instance.spawn": self._spawn,
@@ -263,6 +265,11 @@ class Kernel:
 
     async def _drivers_list(self, peer: Peer, args: Any) -> dict[str, Any]:
         return {"drivers": [s.as_json() for s in self.supervisor.slots.values()]}
+
+    async def _driver_restart(self, peer: Peer, args: DriverName) -> dict[str, Any]:
+        slot = await self.supervisor.restart(args.name)
+        self.bus.publish(f"driver.{slot.name}.restarting", {"by": "request"})
+        return {"driver": slot.as_json()}
 
     async def _driver_query(self, peer: Peer, args: DriverQuery) -> dict[str, Any]:
         op = f"query.{args.capability}.{args.query}"

@@ -23,7 +23,7 @@ import signal
 import subprocess
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,11 +32,11 @@ import psutil
 import structlog
 
 from corral.bus import Peer
-from corral.errors import CorralError, ErrorCode
+from corral.errors import CorralError, DriverUnavailableError, ErrorCode
 from corral.host import DriverConfig, HostConfig
 from corral.launch import is_alive, signal_instance
 from corral.ledger import Ledger
-from corral.protocol import PROTOCOL, DriverDescription, Hello, check_driver_ops
+from corral.protocol import CAPABILITIES, PROTOCOL, DriverDescription, Hello, check_driver_ops
 
 log = structlog.get_logger("corral.supervisor")
 
@@ -201,7 +201,7 @@ class Supervisor:
             slot.start_time = psutil.Process(proc.pid).create_time()
         except psutil.Error:
             slot.start_time = 0.0
-        slot.state = "starting"
+        slot.state = "restarting" if slot.state == "restarting" else "starting"
         slot.peer = None
         self.ledger.claim(OWNER, [_record(slot)])
         log.info("driver started", driver=slot.name, pid=slot.pid)
@@ -295,6 +295,54 @@ class Supervisor:
                     log.warning("driver unresponsive, killing", driver=slot.name)
                     _kill(slot.pid, slot.start_time)
 
+    def needed(self, sections: Iterable[str] = ()) -> list[DriverSlot]:
+        """The enabled drivers a launch needs, from the host config and the manifest alone.
+
+        Every enabled driver of a capability that takes part in launches (CAPABILITIES'
+        ``launch``: net, fs, log), plus, for a deploy, every enabled driver of a capability
+        that acts on one of the manifest's ``sections`` (an lb for ``[lb]``). Whether a
+        driver happens to be connected right now plays no part: that is what is waited for.
+        """
+        wanted = set(sections)
+        out = []
+        for slot in self.slots.values():
+            if slot.state == "disabled":
+                continue
+            cap = CAPABILITIES.get(slot.capability)
+            if cap is not None and (cap.launch or wanted & set(cap.sections)):
+                out.append(slot)
+        return out
+
+    def confined(self) -> bool:
+        """Whether an enabled driver confines apps (a sandbox capability, e.g. fs)."""
+        return any(slot.state != "disabled" and CAPABILITIES.get(slot.capability) is not None
+                   and CAPABILITIES[slot.capability].confinement for slot in self.slots.values())
+
+    async def require(self, slots: Iterable[DriverSlot], timeout: float, *, doing: str) -> None:
+        """Wait up to ``timeout`` until every slot is connected; else raise, naming each one
+        still missing with its state and reason (``corral drivers`` shows the same).
+
+        A failed driver is not waited for: it comes back only by ``corral drivers restart``.
+        """
+        slots = list(slots)
+        deadline = time.monotonic() + timeout
+        while True:
+            missing = [s for s in slots if s.peer is None]
+            if not missing:
+                return
+            if (time.monotonic() >= deadline
+                    or all(s.state in ("failed", "disabled") for s in missing)):
+                break
+            await asyncio.sleep(0.05)
+        first = missing[0]
+        parts = [f"driver {s.name!r} ({s.capability}) is {s.state}"
+                 + (f": {s.reason}" if s.reason else "") for s in missing]
+        hint = ("`corral drivers restart " + first.name + "` starts it again"
+                if first.state == "failed" else "retry when `corral drivers` shows it running")
+        raise DriverUnavailableError(
+            f"{doing} refused: {'; '.join(parts)}; {hint}",
+            driver=first.name, state=first.state, driver_reason=first.reason)
+
     async def wait_settled(self, timeout: float) -> list[str]:
         """Wait until no enabled driver is starting or restarting; the names still pending."""
         deadline = time.monotonic() + timeout
@@ -306,6 +354,24 @@ class Supervisor:
                 return []
             await asyncio.sleep(0.05)
         return pending
+
+    async def restart(self, name: str) -> DriverSlot:
+        """``corral drivers restart NAME``: forget a failed driver's flapping history and start
+        it again, or restart a running one (systemctl reset-failed + restart)."""
+        slot = self.slots.get(name)
+        if slot is None:
+            raise CorralError(f"no driver named {name!r} (known: {', '.join(sorted(self.slots))})",
+                              code=ErrorCode.UNKNOWN_OPERATION)
+        if slot.state == "disabled":
+            raise CorralError(f"driver {name!r} is disabled: {slot.reason}",
+                              code=ErrorCode.INVALID)
+        slot.restarts.clear()
+        if slot.pid is not None and _alive(slot.pid, slot.start_time):
+            # the watcher sees the exit and restarts it (the window was just cleared)
+            _kill(slot.pid, slot.start_time, signal.SIGKILL)
+            return slot
+        self._spawn(slot)
+        return slot
 
     def serving(self, op: str) -> list[DriverSlot]:
         """Connected drivers that declared ``op``."""

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from corral.cli import _cron, _observe
+from corral.cli import _cron, _observe, _rollout
 from corral.errors import CorralError, ErrorCode, ManifestError
 
 EXIT_FAILED = 1
@@ -80,10 +80,11 @@ def cmd_up(ns: argparse.Namespace) -> int:
     from corral import manifest
 
     directory = Path(ns.directory).resolve()
-    manifest.load(directory, set_=ns.set_, offset=ns.offset, env=ns.env)  # fail fast, exit 2
-    res = _client().call("app.deploy", {"directory": str(directory), "set": ns.set_,
-                                         "offset": ns.offset, "env": ns.env,
-                                         "wait_s": ns.wait}, timeout=ns.wait + 30)
+    # fail fast (exit 2), and know the app's name to follow its events
+    resolved = manifest.load(directory, set_=ns.set_, offset=ns.offset, env=ns.env)
+    res = _rollout.run(ns, resolved.manifest.app.name, "app.deploy", {
+        "directory": str(directory), "set": ns.set_, "offset": ns.offset, "env": ns.env,
+        "wait_s": ns.wait})
     return _deployed(ns, res, "up")
 
 
@@ -93,6 +94,9 @@ def _deployed(ns: argparse.Namespace, res: dict[str, Any], verb: str) -> int:
         _print_json(res)
         return 0
     print(f"{res['app']}: generation {res['generation']} {verb} in {res['seconds']:.2f}s")
+    if res.get("confined") is False:
+        print(f"{res['app']}: WARNING: instances run unconfined (no sandbox driver on this host;"
+              " host config unconfined = true)")
     _instances(res["instances"])
     return 0
 
@@ -114,8 +118,8 @@ def cmd_scale(ns: argparse.Namespace) -> int:
                   file=sys.stderr)
             return EXIT_INPUT
         counts[process] = int(value)
-    res = _client().call("app.scale", {"name": ns.app, "counts": counts, "wait_s": ns.wait},
-                         timeout=ns.wait + 30)
+    res = _rollout.run(ns, ns.app, "app.scale", {"name": ns.app, "counts": counts,
+                                                 "wait_s": ns.wait})
     return _deployed(ns, res, "scaled")
 
 
@@ -143,9 +147,12 @@ def cmd_ps(ns: argparse.Namespace) -> int:
                       and any(w in k for w in ("refused", "dropped", "spooled", "healthy",
                                                "failed"))
                       and not k.endswith("_bytes")]
+        if app.get("confined") is False:
+            extra.insert(0, "UNCONFINED")
         for i in app["instances"] or [{"id": "-", "pid": "-", "state": "no instances",
                                        "address": "", "port": None}]:
-            rows.append([app["app"], i["id"], str(i["pid"]), i["state"],
+            state = i["state"] + (" (waiting for a driver)" if i.get("waiting") else "")
+            rows.append([app["app"], i["id"], str(i["pid"]), state,
                          f"{i['address']}:{i['port']}" if i.get("port") else "-",
                          " ".join(extra)])
     _table(rows, ["APP", "INSTANCE", "PID", "STATE", "LISTEN", "DRIVERS"])
@@ -165,7 +172,18 @@ def cmd_ledger(ns: argparse.Namespace) -> int:
 
 
 def cmd_drivers(ns: argparse.Namespace) -> int:
-    """Drivers and their state."""
+    """Drivers and their state; `drivers restart NAME` starts one again (also a failed one)."""
+    if ns.action == "restart":
+        if not ns.name:
+            print("corral drivers restart: name the driver (see `corral drivers`)",
+                  file=sys.stderr)
+            return EXIT_INPUT
+        res = _client().call("driver.restart", {"name": ns.name})
+        if ns.json:
+            _print_json(res["driver"])
+        else:
+            print(f"{ns.name}: restarting (was {res['driver']['state']})")
+        return 0
     res = _client().call("drivers.list")
     if ns.json:
         _print_json(res["drivers"])
@@ -212,6 +230,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "errors": _observe.cmd_errors,
     "top": _observe.cmd_top,
     "cron": _cron.cmd_cron,
+    "events": _rollout.cmd_events,
 }
 
 
@@ -226,18 +245,19 @@ def parser() -> argparse.ArgumentParser:
     _manifest_flags(s)
     s = sub.add_parser("up", help=cmd_up.__doc__)
     _manifest_flags(s)
-    s.add_argument("--wait", type=float, default=30.0, help="seconds to wait for readiness")
-    s.add_argument("--json", action="store_true")
+    _rollout_flags(s)
     s = sub.add_parser("down", help=cmd_down.__doc__)
     s.add_argument("app")
     s = sub.add_parser("scale", help=cmd_scale.__doc__)
     s.add_argument("app")
     s.add_argument("counts", nargs="+", metavar="PROCESS=N")
-    s.add_argument("--wait", type=float, default=30.0, help="seconds to wait for readiness")
+    _rollout_flags(s)
+    s = sub.add_parser("ps", help=cmd_ps.__doc__)
     s.add_argument("--json", action="store_true")
-    for name in ("ps", "drivers"):
-        s = sub.add_parser(name, help=COMMANDS[name].__doc__)
-        s.add_argument("--json", action="store_true")
+    s = sub.add_parser("drivers", help=cmd_drivers.__doc__)
+    s.add_argument("action", nargs="?", choices=["restart"], help="restart NAME")
+    s.add_argument("name", nargs="?", help="the driver to restart")
+    s.add_argument("--json", action="store_true")
     s = sub.add_parser("ledger", help=cmd_ledger.__doc__)
     s.add_argument("--owner")
     s.add_argument("--kind")
@@ -250,7 +270,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("args", nargs="?", help="JSON object")
     _observe.add_parsers(sub)
     _cron.add_parsers(sub)
+    _rollout.add_parsers(sub)
     return p
+
+
+def _rollout_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                   help="time each new instance has to be ready and healthy (default: the "
+                   "process's start_timeout, else the host's start_timeout_s, 60 s)")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -264,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INPUT
     except CorralError as exc:
         print(f"corral {ns.command}: {exc.reason}", file=sys.stderr)
-        if exc.code == ErrorCode.UNAVAILABLE:
+        if exc.code == ErrorCode.UNAVAILABLE and "driver" not in exc.details:
             return EXIT_UNAVAILABLE
         if exc.code in (ErrorCode.INVALID,):
             return EXIT_INPUT

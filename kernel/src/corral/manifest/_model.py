@@ -391,6 +391,12 @@ class Process(_Section):
         "READY=1 on NOTIFY_SOCKET ('notify'), it is still running after 0.3 s ('started'); "
         "'auto' is 'port' for a process with a port, else 'started'",
     )
+    start_timeout: PositiveDuration | None = Field(
+        default=None,
+        description="how long a new instance may take to be ready and, behind an lb, healthy, "
+        "before a rollout gives up on it (and keeps the running release); default: the host's "
+        "start_timeout_s (60 s)",
+    )
 
 
 class PathGrant(_Section):

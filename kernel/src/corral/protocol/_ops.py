@@ -36,7 +36,9 @@ class Deploy(Args):
     set: list[str] = Field(default_factory=list)
     offset: int = 0
     env: list[str] = Field(default_factory=list)
-    wait_s: float = Field(default=30.0, gt=0, description="how long to wait for readiness")
+    wait_s: float | None = Field(
+        default=None, gt=0, description="how long each new instance may take to be ready and "
+        "healthy; default: its process's start_timeout, else the host's start_timeout_s")
 
 
 class Scale(Args):
@@ -45,7 +47,14 @@ class Scale(Args):
     name: str
     counts: dict[str, Annotated[int, Field(ge=1, le=1000)]] = Field(
         min_length=1, description="process name -> instances (e.g. {\"web\": 3})")
-    wait_s: float = Field(default=30.0, gt=0, description="how long to wait for readiness")
+    wait_s: float | None = Field(
+        default=None, gt=0, description="as for app.deploy: the time each new instance has")
+
+
+class DriverName(Args):
+    """An operation on one configured driver by name."""
+
+    name: str
 
 
 class AppName(Args):
@@ -169,10 +178,20 @@ class InstancePrepare(Args):
 
 
 class InstanceStarted(Args):
-    """``instance.started``: the instance runs (pid, start time, address known)."""
+    """``instance.started``: the instance runs (pid, start time, address known).
+
+    With ``join_within_s`` (a rollout) the instance replaces others only once every driver
+    serving this operation has answered: a driver that gates traffic on health (an lb)
+    answers when the instance turned healthy or when that time is up, with
+    ``{"healthy": false, "health": "<last check result>"}`` in the second case. The kernel
+    then stops the instance and fails the deploy. Without it (a restart after a crash, an
+    adoption) the answer is not waited on for a decision.
+    """
 
     app: AppSpec
     instance: InstanceRecord
+    join_within_s: float | None = Field(
+        default=None, gt=0, description="rollout: answer within this time, healthy or not")
 
 
 class InstanceStopped(Args):
@@ -214,6 +233,7 @@ _CLIENT_OPS = _table(
     Operation("ledger.claim", LedgerClaim, "claim resources, all or nothing"),
     Operation("ledger.release", LedgerRelease, "release resources"),
     Operation("drivers.list", NoArgs, "drivers and their state"),
+    Operation("driver.restart", DriverName, "start a driver again (also a failed one)"),
     Operation("driver.query", DriverQuery, "forward a query to a driver"),
     Operation("kernel.status", NoArgs, "pid, uptime, version"),
 )
@@ -253,22 +273,43 @@ QUERY_OP = re.compile(r"^query\.([a-z][a-z0-9_]*)\.([a-z][a-z0-9_]*)$")
 
 @dataclass(frozen=True)
 class Capability:
-    """What a driver of one capability must and may serve."""
+    """What a driver of one capability must and may serve, and what the kernel may rely on.
+
+    ``launch``: the driver enforces or captures something on every process (its network, its
+    sandbox, its output). While a driver of such a capability is enabled, no instance, job or
+    one-off starts unless that driver is connected and contributed to its launch plan
+    (``instance.prepare`` is therefore required): a driver that is down makes launches wait,
+    then fail, never run without it.
+    ``sections``: the manifest sections the capability acts on. A deploy whose manifest has
+    one of them needs an enabled driver of the capability connected (an lb gates a rollout
+    on health, a cron driver schedules the jobs).
+    ``confinement``: the capability is the app's sandbox. A host with no such driver enabled
+    runs apps unconfined, which the host config must say explicitly (``unconfined = true``).
+    """
 
     name: str
     required: frozenset[str]
     doc: str
     optional: frozenset[str] = field(default_factory=lambda: frozenset(LIFECYCLE_OPS))
+    launch: bool = False
+    sections: tuple[str, ...] = ()
+    confinement: bool = False
 
+
+_PREPARES = frozenset({"state.sync", "instance.prepare"})
 
 CAPABILITIES: dict[str, Capability] = {
     c.name: c
     for c in (
-        Capability("net", frozenset({"state.sync"}), "network namespaces, addresses, nftables"),
-        Capability("fs", frozenset({"state.sync"}), "mount view, users, cgroups"),
-        Capability("log", frozenset({"state.sync"}), "output capture, sinks, tracebacks"),
-        Capability("lb", frozenset({"state.sync"}), "names, frontends, balancing"),
-        Capability("cron", frozenset({"state.sync"}), "scheduled jobs"),
+        Capability("net", _PREPARES, "network namespaces, addresses, nftables", launch=True,
+                   sections=("network",)),
+        Capability("fs", _PREPARES, "mount view, users, cgroups, system-call filter",
+                   launch=True, sections=("limits",), confinement=True),
+        Capability("log", _PREPARES, "output capture, sinks, tracebacks", launch=True,
+                   sections=("logs",)),
+        Capability("lb", frozenset({"state.sync"}), "names, frontends, balancing",
+                   sections=("lb",)),
+        Capability("cron", frozenset({"state.sync"}), "scheduled jobs", sections=("cron",)),
     )
 }
 
