@@ -1,4 +1,6 @@
-"""Sizes and durations as people write them in a manifest, turned into bytes and seconds."""
+"""Sizes and durations as people write them (manifest, host config, CLI): bytes and seconds.
+
+The one notation of corral, public so drivers use it too: `MB` is 10^6 bytes, `MiB` 2^20."""
 
 from __future__ import annotations
 

@@ -36,8 +36,9 @@ def test_driver_lifecycle_attach_started_stopped_detach() -> None:
         d = LbDriver()
         with backends(("web1", port)):
             assert (await d.attach(AppAttach(app=app)))["lb"] is True
-            assert await d.started(InstanceStarted(app=app, instance=rec)) == {
-                "backend": True, "healthy": True}
+            # a rollout's join: the answer waits for the verdict, with the last check
+            assert await d.started(InstanceStarted(app=app, instance=rec, join_within_s=5)
+                                   ) == {"backend": True, "healthy": True, "health": "ok"}
             assert await get(fe, host="shop.test") == (200, b"web1")
             status = await d.status({"app": "shop"})
             assert status["services"][0]["backends"][0]["state"] == "healthy"
@@ -53,6 +54,36 @@ def test_driver_lifecycle_attach_started_stopped_detach() -> None:
             await d.sync(StateSync(apps=[], instances=[]))
             assert d.balancer.services == {}
             await d.stop()
+
+    asyncio.run(main())
+
+
+def test_started_in_a_rollout_answers_unhealthy_with_the_last_check() -> None:
+    """A backend that never passes its checks: with join_within_s the answer comes when the
+    time is up, healthy false and the last check's result (the kernel then stops it);
+    without it (a restart) the answer does not wait for health at all."""
+    fe, port = free_port(), free_port()  # nothing listens on port
+    manifest = {"lb": {"name": "sick.test", "frontend": fe, "mode": "http", "policy": "p2c",
+                       "activation": "always", "plane": "proxy",
+                       "health": {"tcp": True, "interval": 0.1, "timeout": 0.5, "rise": 1,
+                                  "fall": 1}, "idle": None, "process": "web"}}
+    app = AppSpec(name="sick", directory="/tmp", manifest=manifest)
+    spec = InstanceSpec(id="sick.web.1", app="sick", process="web", index=1, argv=["x"],
+                        env={}, cwd="/tmp", port=port)
+    rec = InstanceRecord(spec=spec, pid=1, start_time=0.0, state="ready")
+
+    async def main() -> None:
+        d = LbDriver()
+        await d.attach(AppAttach(app=app))
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        reply = await d.started(InstanceStarted(app=app, instance=rec, join_within_s=0.6))
+        assert 0.5 <= loop.time() - t0 < 3
+        assert reply == {"backend": True, "healthy": False, "health": "connection refused"}
+        t0 = loop.time()
+        reply = await d.started(InstanceStarted(app=app, instance=rec))
+        assert loop.time() - t0 < 0.2 and reply["healthy"] is False
+        await d.stop()
 
     asyncio.run(main())
 

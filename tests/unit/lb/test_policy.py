@@ -19,7 +19,6 @@ from corral_lb.policy import (
     make_policy,
     slot_table,
 )
-from corral_lb.proxy_http import ChunkScanner, header_value
 
 
 def backends(*weights: int) -> list[Backend]:
@@ -144,27 +143,6 @@ def test_durations() -> None:
     assert parse_duration(2) == 2.0
     with pytest.raises(ValueError):
         parse_duration("soon")
-
-
-def test_chunk_scanner_finds_the_end_across_segments() -> None:
-    """The chunk scanner stops right after the last chunk and trailers, at any split."""
-    body = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nX-Trailer: 1\r\n\r\nNEXT"
-    for split in range(1, len(body)):
-        s = ChunkScanner()
-        pos = s.feed(body[:split])
-        if not s.done:
-            assert pos == split
-            pos = s.feed(body[split:])
-            assert s.done and body[split:][pos:] == b"NEXT"
-        else:
-            assert body[pos:] == b"NEXT"
-
-
-def test_header_value_is_exact() -> None:
-    """Header lookup matches whole names at line starts only."""
-    head = b"get / http/1.1\r\nx-host: evil\r\nhost: good.example\r\n\r\n"
-    assert header_value(head, b"\r\nhost:") == b"good.example"
-    assert header_value(head, b"\r\ncontent-length:") is None
 
 
 def test_histogram_quantiles() -> None:

@@ -10,7 +10,7 @@ from manifest_support import FULL, MINIMAL, load_ok, write_app
 
 from corral.errors import ManifestError
 from corral.manifest import ResolvedManifest, schema
-from corral.manifest._units import UnitError, parse_duration, parse_size
+from corral.units import UnitError, parse_duration, parse_size
 
 REPO = Path(__file__).resolve().parents[3]
 

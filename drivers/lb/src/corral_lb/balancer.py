@@ -18,7 +18,14 @@ import structlog
 from corral.errors import ConflictError, NotFoundError
 from corral_lb.activation import Activator, OnDemand
 from corral_lb.backend import BackendState
-from corral_lb.config import HTTP_IDLE_TIMEOUT, TCP_IDLE_TIMEOUT, LbConfig, PolicyProgram
+from corral_lb.config import (
+    HTTP_IDLE_TIMEOUT,
+    MAX_BODY_SIZE,
+    MAX_CONNECTIONS,
+    TCP_IDLE_TIMEOUT,
+    LbConfig,
+    PolicyProgram,
+)
 from corral_lb.nft import TABLE, NftPlane, established_to, service_key
 from corral_lb.policy_program import PolicyProgram as PolicyProgramRunner
 from corral_lb.proxy_http import HttpFrontend
@@ -49,6 +56,10 @@ class Balancer:
         # whole request head since it connected or since its previous response.
         self.tcp_idle_timeout = TCP_IDLE_TIMEOUT
         self.http_idle_timeout = HTTP_IDLE_TIMEOUT
+        # Proxy limits (host config), taken when a frontend is created: the largest HTTP
+        # request body, and the client connections a frontend keeps open at once.
+        self.max_body_size = MAX_BODY_SIZE
+        self.max_connections = MAX_CONNECTIONS
         self._http: dict[tuple[str, int], HttpFrontend] = {}
         self._l4: dict[str, L4Frontend] = {}
         self._relay: Relay | None = None  # the L4 proxy's relay thread, started on first use
@@ -118,13 +129,15 @@ class Balancer:
         if cfg.mode == "tcp":
             if self._relay is None:
                 self._relay = Relay(idle_timeout=self.tcp_idle_timeout)
-            fe = L4Frontend(service, self._relay)
+            fe = L4Frontend(service, self._relay, max_connections=self.max_connections)
             await fe.start(*listen)
             self._l4[service.app] = fe
             return
         http = self._http.get(listen)
         if http is None:
-            http = HttpFrontend(idle_timeout=self.http_idle_timeout)
+            http = HttpFrontend(idle_timeout=self.http_idle_timeout,
+                                max_body_size=self.max_body_size,
+                                max_connections=self.max_connections)
             await http.start(*listen)
             self._http[listen] = http
         http.add(service)
@@ -203,9 +216,20 @@ class Balancer:
         return {"services": out}
 
     def metrics(self, app: str | None = None) -> dict[str, Any]:
-        """Per-backend requests, active connections, latency histogram and 5xx count."""
+        """Per-backend requests, active connections, latency histogram and 5xx count; and per
+        proxy frontend its client connections (an HTTP frontend is shared by the services on
+        its port, so they report the same figures)."""
         apps = [app] if app else sorted(self.services)
-        return {"services": [self.service(a).metrics() for a in apps]}
+        out = []
+        for a in apps:
+            m = self.service(a).metrics()
+            cfg = self.services[a].config
+            fe: HttpFrontend | L4Frontend | None = (
+                self._l4.get(a) if cfg.mode == "tcp" else self._http.get(cfg.listen))
+            if fe is not None and cfg.plane == "proxy":
+                m["frontend"] = fe.metrics()
+            out.append(m)
+        return {"services": out}
 
     async def close(self) -> None:
         """Detach every service (the nft table's services are removed too)."""

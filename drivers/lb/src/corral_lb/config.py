@@ -8,10 +8,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from corral.errors import CorralError, ErrorCode, ManifestError
+from corral.units import UnitError, parse_size
 from corral_lb.policy import POLICY_NAMES
 
 TCP_IDLE_TIMEOUT = 3600.0  # s: an L4 connection with no bytes either way (host config)
 HTTP_IDLE_TIMEOUT = 75.0  # s: an HTTP client without a whole request head (nginx's keepalive)
+MAX_BODY_SIZE = 1024**3  # bytes: a larger HTTP request body is refused with 413 (host config)
+MAX_CONNECTIONS = 10_000  # client connections open at once per proxy frontend (host config)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -183,3 +186,21 @@ def proxy_timeouts(host_config: dict[str, Any]) -> tuple[float, float]:
             raise CorralError(f"[drivers.lb] config: {key}: {e}", code=ErrorCode.INVALID,
                               retry=False) from None
     return out[0], out[1]
+
+
+def proxy_limits(host_config: dict[str, Any]) -> tuple[int, int]:
+    """``(max_body_size, max_connections_per_frontend)`` from the host's ``[drivers.lb]
+    config``: the largest HTTP request body in bytes (a size such as ``"1GiB"``, the kernel's
+    notation; default 1 GiB) and the client connections a proxy frontend keeps open at once
+    (default 10000); 0 lifts either limit. A bad value is an ``INVALID`` ``CorralError``."""
+    key = "max_body_size"
+    try:
+        body = parse_size(host_config.get(key, MAX_BODY_SIZE))
+        key = "max_connections_per_frontend"
+        conns = host_config.get(key, MAX_CONNECTIONS)
+        if isinstance(conns, bool) or not isinstance(conns, int) or conns < 0:
+            raise ValueError(f"expected a whole number >= 0, got {conns!r}")
+    except (UnitError, ValueError) as e:
+        raise CorralError(f"[drivers.lb] config: {key}: {e}", code=ErrorCode.INVALID,
+                          retry=False) from None
+    return body, conns

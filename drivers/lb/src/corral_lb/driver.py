@@ -20,13 +20,10 @@ from corral.protocol import AppSpec, InstanceRecord, Welcome
 from corral.sdk import Driver, KernelLink, op, run
 from corral_lb.activation import OnDemand, StartedInstance
 from corral_lb.balancer import Balancer
-from corral_lb.config import LbConfig, load_lb_config, proxy_timeouts
+from corral_lb.config import LbConfig, load_lb_config, proxy_limits, proxy_timeouts
 from corral_lb.nft import TABLE as NFT_TABLE
 
 log = structlog.get_logger("corral_lb")
-
-HEALTHY_WAIT = 30.0  # instance.started waits this long for the new backend to turn healthy
-
 
 class KernelActivator:
     """Starts on-demand instances through the kernel (``instance.spawn``/``instance.stop``)."""
@@ -88,13 +85,15 @@ class LbDriver(Driver):
     def welcomed(self, welcome: Welcome) -> None:
         """Take the host config (``plane``: default plane, ``nft_table``: this driver's table,
         ``socket_lb``: translate the host's own connections to nft frontends at connect(),
-        ``tcp_idle_timeout``/``http_idle_timeout``: the proxy's timeouts); operations may run
+        ``tcp_idle_timeout``/``http_idle_timeout``: the proxy's timeouts,
+        ``max_body_size``/``max_connections_per_frontend``: its limits); operations may run
         from now on."""
         super().welcomed(welcome)
         self.balancer.nft_table = str(self.config.get("nft_table", NFT_TABLE))
         self.balancer.nft_socket_lb = bool(self.config.get("socket_lb", True))
         self.balancer.tcp_idle_timeout, self.balancer.http_idle_timeout = proxy_timeouts(
             self.config)
+        self.balancer.max_body_size, self.balancer.max_connections = proxy_limits(self.config)
         # this kernel's services, told apart from other kernels' in a shared table
         self.balancer.nft_owner = hashlib.blake2b(str(self.home).encode(),
                                                   digest_size=6).hexdigest()
@@ -137,7 +136,11 @@ class LbDriver(Driver):
 
     @op("instance.started")
     async def started(self, args: Any) -> dict[str, Any]:
-        """Add the instance as a backend and wait (bounded) until its health checks pass."""
+        """Add the instance as a backend and wait (bounded) until its health checks pass.
+
+        The wait is ``join_within_s`` in a rollout (none otherwise); the answer says
+        ``healthy`` and the last check's result, and the kernel keeps or stops the instance
+        on that. An unhealthy backend stays registered but gets no traffic."""
         app: AppSpec = args.app
         rec: InstanceRecord = args.instance
         found = self._backend_of(app, rec)
@@ -147,9 +150,14 @@ class LbDriver(Driver):
         if isinstance(activation, OnDemand) and activation.socket_activation:
             # the app listens on our socket, not on its port: OnDemand adds that backend
             return {"backend": False, "socket_activation": True}
+        # a rollout waits for the verdict; a restart or an adoption joins when healthy, unwaited
+        wait = args.join_within_s or 0.0
         healthy = await self.balancer.add_backend(
-            app.name, rec.spec.id, rec.address, found[1], wait=HEALTHY_WAIT)
-        return {"backend": True, "healthy": healthy}
+            app.name, rec.spec.id, rec.address, found[1], wait=wait)
+        service = self.balancer.services.get(app.name)
+        backend = service.backends.get(rec.spec.id) if service is not None else None
+        last = backend.last_health if backend is not None else "removed meanwhile"
+        return {"backend": True, "healthy": healthy, "health": last or "no check finished"}
 
     @op("instance.stopping")
     async def stopping(self, args: Any) -> dict[str, Any]:

@@ -1,10 +1,18 @@
-"""Userspace HTTP/1.1 reverse proxy: keep-alive both ways, Host routing, per-request balancing.
+"""Userspace HTTP/1.1 reverse proxy: strict framing, keep-alive both ways, Host routing.
 
-The parser reads only what routing and framing need (request line, Host, Content-Length,
-Transfer-Encoding, Connection) and forwards heads and bodies byte for byte, so the common
-request costs one ``find`` and a few slices. Upstream connections are kept alive and reused:
-a client connection keeps its upstream between requests while the policy keeps choosing the
-same backend, and otherwise hands it back to a per-backend idle pool.
+Every request head and every response head is parsed by llhttp in its strict mode and checked
+further (corral_lb.http_framing); a message whose framing two parsers could read differently
+is answered 400 (501, 413, 414, 431, 505) or, from a backend, 502, and its connection closed:
+nothing of a refused request reaches a backend, and a backend connection that carried an
+ambiguous message is never reused. Heads and bodies are forwarded byte for byte: a
+Content-Length body is counted, a chunked one walked with llhttp agreeing on its end, and a
+head repeated byte for byte on a connection (keep-alive clients and backends do) is not
+parsed again. Upstream connections are kept alive and reused: a client connection keeps its
+upstream between requests while the policy keeps choosing the same backend, and otherwise
+hands it back to a per-backend idle pool.
+
+The frontend accepts connections itself and stops accepting at ``max_connections`` (as
+HAProxy's ``maxconn`` does): further clients wait in the listen backlog until one closes.
 
 Not done on purpose (documented in docs/drivers/lb.md): header rewriting (no
 X-Forwarded-For), HTTP/2, request pipelining to backends (pipelined client requests are
@@ -14,96 +22,39 @@ served one after the other).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import structlog
 
 from corral_lb.backend import Backend, BackendState
+from corral_lb.http_framing import (
+    MAX_HEAD,
+    MAX_REQUEST_LINE,
+    R400,
+    R404,
+    R414,
+    R431,
+    R502,
+    R503,
+    ChunkedBody,
+    FramingError,
+    read_request_head,
+    read_response_head,
+)
 from corral_lb.service import Service
 
 log = structlog.get_logger("corral_lb")
 
-MAX_HEAD = 64 * 1024
 MAX_BUFFERED = 1024 * 1024  # client bytes buffered while a request is in flight
 IDLE_PER_BACKEND = 512
+ACCEPTS_PER_TURN = 64  # then the event loop runs other work
+ACCEPT_RETRY_DELAY = 1.0  # seconds, after running out of file descriptors (as asyncio does)
 _now = time.monotonic
-
-
-def _reply(status: int, reason: str) -> bytes:
-    body = f"{status} {reason}\n".encode()
-    return (
-        f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    ).encode() + body
-
-
-R400 = _reply(400, "Bad Request")
-R404 = _reply(404, "Not Found")
-R431 = _reply(431, "Request Header Fields Too Large")
-R502 = _reply(502, "Bad Gateway")
-R503 = _reply(503, "Service Unavailable")
-
-
-def header_value(lower_head: bytes, name: bytes) -> bytes | None:
-    """Value of header ``name`` (b"\\r\\nname:") in a lower-cased head, stripped; None if absent."""
-    i = lower_head.find(name)
-    if i < 0:
-        return None
-    start = i + len(name)
-    end = lower_head.find(b"\r\n", start)
-    return lower_head[start : end if end >= 0 else len(lower_head)].strip()
-
-
-class ChunkScanner:
-    """Finds the end of a chunked body without decoding it (bytes are forwarded as they are)."""
-
-    __slots__ = ("done", "line", "remaining", "state")
-
-    SIZE, DATA, TRAILER = 0, 1, 2
-
-    def __init__(self) -> None:
-        self.state = self.SIZE
-        self.remaining = 0
-        self.line = b""
-        self.done = False
-
-    def feed(self, data: bytes | bytearray, pos: int = 0) -> int:
-        """Consume ``data[pos:]`` up to the end of the body; return the index after it.
-
-        Raises ValueError on a malformed chunk size line.
-        """
-        n = len(data)
-        while pos < n and not self.done:
-            if self.state == self.DATA:
-                take = min(self.remaining, n - pos)
-                pos += take
-                self.remaining -= take
-                if self.remaining == 0:
-                    self.state = self.SIZE
-                continue
-            i = data.find(b"\n", pos)
-            if i < 0:
-                self.line += bytes(data[pos:])
-                if len(self.line) > 4096:
-                    raise ValueError("chunk line too long")
-                return n
-            line = self.line + bytes(data[pos:i])
-            self.line = b""
-            pos = i + 1
-            if self.state == self.SIZE:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-                if size < 0:
-                    raise ValueError("negative chunk size")
-                if size == 0:
-                    self.state = self.TRAILER
-                else:
-                    self.remaining = size + 2  # data plus its CRLF
-                    self.state = self.DATA
-            elif line in (b"", b"\r"):  # TRAILER: an empty line ends the message
-                self.done = True
-        return pos
 
 
 # upstream response states
@@ -114,9 +65,9 @@ class HttpUpstream(asyncio.Protocol):
     """One keep-alive connection to a backend; carries one request at a time."""
 
     __slots__ = (
-        "backend", "chunks", "client", "closed", "head_request", "keepalive", "last_5xx",
-        "last_head", "last_keepalive", "last_length", "pool", "rbuf", "remaining", "sent_any",
-        "state", "transport", "used",
+        "backend", "broken", "chunks", "client", "closed", "head_request", "keepalive",
+        "last_5xx", "last_head", "last_keepalive", "last_length", "pool", "rbuf", "remaining",
+        "sent_any", "state", "transport", "used",
     )
 
     def __init__(self, backend: Backend, pool: UpstreamPool) -> None:
@@ -127,14 +78,15 @@ class HttpUpstream(asyncio.Protocol):
         self.state = _IDLE
         self.rbuf = bytearray()
         self.remaining = 0
-        self.chunks: ChunkScanner | None = None
+        self.chunks: ChunkedBody | None = None
         self.keepalive = True
         self.head_request = False
         self.sent_any = False  # response bytes already forwarded to the client
         self.closed = False
+        self.broken = False  # the backend broke the framing: never retried, never reused
         self.used = False  # carried a request before (a failure on reuse may be retried)
         # the last Content-Length-framed response head and what it said: backends repeat
-        # their heads byte for byte, and a repeated head needs no parsing
+        # their heads byte for byte, and a repeated head (already checked) needs no parsing
         self.last_head = b""
         self.last_length = 0
         self.last_keepalive = True
@@ -156,7 +108,7 @@ class HttpUpstream(asyncio.Protocol):
         client = self.client
         state = self.state
         if client is None or state == _IDLE:
-            self.transport.close()  # unsolicited bytes: the connection is not reusable
+            self._fail()  # unsolicited bytes: the connection is out of step, not reusable
             return
         if state == _LEN:
             n = len(data)
@@ -164,7 +116,10 @@ class HttpUpstream(asyncio.Protocol):
                 self.remaining -= n
                 client.transport.write(data)
                 return
-            client.transport.write(data[: self.remaining] if n > self.remaining else data)
+            if n > self.remaining:  # bytes after the response: out of step, not reusable
+                self.keepalive = False
+                data = data[: self.remaining]
+            client.transport.write(data)
             self._finish()
             return
         if state == _HEAD:
@@ -177,7 +132,10 @@ class HttpUpstream(asyncio.Protocol):
                 self.sent_any = True
                 self.keepalive = self.last_keepalive
                 if have >= length:
-                    client.transport.write(data if have == length else data[: len(lh) + length])
+                    if have > length:
+                        self.keepalive = False
+                        data = data[: len(lh) + length]
+                    client.transport.write(data)
                     self._finish()
                 else:
                     self.remaining = length - have
@@ -198,25 +156,18 @@ class HttpUpstream(asyncio.Protocol):
             self._response_head(client, data, end + 4)
             return
         if state == _CHUNKED:
-            assert self.chunks is not None
-            try:
-                pos = self.chunks.feed(data)
-            except ValueError:
-                self._fail()
-                return
-            client.transport.write(data if pos == len(data) else data[:pos])
-            if self.chunks.done:
-                self._finish()
+            self._chunked(client, data, 0)
             return
         client.transport.write(data)  # _CLOSE or _TUNNEL
 
     def _response_head(self, client: HttpConnection, data: bytes, body_at: int) -> None:
         try:
-            status = int(data[9:12])
-        except ValueError:
+            head = read_response_head(data[:body_at])
+        except FramingError as e:
+            log.warning("backend response refused", backend=self.backend.id, reason=e.reason)
             self._fail()
             return
-        b = self.backend
+        status = head.status
         if 100 <= status < 200 and status != 101:
             # interim response (100 Continue...): forward it and wait for the final one
             client.transport.write(data[:body_at])
@@ -226,13 +177,8 @@ class HttpUpstream(asyncio.Protocol):
             return
         self.sent_any = True
         if status >= 500:
-            b.errors_5xx += 1
-        lower = data[:body_at].lower()
-        conn = header_value(lower, b"\r\nconnection:")
-        if conn is not None and b"close" in conn:
-            self.keepalive = False
-        elif data.startswith(b"HTTP/1.0") and (conn is None or b"keep-alive" not in conn):
-            self.keepalive = False
+            self.backend.errors_5xx += 1
+        self.keepalive = head.keepalive
         if status == 101:
             self.state = _TUNNEL
             self.keepalive = False
@@ -240,48 +186,57 @@ class HttpUpstream(asyncio.Protocol):
             client.transport.write(data)
             return
         if self.head_request or status in (204, 304):
+            if len(data) > body_at:  # a body where none can be: out of step
+                self.keepalive = False
             client.transport.write(data[:body_at])
             self._finish()
             return
-        if b"\r\ntransfer-encoding:" in lower and b"chunked" in (
-            header_value(lower, b"\r\ntransfer-encoding:") or b""
-        ):
-            self.chunks = scanner = ChunkScanner()
-            try:
-                pos = scanner.feed(data, body_at)
-            except ValueError:
-                self._fail()
-                return
-            client.transport.write(data if pos == len(data) else data[:pos])
-            if scanner.done:
-                self._finish()
-            else:
-                self.state = _CHUNKED
+        if head.body is not None:
+            self.chunks = head.body
+            self._chunked(client, data, body_at)
             return
-        cl = header_value(lower, b"\r\ncontent-length:")
-        if cl is None:
+        length = head.length
+        if length is None:
             self.state = _CLOSE  # delimited by the backend closing the connection
             self.keepalive = False
             client.transport.write(data)
             return
-        try:
-            length = int(cl)
-        except ValueError:
-            self._fail()
-            return
-        if not self.head_request and 200 <= status:
+        if 200 <= status:
             self.last_head = data[:body_at]
             self.last_length = length
             self.last_keepalive = self.keepalive
             self.last_5xx = status >= 500
         have = len(data) - body_at
         if have >= length:
-            client.transport.write(data if have == length else data[: body_at + length])
+            if have > length:
+                self.keepalive = False
+                data = data[: body_at + length]
+            client.transport.write(data)
             self._finish()
         else:
             self.remaining = length - have
             self.state = _LEN
             client.transport.write(data)
+
+    def _chunked(self, client: HttpConnection, data: bytes, pos: int) -> None:
+        chunks = self.chunks
+        assert chunks is not None
+        try:
+            end = chunks.feed(data, pos)
+        except FramingError as e:
+            log.warning("backend response refused", backend=self.backend.id, reason=e.reason)
+            if pos:  # called with the head, which is not forwarded yet: the client gets 502
+                self.sent_any = False
+            self._fail()
+            return
+        if end < len(data):
+            self.keepalive = False
+            data = data[:end]
+        client.transport.write(data)
+        if chunks.done:
+            self._finish()
+        else:
+            self.state = _CHUNKED
 
     def _finish(self) -> None:
         client = self.client
@@ -292,8 +247,10 @@ class HttpUpstream(asyncio.Protocol):
             client.response_done(self, self.keepalive)
 
     def _fail(self) -> None:
-        """The backend sent something unparseable: give up on this connection."""
+        """The backend broke the framing: give up on this connection (502 if nothing of the
+        response was forwarded yet, else the client connection is cut)."""
         self.keepalive = False
+        self.broken = True
         self.transport.close()
 
     def eof_received(self) -> bool:
@@ -398,7 +355,8 @@ class HttpConnection(asyncio.Protocol):
     __slots__ = (
         "backend", "body_remaining", "buf", "chunks", "client_eof", "frontend", "idle_since",
         "keepalive", "last_gen", "last_head", "last_key", "method_head", "paused", "req_head",
-        "req_sent_body", "retried", "service", "started", "state", "transport", "upstream",
+        "req_key", "req_sent_body", "retried", "service", "started", "state", "transport",
+        "upstream",
     )
 
     def __init__(self, frontend: HttpFrontend) -> None:
@@ -410,10 +368,11 @@ class HttpConnection(asyncio.Protocol):
         self.upstream: HttpUpstream | None = None
         self.backend: Backend | None = None
         self.body_remaining = 0
-        self.chunks: ChunkScanner | None = None
+        self.chunks: ChunkedBody | None = None
         self.keepalive = True
         self.method_head = False
         self.req_head = b""
+        self.req_key = b""  # the hash-header policy's key of the request in flight
         self.req_sent_body = False
         self.retried = False
         self.started = 0.0
@@ -440,7 +399,7 @@ class HttpConnection(asyncio.Protocol):
                 return
             # fast path: one whole request head in one segment, nothing buffered
             end = data.find(b"\r\n\r\n")
-            if end >= 0 and end + 4 == len(data):
+            if end > 0 and end + 4 == len(data) and not data.startswith(b"\r\n"):
                 self._request(data)
                 return
             self.buf += data
@@ -496,49 +455,38 @@ class HttpConnection(asyncio.Protocol):
         """Parse and start as many buffered requests as the state allows (one in flight)."""
         while self.state == _C_HEAD and self.buf:
             buf = self.buf
+            if buf.startswith(b"\r\n"):  # empty lines before a request line are ignored
+                n = 0
+                while buf.startswith(b"\r\n", n):
+                    n += 2
+                del buf[:n]
+                continue
             end = buf.find(b"\r\n\r\n")
             if end < 0:
-                if len(buf) > MAX_HEAD:
+                line_end = buf.find(b"\n")
+                if line_end > MAX_REQUEST_LINE or (line_end < 0 and len(buf) > MAX_REQUEST_LINE):
+                    self._error(R414)
+                elif len(buf) > MAX_HEAD:
                     self._error(R431)
+                elif b"\n\n" in buf or b"\n\r\n" in buf:
+                    # a head ended by a bare LF: refused now rather than at the idle timeout
+                    self._error(R400)
                 return
             head = bytes(buf[: end + 4])
             del buf[: end + 4]
             self._request(head)
 
     def _request(self, head: bytes) -> None:
-        lower = head.lower()
-        sp = head.find(b" ")
-        if sp <= 0:
-            self._error(R400)
+        try:
+            req = read_request_head(head, self.frontend.max_body_size)
+        except FramingError as e:
+            self._error(e.response)
             return
-        self.method_head = head[:sp] == b"HEAD"
-        line_end = head.find(b"\r\n")
-        http10 = head[line_end - 8 : line_end] == b"HTTP/1.0"
-        conn = header_value(lower, b"\r\nconnection:")
-        if http10:
-            self.keepalive = conn is not None and b"keep-alive" in conn
-        else:
-            self.keepalive = conn is None or b"close" not in conn
-        # body framing; both Transfer-Encoding and Content-Length is a smuggling attempt
-        te = header_value(lower, b"\r\ntransfer-encoding:")
-        cl = header_value(lower, b"\r\ncontent-length:")
-        self.chunks = None
-        self.body_remaining = 0
-        if te is not None:
-            if cl is not None or not te.endswith(b"chunked"):
-                self._error(R400)
-                return
-            self.chunks = ChunkScanner()
-        elif cl is not None:
-            try:
-                self.body_remaining = int(cl)
-            except ValueError:
-                self._error(R400)
-                return
-            if self.body_remaining < 0 or lower.count(b"\r\ncontent-length:") > 1:
-                self._error(R400)
-                return
-        host = header_value(lower, b"\r\nhost:") or b""
+        self.method_head = req.is_head
+        self.keepalive = req.keepalive and not req.upgrade
+        self.chunks = req.body
+        self.body_remaining = req.length
+        host = req.host
         service = self.frontend.route(host)
         if service is None:
             self._error(R404)
@@ -556,8 +504,9 @@ class HttpConnection(asyncio.Protocol):
         b: Backend | None = None
         key: bytes | None = None
         if service.policy.needs_key:
-            key = header_value(lower, b"\r\n" + service.hash_header + b":") if (
-                service.hash_header) else self._client_ip()
+            key = (req.header(service.hash_header) if service.hash_header
+                   else self._client_ip())
+        self.req_key = key or b""
         if self.chunks is None and self.body_remaining == 0 and self.keepalive:
             self.last_head, self.last_gen, self.last_key = head, self.frontend.generation, key
         else:
@@ -583,9 +532,8 @@ class HttpConnection(asyncio.Protocol):
     async def _acquire_then_send(self, service: Service, host: bytes) -> None:
         peer = self.transport.get_extra_info("peername")
         client = f"{peer[0]}:{peer[1]}" if peer else ""
-        key = self._client_ip()
-        if service.policy.needs_key and service.hash_header:
-            key = header_value(self.req_head.lower(), b"\r\n" + service.hash_header + b":") or b""
+        key = self.req_key if service.policy.needs_key and service.hash_header \
+            else self._client_ip()
         b = await service.acquire(key, client=client, host=host.decode("latin-1"))
         if self.state == _C_CLOSED:
             return
@@ -646,28 +594,30 @@ class HttpConnection(asyncio.Protocol):
             self.state = _C_WAIT
             up.transport.write(self.req_head)
         else:
+            # the head goes out with the body bytes already here, once they are checked: a
+            # body that is malformed in them is refused before anything reaches the backend
             self.state = _C_BODY
-            up.transport.write(self.req_head)
             self.req_sent_body = True
-            if self.buf:
-                data = bytes(self.buf)
-                self.buf.clear()
-                self._body(data)
+            data = bytes(self.buf)
+            self.buf.clear()
+            self._body(data, self.req_head)
         if self.paused and self.state != _C_CONNECTING:
             self.paused = False
             self.transport.resume_reading()
 
-    def _body(self, data: bytes) -> None:
+    def _body(self, data: bytes, head: bytes = b"") -> None:
+        """Forward body bytes (after ``head``, the request head if not sent yet)."""
         up = self.upstream
         assert up is not None
-        if self.chunks is not None:
+        chunks = self.chunks
+        if chunks is not None:
             try:
-                pos = self.chunks.feed(data)
-            except ValueError:
-                self._error(R400)
+                pos = chunks.feed(data)
+            except FramingError as e:
+                self._body_refused(up, e)
                 return
-            up.transport.write(data if pos == len(data) else data[:pos])
-            if self.chunks.done:
+            up.transport.write(head + data if pos == len(data) else head + data[:pos])
+            if chunks.done:
                 self.state = _C_WAIT
                 if pos < len(data):
                     self.buf += data[pos:]
@@ -675,13 +625,25 @@ class HttpConnection(asyncio.Protocol):
         n = len(data)
         if n <= self.body_remaining:
             self.body_remaining -= n
-            up.transport.write(data)
+            up.transport.write(head + data if head else data)
         else:
-            up.transport.write(data[: self.body_remaining])
+            up.transport.write(head + data[: self.body_remaining])
             self.buf += data[self.body_remaining :]
             self.body_remaining = 0
         if self.body_remaining == 0:
             self.state = _C_WAIT
+
+    def _body_refused(self, up: HttpUpstream, e: FramingError) -> None:
+        """A chunked body went wrong after its head was forwarded: the backend has part of a
+        request, so its connection is closed (never pooled), and so is the client's."""
+        self.upstream = None
+        up.client = None
+        up.keepalive = False
+        up.close()
+        if up.sent_any:
+            self._close()
+        else:
+            self._error(e.response)
 
     # -- upstream events ---------------------------------------------------------------------
 
@@ -728,7 +690,8 @@ class HttpConnection(asyncio.Protocol):
             if b is not None:
                 self._request_over(b)
             return
-        safe = up.used and not up.sent_any and not self.req_sent_body and not self.retried
+        safe = (up.used and not up.sent_any and not self.req_sent_body and not self.retried
+                and not up.broken)
         if b is not None:
             self._request_over(b)
         if safe and self.service is not None:
@@ -786,6 +749,7 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.frontend.conns.discard(self)
+        self.frontend.released()
         prev = self.state
         self.state = _C_CLOSED
         b = self.backend
@@ -810,16 +774,30 @@ class HttpFrontend:
     With ``idle_timeout`` (s), a client connection that has not sent a whole request head
     for that long since it connected or since its previous response is closed: idle
     keep-alive connections and heads sent too slowly alike (checked every min(1 s, 1/4 of it)).
+    ``max_body_size`` (bytes, 0: none) bounds a request body (413). With ``max_connections``
+    (0: none) client connections open at once, the frontend stops accepting until one closes:
+    the next clients wait in the kernel's listen backlog, as with HAProxy's ``maxconn``.
     """
 
-    def __init__(self, *, idle_timeout: float = 0.0) -> None:
+    def __init__(self, *, idle_timeout: float = 0.0, max_body_size: int = 0,
+                 max_connections: int = 0) -> None:
         self.idle_timeout = idle_timeout
+        self.max_body_size = max_body_size
+        self.max_connections = max_connections
         self._sweeper: asyncio.Task[None] | None = None
         self.routes: dict[bytes, Service] = {}
         self.generation = 0  # bumped on every route change: invalidates cached routing
         self.pool = UpstreamPool()
         self.conns: set[HttpConnection] = set()
-        self.server: asyncio.Server | None = None
+        self.sock: socket.socket | None = None
+        self.listen = ""
+        self.accepted = 0  # client connections accepted since start
+        self.active = 0  # client connections open (or being set up)
+        self.limited = 0  # times accepting stopped because max_connections were open
+        self._accepting = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._setups: set[asyncio.Task[None]] = set()
         self._removers: dict[str, Callable[[Backend], None]] = {}
 
     def add(self, service: Service) -> None:
@@ -854,12 +832,74 @@ class HttpFrontend:
 
     async def start(self, host: str, port: int) -> None:
         """Listen on (host, port)."""
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(
-            lambda: HttpConnection(self), host, port, reuse_address=True, backlog=4096
-        )
+        loop = self._loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family, backlog=4096)
+        sock.setblocking(False)
+        self.sock = sock
+        self.listen = f"{host}:{port}"
+        self._start_accepting()
         if self.idle_timeout > 0:
             self._sweeper = loop.create_task(self._sweep_idle(), name=f"http idle {port}")
+
+    def _start_accepting(self) -> None:
+        if not self._accepting and self.sock is not None and self._loop is not None:
+            self._accepting = True
+            self._loop.add_reader(self.sock.fileno(), self._accept)
+
+    def _stop_accepting(self) -> None:
+        if self._accepting and self.sock is not None and self._loop is not None:
+            self._accepting = False
+            self._loop.remove_reader(self.sock.fileno())
+
+    def _accept(self) -> None:
+        sock, loop = self.sock, self._loop
+        if sock is None or loop is None:
+            return
+        for _ in range(ACCEPTS_PER_TURN):
+            if 0 < self.max_connections <= self.active:
+                self._stop_accepting()  # resumed by released()
+                self.limited += 1
+                return
+            try:
+                client, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE, ENFILE, ENOBUFS: pause accepting for a moment
+                log.warning("accept failed", listen=self.listen, error=str(e))
+                self._stop_accepting()
+                self._retry = loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
+                return
+            self.accepted += 1
+            self.active += 1
+            task = loop.create_task(self._setup(client))
+            self._setups.add(task)
+            task.add_done_callback(self._setups.discard)
+
+    async def _setup(self, client: socket.socket) -> None:
+        assert self._loop is not None
+        try:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await self._loop.connect_accepted_socket(lambda: HttpConnection(self), client)
+        except Exception:  # reset before we got to it: never a connection, so never released
+            client.close()
+            self.released()
+
+    def _resume(self) -> None:
+        self._retry = None
+        self._start_accepting()
+
+    def released(self) -> None:
+        """A client connection closed: accept again if the cap had stopped accepting."""
+        self.active -= 1
+        if not self._accepting and self._retry is None and (
+                self.max_connections <= 0 or self.active < self.max_connections):
+            self._start_accepting()
+
+    def metrics(self) -> dict[str, Any]:
+        """Client connections: accepted so far, open now, the cap, times the cap was hit."""
+        return {"listen": self.listen, "accepted": self.accepted, "active": self.active,
+                "max_connections": self.max_connections, "limited": self.limited}
 
     async def _sweep_idle(self) -> None:
         timeout = self.idle_timeout
@@ -875,10 +915,17 @@ class HttpFrontend:
         """Stop listening and close every connection."""
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self.server is not None:
-            self.server.close()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        self._stop_accepting()
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            sock.close()
+        for task in list(self._setups):
+            task.cancel()
         for c in list(self.conns):
             c.transport.close()
         self.pool.close_all()
-        if self.server is not None:
-            await self.server.wait_closed()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*self._setups, return_exceptions=True)

@@ -243,15 +243,23 @@ class L4Connection:
         self._unbind()
         self.service.connections -= 1
         self.service.touch()
-        self.frontend.connections.discard(self)
+        self.frontend.released(self)
 
 
 class L4Frontend:
-    """A TCP listener relaying every connection to a backend of one service."""
+    """A TCP listener relaying every connection to a backend of one service.
 
-    def __init__(self, service: Service, relay: Relay) -> None:
+    With ``max_connections`` (0: none) connections open at once it stops accepting until one
+    ends: the next clients wait in the kernel's listen backlog, as with HAProxy's ``maxconn``.
+    """
+
+    def __init__(self, service: Service, relay: Relay, *, max_connections: int = 0) -> None:
         self.service = service
         self.relay = relay
+        self.max_connections = max_connections
+        self.accepted = 0  # connections accepted since start
+        self.limited = 0  # times accepting stopped because max_connections were open
+        self._paused = False  # stopped accepting at the cap
         self.sock: socket.socket | None = None
         self.connections: set[L4Connection] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -279,6 +287,12 @@ class L4Frontend:
         if sock is None:
             return
         for _ in range(ACCEPTS_PER_TURN):
+            if 0 < self.max_connections <= len(self.connections):
+                assert self._loop is not None
+                self._loop.remove_reader(sock.fileno())  # resumed by released()
+                self._paused = True
+                self.limited += 1
+                return
             try:
                 client, peer = sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -297,7 +311,23 @@ class L4Frontend:
                 continue
             conn = L4Connection(self, client, peer)
             self.connections.add(conn)
+            self.accepted += 1
             conn.start()
+
+    def released(self, conn: L4Connection) -> None:
+        """A connection ended: accept again if the cap had stopped accepting."""
+        self.connections.discard(conn)
+        if self._paused and len(self.connections) < self.max_connections:
+            self._paused = False
+            if self.sock is not None and self._loop is not None:
+                self._loop.add_reader(self.sock.fileno(), self._accept)
+
+    def metrics(self) -> dict[str, object]:
+        """Client connections: accepted so far, open now, the cap, times the cap was hit."""
+        host, port = self.sock.getsockname()[:2] if self.sock is not None else ("", 0)
+        return {"listen": f"{host}:{port}", "accepted": self.accepted,
+                "active": len(self.connections), "max_connections": self.max_connections,
+                "limited": self.limited}
 
     def _resume(self) -> None:
         self._retry = None
@@ -312,7 +342,7 @@ class L4Frontend:
             self._retry.cancel()
         sock, self.sock = self.sock, None
         if sock is not None:
-            if self._loop is not None:
+            if self._loop is not None and not self._paused:
                 self._loop.remove_reader(sock.fileno())
             sock.close()
         for c in list(self.connections):

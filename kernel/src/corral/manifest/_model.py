@@ -28,7 +28,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from corral.manifest._units import (
+from corral.units import (
     DURATION_EXPECTED,
     SIZE_EXPECTED,
     UnitError,

@@ -1,0 +1,65 @@
+"""The framing layer alone: chunked bodies across segments, and the proxy's host limits."""
+
+from __future__ import annotations
+
+import pytest
+
+from corral.errors import CorralError
+from corral_lb.config import MAX_BODY_SIZE, MAX_CONNECTIONS, proxy_limits
+from corral_lb.http_framing import R400, R413, FramingError, read_request_head
+
+HEAD = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def test_chunked_body_finds_the_end_at_any_split() -> None:
+    """The body ends right after the last chunk and trailers, however it is segmented, and
+    llhttp agrees on that byte."""
+    body = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nX-Trailer: 1\r\n\r\nNEXT"
+    for split in range(1, len(body)):
+        framer = read_request_head(HEAD).body
+        assert framer is not None
+        pos = framer.feed(body[:split])
+        if not framer.done:
+            assert pos == split
+            pos = framer.feed(body[split:])
+            assert framer.done and body[split:][pos:] == b"NEXT"
+        else:
+            assert body[pos:] == b"NEXT"
+
+
+@pytest.mark.parametrize("bad", [b"0x4\r\nWiki\r\n0\r\n\r\n", b"4\r\nWikiXX0\r\n\r\n",
+                                 b"4 \r\nWiki\r\n0\r\n\r\n", b"4\nWiki\r\n0\r\n\r\n"])
+def test_chunked_body_errors_at_any_split(bad: bytes) -> None:
+    """A malformed chunked body is refused whichever segment brings the bad byte."""
+    for split in range(1, len(bad)):
+        framer = read_request_head(HEAD).body
+        assert framer is not None
+        with pytest.raises(FramingError) as e:
+            framer.feed(bad[:split])
+            framer.feed(bad[split:])
+        assert e.value.response is R400
+
+
+def test_chunked_body_limit() -> None:
+    """Data bytes over max_body_size are 413 (extensions and framing do not count)."""
+    framer = read_request_head(HEAD, max_body=8).body
+    assert framer is not None
+    framer.feed(b"4;long-extension=1\r\nWiki\r\n4\r\nWiki\r\n")
+    with pytest.raises(FramingError) as e:
+        framer.feed(b"1\r\n")
+    assert e.value.response is R413
+
+
+def test_proxy_limits_defaults_values_and_errors() -> None:
+    """max_body_size takes the kernel's size notation, max_connections_per_frontend a whole
+    number; 0 lifts either; a bad value names its key."""
+    assert proxy_limits({}) == (MAX_BODY_SIZE, MAX_CONNECTIONS) == (1024**3, 10_000)
+    assert proxy_limits({"max_body_size": "10MiB", "max_connections_per_frontend": 5}) == (
+        10 * 1024**2, 5)
+    assert proxy_limits({"max_body_size": 0, "max_connections_per_frontend": 0}) == (0, 0)
+    for key, value in (("max_body_size", "lots"), ("max_body_size", -1),
+                       ("max_connections_per_frontend", "many"),
+                       ("max_connections_per_frontend", -1),
+                       ("max_connections_per_frontend", True)):
+        with pytest.raises(CorralError, match=rf"\[drivers.lb\] config: {key}"):
+            proxy_limits({key: value})
