@@ -7,7 +7,13 @@ bash scripts/setup.sh
 C=.venv/bin/corral
 APP=examples/hello
 
-.venv/bin/corrald --stop-drivers >corrald.log 2>&1 &
+# corrald's own output goes under the corral home it uses (corral.host.home(): CORRAL_HOME,
+# else /var/lib/corral as root, else the XDG data dir), never into the work tree.
+CORRAL_HOME_DIR=$(.venv/bin/python -c 'from corral.host import home; print(home())')
+mkdir -p "$CORRAL_HOME_DIR"
+KLOG="$CORRAL_HOME_DIR/corrald.log"
+echo "== corrald (log: $KLOG)"
+.venv/bin/corrald --stop-drivers >"$KLOG" 2>&1 &
 KPID=$!
 cleanup() {
   $C down hello >/dev/null 2>&1 || true

@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/mypy kernel/src drivers/*/src
+.venv/bin/lint-imports
 .venv/bin/pytest -q "$@"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 import textwrap
 from pathlib import Path
+
+# The one free_port is corral.testing's; named here too for the tests that import it from here.
+from corral.testing import free_port as free_port
 
 SERVER = textwrap.dedent('''
     import http.server, os, socket, sys, time
@@ -22,12 +24,6 @@ SERVER = textwrap.dedent('''
         s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.sendto(b"READY=1", n)
     srv.serve_forever()
 ''')
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_app(d: Path, name: str, ports: dict[str, int], processes: dict[str, str],

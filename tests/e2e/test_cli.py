@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require
-from e2e.apps import free_port
+from corral.testing import free_port
 
 HELLO = Path(__file__).resolve().parents[2] / "examples" / "hello"
 VENV_SITE = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / (

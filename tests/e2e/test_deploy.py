@@ -17,8 +17,8 @@ import psutil
 import pytest
 
 from corral.ledger import open_ledger
-from corral.testing import KernelProcess
-from e2e.apps import free_port, write_app
+from corral.testing import KernelProcess, free_port
+from e2e.apps import write_app
 
 # no drivers at all, so no sandbox: said on purpose, as a host must (else deploys are refused)
 NO_DRIVERS = 'disabled = ["net", "fs", "log", "lb", "cron"]\nunconfined = true\n'

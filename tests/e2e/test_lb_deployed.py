@@ -31,8 +31,7 @@ import pytest
 
 from conftest import require
 from corral.errors import CorralError, ErrorCode, NotFoundError
-from corral.testing import KernelProcess, wait_for
-from e2e.apps import free_port
+from corral.testing import KernelProcess, free_port, wait_for
 
 pytestmark = pytest.mark.root
 

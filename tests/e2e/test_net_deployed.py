@@ -25,8 +25,7 @@ from typing import Any
 
 import pytest
 
-from corral.testing import KernelProcess
-from e2e.apps import free_port
+from corral.testing import KernelProcess, free_port
 from e2e.test_lb_deployed import (
     NetHost,
     http_get,

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.testing import KernelProcess
-from e2e.apps import free_port
+from corral.testing import KernelProcess, free_port
 from e2e.test_lb_deployed import (
     NetHost,
     driver_logs,

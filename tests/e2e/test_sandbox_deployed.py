@@ -25,11 +25,10 @@ import psutil
 import pytest
 
 from conftest import require
-from corral.testing import KernelProcess, leftover_apps, wait_for
+from corral.testing import KernelProcess, free_port, leftover_apps, wait_for
 from corral_fs._cgroups import Limits, detect
 from corral_fs._root import mount_points
 from corral_fs.sandbox import cgroup_base
-from e2e.apps import free_port
 
 pytestmark = pytest.mark.root
 

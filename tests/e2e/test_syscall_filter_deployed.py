@@ -15,8 +15,7 @@ import subprocess
 from pathlib import Path
 
 from conftest import require
-from corral.testing import KernelProcess
-from e2e.apps import free_port
+from corral.testing import KernelProcess, free_port
 from e2e.test_sandbox_deployed import (  # noqa: F401 (kernel is a fixture)
     PROBES,
     get,

@@ -13,8 +13,7 @@ import sys
 from typing import Any
 
 from corral.bus import Connection
-from corral.protocol import Hello
-from corral.protocol._ops import StateSync
+from corral.protocol import Hello, StateSync
 from corral.sdk import Driver, op, run
 
 MODE = sys.argv[1] if len(sys.argv) > 1 else "good"

@@ -7,12 +7,14 @@ ledger and supervisor. Nothing here is a fake.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -128,16 +130,42 @@ class KernelProcess:
         self.teardown()
 
 
+def _polls(timeout: float, what: str) -> Iterator[None]:
+    """Yield until ``timeout`` seconds have passed, then raise AssertionError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        yield
+    raise AssertionError(f"{what} not met in {timeout}s")
+
+
 def wait_for(cond: Callable[[], Any], timeout: float = 20.0, step: float = 0.05,
              what: str = "condition") -> Any:
     """Poll ``cond`` until it returns something truthy (returned); AssertionError on timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
+    for _ in _polls(timeout, what):
+        if value := cond():
             return value
         time.sleep(step)
-    raise AssertionError(f"{what} not met in {timeout}s")
+
+
+async def wait_for_async(cond: Callable[[], Any], timeout: float = 20.0, step: float = 0.01,
+                         what: str = "condition") -> Any:
+    """:func:`wait_for` inside an event loop: sleeps with ``asyncio.sleep`` so the loop that
+    makes ``cond`` true keeps running."""
+    for _ in _polls(timeout, what):
+        if value := cond():
+            return value
+        await asyncio.sleep(step)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now, picked by the kernel (bind to port 0 and close).
+
+    ``"::"`` checks IPv4 and IPv6 at once (a dual-stack socket). Another process may take
+    the port before the caller binds it; tests accept that small race."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def mounts_below(path: Path) -> list[str]:

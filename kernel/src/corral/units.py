@@ -1,11 +1,15 @@
-"""Sizes and durations as people write them (manifest, host config, CLI): bytes and seconds.
+"""Sizes, durations and instants as people write them (manifest, host config, CLI).
 
-The one notation of corral, public so drivers use it too: `MB` is 10^6 bytes, `MiB` 2^20."""
+The one notation of corral, public so drivers use it too: `MB` is 10^6 bytes, `MiB` 2^20;
+durations add parts ("1h30m"); an instant is ISO 8601. docs/manifest.md documents it."""
 
 from __future__ import annotations
 
+import calendar
 import math
 import re
+import time
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 
 # Binary units are what memory limits and log rotation mean; decimal ones are accepted because
@@ -39,6 +43,14 @@ _DURATION_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
 
 SIZE_EXPECTED = 'a size such as "512MiB", "1GiB", "100MB" or a whole number of bytes'
 DURATION_EXPECTED = 'a duration such as "500ms", "2s", "10m" or "1h30m", or a number of seconds'
+SINCE_EXPECTED = (
+    'a duration back from now such as "10m" or "1h30m", or an ISO 8601 instant such as '
+    '"2024-05-01T12:00:00Z" (UTC unless it names an offset)'
+)
+_INSTANT = re.compile(
+    r"\s*(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}(?::\d{2})?)(?:[.,](\d{1,9}))?"
+    r"(Z|z|[+-]\d{2}:?\d{2})?\s*"
+)
 
 
 class UnitError(ValueError):
@@ -100,3 +112,40 @@ def parse_duration(value: object) -> float:
     if not math.isfinite(seconds):
         raise UnitError(DURATION_EXPECTED, "too large")
     return seconds
+
+
+def parse_instant(value: str) -> int:
+    """Return an ISO 8601 instant ("2024-05-01T12:00:00.5Z") as epoch nanoseconds, UTC unless
+    it names an offset; raise UnitError. Nanoseconds are kept (``datetime`` stops at micro)."""
+    match = _INSTANT.fullmatch(value)
+    if match is None:
+        raise UnitError(SINCE_EXPECTED)
+    day, clock, fraction, offset = match.groups()
+    zone = "+00:00" if offset is None or offset in ("Z", "z") else offset
+    try:
+        moment = datetime.fromisoformat(f"{day}T{clock}{zone}").astimezone(UTC)
+    except ValueError as exc:
+        raise UnitError(SINCE_EXPECTED, str(exc)) from None
+    seconds = calendar.timegm(moment.timetuple())
+    return seconds * 1_000_000_000 + int((fraction or "").ljust(9, "0"))
+
+
+def parse_since(value: object, now_ns: int | None = None) -> int:
+    """Return a ``since`` ("10m" or "1h30m" back from ``now_ns``, an ISO 8601 instant, or a
+    number of epoch seconds) as epoch nanoseconds; raise UnitError."""
+    if isinstance(value, bool):
+        raise UnitError(SINCE_EXPECTED)
+    if isinstance(value, int | float):
+        if not math.isfinite(value) or value < 0:
+            raise UnitError(SINCE_EXPECTED, "negative or not finite")
+        return int(Decimal(value) * 1_000_000_000)
+    if not isinstance(value, str):
+        raise UnitError(SINCE_EXPECTED)
+    if _INSTANT.fullmatch(value):
+        return parse_instant(value)
+    try:
+        back = parse_duration(value)
+    except UnitError:
+        raise UnitError(SINCE_EXPECTED) from None
+    now = time.time_ns() if now_ns is None else now_ns
+    return now - int(Decimal(back) * 1_000_000_000)

@@ -7,10 +7,19 @@ import asyncio
 import pytest
 
 from corral.errors import CorralError
-from corral.protocol import AppSpec, InstanceRecord, InstanceSpec, Welcome
-from corral.protocol._ops import AppAttach, InstanceStarted, InstanceStopped, StateSync
+from corral.protocol import (
+    AppAttach,
+    AppSpec,
+    InstanceRecord,
+    InstanceSpec,
+    InstanceStarted,
+    InstanceStopped,
+    StateSync,
+    Welcome,
+)
+from corral.testing import free_port
 from corral_lb.driver import LbDriver
-from integration.lb._harness import backends, free_port, get
+from integration.lb._harness import backends, get
 
 
 def test_driver_declares_the_lb_operations() -> None:

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from corral.testing import free_port, wait_for_async
 from corral_lb.balancer import Balancer
 from corral_lb.config import load_lb_config
-from integration.lb._harness import free_port, wait_until
 from integration.lb.recording_backend import RecordingBackend
 
 MAX_BODY = 1000  # the balancer's max_body_size in these tests
@@ -252,13 +252,13 @@ def test_chunk_error_mid_body_closes_both_connections_and_is_not_pooled() -> Non
             w.write(GET + b"\r\n")  # an upstream connection, then a chunked request on it
             assert await _read_response(r) == (200, b"/")
             w.write(CHUNKED + b"5\r\nhello\r\n")
-            await wait_until(lambda: b"hello" in b"".join(bytes(c.data) for c in backend.conns))
+            await wait_for_async(lambda: b"hello" in b"".join(bytes(c.data) for c in backend.conns))
             used = [c for c in backend.conns if c.data]
             assert len(used) == 1
             w.write(b"0x5\r\nworld\r\n0\r\n\r\n")
             answer = await read_all(r)
             assert answer.startswith(b"HTTP/1.1 400")
-            await wait_until(lambda: used[0].closed)
+            await wait_for_async(lambda: used[0].closed)
             assert b"0x5" not in used[0].data  # the bad chunk line itself never went out
             assert await _get(fe) == (200, b"/")
             assert [c for c in backend.conns if c.data][1:] != []  # served on a new connection
@@ -313,7 +313,7 @@ def test_malformed_response_is_502_and_its_connection_never_reused(raw: bytes) -
             assert b"hello" not in answer
             used = [c for c in backend.conns if c.requests]
             assert len(used) == 1 and used[0].requests == [b"/", b"/bad"]
-            await wait_until(lambda: used[0].closed)
+            await wait_for_async(lambda: used[0].closed)
             assert await _get(fe, b"/next") == (200, b"/next")
             assert [c.requests for c in backend.conns if c.requests][1:] == [[b"/next"]]
 
@@ -342,5 +342,5 @@ def test_bytes_after_a_response_keep_its_connection_out_of_the_pool() -> None:
 
 
 async def _closed_soon(rec: object) -> bool:
-    await wait_until(lambda: rec.closed)  # type: ignore[attr-defined]
+    await wait_for_async(lambda: rec.closed)  # type: ignore[attr-defined]
     return True

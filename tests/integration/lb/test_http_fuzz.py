@@ -9,9 +9,9 @@ import re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from corral.testing import free_port
 from corral_lb.balancer import Balancer
 from corral_lb.config import load_lb_config
-from integration.lb._harness import free_port
 from integration.lb.recording_backend import RecordingBackend
 
 H = b"Host: svc.test\r\n"

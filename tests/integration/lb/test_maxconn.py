@@ -7,9 +7,9 @@ import asyncio
 
 import pytest
 
+from corral.testing import free_port, wait_for_async
 from corral_lb.balancer import Balancer
 from corral_lb.config import load_lb_config
-from integration.lb._harness import free_port, wait_until
 from integration.lb.recording_backend import RecordingBackend
 
 REQUEST = b"GET /x HTTP/1.1\r\nHost: svc.test\r\n\r\n"
@@ -53,7 +53,7 @@ def test_frontend_stops_accepting_at_the_cap_and_resumes(mode: str) -> None:
             assert (m["accepted"], m["active"]) == (3, 2)
             for _, w in (first[1], (r3, w3)):
                 w.close()
-            await wait_until(lambda: lb.metrics("svc")["services"][0]["frontend"]["active"]
+            await wait_for_async(lambda: lb.metrics("svc")["services"][0]["frontend"]["active"]
                              == 0)
         finally:
             await lb.close()

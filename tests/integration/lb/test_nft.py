@@ -10,10 +10,11 @@ from collections import Counter
 import pytest
 
 from conftest import require
+from corral.testing import free_port
 from corral_lb.balancer import Balancer
 from corral_lb.config import load_lb_config
 from corral_lb.nft import TABLE, NftPlane, service_key
-from integration.lb._harness import backends, free_port, get
+from integration.lb._harness import backends, get
 
 FAST_HEALTH = {"interval": "100ms", "timeout": "500ms", "rise": 1, "fall": 1}
 

@@ -9,9 +9,10 @@ from collections import Counter
 from pathlib import Path
 
 from conftest import require
+from corral.testing import free_port, wait_for_async
 from corral_lb.balancer import Balancer
 from corral_lb.config import load_lb_config
-from integration.lb._harness import backends, free_port, get, wait_until
+from integration.lb._harness import backends, get
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "policy-js"
 FAST_HEALTH = {"interval": "100ms", "timeout": "500ms", "rise": 1, "fall": 1}
@@ -67,7 +68,7 @@ def test_node_program_pushes_weights() -> None:
             await lb.add_backend("svc", "app-canary", "127.0.0.1", pa, wait=5)
             await lb.add_backend("svc", "app-stable", "127.0.0.1", pb, wait=5)
             s = lb.service("svc")
-            await wait_until(lambda: s.backends["app-stable"].weight == 9
+            await wait_for_async(lambda: s.backends["app-stable"].weight == 9
                              and s.backends["app-canary"].weight == 1)
             await lb.close()
 

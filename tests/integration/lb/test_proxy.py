@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 
+from corral.testing import free_port, wait_for_async
 from corral_lb.activation import ProcessActivator
 from corral_lb.balancer import Balancer
 from corral_lb.config import LbConfig, load_lb_config
@@ -16,11 +17,9 @@ from integration.lb._harness import (
     Load,
     backend_argv,
     backends,
-    free_port,
     get,
     start_backend,
     stop,
-    wait_until,
 )
 
 FAST_HEALTH = {"interval": "100ms", "timeout": "500ms", "rise": 1, "fall": 1}
@@ -106,18 +105,18 @@ def test_l4_relay_and_backend_joins_only_when_healthy() -> None:
             assert seen == {b"one": 6}
             # each connection's accounting ends when the relay reports it finished
             svc = lb.service("svc")
-            await wait_until(lambda: svc.connections == 0)
+            await wait_for_async(lambda: svc.connections == 0)
             one = svc.backends["one"]
             assert (one.requests, one.active, one.latency.total) == (6, 0, 6)
             two = start_backend("two", p2)
             try:
-                await wait_until(lambda: len(lb.service("svc").eligible) == 2)
+                await wait_for_async(lambda: len(lb.service("svc").eligible) == 2)
                 bodies = {(await get(fe))[1] for _ in range(6)}
                 assert bodies == {b"one", b"two"}
             finally:
                 stop(two)
             # "two" died: after `fall` failures it leaves rotation, nothing fails meanwhile...
-            await wait_until(lambda: len(lb.service("svc").eligible) == 1)
+            await wait_for_async(lambda: len(lb.service("svc").eligible) == 1)
             assert {(await get(fe))[1] for _ in range(4)} == {b"one"}
         await lb.close()
 
@@ -168,7 +167,7 @@ def test_l4_connections_are_cut_when_a_drain_times_out_and_at_close() -> None:
             assert (svc.connections, one.active) == (1, 1)
             assert await lb.remove_backend("svc", "one", drain=0.3) is False  # cut, not drained
             assert await asyncio.wait_for(r.read(), 3) == b""  # the client sees the close
-            await wait_until(lambda: svc.connections == 0)
+            await wait_for_async(lambda: svc.connections == 0)
             assert one.active == 0
             w.close()
 
@@ -246,7 +245,7 @@ def test_tcp_idle_timeout_closes_silent_connections() -> None:
             assert (await busy.request())[0] == 200
             await busy.close()
             await quiet.close()
-            await wait_until(lambda: svc.connections == 0)
+            await wait_for_async(lambda: svc.connections == 0)
         await lb.close()
 
     asyncio.run(main())
@@ -307,7 +306,7 @@ def test_on_demand_starts_on_first_connection_and_stops_when_idle() -> None:
         inst = od.instance  # type: ignore[attr-defined]
         assert inst is not None
         proc = inst.handle
-        await wait_until(lambda: proc.poll() is not None, timeout=5)
+        await wait_for_async(lambda: proc.poll() is not None, timeout=5)
         assert od.instance is None  # type: ignore[attr-defined]
         assert lb.service("svc").backends == {}
         assert await get(fe) == (200, b"lazy")  # and it comes back

@@ -13,11 +13,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from corral.testing import free_port
 from corral_lb.balancer import Balancer
 from corral_lb.config import load_lb_config
 from corral_lb.nft import NftPlane
 from corral_lb.socket_lb import SocketBalancer
-from integration.lb._harness import backends, free_port, get
+from integration.lb._harness import backends, get
 from integration.lb.test_nft import FAST_HEALTH, nft_plane
 
 pytestmark = pytest.mark.root

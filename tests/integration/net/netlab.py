@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from conftest import require
+from corral.testing import free_port
 
 HERE = Path(__file__).parent
 PROBE = HERE / "app_probe.py"
@@ -56,18 +57,6 @@ def require_lab() -> None:
 
 def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=30)
-
-
-def free_port() -> int:
-    for _ in range(200):
-        port = random.randint(20000, 60000)
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("::", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
 
 
 @dataclass
@@ -214,7 +203,7 @@ class HostService:
     """A TCP service on the host (all addresses, dual-stack), answering "host:<port>"."""
 
     def __init__(self) -> None:
-        self.port = free_port()
+        self.port = free_port("::")
         self.sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

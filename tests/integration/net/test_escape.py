@@ -12,8 +12,9 @@ import time
 from typing import Any
 
 import pytest
-from netlab import HostService, Lab, free_port, host_connect
+from netlab import HostService, Lab, host_connect
 
+from corral.testing import free_port
 from corral_net.model import policy_from_manifest
 
 REFUSED = {"ECONNREFUSED", "EHOSTUNREACH", "ENETUNREACH", "EACCES", "EPERM"}
@@ -54,7 +55,7 @@ def _shop(lab: Lab, port: int, extra_egress: list[str] | None = None) -> Any:
 
 @pytest.mark.root
 def test_listed_database_peer_is_reached_by_v4_v6_and_name(lab: Lab) -> None:
-    instance = _shop(lab, free_port())
+    instance = _shop(lab, free_port("::"))
     results = lab.probe(instance.netns, [
         {"op": "connect", "host": lab.peer_db4, "port": 5432},
         {"op": "connect", "host": lab.peer_db6, "port": 5432},
@@ -69,7 +70,7 @@ def test_listed_database_peer_is_reached_by_v4_v6_and_name(lab: Lab) -> None:
 @pytest.mark.root
 def test_unlisted_peers_are_refused_and_counted(lab: Lab, host_service: HostService) -> None:
     """Escape 6 (v4, v6, literal, name) and 'no host services unless listed'; all counted."""
-    instance = _shop(lab, free_port())
+    instance = _shop(lab, free_port("::"))
     gateway4 = str(instance.addresses.gateway4)
     gateway6 = str(instance.addresses.gateway6)
     attempts = [
@@ -104,7 +105,7 @@ def test_raw_and_packet_sockets_and_ping_fail(lab: Lab) -> None:
     and even root inside the namespace gets no echo reply from an unlisted peer."""
     import errno
 
-    instance = _shop(lab, free_port())
+    instance = _shop(lab, free_port("::"))
     results = lab.probe(instance.netns, [
         {"op": "socket", "family": "inet", "type": "raw", "proto": socket.IPPROTO_ICMP},
         {"op": "socket", "family": "inet6", "type": "raw", "proto": socket.IPPROTO_ICMPV6},
@@ -139,7 +140,7 @@ def test_raw_and_packet_sockets_and_ping_fail(lab: Lab) -> None:
 def test_only_granted_ports_reach_the_app(lab: Lab) -> None:
     """Escape 5: an app listening on ungranted ports (TCP, UDP, v4, v6) is not reachable
     from the host, from another app, or from another host; the granted port is."""
-    granted, ungranted = free_port(), free_port()
+    granted, ungranted = free_port("::"), free_port("::")
     instance = _shop(lab, granted)
     lab.serve_in(instance.netns, [granted, ungranted], [granted, ungranted], "shop")
     inst4, inst6 = str(instance.addresses.instance4), str(instance.addresses.instance6)
@@ -187,9 +188,9 @@ def test_only_granted_ports_reach_the_app(lab: Lab) -> None:
 def test_two_copies_with_offset_each_on_own_host_port(lab: Lab) -> None:
     """Two copies of one app (--offset 100) side by side, each reached on its own host port,
     also through 127.0.0.1 from the host itself."""
-    base = free_port()
+    base = free_port("::")
     while not 1 <= base + 100 <= 65535:
-        base = free_port()
+        base = free_port("::")
     copies = {"twin": base, "twin-b": base + 100}
     for name, port in copies.items():
         lab.net.set_app(policy_from_manifest(name, {"ports": {"http": port}}))
@@ -202,7 +203,7 @@ def test_two_copies_with_offset_each_on_own_host_port(lab: Lab) -> None:
 
 @pytest.mark.root
 def test_host_port_spreads_over_instances(lab: Lab) -> None:
-    port = free_port()
+    port = free_port("::")
     lab.net.set_app(policy_from_manifest("pair", {"ports": {"http": port}}))
     for index in range(2):
         instance = lab.net.prepare_instance("pair", f"pair.web.{index}", port=port)
@@ -215,7 +216,7 @@ def test_host_port_spreads_over_instances(lab: Lab) -> None:
 def test_bus_over_tcp_is_unreachable_from_the_app(lab: Lab, host_service: HostService) -> None:
     """Escape 15 (network half): a kernel bus endpoint on tcp:// is not reachable from an app.
     (ipc:// endpoints are guarded by directory mode and ZAP uid checks, tested by the kernel.)"""
-    instance = _shop(lab, free_port())
+    instance = _shop(lab, free_port("::"))
     results = lab.probe(instance.netns, [
         {"op": "connect", "host": str(instance.addresses.gateway4), "port": host_service.port},
         {"op": "connect", "host": "127.0.0.1", "port": host_service.port},
@@ -228,7 +229,7 @@ def test_bus_over_tcp_is_unreachable_from_the_app(lab: Lab, host_service: HostSe
 def test_listed_peer_is_refused_through_an_unlisted_interface(lab: Lab) -> None:
     """[network].interfaces: a peer on the egress list is still refused when the only route
     to it leaves through an interface the manifest does not list."""
-    port = free_port()
+    port = free_port("::")
     policy = policy_from_manifest("shop", {
         "ports": {"http": port},
         "network": {"egress": [f"{lab.peer_db4}/32:5432"], "interfaces": ["lo"]}})

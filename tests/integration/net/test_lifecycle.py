@@ -9,8 +9,9 @@ import time
 from typing import Any
 
 import pytest
-from netlab import Lab, free_port, host_connect
+from netlab import Lab, host_connect
 
+from corral.testing import free_port
 from corral_net.host import HostNetwork
 from corral_net.model import policy_from_manifest
 
@@ -40,14 +41,14 @@ def host_snapshot() -> dict[str, Any]:
 @pytest.mark.root
 def test_teardown_leaves_the_host_as_it_was(lab: Lab) -> None:
     before = host_snapshot()
-    port = free_port()
+    port = free_port("::")
     lab.net.set_app(policy_from_manifest("gone", {
         "ports": {"http": port},
         "network": {"egress": [f"{lab.peer_db4}:5432", "db.test:5432"],
                     "interfaces": [lab.peer_link]}}))
     first = lab.net.prepare_instance("gone", "gone.web.0", port=port)
     lab.net.prepare_instance("gone", "gone.web.1", port=port)
-    lab.net.set_app(policy_from_manifest("also", {"ports": {"http": free_port()}}))
+    lab.net.set_app(policy_from_manifest("also", {"ports": {"http": free_port("::")}}))
     lab.net.prepare_instance("also", "also.web.0")
     during = host_snapshot()
     assert during != before
@@ -66,7 +67,7 @@ def test_teardown_leaves_the_host_as_it_was(lab: Lab) -> None:
 def test_reapply_has_no_gap_and_keeps_counters(lab: Lab) -> None:
     """state.sync rebuilds the tables in one transaction while traffic flows; an open
     connection survives, no connect attempt in a tight loop fails, counters carry over."""
-    port = free_port()
+    port = free_port("::")
     manifest = {"ports": {"http": port},
                 "network": {"egress": [f"{lab.peer_db4}:5432"], "interfaces": [lab.peer_link]}}
     policy = policy_from_manifest("steady", manifest)

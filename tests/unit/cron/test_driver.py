@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from corral.errors import ManifestError, NotFoundError
-from corral.protocol import AppSpec
-from corral.protocol._ops import AppAttach, AppDetach, StateSync
+from corral.protocol import AppAttach, AppDetach, AppSpec, StateSync
 from corral_cron import DRIVER
 from corral_cron.driver import CronDriver
 

@@ -18,19 +18,13 @@ import pytest
 from corral.launch import is_alive, launch, signal_instance
 from corral.launch._forkserver import SERVER
 from corral.protocol._lifecycle import InstanceSpec, LaunchPlan
+from corral.testing import wait_for
 
 
 def plan(argv: list[str], cwd: str = "/", **kw: object) -> LaunchPlan:
     spec = InstanceSpec(id="u.web.0", app="u", process="web", index=0, argv=argv,
                         env={"PATH": "/usr/bin:/bin"}, cwd=cwd)
     return LaunchPlan(instance=spec, **kw)  # type: ignore[arg-type]
-
-
-def wait_until(cond: object, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not met"
-        time.sleep(0.01)
 
 
 def server_pid() -> int:
@@ -41,7 +35,7 @@ def server_pid() -> int:
 
 def kill9(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    wait_for(lambda: psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
                if psutil.pid_exists(pid) else True)
 
 
@@ -89,7 +83,7 @@ def test_server_killed_with_an_order_in_flight_is_replaced_and_the_order_resent(
     worker.join(10)
     assert result, "launch did not return"
     assert server_pid() != first
-    wait_until(lambda: out.exists() and out.read_text() == "resent\n")
+    wait_for(lambda: out.exists() and out.read_text() == "resent\n")
 
 
 def test_server_exits_with_its_caller_and_instances_survive(tmp_path: Path) -> None:
@@ -111,7 +105,7 @@ def test_server_exits_with_its_caller_and_instances_survive(tmp_path: Path) -> N
         assert psutil.Process(server).ppid() == caller.pid
         caller.kill()
         caller.wait(5)
-        wait_until(lambda: not psutil.pid_exists(server)
+        wait_for(lambda: not psutil.pid_exists(server)
                    or psutil.Process(server).status() == psutil.STATUS_ZOMBIE)
         assert is_alive(pid, start)
     finally:
@@ -137,7 +131,7 @@ def test_concurrent_launches_from_threads(tmp_path: Path) -> None:
     assert not errors
     assert len({pid for pid, _ in results}) == 8
     for i in range(8):
-        wait_until(lambda i=i: (tmp_path / f"{i}.out").read_text() == f"{i}\n")
+        wait_for(lambda i=i: (tmp_path / f"{i}.out").read_text() == f"{i}\n")
 
 
 def test_forked_caller_gets_its_own_server(tmp_path: Path) -> None:
@@ -154,7 +148,7 @@ def test_forked_caller_gets_its_own_server(tmp_path: Path) -> None:
             os._exit(4)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    wait_until(lambda: out.exists() and out.read_text() == "from-fork\n")
+    wait_for(lambda: out.exists() and out.read_text() == "from-fork\n")
     assert server_pid() == parent_server
 
 
@@ -184,4 +178,4 @@ def test_malformed_order_leaves_the_server_serving(tmp_path: Path) -> None:
     out = tmp_path / "out"
     launch(plan(["echo", "still"], stdout=str(out)))
     assert server_pid() == first
-    wait_until(lambda: out.read_text() == "still\n")
+    wait_for(lambda: out.read_text() == "still\n")

@@ -8,8 +8,9 @@ from collections import Counter
 import pytest
 
 from corral.errors import ManifestError
+from corral.units import parse_duration
 from corral_lb.backend import Backend, BackendState, LatencyHistogram
-from corral_lb.config import load_lb_config, parse_duration
+from corral_lb.config import load_lb_config
 from corral_lb.policy import (
     LeastConnections,
     Maglev,

@@ -17,6 +17,7 @@ from manifest_support import load_ok, write_app
 from corral import app
 from corral.errors import CorralError, NotFoundError
 from corral.manifest import app_environment
+from corral.testing import free_port
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -189,13 +190,6 @@ def test_listen_fds(monkeypatch: pytest.MonkeyPatch) -> None:
     assert app.listen_fds() == []
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.mark.parametrize("plain", [False, True], ids=["with-corral", "plain-python"])
 def test_hello_example_runs(tmp_path: Path, notify_socket: socket.socket, plain: bool) -> None:
     """examples/hello serves / and /healthz, notifies READY=1 and exits 0 on SIGTERM.
@@ -204,7 +198,7 @@ def test_hello_example_runs(tmp_path: Path, notify_socket: socket.socket, plain:
     so it must find its port in $CORRAL_MANIFEST.
     """
     hello = REPO / "examples" / "hello"
-    resolved = load_ok(hello, set_=[f"ports.http={_free_port()}"])
+    resolved = load_ok(hello, set_=[f"ports.http={free_port()}"])
     manifest = resolved.write_json(tmp_path / "manifest.json")
     env = app_environment(resolved, process="web", index=1, manifest_path=manifest)
     env["NOTIFY_SOCKET"] = os.environ["NOTIFY_SOCKET"]

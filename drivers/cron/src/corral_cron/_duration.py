@@ -1,28 +1,18 @@
-"""Durations as written in corral.toml: "90s", "10m", "1h30m", "2d"."""
+"""Durations as written in corral.toml ("90s", "10m", "1h30m", "2d") as ``timedelta``s.
+
+Reading is ``corral.units.parse_duration``, the one notation; this module only adapts it to
+``timedelta`` and writes durations back the same way."""
 
 from __future__ import annotations
 
-import re
 from datetime import timedelta
 
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+from corral.units import parse_duration as _seconds
 
 
 def parse_duration(text: str) -> timedelta:
-    """Parse "1h30m"-style text (units ms, s, m, h, d); raise ValueError saying what is wrong."""
-    cleaned = text.strip().lower()
-    if not cleaned:
-        raise ValueError("empty duration; expected e.g. '30s', '10m', '1h30m'")
-    pos, total = 0, 0.0
-    for match in _PART.finditer(cleaned):
-        if match.start() != pos:
-            break
-        total += float(match.group(1)) * _UNITS[match.group(2)]
-        pos = match.end()
-    if pos != len(cleaned):
-        raise ValueError(f"{text!r} is not a duration; expected e.g. '30s', '10m', '1h30m', '2d'")
-    return timedelta(seconds=total)
+    """Parse "1h30m"-style text (``corral.units``); raise ValueError (a UnitError) if unreadable."""
+    return timedelta(seconds=_seconds(text))
 
 
 def format_duration(value: timedelta) -> str:

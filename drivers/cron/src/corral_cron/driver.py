@@ -10,8 +10,7 @@ from typing import Any
 import structlog
 
 from corral.errors import CorralError, ErrorCode, NotFoundError
-from corral.protocol import AppSpec, Welcome
-from corral.protocol._ops import AppAttach, AppDetach, StateSync
+from corral.protocol import AppAttach, AppDetach, AppSpec, StateSync, Welcome
 from corral.sdk import Driver, op, run
 from corral_cron._alerts import Alert, check_heartbeat
 from corral_cron._clock import SystemClock

@@ -15,16 +15,16 @@ from __future__ import annotations
 import abc
 import errno
 import os
-import re
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from corral.units import parse_size
+
 CONTROLLERS = ("pids", "memory", "cpu")
 _CPU_PERIOD_US = 100_000
-_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
 @dataclass(frozen=True)
@@ -37,24 +37,15 @@ class Limits:
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> Limits:
-        """Read the resolved manifest's [limits] table (memory as bytes or '512MiB')."""
+        """Read the resolved manifest's [limits] table (memory as bytes, or a size such as
+        "512MiB" or "100MB" in corral's one notation, ``corral.units``: MB is 10^6 bytes)."""
         raw = manifest.get("limits") or {}
         memory = raw.get("memory")
         return cls(
             processes=int(raw["processes"]) if raw.get("processes") is not None else None,
-            memory=parse_bytes(memory) if memory is not None else None,
+            memory=parse_size(memory) if memory is not None else None,
             cpu=float(raw["cpu"]) if raw.get("cpu") is not None else None,
         )
-
-
-def parse_bytes(value: int | str) -> int:
-    """'512MiB', '1G', '1024' or 1024 -> bytes (binary units either way)."""
-    if isinstance(value, int):
-        return value
-    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", value)
-    if not match:
-        raise ValueError(f"not a size: {value!r} (expected e.g. '512MiB')")
-    return int(match.group(1)) * _UNITS[match.group(2).lower()]
 
 
 def _write(path: Path, value: str) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import structlog
 
 from corral.errors import ConflictError, CorralError, ErrorCode
-from corral.protocol._lifecycle import AppSpec, PlanFragment
+from corral.protocol import AppSpec, PlanFragment
 from corral.sdk import Driver, op, run
 from corral_fs.sandbox import DEFAULT_UID_RANGE, Sandbox
 

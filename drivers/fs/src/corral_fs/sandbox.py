@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from corral.protocol._lifecycle import AppSpec, InstanceSpec, PlanFragment
+from corral.protocol import AppSpec, InstanceSpec, PlanFragment
 from corral_fs._cgroups import CgroupTree, Limits, detect
 from corral_fs._root import Grant, RootBuilder, RootSpec
 

@@ -2,34 +2,18 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from corral.errors import CorralError, ErrorCode, ManifestError
-from corral.units import UnitError, parse_size
+from corral.units import UnitError, parse_duration, parse_size
 from corral_lb.policy import POLICY_NAMES
 
 TCP_IDLE_TIMEOUT = 3600.0  # s: an L4 connection with no bytes either way (host config)
 HTTP_IDLE_TIMEOUT = 75.0  # s: an HTTP client without a whole request head (nginx's keepalive)
 MAX_BODY_SIZE = 1024**3  # bytes: a larger HTTP request body is refused with 413 (host config)
 MAX_CONNECTIONS = 10_000  # client connections open at once per proxy frontend (host config)
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_duration(value: str | float | int) -> float:
-    """Seconds in ``"250ms"``, ``"2s"``, ``"5m"``, ``"1h"`` or a bare number of seconds."""
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError(f"duration must be >= 0, got {value}")
-        return float(value)
-    m = _DURATION.match(value)
-    if not m:
-        raise ValueError(f"not a duration: {value!r} (expected e.g. '250ms', '2s', '5m')")
-    return float(m.group(1)) * _UNIT[m.group(2)]
 
 
 class _Section(BaseModel):
@@ -172,7 +156,8 @@ def load_lb_config(
 
 def proxy_timeouts(host_config: dict[str, Any]) -> tuple[float, float]:
     """``(tcp_idle_timeout, http_idle_timeout)`` in seconds from the host's ``[drivers.lb]
-    config``; unset keys keep the defaults (1 h, 75 s), 0 turns a timeout off. A bad value is
+    config`` (durations such as "75s", "1h30m", "1d" in ``corral.units``' notation); unset keys
+    keep the defaults (1 h, 75 s), 0 turns a timeout off. A bad value is
     an ``INVALID`` ``CorralError`` naming the key."""
     out = []
     for key, default in (("tcp_idle_timeout", TCP_IDLE_TIMEOUT),

@@ -7,14 +7,16 @@ import json
 from typing import Any
 
 from corral.errors import CorralError, ErrorCode
-from corral.protocol import MAX_BODY, PlanFragment, Welcome
-from corral.protocol._ops import (
+from corral.protocol import (
+    MAX_BODY,
     AppAttach,
     AppDetach,
     InstancePrepare,
     InstanceStarted,
     InstanceStopped,
+    PlanFragment,
     StateSync,
+    Welcome,
 )
 from corral.sdk import Driver, op
 from corral_log.service import LogService

@@ -5,14 +5,14 @@ from __future__ import annotations
 import gzip
 import os
 import re
-import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from corral_log.records import decode_line, iso_ns, parse_iso_ns
-from corral_log.sinks import parse_duration
+from corral.errors import CorralError, ErrorCode
+from corral.units import UnitError, parse_since
+from corral_log.records import decode_line, iso_ns
 
 DEFAULT_NAME = "app.log"
 
@@ -23,15 +23,14 @@ def app_log_dir(home: Path, app: str) -> Path:
 
 
 def since_ns(since: str | int | float | None, now_ns: int | None = None) -> int | None:
-    """``since`` as epoch ns: an ISO time, a duration back from now ('10m'), or epoch seconds."""
+    """``since`` as epoch ns (``corral.units.parse_since``: an ISO time, a duration back from
+    now such as "1h30m", or epoch seconds); None when unset; INVALID when unreadable."""
     if since is None or since == "":
         return None
-    now = now_ns if now_ns is not None else time.time_ns()
-    if isinstance(since, int | float):
-        return int(since * 1e9)
-    if "T" in since:
-        return parse_iso_ns(since)
-    return now - int(parse_duration(since) * 1e9)
+    try:
+        return parse_since(since, now_ns)
+    except UnitError as exc:
+        raise CorralError(f"since: {exc}", code=ErrorCode.INVALID, retry=False) from None
 
 
 def _files(directory: Path) -> list[Path]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corral.units import parse_duration, parse_size
 from corral_log import capture
 from corral_log.errorstore import ErrorStore
 from corral_log.framing import DEFAULT_MAX_LINE, LineFramer
@@ -39,9 +40,7 @@ from corral_log.sinks import (
     SinkUnavailable,
     build_sink,
     journald_present,
-    parse_duration,
     parse_sinks,
-    parse_size,
 )
 from corral_log.spool import SinkRunner, Spool
 from corral_log.tracebacks import TraceCollector

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from corral.errors import CorralError, ErrorCode
-from corral.protocol._lifecycle import PlanFragment
+from corral.protocol import PlanFragment
 from corral_net.config import NetConfig, instance_names
 from corral_net.egress import NameResolver
 from corral_net.model import AppPolicy, DesiredState, InstanceNet

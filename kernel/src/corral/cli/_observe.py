@@ -11,6 +11,7 @@ from typing import Any
 
 from corral.client import KernelClient, events
 from corral.errors import CorralError
+from corral.units import UnitError, parse_since
 
 
 def _query(name: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -31,6 +32,16 @@ def cmd_logs(ns: argparse.Namespace) -> int:
     else:
         _history(ns, _query("read", _read_args(ns)))
     return 0
+
+
+def since_arg(text: str) -> str:
+    """``--since``: checked here with the log driver's own reading (``corral.units.parse_since``)
+    so a typo fails before the kernel is asked; the text is passed on, "now" is the driver's."""
+    try:
+        parse_since(text)
+    except UnitError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _read_args(ns: argparse.Namespace) -> dict[str, Any]:
@@ -186,7 +197,9 @@ def add_parsers(sub: Any) -> None:
     s = sub.add_parser("logs", help=cmd_logs.__doc__)
     s.add_argument("app")
     s.add_argument("-f", "--follow", action="store_true")
-    s.add_argument("--since", help="e.g. 10m, 2h, an ISO time")
+    s.add_argument("--since", type=since_arg,
+                   help="a duration back from now (10m, 1h30m) or an ISO 8601 time; "
+                        "see docs/manifest.md#sizes-and-durations")
     s.add_argument("--grep", help="regular expression on the message")
     s.add_argument("--instance", help="instance id or process type")
     s.add_argument("-n", "--lines", type=int, default=200)

@@ -7,13 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from corral_log.sinks._base import (
-    Sink,
-    SinkRejected,
-    SinkUnavailable,
-    parse_duration,
-    parse_size,
-)
+from corral.units import parse_duration, parse_size
+from corral_log.sinks._base import Sink, SinkRejected, SinkUnavailable
 from corral_log.sinks._file import FileSink, RotatingFile
 from corral_log.sinks._journald import JOURNAL_SOCKET, JournaldSink, journald_present
 from corral_log.sinks._loki import LokiSink, loki_payload
@@ -38,9 +33,7 @@ __all__ = [
     "format_5424",
     "journald_present",
     "loki_payload",
-    "parse_duration",
     "parse_sinks",
-    "parse_size",
 ]
 
 

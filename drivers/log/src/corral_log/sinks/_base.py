@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Protocol, runtime_checkable
 
 from corral.errors import CorralError, ErrorCode
@@ -39,38 +38,3 @@ class Sink(Protocol):
     def close(self) -> None:
         """Release sockets and files; the sink is not called afterwards."""
 
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 1 << 10,
-    "mib": 1 << 20,
-    "gib": 1 << 30,
-    "tib": 1 << 40,
-}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
-_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_size(value: str | int) -> int:
-    """``"100MiB"`` -> 104857600; a bare number is bytes."""
-    if isinstance(value, int):
-        return value
-    m = _SIZE.match(value)
-    if m is None:
-        raise ValueError(f"{value!r} is not a size (expected e.g. '64MiB', '500KB', '1GiB')")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
-
-
-def parse_duration(value: str | int | float) -> float:
-    """``"1d"`` -> 86400.0 seconds; a bare number is seconds."""
-    if isinstance(value, int | float):
-        return float(value)
-    m = _DURATION.match(value)
-    if m is None:
-        raise ValueError(f"{value!r} is not a duration (expected e.g. '10s', '5m', '1h', '1d')")
-    return float(m.group(1)) * _SECONDS[m.group(2) or "s"]

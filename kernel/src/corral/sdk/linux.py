@@ -1,0 +1,34 @@
+"""Mount system calls for drivers that build host state (the fs driver's instance roots).
+
+The calls themselves live in ``corral.launch.linux``, the one place that speaks to them; this
+module is the public surface drivers import, so they never reach into the launch path."""
+
+from corral.launch.linux import (
+    MNT_DETACH,
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MS_REC,
+    bind,
+    mount,
+    set_mount_attributes,
+    umount2,
+)
+
+__all__ = [
+    "MNT_DETACH",
+    "MS_BIND",
+    "MS_NODEV",
+    "MS_NOEXEC",
+    "MS_NOSUID",
+    "MS_PRIVATE",
+    "MS_RDONLY",
+    "MS_REC",
+    "bind",
+    "mount",
+    "set_mount_attributes",
+    "umount2",
+]
