@@ -29,6 +29,7 @@ from corral.protocol._messages import (
 )
 from corral.protocol._ops import (
     CAPABILITIES,
+    FEATURES,
     KERNEL_OPS,
     LIFECYCLE_OPS,
     QUERY_OP,
@@ -41,6 +42,7 @@ from corral.protocol._ops import (
 __all__ = [
     "BODIES",
     "CAPABILITIES",
+    "FEATURES",
     "KERNEL_OPS",
     "LIFECYCLE_OPS",
     "MAX_BODY",
