@@ -145,7 +145,7 @@ def test_restarting_driver_refuses_deploys_and_holds_back_restarts(
         err = refused(k, app_dir(public_dir, "late"), "late")
         waited = time.monotonic() - t0
         assert f"driver '{cap}' ({cap}) is restarting" in err, err
-        assert "deploy of 'late' refused" in err and "exited (signal SIGKILL)" in err, err
+        assert "deploy of 'late' refused" in err and "exited (killed by SIGKILL)" in err, err
         assert WAIT_S - 0.5 <= waited <= WAIT_S + 20, waited  # it waited, boundedly
         assert alive(first["pid"]), "a running app must keep running"
 

@@ -808,8 +808,9 @@ def test_socket_activated_instance_keeps_its_socket_across_a_kernel_crash(
     assert k.cli("down", "sockr").returncode == 0
 
 
-# A foreign driver of capability CAP (argv[1]) whose query.<cap>.spawn asks the kernel for
-# instance.spawn with listen_fd = {pid, fd} of its choosing and reports the kernel's answer.
+# A foreign driver of capability CAP (argv[1]), declaring the features in argv[2:], whose
+# query.<cap>.spawn asks the kernel for instance.spawn with listen_fd = {pid, fd} of its
+# choosing and reports the kernel's answer.
 IMPOSTER = textwrap.dedent('''
     import os, socket, sys
     from corral.errors import CorralError
@@ -822,6 +823,7 @@ IMPOSTER = textwrap.dedent('''
         name = "imposter"
         capability = CAP
         version = "0.0.1"
+        features = frozenset(sys.argv[2:])
         @op("state.sync")
         async def sync(self, args):
             return {}
@@ -839,18 +841,21 @@ IMPOSTER = textwrap.dedent('''
 ''')
 
 
-def test_only_the_lb_driver_may_pass_its_own_listening_socket(public_dir: Path) -> None:
-    """The kernel lifts a descriptor only for the lb driver's peer, only from that driver's
-    own process, and only a listening socket: a cron-capability driver is refused (403), an lb
-    driver naming another process (its parent, the kernel) is refused (403), stdin is not a
-    listening socket (422); with all three right the request reaches the deploy (404: no app)."""
+def test_only_a_listen_sockets_driver_may_pass_its_own_listening_socket(public_dir: Path
+                                                                        ) -> None:
+    """The kernel lifts a descriptor only for a driver that declared the listen_sockets
+    feature, only from that driver's own process, and only a listening socket: a driver
+    without the feature is refused (403) whatever its capability, one naming another process
+    (its parent, the kernel) is refused (403), stdin is not a listening socket (422); with
+    all three right the request reaches the deploy (404: no app)."""
     script = public_dir / "imposter.py"
     script.write_text(IMPOSTER)
     base = public_dir / "k"
     base.mkdir()
     toml = "".join(
-        f'[drivers.{cap}x]\nexec = ["{sys.executable}", "{script}", "{cap}"]\n'
-        f'capability = "{cap}"\n' for cap in ("cron", "lb"))
+        f'[drivers.{name}]\nexec = ["{sys.executable}", "{script}", "{cap}"{extra}]\n'
+        f'capability = "{cap}"\n' for name, cap, extra in (
+            ("cronx", "cron", ', "listen_sockets"'), ("lbx", "lb", "")))
     k = KernelProcess(base, toml)
     k.start()
     try:
@@ -860,13 +865,14 @@ def test_only_the_lb_driver_may_pass_its_own_listening_socket(public_dir: Path) 
             res = k.call("driver.query", {"capability": cap, "query": "spawn", "args": args})
             return int(res["code"]), str(res["reason"])
 
-        code, reason = attempt("cron")
-        assert code == ErrorCode.FORBIDDEN and "only the lb driver" in reason, reason
-        code, reason = attempt("lb", pid="parent")
-        assert code == ErrorCode.FORBIDDEN and "is not the lb driver's process" in reason, reason
-        code, reason = attempt("lb", fd="stdin")
-        assert code == ErrorCode.INVALID and "not a listening stream socket" in reason, reason
+        # an lb driver without the feature is refused; a cron one with it is not
         code, reason = attempt("lb")
+        assert code == ErrorCode.FORBIDDEN and "declaring the listen_sockets" in reason, reason
+        code, reason = attempt("cron", pid="parent")
+        assert code == ErrorCode.FORBIDDEN and "is not the process of driver 'cronx'" in reason
+        code, reason = attempt("cron", fd="stdin")
+        assert code == ErrorCode.INVALID and "not a listening stream socket" in reason, reason
+        code, reason = attempt("cron")
         assert code == NotFoundError.code and "no app named 'nope'" in reason, reason
     finally:
         k.teardown()

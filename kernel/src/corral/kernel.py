@@ -22,7 +22,7 @@ import structlog
 from corral import __version__
 from corral._forksafety import protect_signal_handlers
 from corral.bus import BusServer, Peer
-from corral.deploy import Deployer
+from corral.deploy import Deployer, DriverSet
 from corral.errors import CorralError, ErrorCode, NotFoundError
 from corral.host import (
     HostConfig,
@@ -31,8 +31,7 @@ from corral.host import (
     load_config,
     runtime_dir,
 )
-from corral.launch import become_subreaper, is_alive
-from corral.launch.linux import pidfd_getfd
+from corral.launch import become_subreaper, take_fd
 from corral.ledger import GroupCommit, Ledger, Txn, open_ledger
 from corral.protocol import KERNEL_OPS, PROTOCOL, QUERY_OP, Args, Hello, Request, Welcome
 from corral.protocol._ops import (
@@ -87,7 +86,6 @@ class Kernel:
             on_lost=self.on_lost,
             heartbeat_ms=self.config.heartbeat_ms,
         )
-        self.deployer = Deployer(self)
         self.supervisor = Supervisor(
             self.config,
             self.ledger,
@@ -96,6 +94,9 @@ class Kernel:
             on_ready=self._driver_ready,
             forget=self.bus.forget,
         )
+        self.deployer = Deployer(
+            ledger=self.ledger, drivers=DriverSet(self.supervisor, self.bus, self.config),
+            events=self.bus, home=self.home, notify_dir=self.notify_dir, config=self.config)
         self.handlers: dict[str, Handler] = {
             "app.deploy": self._deploy,
             "app.down": self._down,
@@ -156,12 +157,13 @@ class Kernel:
                        home=str(self.home), runtime_dir=str(self.runtime))
 
     def _driver_config(self, slot: DriverSlot) -> dict[str, Any]:
-        """The driver's own section of the host config, with host-wide settings it needs."""
+        """The driver's own section of the host config, with the host-wide settings that
+        go with the features it declared (``corral.protocol.FEATURES``)."""
         config = dict(slot.config)
-        if slot.capability == "net":
+        if "instance_addresses" in slot.features:
             config.setdefault("pool4", self.config.address_pool)
             config.setdefault("pool6", self.config.address_pool6)
-        elif slot.capability == "fs":
+        if "app_users" in slot.features:
             config.setdefault("uid_range", list(self.config.app_uids))
         return config
 
@@ -217,11 +219,14 @@ class Kernel:
         apps = self.deployer.ps()
         stats = await self._driver_stats()
         for app in apps:
-            app["drivers"] = {name: s.get(app["app"], {}) for name, s in stats.items()}
+            app["drivers"] = {name: s.get("apps", {}).get(app["app"], {})
+                              for name, s in stats.items()}
+            app["shown"] = {name: list(s.get("shown", [])) for name, s in stats.items()}
         return {"apps": apps}
 
     async def _driver_stats(self) -> dict[str, dict[str, Any]]:
-        """Per-app figures from drivers that offer ``query.<cap>.stats`` (refused, dropped...)."""
+        """Per-app figures from drivers that offer ``query.<cap>.stats``, with the names of
+        those worth a glance in `corral ps` (``shown``: refused, dropped...)."""
         out: dict[str, dict[str, Any]] = {}
         for slot in self.supervisor.slots.values():
             op = f"query.{slot.capability}.stats"
@@ -229,7 +234,8 @@ class Kernel:
                 continue
             try:
                 res = await self.bus.call(slot.peer, op, {}, timeout=2.0)
-                out[slot.name] = dict(res.get("apps", {}))
+                out[slot.name] = {"apps": dict(res.get("apps", {})),
+                                  "shown": [str(k) for k in res.get("shown", [])]}
             except CorralError:
                 continue
         return out
@@ -306,38 +312,29 @@ class Kernel:
             os.close(fd)  # the instance's Live holds its own copy
 
     def _take_listen_fd(self, peer: Peer, pid: int, fd: int) -> int:
-        """A copy of the lb driver's listening socket ``fd`` (socket activation).
+        """A copy of a driver's listening socket ``fd`` (socket activation).
 
-        Only the lb driver's own peer may pass one, and only from its own process: ``pid``
-        must be the pid the supervisor started for that driver (and the process still the one
-        it started), so no peer can make the kernel lift a descriptor out of anyone else."""
+        Only a driver that declared the ``listen_sockets`` feature may pass one, and only from
+        its own process: ``pid`` must be the pid the supervisor started for that driver (and
+        the process still the one it started), so no peer can make the kernel lift a
+        descriptor out of anyone else."""
         slot = next((s for s in self.supervisor.slots.values()
                      if s.peer is not None and s.peer.identity == peer.identity), None)
-        if slot is None or slot.capability != "lb":
-            raise CorralError("instance.spawn: only the lb driver may pass listen_fd",
-                              code=ErrorCode.FORBIDDEN)
+        if slot is None or "listen_sockets" not in slot.features:
+            raise CorralError("instance.spawn: only a driver declaring the listen_sockets "
+                              "feature may pass listen_fd", code=ErrorCode.FORBIDDEN)
         if slot.pid is None or pid != slot.pid:
-            raise CorralError(f"instance.spawn: listen_fd.pid {pid} is not the lb driver's "
-                              f"process ({slot.pid})", code=ErrorCode.FORBIDDEN)
+            raise CorralError(f"instance.spawn: listen_fd.pid {pid} is not the process of "
+                              f"driver {slot.name!r} ({slot.pid})", code=ErrorCode.FORBIDDEN)
         try:
-            pidfd = os.pidfd_open(pid)
+            copy = take_fd(pid, slot.start_time, fd)
+        except ProcessLookupError:
+            raise CorralError(f"instance.spawn: process {pid} is no longer driver "
+                              f"{slot.name!r}", code=ErrorCode.FORBIDDEN) from None
         except OSError as err:
-            raise CorralError(f"instance.spawn: lb driver process {pid}: {err.strerror}",
-                              code=ErrorCode.UNAVAILABLE) from None
-        try:
-            # the pidfd pins the process: if it is still the one the supervisor started, the
-            # descriptor we take is that process's
-            if slot.start_time is not None and not is_alive(pid, slot.start_time):
-                raise CorralError(f"instance.spawn: process {pid} is no longer the lb driver",
-                                  code=ErrorCode.FORBIDDEN)
-            try:
-                copy = pidfd_getfd(pidfd, fd)
-            except OSError as err:
-                raise CorralError(f"instance.spawn: cannot take descriptor {fd} of the lb "
-                                  f"driver (pid {pid}): {os.strerror(err.errno or 0)}",
-                                  code=ErrorCode.INVALID) from None
-        finally:
-            os.close(pidfd)
+            raise CorralError(f"instance.spawn: cannot take descriptor {fd} of driver "
+                              f"{slot.name!r} (pid {pid}): {os.strerror(err.errno or 0)}",
+                              code=ErrorCode.INVALID) from None
         try:
             sock = socket.socket(fileno=copy)
             try:

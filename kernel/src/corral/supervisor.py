@@ -17,7 +17,6 @@ reconnect by themselves.
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import signal
 import subprocess
@@ -34,7 +33,7 @@ import structlog
 from corral.bus import Peer
 from corral.errors import CorralError, DriverUnavailableError, ErrorCode
 from corral.host import DriverConfig, HostConfig
-from corral.launch import is_alive, signal_instance
+from corral.launch import describe_exit, is_alive, reap, signal_instance, wait_exit
 from corral.ledger import Ledger
 from corral.protocol import CAPABILITIES, PROTOCOL, DriverDescription, Hello, check_driver_ops
 
@@ -63,6 +62,7 @@ class DriverSlot:
     restarts: deque[float] = field(default_factory=deque)
     restart_count: int = 0
     ops: list[str] = field(default_factory=list)
+    features: frozenset[str] = field(default_factory=frozenset)
     connected_at: float | None = None
 
     def as_json(self) -> dict[str, Any]:
@@ -76,6 +76,7 @@ class DriverSlot:
             "pid": self.pid,
             "restarts": self.restart_count,
             "ops": self.ops,
+            "features": sorted(self.features),
             "command": self.command,
         }
 
@@ -213,20 +214,8 @@ class Supervisor:
 
     async def _wait_exit(self, slot: DriverSlot, pid: int) -> None:
         """Wait for the driver's exit through a pidfd (child or adopted), then restart."""
-        loop = asyncio.get_running_loop()
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            fd = -1
-        if fd >= 0:
-            exited: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(fd, lambda: _resolve(exited))
-            try:
-                await exited
-            finally:
-                loop.remove_reader(fd)
-                os.close(fd)
-        status = _reap(pid)
+        await wait_exit(pid)
+        status = describe_exit(reap(pid)) or "exited (not our child)"
         if self._closing or slot.pid != pid:
             return
         if slot.peer is not None:  # requests in flight to the dead driver fail now
@@ -266,7 +255,7 @@ class Supervisor:
                 "(drivers are started by the kernel)",
                 code=ErrorCode.UNAUTHENTICATED,
             )
-        problem = check_driver_ops(hello.capability, hello.ops)
+        problem = check_driver_ops(hello.capability, hello.ops, hello.features)
         if problem is None and hello.capability != slot.capability:
             problem = (f"configured as capability {slot.capability!r}, "
                        f"HELLO says {hello.capability!r}")
@@ -275,6 +264,7 @@ class Supervisor:
             slot.reason = f"HELLO refused: {problem}"
             raise CorralError(f"driver {hello.name!r}: {problem}", code=ErrorCode.INVALID)
         slot.ops = list(hello.ops)
+        slot.features = frozenset(hello.features)
         slot.version = hello.version
         return slot
 
@@ -397,12 +387,12 @@ class Supervisor:
         deadline = time.monotonic() + 3
         for slot in self.slots.values():
             while slot.pid and _alive(slot.pid, slot.start_time) and time.monotonic() < deadline:
-                _reap(slot.pid)
+                reap(slot.pid)
                 await asyncio.sleep(0.05)
             if slot.pid and _alive(slot.pid, slot.start_time):
                 _kill(slot.pid, slot.start_time, signal.SIGKILL)
             if slot.pid:
-                _reap(slot.pid)
+                reap(slot.pid)
         self.ledger.release(OWNER, [("driver", s.name) for s in self.slots.values()
                                     if self.ledger.get("driver", s.name) is not None])
 
@@ -422,20 +412,3 @@ def _alive(pid: Any, start_time: Any) -> bool:
 
 def _kill(pid: int, start_time: float | None, sig: int = signal.SIGKILL) -> None:
     signal_instance(pid, float(start_time or 0), sig, group=False)
-
-
-def _reap(pid: int) -> str:
-    try:
-        _, status = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return "not our child"
-    if os.WIFSIGNALED(status):
-        return f"signal {signal.Signals(os.WTERMSIG(status)).name}"
-    if os.WIFEXITED(status):
-        return f"exit {os.WEXITSTATUS(status)}"
-    return "exited"
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from corral.cli._rollout import describe
-from corral.deploy import _all_or_first_failure
+from corral.deploy import all_or_first_failure
 from corral.protocol import Event
 
 
@@ -55,7 +55,7 @@ def test_join_fails_fast_and_cancels_the_rest() -> None:
     async def main() -> float:
         t0 = time.monotonic()
         with pytest.raises(RuntimeError, match="unhealthy"):
-            await _all_or_first_failure([slow("a"), bad(), slow("b")])
+            await all_or_first_failure([slow("a"), bad(), slow("b")])
         return time.monotonic() - t0
 
     took = asyncio.run(main())
@@ -70,6 +70,6 @@ def test_join_succeeds_when_all_do() -> None:
         await asyncio.sleep(0.01 * n)
         done.append(n)
 
-    asyncio.run(_all_or_first_failure([ok(1), ok(2), ok(3)]))
-    asyncio.run(_all_or_first_failure([]))
+    asyncio.run(all_or_first_failure([ok(1), ok(2), ok(3)]))
+    asyncio.run(all_or_first_failure([]))
     assert sorted(done) == [1, 2, 3]

@@ -23,6 +23,7 @@ class FsDriver(Driver):
 
     name = "fs"
     capability = "fs"
+    features = frozenset({"app_users"})
     version = "0.1.0"
 
     def __init__(self) -> None:

@@ -61,6 +61,7 @@ class LbDriver(Driver):
 
     name = "lb"
     capability = "lb"
+    features = frozenset({"listen_sockets"})
     version = "0.1.0"
 
     def __init__(self) -> None:
@@ -266,7 +267,7 @@ class LbDriver(Driver):
                 "backends_healthy": healthy, "backends_unhealthy": len(backends) - healthy,
                 "backends": {b["id"]: b["state"] for b in backends},
             }
-        return {"apps": apps}
+        return {"apps": apps, "shown": ["backends_healthy", "backends_unhealthy"]}
 
     @op("query.lb.metrics")
     async def metrics(self, args: dict[str, Any]) -> dict[str, Any]:

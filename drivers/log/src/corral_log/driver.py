@@ -55,6 +55,7 @@ class LogDriver(Driver):
 
     name = "log"
     capability = "log"
+    features = frozenset({"output"})
     version = "0.1.0"
 
     def __init__(self) -> None:

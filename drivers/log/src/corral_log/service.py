@@ -669,7 +669,8 @@ class LogService:
         for a in apps.values():  # what `corral ps` shows per app
             a["dropped_lines"] = sum(s["dropped_lines"] for s in a["sinks"].values())
         dropped = sum(a["dropped_lines"] for a in apps.values())
-        return {"apps": apps, "dropped_lines": dropped, "metrics_port": self.metrics_port}
+        return {"apps": apps, "shown": ["dropped_lines"], "dropped_lines": dropped,
+                "metrics_port": self.metrics_port}
 
 
 # ---- standalone runner (tests, debugging): the service without a kernel -------------------------

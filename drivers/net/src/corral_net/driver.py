@@ -29,6 +29,7 @@ class NetDriver(Driver):
 
     name = "net"
     capability = "net"
+    features = frozenset({"instance_addresses"})
     version = "0.1.0"
 
     def __init__(self) -> None:
@@ -177,7 +178,8 @@ class NetDriver(Driver):
     async def stats(self, args: Any) -> dict[str, Any]:
         """Refused attempts per app (egress and ingress), and the last apply time."""
         apps = await asyncio.to_thread(self.net.stats)
-        return {"apps": apps, "instances": len(self.net.state.instances),
+        return {"apps": apps, "shown": ["refused", "refused_in"],
+                "instances": len(self.net.state.instances),
                 "last_apply_ms": round(self.net.last_apply_seconds * 1000, 3)}
 
 

@@ -140,13 +140,10 @@ def cmd_ps(ns: argparse.Namespace) -> int:
     for app in res["apps"]:
         extra = []
         for driver, figures in sorted(app.get("drivers", {}).items()):
-            # the counters worth a glance (refused connections, dropped lines...); the rest
-            # is in --json
-            extra += [f"{driver}.{k}={v}" for k, v in sorted(figures.items())
-                      if isinstance(v, int | float) and not isinstance(v, bool)
-                      and any(w in k for w in ("refused", "dropped", "spooled", "healthy",
-                                               "failed"))
-                      and not k.endswith("_bytes")]
+            # the figures each driver says are worth a glance (refused connections, dropped
+            # lines...: ``shown`` in its stats); the rest is in --json
+            shown = app.get("shown", {}).get(driver, [])
+            extra += [f"{driver}.{k}={figures[k]}" for k in shown if k in figures]
         if app.get("confined") is False:
             extra.insert(0, "UNCONFINED")
         for i in app["instances"] or [{"id": "-", "pid": "-", "state": "no instances",

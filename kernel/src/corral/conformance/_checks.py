@@ -217,7 +217,7 @@ async def hello_token(run: Run) -> str:
 async def hello_capability(run: Run) -> str:
     """The capability is known (and the expected one) and the declared ops fit its contract."""
     assert run.hello is not None
-    problem = check_driver_ops(run.hello.capability, run.hello.ops)
+    problem = check_driver_ops(run.hello.capability, run.hello.ops, run.hello.features)
     if problem is None and run.capability and run.hello.capability != run.capability:
         problem = f"capability {run.hello.capability!r}, expected {run.capability!r}"
     if problem is not None:

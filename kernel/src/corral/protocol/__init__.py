@@ -29,6 +29,7 @@ from corral.protocol._messages import (
 )
 from corral.protocol._ops import (
     CAPABILITIES,
+    FEATURES,
     KERNEL_OPS,
     LIFECYCLE_OPS,
     QUERY_OP,
@@ -47,6 +48,7 @@ from corral.protocol._ops import (
 __all__ = [
     "BODIES",
     "CAPABILITIES",
+    "FEATURES",
     "KERNEL_OPS",
     "LIFECYCLE_OPS",
     "MAX_BODY",

@@ -26,6 +26,9 @@ class Hello(Body):
     protocols: list[str] = Field(min_length=1, description='e.g. ["CDP/1"]')
     capability: str | None = Field(default=None, description="drivers: net, fs, log, lb, cron")
     ops: list[str] = Field(default_factory=list, description="drivers: operations served")
+    features: list[str] = Field(
+        default_factory=list, max_length=64,
+        description="drivers: optional behaviours the kernel may rely on (FEATURES)")
     token: str | None = Field(default=None, description="drivers: CORRAL_DRIVER_TOKEN")
 
 

@@ -296,6 +296,21 @@ class Capability:
     confinement: bool = False
 
 
+FEATURES: dict[str, str] = {
+    "instance_addresses": "gives every instance an address of its own, so a replacement "
+    "starts beside the instance it replaces (rolling deploys); WELCOME config carries the "
+    "host's address pools as pool4/pool6",
+    "app_users": "runs instances under the host's dynamic app uids; WELCOME config carries "
+    "them as uid_range",
+    "listen_sockets": "may hand one of its own listening sockets to instance.spawn "
+    "(listen_fd: socket activation); no other driver may",
+    "output": "captures instance output and serves query.<capability>.read "
+    "({app, instance, limit, json} -> {lines})",
+}
+"""Optional behaviours a driver declares in HELLO ``features`` (Nomad's Capabilities): the
+kernel relies on the declaration, never on which driver or capability it talks to."""
+
+
 _PREPARES = frozenset({"state.sync", "instance.prepare"})
 
 CAPABILITIES: dict[str, Capability] = {
@@ -314,8 +329,15 @@ CAPABILITIES: dict[str, Capability] = {
 }
 
 
-def check_driver_ops(capability: str | None, ops: list[str]) -> str | None:
+def check_driver_ops(capability: str | None, ops: list[str],
+                     features: list[str] | None = None) -> str | None:
     """Why a driver's HELLO is unacceptable, or None. Checked once, at HELLO time."""
+    unknown = sorted(set(features or ()) - set(FEATURES))
+    if unknown:
+        return f"unknown features {unknown}; known: {', '.join(sorted(FEATURES))}"
+    if capability is not None and "output" in (features or ()) and (
+            f"query.{capability}.read" not in ops):
+        return f"feature 'output' needs the operation query.{capability}.read"
     if capability is None:
         return "a driver must name its capability"
     cap = CAPABILITIES.get(capability)

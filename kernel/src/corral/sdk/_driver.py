@@ -69,6 +69,7 @@ class Driver:
     capability: ClassVar[str]
     version: ClassVar[str] = "0.1.0"
     operations: ClassVar[dict[str, str]] = {}
+    features: ClassVar[frozenset[str]] = frozenset()  # corral.protocol.FEATURES it declares
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -131,6 +132,7 @@ class Driver:
             protocols=[PROTOCOL],
             capability=self.capability,
             ops=sorted(self.operations),
+            features=sorted(self.features),
             token=token,
         )
 

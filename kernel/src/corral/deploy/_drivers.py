@@ -1,0 +1,194 @@
+"""The deploy sequence's view of the drivers: fan-out, and what a launch needs of them.
+
+``Drivers`` is the narrow interface the sequence, the instances and the jobs depend on;
+``DriverSet`` implements it over the supervisor (which drivers are enabled, connected, and
+what they declared) and the bus (calls). Tests use a fake with the same methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Collection
+from typing import Any, Protocol
+
+import structlog
+
+from corral.bus import BusServer
+from corral.errors import CorralError, DriverUnavailableError, ErrorCode, LaunchError
+from corral.host import HostConfig
+from corral.supervisor import DriverSlot, Supervisor
+
+log = structlog.get_logger("corral.deploy")
+
+
+class DriverCallError(CorralError):
+    """A strict fan-out in which some driver failed; ``succeeded`` names the drivers that did
+    the work anyway (an undo must reach exactly those)."""
+
+    def __init__(self, reason: str, *, code: ErrorCode, succeeded: list[str]) -> None:
+        super().__init__(reason, code=code, retry=False)
+        self.succeeded = succeeded
+
+
+class Drivers(Protocol):
+    """What the deploy sequence asks of the drivers."""
+
+    async def gather(self, op: str, args: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Call ``op`` on every connected driver serving it; their replies by driver name.
+        The first failure is raised (``CorralError`` naming the driver)."""
+        ...
+
+    async def broadcast(self, op: str, args: dict[str, Any], *, only: list[str] | None = None,
+                        strict: bool = True) -> list[str]:
+        """Call ``op`` on every connected driver serving it (or those in ``only``); the names
+        that succeeded. ``strict``: a failure is raised (``DriverCallError``, naming those
+        that succeeded), else logged."""
+        ...
+
+    async def require(self, manifest: dict[str, Any] | None, *, doing: str) -> None:
+        """Fail closed: wait (bounded) until every driver a launch of ``manifest`` needs is
+        connected, else raise ``DriverUnavailableError``; refuse on a host that would run
+        apps unconfined without saying so."""
+        ...
+
+    def missing(self, replied: Collection[str]) -> DriverUnavailableError | None:
+        """The error for a driver that every launch needs but is not among ``replied``."""
+        ...
+
+    def confined(self) -> bool:
+        """Whether an enabled driver confines apps."""
+        ...
+
+    def has_feature(self, feature: str) -> bool:
+        """Whether a connected driver declared ``feature`` (corral.protocol.FEATURES)."""
+        ...
+
+    async def ask_each(self, op: str, make_args: Callable[[float], dict[str, Any]], *,
+                       within: float, abort: Callable[[], str | None], what: str
+                       ) -> dict[str, dict[str, Any]]:
+        """Ask ``op`` of every enabled driver serving it, waiting for those (re)connecting,
+        all within ``within`` seconds (``make_args(time left)``); raise ``LaunchError`` for
+        a driver silent or failing by then, or as soon as ``abort()`` gives a reason."""
+        ...
+
+    async def output_tail(self, app: str, instance: str) -> str:
+        """The last lines an instance wrote, from the driver that captures output ('' if
+        none does or it cannot say)."""
+        ...
+
+
+class DriverSet:
+    """``Drivers`` over the supervisor's slots and the kernel's bus."""
+
+    def __init__(self, supervisor: Supervisor, bus: BusServer, config: HostConfig) -> None:
+        self.supervisor = supervisor
+        self.bus = bus
+        self.config = config
+
+    async def _call_all(self, slots: list[DriverSlot], op: str, args: dict[str, Any]
+                        ) -> list[tuple[DriverSlot, Any]]:
+        targets = [s for s in slots if s.peer is not None]
+        results = await asyncio.gather(
+            *(self.bus.call(s.peer, op, args) for s in targets if s.peer is not None),
+            return_exceptions=True)
+        return list(zip(targets, results, strict=True))
+
+    async def gather(self, op: str, args: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for slot, res in await self._call_all(self.supervisor.serving(op), op, args):
+            if isinstance(res, BaseException):
+                reason = res.reason if isinstance(res, CorralError) else repr(res)
+                raise CorralError(f"driver {slot.name!r} failed {op}: {reason}",
+                                  code=getattr(res, "code", ErrorCode.INTERNAL), retry=False)
+            out[slot.name] = res
+        return out
+
+    async def broadcast(self, op: str, args: dict[str, Any], *, only: list[str] | None = None,
+                        strict: bool = True) -> list[str]:
+        slots = [s for s in self.supervisor.serving(op) if only is None or s.name in only]
+        ok: list[str] = []
+        failed: list[str] = []
+        for slot, res in await self._call_all(slots, op, args):
+            if isinstance(res, BaseException):
+                reason = res.reason if isinstance(res, CorralError) else repr(res)
+                failed.append(f"driver {slot.name!r} failed {op}: {reason}")
+                log.warning("driver call failed", driver=slot.name, op=op, error=reason)
+            else:
+                ok.append(slot.name)
+        if strict and failed:
+            raise DriverCallError("; ".join(failed), code=ErrorCode.INTERNAL, succeeded=ok)
+        return ok
+
+    async def require(self, manifest: dict[str, Any] | None, *, doing: str) -> None:
+        sup = self.supervisor
+        if not sup.confined() and not self.config.unconfined:
+            raise CorralError(
+                f"{doing} refused: no sandbox driver (fs) is enabled on this host, so the app "
+                "would run unconfined; enable it, or set `unconfined = true` in the host "
+                "config to run apps without a sandbox on purpose", code=ErrorCode.INVALID,
+                retry=False)
+        sections = [k for k, v in manifest.items() if v] if manifest else []
+        await sup.require(sup.needed(sections), self.config.driver_wait_s, doing=doing)
+
+    def missing(self, replied: Collection[str]) -> DriverUnavailableError | None:
+        for slot in self.supervisor.needed():
+            if slot.name not in replied:
+                return DriverUnavailableError(
+                    f"driver {slot.name!r} ({slot.capability}) is {slot.state}"
+                    + (f": {slot.reason}" if slot.reason else ""),
+                    driver=slot.name, state=slot.state, driver_reason=slot.reason)
+        return None
+
+    def confined(self) -> bool:
+        return self.supervisor.confined()
+
+    def has_feature(self, feature: str) -> bool:
+        return any(s.peer is not None and feature in s.features
+                   for s in self.supervisor.slots.values())
+
+    async def ask_each(self, op: str, make_args: Callable[[float], dict[str, Any]], *,
+                       within: float, abort: Callable[[], str | None], what: str
+                       ) -> dict[str, dict[str, Any]]:
+        deadline = time.monotonic() + max(within, 1.0)
+        slots = [s for s in self.supervisor.slots.values()
+                 if s.state != "disabled" and op in s.ops]
+        replies: dict[str, dict[str, Any]] = {}
+        for slot in slots:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise LaunchError(f"{what} did not join within {within:.0f}s: driver "
+                                      f"{slot.name!r} is {slot.state}, it never answered {op}",
+                                      step="health")
+                stop = abort()
+                if stop:
+                    raise LaunchError(f"{what} {stop}", step="health")
+                if slot.peer is None:
+                    await asyncio.sleep(0.05)
+                    continue
+                try:
+                    replies[slot.name] = await self.bus.call(
+                        slot.peer, op, make_args(round(left, 3)), timeout=left + 5.0)
+                except CorralError as exc:
+                    if exc.code == ErrorCode.UNAVAILABLE:  # lost meanwhile: ask it again
+                        log.warning("driver lost during a rollout, waiting for it",
+                                    driver=slot.name, op=op)
+                        await asyncio.sleep(0.05)
+                        continue
+                    raise LaunchError(f"{what}: driver {slot.name!r} failed {op}: "
+                                      f"{exc.reason}", step="health") from None
+                break
+        return replies
+
+    async def output_tail(self, app: str, instance: str) -> str:
+        slot = next((s for s in self.supervisor.slots.values()
+                     if s.peer is not None and "output" in s.features), None)
+        if slot is None or slot.peer is None:
+            return ""
+        try:
+            res = await self.bus.call(slot.peer, f"query.{slot.capability}.read", {
+                "app": app, "instance": instance, "limit": 400, "json": False}, timeout=5.0)
+        except CorralError:
+            return ""
+        return "\n".join(str(ln).split(" ", 3)[-1] for ln in res.get("lines", []))[-16384:]

@@ -1,0 +1,516 @@
+"""The deploy, scale and teardown sequence (docs/kernel.md) and its undo.
+
+``corral up`` -> ``Deployer.deploy``: resolve the manifest; claim app name, ports, rw paths,
+lb name and frontend, and the app's uid in ONE ledger transaction; ``app.attach`` on the
+drivers; launch each new instance (``Instances.launch``: record, ``instance.prepare``, launch,
+readiness); join them all (``Instances.join``: healthy behind the lb); only then drain and
+stop the instances they replace. A failure undoes the earlier steps in reverse and names the
+step. Deploys are idempotent: rerunning one keeps every live instance whose spec did not
+change, so a deploy cut short by a crash is completed by a rerun without killing what runs.
+
+``Deployer`` depends on narrow interfaces (the ledger, ``Drivers``, ``Events``, a
+``Launcher``, two directories and the host config), never on the kernel object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import stat
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from corral.deploy._drivers import DriverCallError, Drivers
+from corral.deploy._instances import LAUNCHER, Events, Instances, Launcher
+from corral.deploy._jobs import Jobs
+from corral.deploy._state import AppState, Live, spec_hash
+from corral.errors import CorralError, ErrorCode, NotFoundError
+from corral.host import HostConfig
+from corral.ledger import Claim, Ledger, Record, Txn
+from corral.protocol import AppSpec, InstanceSpec
+from corral.protocol._ops import Deploy, Scale, Spawn
+
+log = structlog.get_logger("corral.deploy")
+
+_HELD_KINDS = frozenset({"port", "path", "lbname", "uid"})  # what a redeploy may release
+
+
+class Deployer:
+    """Deploys, scales and tears down apps; spawns jobs; keeps the instances running."""
+
+    def __init__(self, *, ledger: Ledger, drivers: Drivers, events: Events, home: Path,
+                 notify_dir: Path, config: HostConfig, launcher: Launcher = LAUNCHER,
+                 as_root: bool | None = None) -> None:
+        self.ledger = ledger
+        self.drivers = drivers
+        self.events = events
+        self.home = home
+        self.config = config
+        self.launcher = launcher
+        # as root apps get dynamic uids, and their directory must be reachable by them
+        self.as_root = os.geteuid() == 0 if as_root is None else as_root
+        self.apps: dict[str, AppState] = {}
+        self.instances = Instances(self.apps, ledger=ledger, drivers=drivers, events=events,
+                                   home=home, notify_dir=notify_dir, config=config,
+                                   launcher=launcher, as_root=self.as_root)
+        self.jobs = Jobs(self.instances, drivers=drivers, events=events, launcher=launcher)
+
+    # ---- deploy ------------------------------------------------------------------------------
+
+    async def deploy(self, args: Deploy) -> dict[str, Any]:
+        """``app.deploy``: the whole sequence; returns the app and its instances."""
+        started = time.monotonic()
+        from corral import manifest as manifests  # loaded on first use: an idle kernel is small
+
+        resolved = manifests.load(Path(args.directory), set_=args.set, offset=args.offset,
+                                  env=args.env)
+        doc = resolved.as_json()
+        name = str(doc["app"]["name"])
+        await self.drivers.require(doc, doing=f"deploy of {name!r}")
+        async with self.instances.lock(name):
+            return await self._deploy(name, resolved, doc, args, started)
+
+    async def scale(self, args: Scale) -> dict[str, Any]:
+        """``app.scale``: the deployed manifest (not the directory's current corral.toml) with
+        new instance counts, deployed like ``corral up``: new instances start and join, surplus
+        ones are drained and stopped, the rest are kept as they are."""
+        started = time.monotonic()
+        from corral import manifest as manifests
+
+        state = self._app(args.name)
+        await self.drivers.require(state.spec.manifest, doing=f"scale of {args.name!r}")
+        async with self.instances.lock(args.name):
+            state = self._app(args.name)
+            doc = copy.deepcopy(state.spec.manifest)
+            processes: dict[str, Any] = doc.get("processes") or {}
+            unknown = sorted(set(args.counts) - set(processes))
+            if unknown:
+                raise NotFoundError(
+                    f"app {args.name!r} has no process {', '.join(map(repr, unknown))} "
+                    f"(it has {', '.join(map(repr, sorted(processes))) or 'none'})")
+            for process, count in args.counts.items():
+                processes[process]["instances"] = count
+            resolved = manifests.ResolvedManifest.from_json(doc)
+            deploy = Deploy(directory=state.spec.directory, wait_s=args.wait_s)
+            return await self._deploy(args.name, resolved, resolved.as_json(), deploy, started)
+
+    def _app(self, name: str) -> AppState:
+        state = self.apps.get(name)
+        if state is None:
+            raise NotFoundError(f"no app named {name!r} is deployed")
+        return state
+
+    async def _deploy(self, name: str, resolved: Any, doc: dict[str, Any], args: Deploy,
+                      started: float) -> dict[str, Any]:
+        inst = self.instances
+        previous = self.apps.get(name)  # the same AppState this deploy updates in place
+        previous_spec = previous.spec if previous is not None else None
+        old_rec = self.ledger.get("app", name)
+        generation = int(old_rec.value.get("generation", 0)) + 1 if old_rec else 1
+        uid, gid = self._app_ids(name)
+        if uid is not None:
+            check_reachable(Path(resolved.directory), uid)
+        spec = AppSpec(name=name, directory=str(resolved.directory), manifest=doc,
+                       uid=uid, gid=gid, generation=generation)
+        # What a failed redeploy restores while the previous generation keeps running.
+        held_before = self.ledger.list(owner=name)
+        manifest_path = self._write_manifest(spec)
+
+        # 2. one transaction: everything the app holds, and the release of what it no longer does
+        try:
+            self.ledger.commit(self._claims(spec, manifest_path))
+        except BaseException:
+            if previous_spec is not None:
+                self._write_manifest(previous_spec)
+            raise
+        attached: list[str] = []
+        launched: list[Live] = []
+        replaced: list[Live] = []  # previous instances stopped before their replacement started
+        state = self.apps.setdefault(name, AppState(spec))
+        state.spec = spec
+        state.deploying = True
+        step = "attach"
+        self.events.publish(f"app.{name}.deploy.started", {"generation": generation})
+        try:
+            # 3. drivers set up app-wide state
+            try:
+                attached = await self.drivers.broadcast("app.attach",
+                                                        {"app": spec.model_dump(mode="json")})
+            except DriverCallError as exc:
+                attached = exc.succeeded  # those undo their part; the others did nothing
+                raise
+            # 4.-5. instances: keep unchanged live ones, launch the rest
+            step = "launch"
+            # An on-demand process has no instance until the lb asks for one (instance.spawn).
+            lazy = on_demand_process(doc)
+            wanted = [w for w in self._instance_specs(spec, resolved, manifest_path)
+                      if w.process != lazy]
+            # With instance addresses (a driver declares the feature) new instances start
+            # beside the old ones (Heroku's preboot, Kamal's rollout), and only once every
+            # one of them is ready and healthy are the old ones drained and stopped; one that
+            # is not fails the deploy while the old ones serve on, untouched. Without them
+            # they share 127.0.0.1:PORT, so an old instance must go before its replacement.
+            rolling = self.drivers.has_feature("instance_addresses")
+            retiring: list[Live] = []
+            for ispec in wanted:  # one slot at a time
+                h = spec_hash(ispec)
+                olds = [lv for lv in state.instances.values() if lv.slot == ispec.id]
+                if any(lv.spec_hash == h and self.launcher.is_alive(lv.record.pid,
+                                                                    lv.record.start_time)
+                       for lv in olds):
+                    for lv in olds:  # unchanged and alive: keep it (a rerun kills nothing)
+                        lv.generation = generation
+                    continue
+                if not rolling:
+                    for old in olds:
+                        await inst.stop(state, old)
+                        replaced.append(old)
+                    olds = []
+                iid = ispec.id if ispec.id not in state.instances else f"{ispec.id}-g{generation}"
+                new = ispec.model_copy(update={"id": iid})
+                timeout = inst.start_timeout(doc, ispec.process, args.wait_s)
+                live = await inst.launch(state, new, generation, wait_s=timeout, spec_hash_=h,
+                                         announce=False)
+                launched.append(live)
+                retiring.extend(olds)
+            # 6. join: every new instance healthy (together, each within its own time)
+            step = "health"
+            await all_or_first_failure([
+                inst.join(state, lv, inst.start_timeout(doc, lv.record.spec.process,
+                                                        args.wait_s) - lv.age())
+                for lv in launched])
+            # 7. only now: the replaced instances, then those of slots no longer wanted
+            step = "retire"
+            await asyncio.gather(*(inst.stop(state, old) for old in retiring))
+            slots = {w.id for w in wanted}
+            for live in [lv for lv in state.instances.values() if lv.slot not in slots]:
+                await inst.stop(state, live)
+            self.ledger.put(name, "app", name, _app_value(spec, manifest_path, "running"))
+        except BaseException as exc:
+            log.error("deploy failed, undoing", app=name, step=step, error=str(exc))
+            await self._undo(state, previous_spec, held_before, attached, launched, replaced,
+                             manifest_path, args)
+            self.events.publish(f"app.{name}.deploy.failed", {
+                "generation": generation, "step": step, "reason": str(exc) or repr(exc),
+                "kept": previous_spec.generation if name in self.apps and previous_spec
+                else None})
+            if isinstance(exc, CorralError):
+                exc.reason = f"deploy of {name!r} failed at step {step!r}: {exc.reason}"
+            raise
+        finally:
+            state.deploying = False
+        self.events.publish(f"app.{name}.deployed", {"generation": generation})
+        return {
+            "app": name,
+            "generation": generation,
+            "instances": [live.view() for live in state.instances.values()],
+            "seconds": round(time.monotonic() - started, 3),
+            "confined": self.drivers.confined(),
+        }
+
+    async def _undo(self, state: AppState, previous_spec: AppSpec | None,
+                    held_before: list[Record], attached: list[str], launched: list[Live],
+                    replaced: list[Live], manifest_path: str, args: Deploy) -> None:
+        """Undo a failed deploy in reverse: stop what it launched; then either give the
+        previous generation back everything it had, or (a first deploy, or nothing of the
+        previous one left) detach and release everything."""
+        name = state.spec.name
+        for live in reversed(launched):
+            await self.instances.stop(state, live)
+        if previous_spec is not None and (state.instances or replaced):
+            # the previous generation runs on: its claims, manifest and spec come back,
+            # and what this deploy stopped to make room is started again
+            await self._revert(state, previous_spec, held_before, attached)
+            for old in replaced:
+                try:
+                    await self.instances.launch(
+                        state, old.record.spec, old.generation,
+                        wait_s=self.instances.start_timeout(
+                            previous_spec.manifest, old.record.spec.process, args.wait_s),
+                        spec_hash_=old.spec_hash)
+                except Exception as again:  # reported; the undo goes on
+                    log.error("redeploy undo: a previous instance did not come back",
+                              instance=old.record.spec.id, error=str(again))
+        if previous_spec is None or not state.instances:
+            await self.drivers.broadcast("app.detach", {"app": name}, only=attached,
+                                         strict=False)
+            for live in list(state.instances.values()):
+                await self.instances.stop(state, live)
+            self.ledger.release(name)
+            self.apps.pop(name, None)
+            Path(manifest_path).unlink(missing_ok=True)
+
+    async def _revert(self, state: AppState, spec: AppSpec, held: list[Record],
+                      attached: list[str]) -> None:
+        """Undo a failed redeploy whose previous generation is still running.
+
+        The ledger gets back exactly what the app ``held`` before (claims the redeploy added are
+        released, released ones re-claimed with their old values; instance records are left
+        to the instances), the app's manifest file and spec are the previous ones again, and
+        the drivers that attached the new spec attach the previous one.
+        """
+        name = spec.name
+        kept = _HELD_KINDS | {"app"}
+        before = {(r.kind, r.key): r for r in held if r.kind in kept}
+        txn = Txn()
+        for rec in self.ledger.list(owner=name):
+            if rec.kind in kept and (rec.kind, rec.key) not in before:
+                txn.release(name, rec.kind, rec.key)
+        for rec in before.values():
+            txn.claim(name, rec.kind, rec.key, rec.value)
+        try:
+            self.ledger.commit(txn)
+        except CorralError as exc:  # a released claim was taken meanwhile: say so, keep going
+            log.error("redeploy undo: previous claims not restored", app=name, error=exc.reason)
+        self._write_manifest(spec)
+        state.spec = spec
+        for live in state.instances.values():  # kept instances were relabelled as the new one
+            live.generation = spec.generation
+        await self.drivers.broadcast("app.attach", {"app": spec.model_dump(mode="json")},
+                                     only=attached, strict=False)
+
+    def _app_ids(self, name: str) -> tuple[int | None, int | None]:
+        """The app's uid/gid: as root a dynamic uid claimed in the ledger; else our own."""
+        if not self.as_root:
+            return None, None
+        held = self.ledger.list(owner=name, kind="uid")
+        if held:
+            uid = int(held[0].key)
+            return uid, uid
+        lo, hi = self.config.app_uids
+        taken = {int(r.key) for r in self.ledger.list(kind="uid")}
+        for uid in range(lo, hi + 1):
+            if uid not in taken:
+                return uid, uid
+        raise CorralError(f"no free app uid in {lo}..{hi}", code=ErrorCode.CONFLICT)
+
+    def _claims(self, spec: AppSpec, manifest_path: str) -> Txn:
+        doc = spec.manifest
+        name = spec.name
+        claims: list[Claim] = [Claim("app", name, _app_value(spec, manifest_path, "deploying"))]
+        for pname, port in sorted((doc.get("ports") or {}).items()):
+            claims.append(Claim("port", str(port), {"app": name, "name": pname}))
+        for pname, p in sorted((doc.get("paths") or {}).items()):
+            if p.get("mode") == "rw":
+                claims.append(Claim("path", str(p["path"]), {"app": name, "name": pname}))
+        lb = doc.get("lb")
+        if lb:
+            claims.append(Claim("lbname", str(lb["name"]), {"app": name}))
+            claims.append(Claim("port", str(lb["frontend"]), {"app": name, "name": "lb"}))
+        if spec.uid is not None:
+            claims.append(Claim("uid", str(spec.uid), {"app": name}))
+        wanted = {(c.kind, c.key) for c in claims}
+        txn = Txn()
+        for rec in self.ledger.list(owner=name):
+            if rec.kind in _HELD_KINDS and (rec.kind, rec.key) not in wanted:
+                txn.release(name, rec.kind, rec.key)
+        for c in claims:
+            txn.claim(name, c.kind, c.key, c.value)
+        return txn
+
+    def _write_manifest(self, spec: AppSpec) -> str:
+        """Write the resolved manifest where the app can read it (CORRAL_MANIFEST)."""
+        d = self.home / "apps" / spec.name
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / "manifest.json"
+        tmp = d / "manifest.json.tmp"
+        tmp.write_text(json.dumps(spec.manifest, indent=2, sort_keys=True))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+        os.chmod(self.home / "apps", 0o711)
+        os.chmod(d, 0o711)
+        return str(path)
+
+    def _instance_specs(self, spec: AppSpec, resolved: Any, manifest_path: str
+                        ) -> list[InstanceSpec]:
+        from corral import manifest as manifests
+
+        out = []
+        for process, index, command, port in resolved.instances():
+            env = manifests.app_environment(resolved, process=process, index=index,
+                                            manifest_path=Path(manifest_path))
+            out.append(InstanceSpec(
+                id=f"{spec.name}.{process}.{index}", app=spec.name, process=process, index=index,
+                argv=["/bin/sh", "-c", f"exec {command}"], env=env, cwd=spec.directory,
+                port=port,
+            ))
+        return out
+
+    # ---- down --------------------------------------------------------------------------------
+
+    async def down(self, name: str) -> dict[str, Any]:
+        """``app.down``: stop every instance, detach drivers, release everything the app holds."""
+        async with self.instances.lock(name):
+            state = self.apps.get(name)
+            if state is None and self.ledger.get("app", name) is None:
+                raise NotFoundError(f"no app named {name!r}")
+            stopped = 0
+            if state is not None:
+                for live in list(state.instances.values()):
+                    await self.instances.stop(state, live)
+                    stopped += 1
+            await self.drivers.broadcast("app.detach", {"app": name}, strict=False)
+            released = self.ledger.release(name)
+            self.apps.pop(name, None)
+            (self.home / "apps" / name / "manifest.json").unlink(missing_ok=True)
+            self.events.publish(f"app.{name}.down", {})
+            return {"app": name, "stopped": stopped, "revision": released}
+
+    # ---- spawn (cron runs, on-demand) --------------------------------------------------------
+
+    async def spawn(self, args: Spawn, *, listen_fd: int | None = None) -> dict[str, Any]:
+        """``instance.spawn``: start a process of ``app`` in its sandbox; returns its record.
+
+        ``listen_fd`` (the kernel's copy of a driver's socket, ``args.listen_fd``; the caller
+        keeps and closes it) becomes the instance's fd 3 with LISTEN_FDS=1 and LISTEN_PID."""
+        state = self.apps.get(args.app)
+        if state is None:
+            raise NotFoundError(f"no app named {args.app!r}")
+        await self.drivers.require(None, doing=f"start of a {args.kind} of {args.app!r}")
+        if args.kind == "job":
+            if listen_fd is not None:
+                raise CorralError("listen_fd is for instances, not jobs", code=ErrorCode.INVALID)
+            if not args.command:
+                raise CorralError("a job needs a command", code=ErrorCode.INVALID)
+            return await self.jobs.spawn(state, process=args.process, command=args.command,
+                                         label=args.label, env=args.env)
+        return await self._spawn_instance(state, args.process, listen_fd,
+                                          args.listen_fd.name if args.listen_fd else None)
+
+    async def _spawn_instance(self, state: AppState, process: str, listen_fd: int | None,
+                              fd_name: str | None) -> dict[str, Any]:
+        from corral import manifest as manifests
+
+        doc = state.spec.manifest
+        resolved = manifests.ResolvedManifest.from_json(doc)  # with the deploy's overrides
+        manifest_path = str(self.home / "apps" / state.spec.name / "manifest.json")
+        if process not in (doc.get("processes") or {}):
+            raise NotFoundError(f"app {state.spec.name!r} has no process {process!r}")
+        index = 1 + max((lv.record.spec.index for lv in state.instances.values()
+                         if lv.record.spec.process == process), default=0)
+        for proc, idx, _command, _port in resolved.instances():
+            if proc == process and f"{state.spec.name}.{proc}.{idx}" not in state.instances:
+                index = idx
+                break
+        specs = {s.id: s for s in self._instance_specs(state.spec, resolved, manifest_path)}
+        found = specs.get(f"{state.spec.name}.{process}.{index}")
+        if found is None:
+            raise CorralError(f"{process} has all its instances running",
+                              code=ErrorCode.CONFLICT)
+        fds: Sequence[int] = ()
+        if listen_fd is not None and fd_name is not None:
+            fds = [listen_fd]
+            found = found.model_copy(update={"env": {**found.env, "LISTEN_FDNAMES": fd_name}})
+        async with self.instances.lock(state.spec.name):
+            timeout = self.instances.start_timeout(doc, process, None)
+            live = await self.instances.launch(state, found, state.spec.generation,
+                                               wait_s=min(timeout, 30.0), listen_fds=fds)
+        return live.record.model_dump(mode="json")
+
+    async def wait_job(self, instance_id: str, timeout_s: float) -> dict[str, Any]:
+        """``instance.wait``: a job's exit status, waiting up to ``timeout_s``."""
+        return await self.jobs.wait(instance_id, timeout_s)
+
+    async def stop(self, instance_id: str) -> dict[str, Any]:
+        """``instance.stop``."""
+        for state in self.apps.values():
+            live = state.instances.get(instance_id)
+            if live is not None:
+                await self.instances.stop(state, live)
+                return {"instance": instance_id}
+        raise NotFoundError(f"no instance {instance_id!r}")
+
+    def signal(self, instance_id: str, sig: int, group: bool) -> dict[str, Any]:
+        """``instance.signal``: an instance or a running job."""
+        job = self.jobs.running.get(instance_id)
+        if job is not None:
+            self.launcher.signal_instance(job.record.pid, job.record.start_time, sig,
+                                          group=group)
+            return {"instance": instance_id}
+        for state in self.apps.values():
+            live = state.instances.get(instance_id)
+            if live is not None:
+                self.launcher.signal_instance(live.record.pid, live.record.start_time, sig,
+                                              group=group)
+                return {"instance": instance_id}
+        raise NotFoundError(f"no instance {instance_id!r}")
+
+    # ---- restore and views -------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """After a (re)start: adopt live instances from the ledger (``Instances.restore``)."""
+        self.instances.restore()
+
+    def sync_args(self) -> dict[str, Any]:
+        """The ``state.sync`` body: every app and live instance (and running job)."""
+        return {
+            "apps": [s.spec.model_dump(mode="json") for s in self.apps.values()],
+            "instances": [lv.record.model_dump(mode="json")
+                          for s in self.apps.values() for lv in s.instances.values()]
+            + self.jobs.records(),
+            "launching": [r.key for r in self.ledger.list(kind="instance")
+                          if r.value.get("state") == "launching"],
+        }
+
+    def ps(self) -> list[dict[str, Any]]:
+        """Every app with its instances."""
+        confined = self.drivers.confined()
+        return [{"app": name, "generation": state.spec.generation, "confined": confined,
+                 "directory": state.spec.directory,
+                 "ports": state.spec.manifest.get("ports") or {},
+                 "instances": [lv.view() for lv in state.instances.values()]}
+                for name, state in sorted(self.apps.items())]
+
+
+def _app_value(spec: AppSpec, manifest_path: str, status: str) -> dict[str, Any]:
+    return {"spec": spec.model_dump(mode="json"), "manifest_path": manifest_path,
+            "generation": spec.generation, "status": status}
+
+
+def check_reachable(directory: Path, uid: int) -> None:
+    """Refuse early, and say why, when the app's uid could not enter its own directory."""
+    for d in [*reversed(directory.parents), directory]:
+        st = d.stat()
+        need = stat.S_IXOTH | (stat.S_IROTH if d == directory else 0)
+        if st.st_uid != uid and st.st_mode & need != need:
+            raise CorralError(
+                f"the app runs as uid {uid}, which cannot "
+                f"{'read' if d == directory else 'traverse'} {d} (mode {st.st_mode & 0o777:o});"
+                f" make it {'o+rx' if d == directory else 'o+x'} or move the app",
+                code=ErrorCode.INVALID)
+
+
+def on_demand_process(doc: dict[str, Any]) -> str | None:
+    """The process started on demand (``lb.activation = "on-demand"``), if any: it has no
+    instance until its driver asks for one (``instance.spawn``)."""
+    lb = doc.get("lb") or {}
+    if lb.get("activation") != "on-demand":
+        return None
+    return str(lb.get("process") or "web")
+
+
+async def all_or_first_failure(coros: Sequence[Any]) -> None:
+    """Run ``coros`` together; on the first failure cancel the rest and raise it."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    if not tasks:
+        return
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task.done() and not task.cancelled():
+                failure = task.exception()
+                if failure is not None:
+                    raise failure
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
