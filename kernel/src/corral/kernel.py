@@ -290,7 +290,7 @@ class Kernel:
         return await self.bus.call(slot.peer, op, args.args)
 
     async def _status(self, peer: Peer, args: Any) -> dict[str, Any]:
-        """The kernel's own figures (``corral status``, the log driver's /metrics)."""
+        """The kernel's own figures (``kernel.status``: the log driver's /metrics)."""
         drivers: dict[str, int] = {}
         for slot in self.supervisor.slots.values():
             drivers[slot.state] = drivers.get(slot.state, 0) + 1

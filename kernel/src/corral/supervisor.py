@@ -63,6 +63,9 @@ class DriverSlot:
     restart_count: int = 0
     ops: list[str] = field(default_factory=list)
     features: frozenset[str] = field(default_factory=frozenset)
+    # connected and its state.sync answered: only then may launches use it (a prepare racing
+    # the driver's re-sync would meet state the sync is about to collect)
+    synced: bool = False
     connected_at: float | None = None
 
     def as_json(self) -> dict[str, Any]:
@@ -271,10 +274,14 @@ class Supervisor:
     async def connected(self, slot: DriverSlot, peer: Peer) -> None:
         """The driver was welcomed: mark it running and let the kernel sync its state."""
         slot.peer = peer
+        slot.synced = False
         slot.state = "running"
         slot.reason = ""
         slot.connected_at = time.time()
-        await self.on_ready(slot)
+        try:
+            await self.on_ready(slot)
+        finally:
+            slot.synced = slot.peer is peer
 
     async def lost(self, peer: Peer) -> None:
         """A driver stopped answering heartbeats: kill it, the watcher restarts it."""
@@ -317,7 +324,7 @@ class Supervisor:
         slots = list(slots)
         deadline = time.monotonic() + timeout
         while True:
-            missing = [s for s in slots if s.peer is None]
+            missing = [s for s in slots if s.peer is None or not s.synced]
             if not missing:
                 return
             if (time.monotonic() >= deadline
@@ -325,7 +332,8 @@ class Supervisor:
                 break
             await asyncio.sleep(0.05)
         first = missing[0]
-        parts = [f"driver {s.name!r} ({s.capability}) is {s.state}"
+        parts = [f"driver {s.name!r} ({s.capability}) is "
+                 + (s.state if s.peer is None else "connected but not yet synced")
                  + (f": {s.reason}" if s.reason else "") for s in missing]
         hint = ("`corral drivers restart " + first.name + "` starts it again"
                 if first.state == "failed" else "retry when `corral drivers` shows it running")
@@ -364,8 +372,9 @@ class Supervisor:
         return slot
 
     def serving(self, op: str) -> list[DriverSlot]:
-        """Connected drivers that declared ``op``."""
-        return [s for s in self.slots.values() if s.peer is not None and op in s.ops]
+        """Connected drivers that declared ``op`` and whose state.sync has been answered."""
+        return [s for s in self.slots.values()
+                if s.peer is not None and s.synced and op in s.ops]
 
     def by_capability(self, capability: str) -> DriverSlot | None:
         """The connected driver of ``capability``, if any."""

@@ -107,14 +107,15 @@ class FakeDrivers:
         return feature == "instance_addresses" and self.rolling
 
     async def ask_each(self, op: str, make_args: Callable[[float], dict[str, Any]], *,
-                       within: float, abort: Callable[[], str | None], what: str
-                       ) -> dict[str, dict[str, Any]]:
+                       within: float, abort: Callable[[], str | None], what: str,
+                       judge: Callable[[str, dict[str, Any]], None]) -> None:
         args = make_args(within)
         subject = self._subject(args)
         self.calls.append((op, "b", subject))
         if subject in self.unhealthy:
-            return {"b": {"healthy": False, "health": "http 500"}}
-        return {"b": {"healthy": True, "health": "ok"}}
+            judge("b", {"healthy": False, "health": "http 500"})
+        else:
+            judge("b", {"healthy": True, "health": "ok"})
 
     async def output_tail(self, app: str, instance: str) -> str:
         return ""

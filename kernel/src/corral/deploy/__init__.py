@@ -9,9 +9,9 @@
 - ``_state``: what is kept in memory per app and instance.
 """
 
-from corral.deploy._drivers import DriverCallError, Drivers, DriverSet
+from corral.deploy._drivers import DriverCallError, Drivers, DriverSet, all_or_first_failure
 from corral.deploy._instances import Events, Instances, Launcher
-from corral.deploy._sequence import Deployer, all_or_first_failure
+from corral.deploy._sequence import Deployer
 from corral.deploy._state import AppState, Live, spec_hash
 
 __all__ = [

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Protocol
 
 import structlog
@@ -65,11 +65,12 @@ class Drivers(Protocol):
         ...
 
     async def ask_each(self, op: str, make_args: Callable[[float], dict[str, Any]], *,
-                       within: float, abort: Callable[[], str | None], what: str
-                       ) -> dict[str, dict[str, Any]]:
-        """Ask ``op`` of every enabled driver serving it, waiting for those (re)connecting,
-        all within ``within`` seconds (``make_args(time left)``); raise ``LaunchError`` for
-        a driver silent or failing by then, or as soon as ``abort()`` gives a reason."""
+                       within: float, abort: Callable[[], str | None], what: str,
+                       judge: Callable[[str, dict[str, Any]], None]) -> None:
+        """Ask ``op`` of every enabled driver serving it, all at once, waiting for those
+        (re)connecting, within ``within`` seconds (``make_args(time left)``); each reply goes
+        to ``judge(driver, reply)``, which raises to refuse. The first refusal, a driver
+        silent or failing by then, or ``abort()`` giving a reason ends it (``LaunchError``)."""
         ...
 
     async def output_tail(self, app: str, instance: str) -> str:
@@ -148,13 +149,13 @@ class DriverSet:
                    for s in self.supervisor.slots.values())
 
     async def ask_each(self, op: str, make_args: Callable[[float], dict[str, Any]], *,
-                       within: float, abort: Callable[[], str | None], what: str
-                       ) -> dict[str, dict[str, Any]]:
+                       within: float, abort: Callable[[], str | None], what: str,
+                       judge: Callable[[str, dict[str, Any]], None]) -> None:
         deadline = time.monotonic() + max(within, 1.0)
         slots = [s for s in self.supervisor.slots.values()
                  if s.state != "disabled" and op in s.ops]
-        replies: dict[str, dict[str, Any]] = {}
-        for slot in slots:
+
+        async def ask(slot: DriverSlot) -> None:
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -168,7 +169,7 @@ class DriverSet:
                     await asyncio.sleep(0.05)
                     continue
                 try:
-                    replies[slot.name] = await self.bus.call(
+                    reply = await self.bus.call(
                         slot.peer, op, make_args(round(left, 3)), timeout=left + 5.0)
                 except CorralError as exc:
                     if exc.code == ErrorCode.UNAVAILABLE:  # lost meanwhile: ask it again
@@ -178,8 +179,10 @@ class DriverSet:
                         continue
                     raise LaunchError(f"{what}: driver {slot.name!r} failed {op}: "
                                       f"{exc.reason}", step="health") from None
-                break
-        return replies
+                judge(slot.name, reply)
+                return
+
+        await all_or_first_failure([ask(slot) for slot in slots])
 
     async def output_tail(self, app: str, instance: str) -> str:
         slot = next((s for s in self.supervisor.slots.values()
@@ -192,3 +195,24 @@ class DriverSet:
         except CorralError:
             return ""
         return "\n".join(str(ln).split(" ", 3)[-1] for ln in res.get("lines", []))[-16384:]
+
+
+async def all_or_first_failure(coros: Sequence[Any]) -> None:
+    """Run ``coros`` together; on the first failure cancel the rest and raise it."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    if not tasks:
+        return
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task.done() and not task.cancelled():
+                failure = task.exception()
+                if failure is not None:
+                    raise failure
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+

@@ -228,11 +228,9 @@ class Instances:
                 return f"exited before it joined ({live.exit_status or 'gone'})"
             return None
 
-        replies = await self.drivers.ask_each(
-            "instance.started", lambda left: _started_args(state, live, left),
-            within=within, abort=gone, what=what)
         health: list[str] = []
-        for driver, reply in replies.items():
+
+        def judge(driver: str, reply: dict[str, Any]) -> None:
             if reply.get("healthy") is False:
                 detail = str(reply.get("health") or "no check passed")
                 self.events.publish(f"app.{rec.spec.app}.instance.unhealthy",
@@ -244,6 +242,10 @@ class Instances:
                     step="health")
             if reply.get("health"):
                 health.append(f"{driver}: {reply['health']}")
+
+        await self.drivers.ask_each(
+            "instance.started", lambda left: _started_args(state, live, left),
+            within=within, abort=gone, what=what, judge=judge)
         self.events.publish(f"app.{rec.spec.app}.instance.healthy",
                             {"instance": rec.spec.id, "pid": rec.pid, "health": "; ".join(health)})
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import structlog
 
-from corral.deploy._drivers import DriverCallError, Drivers
+from corral.deploy._drivers import DriverCallError, Drivers, all_or_first_failure
 from corral.deploy._instances import LAUNCHER, Events, Instances, Launcher
 from corral.deploy._jobs import Jobs
 from corral.deploy._state import AppState, Live, spec_hash
@@ -493,24 +493,3 @@ def on_demand_process(doc: dict[str, Any]) -> str | None:
     if lb.get("activation") != "on-demand":
         return None
     return str(lb.get("process") or "web")
-
-
-async def all_or_first_failure(coros: Sequence[Any]) -> None:
-    """Run ``coros`` together; on the first failure cancel the rest and raise it."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    if not tasks:
-        return
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in tasks:
-            if task.done() and not task.cancelled():
-                failure = task.exception()
-                if failure is not None:
-                    raise failure
-    finally:
-        for task in tasks:
-            if not task.done():
-                task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
