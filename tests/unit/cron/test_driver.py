@@ -59,3 +59,40 @@ def test_attach_query_run_detach(tmp_path: Path) -> None:
             await driver.stop()
 
     asyncio.run(main())
+
+
+def test_next_from_without_an_offset_is_read_in_the_jobs_zone(tmp_path: Path) -> None:
+    """`corral cron next JOB --from TIME`: a time with Z or an offset is that instant; one
+    without is a wall-clock time in the job's zone (New York here), not UTC. In the hour a
+    DST change repeats it is the first of the two; in the hour it skips it lands just after."""
+
+    async def main() -> None:
+        driver = CronDriver()
+        driver.home = tmp_path
+        driver.config = {"launcher": "local"}
+        await driver.start()
+        app = AppSpec(name="shop", directory=str(tmp_path), manifest={"cron": {
+            "tick": {"schedule": "0 * * * *", "timezone": "America/New_York",
+                     "command": "true"}}})
+        try:
+            await driver.attach(AppAttach(app=app))
+
+            async def first(when: str) -> str:
+                nxt = await driver.next({"job": "tick", "n": 1, "from": when})
+                return str(nxt["runs"][0]["utc"])
+
+            # 06:30 in New York (EDT, UTC-4) is 10:30Z: the next hour is 11:00Z; read as
+            # UTC (the old behaviour) it would be 07:00Z
+            assert await first("2026-07-01T06:30:00") == "2026-07-01T11:00:00.000Z"
+            assert await first("2026-07-01T06:30:00Z") == "2026-07-01T07:00:00.000Z"
+            assert await first("2026-07-01T06:30:00+02:00") == "2026-07-01T05:00:00.000Z"
+            # 01:30 on 1 November 2026 happens twice in New York: the first (EDT, 05:30Z)
+            assert await first("2026-11-01T01:30:00") == "2026-11-01T06:00:00.000Z"
+            # 02:30 on 8 March 2026 never happens: read with EST it is 07:30Z (03:30 EDT)
+            assert await first("2026-03-08T02:30:00") == "2026-03-08T08:00:00.000Z"
+            with pytest.raises(Exception, match="read in the job's zone"):
+                await first("yesterday")
+        finally:
+            await driver.stop()
+
+    asyncio.run(main())

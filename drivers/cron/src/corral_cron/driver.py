@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 import structlog
@@ -35,14 +35,21 @@ def clock_offset(config: dict[str, Any]) -> timedelta:
                           code=ErrorCode.INVALID) from None
 
 
-def parse_instant(text: str) -> datetime:
-    """An ISO 8601 instant for ``--from``: any precision, 'Z' or an offset; no offset is UTC."""
+def parse_instant(text: str, zone: tzinfo) -> datetime:
+    """An ISO 8601 time for ``cron next --from``: with 'Z' or an offset it is that instant;
+    without one it is a wall-clock time in ``zone``, the job's zone (the zone the preview
+    shows first). A wall-clock time that happens twice (the hour a DST change repeats) is the
+    first of the two; one that never happens (the hour skipped) is read with the offset in
+    force before the change, so it lands just after it. Returned in UTC."""
     try:
         value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
-        raise CorralError(f"from: {text!r} is not an ISO 8601 time (e.g. 2026-03-08T06:00:00Z)",
+        raise CorralError(f"from: {text!r} is not an ISO 8601 time (e.g. 2026-03-08T06:00:00, "
+                          "read in the job's zone, or 2026-03-08T06:00:00Z)",
                           code=ErrorCode.INVALID) from None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=zone, fold=0)
+    return value.astimezone(UTC)
 
 
 class CronDriver(Driver):
@@ -186,7 +193,8 @@ class CronDriver(Driver):
     async def next(self, args: dict[str, Any]) -> dict[str, Any]:
         """{job, n=10, from?}: the next runs in the job's zone and UTC, with warnings."""
         job = self._job(args)
-        start = parse_instant(str(args["from"])) if args.get("from") else self._sched.clock.now()
+        start = (parse_instant(str(args["from"]), job.zone) if args.get("from")
+                 else self._sched.clock.now())
         return preview(job, start, int(args.get("n", 10)))
 
     @op("query.cron.runs")

@@ -85,7 +85,10 @@ def add_parsers(sub: Any) -> None:
     s = csub.add_parser("next", help="the next runs of JOB, with DST and rule warnings")
     s.add_argument("job")
     s.add_argument("-n", type=int, default=10)
-    s.add_argument("--from", dest="from_", metavar="TIME", help="preview from this instant")
+    s.add_argument("--from", dest="from_", metavar="TIME",
+                   help="preview from this ISO 8601 time: with Z or an offset (+02:00) that "
+                   "instant; without one, a wall-clock time in the job's zone (the zone "
+                   "shown first)")
     s.add_argument("--json", action="store_true")
     s = csub.add_parser("runs", help="the run history of JOB")
     s.add_argument("job")

@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from corral.cli import _cron, _observe, _rollout
+from corral import __version__
+from corral.cli import _completion, _cron, _observe, _rollout
 from corral.errors import CorralError, ErrorCode, ManifestError
 
 EXIT_FAILED = 1
@@ -124,10 +125,28 @@ def cmd_scale(ns: argparse.Namespace) -> int:
 
 
 def cmd_down(ns: argparse.Namespace) -> int:
-    """Stop an app and release everything it holds."""
-    res = _client().call("app.down", {"name": ns.app}, timeout=60)
-    print(f"{res['app']}: down ({res['stopped']} instance(s) stopped)")
-    return 0
+    """Stop an app (or --all apps) and release everything it holds."""
+    if ns.all == bool(ns.app):
+        print("corral down: name one app, or --all", file=sys.stderr)
+        return EXIT_INPUT
+    client = _client()
+    names = ([a["app"] for a in client.call("app.ps")["apps"]] if ns.all else [ns.app])
+    results, failed = [], 0
+    for name in names:
+        try:
+            res = client.call("app.down", {"name": name}, timeout=120)
+        except CorralError as exc:
+            if not ns.all:
+                raise
+            failed += 1
+            res = {"app": name, "error": exc.reason}
+        results.append(res)
+        if not ns.json:
+            print(f"{name}: " + (f"down ({res['stopped']} instance(s) stopped)"
+                                 if "error" not in res else f"not taken down: {res['error']}"))
+    if ns.json:
+        _print_json(results if ns.all else results[0])
+    return EXIT_FAILED if failed else 0
 
 
 def cmd_ps(ns: argparse.Namespace) -> int:
@@ -228,12 +247,14 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "top": _observe.cmd_top,
     "cron": _cron.cmd_cron,
     "events": _rollout.cmd_events,
+    "completion": _completion.cmd_completion,
 }
 
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser (one sub-command per entry of COMMANDS)."""
     p = argparse.ArgumentParser(prog="corral", description="self-hosted, container-free apps")
+    p.add_argument("--version", action="version", version=f"corral {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("check", help=cmd_check.__doc__)
     _manifest_flags(s)
@@ -244,7 +265,9 @@ def parser() -> argparse.ArgumentParser:
     _manifest_flags(s)
     _rollout_flags(s)
     s = sub.add_parser("down", help=cmd_down.__doc__)
-    s.add_argument("app")
+    s.add_argument("app", nargs="?")
+    s.add_argument("--all", action="store_true", help="every deployed app")
+    s.add_argument("--json", action="store_true")
     s = sub.add_parser("scale", help=cmd_scale.__doc__)
     s.add_argument("app")
     s.add_argument("counts", nargs="+", metavar="PROCESS=N")
@@ -268,6 +291,7 @@ def parser() -> argparse.ArgumentParser:
     _observe.add_parsers(sub)
     _cron.add_parsers(sub)
     _rollout.add_parsers(sub)
+    _completion.add_parsers(sub, parser)
     return p
 
 

@@ -116,6 +116,7 @@ class Deployer:
         uid, gid = self._app_ids(name)
         if uid is not None:
             check_reachable(Path(resolved.directory), uid)
+            check_writable_grants(doc, uid, gid if gid is not None else uid)
         spec = AppSpec(name=name, directory=str(resolved.directory), manifest=doc,
                        uid=uid, gid=gid, generation=generation)
         # What a failed redeploy restores while the previous generation keeps running.
@@ -484,6 +485,36 @@ def check_reachable(directory: Path, uid: int) -> None:
                 f"{'read' if d == directory else 'traverse'} {d} (mode {st.st_mode & 0o777:o});"
                 f" make it {'o+rx' if d == directory else 'o+x'} or move the app",
                 code=ErrorCode.INVALID)
+
+
+def check_writable_grants(doc: dict[str, Any], uid: int, gid: int) -> None:
+    """Refuse, before anything is claimed, a ``mode = "rw"`` grant of an existing path the
+    app's uid cannot write (it would crash on EACCES at its first write): say the path, its
+    owner and mode, and the two ways out. A path that does not exist yet is created owned by
+    the app (``create = true``) by the sandbox driver."""
+    for name, grant in sorted((doc.get("paths") or {}).items()):
+        if grant.get("mode") != "rw":
+            continue
+        path = Path(str(grant["path"]))
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        need_x = stat.S_ISDIR(st.st_mode)
+        if st.st_uid == uid:
+            bits = (stat.S_IWUSR, stat.S_IXUSR)
+        elif st.st_gid == gid:
+            bits = (stat.S_IWGRP, stat.S_IXGRP)
+        else:
+            bits = (stat.S_IWOTH, stat.S_IXOTH)
+        if st.st_mode & bits[0] and (not need_x or st.st_mode & bits[1]):
+            continue
+        raise CorralError(
+            f"[paths] {name}: {path} is mode {st.st_mode & 0o7777:o}, owner uid {st.st_uid} "
+            f"gid {st.st_gid}; the app runs as uid {uid} and could not write it (mode = "
+            f"\"rw\"). Give it to the app (`chown -R {uid}:{gid} {path}`: the uid stays the "
+            "app's while it is deployed), or grant a path that does not exist yet with "
+            "create = true, which corral creates owned by the app", code=ErrorCode.INVALID)
 
 
 def on_demand_process(doc: dict[str, Any]) -> str | None:
