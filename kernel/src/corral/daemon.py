@@ -1,4 +1,5 @@
-"""``corrald``: run the kernel in the foreground (systemd ``Type=simple``).
+"""``corrald``: run the kernel in the foreground (systemd ``Type=notify``: ``READY=1`` once the
+bus serves and the drivers are started; ``corral host install`` writes the unit).
 
 The kernel never loads OpenSSL. Its bus is local IPC, authenticated by the peer's uid
 (SO_PEERCRED), so it has no use for TLS or OpenSSL's hashes, and ``libcrypto`` alone would add
@@ -70,16 +71,26 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     configure_logging(ns.verbose)
     import asyncio
+    import os
 
+    from corral import systemd
     from corral.errors import CorralError
     from corral.kernel import Kernel
 
+    # Only corrald itself speaks to the service manager: nothing it starts inherits the socket.
+    notify_socket = os.environ.pop("NOTIFY_SOCKET", None)
     try:
         kernel = Kernel(stop_drivers_on_exit=ns.stop_drivers)
     except CorralError as exc:
         print(f"corrald: {exc.reason}", file=sys.stderr)
         return 2
-    asyncio.run(kernel.run(ready=lambda: print("corrald: ready", file=sys.stderr, flush=True)))
+
+    def ready() -> None:
+        print("corrald: ready", file=sys.stderr, flush=True)
+        if notify_socket:
+            systemd.notify(f"READY=1\nSTATUS=serving {kernel.bus.endpoint}", notify_socket)
+
+    asyncio.run(kernel.run(ready=ready))
     return 0
 
 

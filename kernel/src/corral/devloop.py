@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from corral import launch as launcher
 from corral import manifest as manifests
@@ -29,6 +31,22 @@ def run_foreground(directory: Path, *, set_: list[str], offset: int, env: list[s
     resolved = manifests.load(directory, set_=set_, offset=offset, env=env)
     doc = resolved.as_json()
     tmp = Path(tempfile.mkdtemp(prefix="corral-run-"))
+    running: list[tuple[str, int, float]] = []
+    try:
+        return _start_and_wait(resolved, doc, tmp, running)
+    except BaseException:
+        # a launch failed part-way: what started must not outlive the run it belongs to
+        for _iid, pid, start in running:
+            launcher.signal_instance(pid, start, signal.SIGKILL, group=True)
+            launcher.reap(pid)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the resolved manifest the instances read
+
+
+def _start_and_wait(resolved: manifests.ResolvedManifest, doc: dict[str, Any], tmp: Path,
+                    running: list[tuple[str, int, float]]) -> int:
+    """Write the manifest into ``tmp``, start every instance (appended to ``running``), wait."""
     manifest_path = tmp / "manifest.json"
     manifest_path.write_text(json.dumps(doc, indent=2, sort_keys=True))
     os.chmod(tmp, 0o755)
@@ -42,7 +60,6 @@ def run_foreground(directory: Path, *, set_: list[str], offset: int, env: list[s
                 os.chown(path, NOBODY, NOBODY)
         grants.append(BindMount(source=str(path), target=str(path), mode=grant["mode"]))
     limits = any(v is not None for v in (doc.get("limits") or {}).values())
-    running: list[tuple[str, int, float]] = []
     said: list[str] = []
     for process, index, command, port in resolved.instances():
         iid = f"{doc['app']['name']}.{process}.{index}"

@@ -16,7 +16,7 @@ import pytest
 
 from corral_log.records import Chunk, Record
 from corral_log.service import LogService
-from corral_log.sinks import JournaldSink, LokiSink, SyslogSink
+from corral_log.sinks import JournaldSink, LokiSink, SyslogSink, build_sink, parse_sinks
 from corral_log.testing import JournalReceiver, LokiReceiver, SyslogReceiver
 
 RFC5424 = re.compile(
@@ -62,6 +62,42 @@ def test_syslog_rfc5424(kind: str, tmp_path: Path) -> None:
     )
     assert m[0]["sd"] == b'[corral@32473 instance="shop.web.1" process="web"]'
     assert [x["msg"] for x in m[:3]] == [b'hello 0 "q"', b'hello 1 "q"', b'hello 2 "q"']
+
+
+RFC3164 = re.compile(
+    rb"^<(?P<pri>\d{1,3})>(?P<ts>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d) (?P<host>\S+) "
+    rb"(?P<tag>[^\s\[\]:]{1,32})\[(?P<pid>[^\]\s]+)\]: (?P<msg>.*)$",
+    re.S,
+)
+
+
+@pytest.mark.parametrize("kind", ["udp", "tcp"])
+def test_syslog_rfc3164_when_the_manifest_asks(kind: str, tmp_path: Path) -> None:
+    """``format = "rfc3164"`` in a manifest's sink: a real receiver gets BSD syslog messages
+    (``<PRI>Mmm dd hh:mm:ss host tag[pid]: msg``, day padded with a space, UTC), not 5424."""
+    rx = SyslogReceiver(kind).start()
+    (spec,) = parse_sinks([{"type": "syslog", "address": rx.address, "format": "rfc3164",
+                            "facility": "local3", "hostname": "h1"}])
+    sink = build_sink(spec)
+    may_3 = 1_714_705_445_000_000_000  # 2024-05-03T03:04:05Z: a one-digit day
+    try:
+        sink(Chunk.of([Record("shop", "shop.web.1", "stdout", may_3 + i, f"hello {i}")
+                       for i in range(3)]))
+        sink(Chunk.of([Record("shop", "shop.web.1", "stderr", may_3, "it broke")]))
+        got = rx.wait_for(4)
+    finally:
+        sink.close()
+        rx.stop()
+    assert len(got) == 4, got
+    m = [RFC3164.match(g) for g in got]
+    assert all(x is not None for x in m), got
+    parsed = [x for x in m if x is not None]
+    assert not any(g.startswith(b"<155>1 ") or b"corral@32473" in g for g in got)
+    assert [int(x["pri"]) for x in parsed] == [19 * 8 + 6] * 3 + [19 * 8 + 3]
+    assert parsed[0]["ts"] == b"May  3 03:04:05"
+    assert time.strptime(parsed[0]["ts"].decode(), "%b %d %H:%M:%S")[1:6] == (5, 3, 3, 4, 5)
+    assert {(x["host"], x["tag"], x["pid"]) for x in parsed} == {(b"h1", b"shop", b"shop.web.1")}
+    assert [x["msg"] for x in parsed] == [b"hello 0", b"hello 1", b"hello 2", b"it broke"]
 
 
 def test_journald_native_protocol(tmp_path: Path) -> None:

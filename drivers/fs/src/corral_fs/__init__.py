@@ -7,5 +7,6 @@ DRIVER = DriverDescription(
     capability="fs",
     version="0.1.0",
     module="corral_fs.driver",
+    reset="corral_fs.reset",
     doc="process sandbox: read-only system, granted paths, private /tmp, cgroup limits",
 )

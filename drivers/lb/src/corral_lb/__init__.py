@@ -7,6 +7,7 @@ DRIVER = DriverDescription(
     capability="lb",
     version="0.1.0",
     module="corral_lb",
+    reset="corral_lb.reset",
     doc="load balancer: nft DNAT or userspace proxy; policies; health checks; on-demand",
 )
 

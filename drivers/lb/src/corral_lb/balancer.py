@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -46,7 +47,8 @@ class Balancer:
     ) -> None:
         self.services: dict[str, Service] = {}  # app -> service
         self.activators = activators
-        self.runtime_dir = runtime_dir or Path(tempfile.mkdtemp(prefix="corral-lb-"))
+        self._runtime_dir = runtime_dir
+        self._own_runtime_dir: Path | None = None  # made here, so removed by close()
         self._nft = nft
         self.nft_table = nft_table  # used when the kernel plane is first needed
         self.nft_owner = ""  # tags this balancer's nft services (see NftPlane.owner)
@@ -65,6 +67,20 @@ class Balancer:
         self._relay: Relay | None = None  # the L4 proxy's relay thread, started on first use
         self._programs: dict[str, PolicyProgramRunner] = {}
         self._app_dirs: dict[str, str] = {}
+
+    @property
+    def runtime_dir(self) -> Path:
+        """Where policy programs' sockets live: the driver's ``<runtime>/lb``, or, when none
+        was given (tests, benchmarks), a private temporary directory made on first use and
+        removed by ``close``: nothing of the balancer outlives it."""
+        if self._runtime_dir is None:
+            self._runtime_dir = self._own_runtime_dir = Path(
+                tempfile.mkdtemp(prefix="corral-lb-"))
+        return self._runtime_dir
+
+    @runtime_dir.setter
+    def runtime_dir(self, path: Path) -> None:
+        self._runtime_dir = path
 
     @property
     def nft(self) -> NftPlane:
@@ -240,3 +256,8 @@ class Balancer:
         if self._relay is not None:
             self._relay.close()
             self._relay = None
+        if self._own_runtime_dir is not None:
+            shutil.rmtree(self._own_runtime_dir, ignore_errors=True)
+            if self._runtime_dir == self._own_runtime_dir:
+                self._runtime_dir = None
+            self._own_runtime_dir = None

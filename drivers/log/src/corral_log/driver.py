@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from corral.errors import CorralError, ErrorCode
 from corral.protocol import (
-    MAX_BODY,
     AppAttach,
     AppDetach,
     InstancePrepare,
@@ -20,27 +18,6 @@ from corral.protocol import (
 )
 from corral.sdk import Driver, op
 from corral_log.service import LogService
-
-REPLY_BUDGET = MAX_BODY - (64 << 10)  # room for the envelope around the records
-
-
-def fit_reply(res: dict[str, Any], budget: int = REPLY_BUDGET) -> dict[str, Any]:
-    """Keep the newest records (or lines) that fit in one CDP/1 body; say how many were cut.
-
-    A reply over MAX_BODY would be refused whole (TOO_LARGE): `corral logs -n 100000` gets
-    the newest part instead, with ``truncated`` telling how many older ones were left out."""
-    key = "records" if "records" in res else "lines"
-    items = res.get(key) or []
-    total = 0
-    keep = len(items)
-    for i in range(len(items) - 1, -1, -1):
-        total += len(json.dumps(items[i])) + 2  # the codec is never larger
-        if total > budget:
-            keep = len(items) - 1 - i
-            break
-    if keep < len(items):
-        res = {**res, key: items[len(items) - keep:], "truncated": len(items) - keep}
-    return res
 
 
 def _need_app(args: dict[str, Any]) -> str:
@@ -143,9 +120,13 @@ class LogDriver(Driver):
 
     @op("query.log.read")
     async def read(self, args: dict[str, Any]) -> dict[str, Any]:
-        """``{app, since?, grep?, instance?, limit?, json?}`` -> records (oldest first)."""
+        """``{app, since?, grep?, instance?, limit?, json?, cursor?}`` -> records (oldest
+        first), each reply under CDP/1's body limit; a paged read (``cursor``) says ``next``
+        while more follow (``corral_log.reading``)."""
         _need_app(args)
-        return fit_reply((await self.service()).read(args))
+        svc = await self.service()
+        # a page scans files: off the event loop, so capture never waits for a reader
+        return await asyncio.to_thread(svc.read, args)
 
     @op("query.log.errors")
     async def errors(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corral.errors import CorralError, ErrorCode
 from corral.units import parse_duration, parse_size
 from corral_log import capture
 from corral_log.errorstore import ErrorStore
@@ -623,15 +624,21 @@ class LogService:
     # ---- queries -----------------------------------------------------------------------------
 
     def read(self, args: dict[str, Any]) -> dict[str, Any]:
-        """``query.log.read``."""
+        """``query.log.read`` (see ``corral_log.reading.read_logs``)."""
+        limit, cursor = args.get("limit", 200), args.get("cursor")
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise CorralError("limit: expected an integer", code=ErrorCode.INVALID, retry=False)
+        if cursor is not None and not isinstance(cursor, str):
+            raise CorralError("cursor: expected a string", code=ErrorCode.INVALID, retry=False)
         return read_logs(
             self.home,
             str(args["app"]),
             since=args.get("since"),
             grep=args.get("grep"),
             instance=args.get("instance"),
-            limit=int(args.get("limit", 200)),
+            limit=limit,
             as_json=bool(args.get("json", True)),
+            cursor=cursor,
         )
 
     def error_groups(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -7,5 +7,6 @@ DRIVER = DriverDescription(
     capability="net",
     version="0.1.0",
     module="corral_net.driver",
+    reset="corral_net.reset",
     doc="network namespaces, veth pairs, addresses; nftables ingress/egress/DNAT per app",
 )

@@ -81,9 +81,21 @@ class Netlink:
             ) from exc
 
     def remove_instance(self, ns_name: str, link: str) -> None:
-        """Remove the host link (its peer goes with it) and the netns; absent parts are fine."""
-        self._remove_link(link)
-        self._remove_netns(ns_name)
+        """Remove the host link (its peer goes with it) and the netns; absent parts are fine;
+        an empty name stands for no such part."""
+        self.remove_link(link)
+        self.remove_namespace(ns_name)
+
+    def remove_link(self, link: str) -> None:
+        """Remove host link ``link`` (its veth peer goes with it); absent is fine."""
+        if link:
+            self._remove_link(link)
+
+    def remove_namespace(self, ns_name: str) -> None:
+        """Remove network namespace ``ns_name`` from /run/netns; absent is fine."""
+        # never an empty name: /run/netns itself "exists", and pyroute2 would detach it
+        if ns_name:
+            self._remove_netns(ns_name)
 
     def _remove_link(self, link: str) -> None:
         with IPRoute() as ipr:

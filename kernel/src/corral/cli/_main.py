@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from corral import __version__
-from corral.cli import _completion, _cron, _observe, _rollout
+from corral.cli import _completion, _cron, _host, _observe, _rollout
 from corral.errors import CorralError, ErrorCode, ManifestError
 
 EXIT_FAILED = 1
@@ -223,7 +223,16 @@ def cmd_daemon(ns: argparse.Namespace) -> int:
 
 def cmd_query(ns: argparse.Namespace) -> int:
     """Ask a driver a capability-specific question through the kernel."""
-    args = json.loads(ns.args) if ns.args else {}
+    try:
+        args = json.loads(ns.args) if ns.args else {}
+    except ValueError as exc:
+        print(f"corral query: ARGS is not JSON ({exc}); e.g. '{{\"app\": \"shop\"}}'",
+              file=sys.stderr)
+        return EXIT_INPUT
+    if not isinstance(args, dict):
+        print("corral query: ARGS must be a JSON object, e.g. '{\"app\": \"shop\"}'",
+              file=sys.stderr)
+        return EXIT_INPUT
     res = _client().call("driver.query", {"capability": ns.capability, "query": ns.query,
                                           "args": args})
     _print_json(res)
@@ -247,6 +256,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "top": _observe.cmd_top,
     "cron": _cron.cmd_cron,
     "events": _rollout.cmd_events,
+    "host": _host.cmd_host,
     "completion": _completion.cmd_completion,
 }
 
@@ -291,6 +301,7 @@ def parser() -> argparse.ArgumentParser:
     _observe.add_parsers(sub)
     _cron.add_parsers(sub)
     _rollout.add_parsers(sub)
+    _host.add_parsers(sub)
     _completion.add_parsers(sub, parser)
     return p
 
@@ -304,10 +315,21 @@ def _rollout_flags(s: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; map errors to exit codes with a clear message on stderr."""
+    """Run one command; map errors to exit codes with a clear message on stderr.
+
+    A reader that goes away (``corral logs APP | head``) ends the command quietly with 141
+    (128 + SIGPIPE), the status git, seq or cat have when a signal ends them there."""
     ns = parser().parse_args(argv)
     try:
-        return COMMANDS[ns.command](ns)
+        code = COMMANDS[ns.command](ns)
+        sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # what is still buffered for the gone reader must not be flushed again at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE
     except ManifestError as exc:
         for problem in exc.problems:
             print(f"corral: {problem}", file=sys.stderr)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from corral.client import KernelClient, events
@@ -30,7 +32,7 @@ def cmd_logs(ns: argparse.Namespace) -> int:
     if ns.follow:
         asyncio.run(_follow(ns))
     else:
-        _history(ns, _query("read", _read_args(ns)))
+        _history(ns, lambda args: _query("read", args))
     return 0
 
 
@@ -44,8 +46,28 @@ def since_arg(text: str) -> str:
     return text
 
 
+def lines_arg(text: str) -> int:
+    """``-n``: how many of the last lines, at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of lines >= 1")
+    return n
+
+
+def grep_arg(text: str) -> str:
+    """``--grep``: a regular expression (Python's ``re``), checked before the kernel is asked."""
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a regular expression: {exc}") from None
+    return text
+
+
 def _read_args(ns: argparse.Namespace) -> dict[str, Any]:
-    args: dict[str, Any] = {"app": ns.app, "limit": ns.lines, "json": True}
+    args: dict[str, Any] = {"app": ns.app, "limit": ns.lines, "json": True, "cursor": ""}
     if ns.since:
         args["since"] = ns.since
     if ns.grep:
@@ -55,32 +77,44 @@ def _read_args(ns: argparse.Namespace) -> dict[str, Any]:
     return args
 
 
-def _history(ns: argparse.Namespace, res: dict[str, Any]) -> tuple[int, set[tuple[str, str]]]:
-    """Print stored records; return the newest timestamp and what was printed at it."""
+def _history(ns: argparse.Namespace, read: Callable[[dict[str, Any]], dict[str, Any]]
+             ) -> tuple[int, set[tuple[str, str]]]:
+    """Print the stored records page by page (``query.log.read`` with a cursor: each reply
+    stays under the bus's body limit and only one is held at a time); return the newest
+    timestamp and what was printed at it."""
     newest, at_newest = 0, set[tuple[str, str]]()
-    for rec in res.get("records", []):
-        print(_line(rec, ns.json), flush=True)
-        t = int(rec.get("time_ns", 0))
-        if t > newest:
-            newest, at_newest = t, set()
-        if t == newest:
-            at_newest.add((str(rec.get("instance")), str(rec.get("message"))))
-    if res.get("truncated"):
-        print(f"-- {res['truncated']} older records left out (reply size limit); narrow with "
-              "--since or --grep", file=sys.stderr)
-    return newest, at_newest
+    args = _read_args(ns)
+    while True:
+        res = read(args)
+        if res.get("gap"):
+            print("-- older files were removed by rotation while reading; records are missing "
+                  "here", file=sys.stderr)
+        for rec in res.get("records", []):
+            print(_line(rec, ns.json))
+            t = int(rec.get("time_ns", 0))
+            if t > newest:
+                newest, at_newest = t, set()
+            if t == newest:
+                at_newest.add((str(rec.get("instance")), str(rec.get("message"))))
+        sys.stdout.flush()
+        if not res.get("next"):
+            return newest, at_newest
+        args = {**args, "cursor": res["next"]}
 
 
 async def _follow(ns: argparse.Namespace) -> None:
-    import re
-
     pattern = re.compile(ns.grep) if ns.grep else None
     stream = events(f"log.{ns.app}")
     first = asyncio.ensure_future(anext(stream))  # subscribe before reading the history
     await asyncio.sleep(0.2)  # let the subscription reach the kernel's PUB socket
-    newest, at_newest = _history(
-        ns, await KernelClient().acall("driver.query", {"capability": "log", "query": "read",
-                                                        "args": _read_args(ns)}))
+    client = KernelClient()
+    loop = asyncio.get_running_loop()
+
+    def read(args: dict[str, Any]) -> dict[str, Any]:
+        return asyncio.run_coroutine_threadsafe(client.acall("driver.query", {
+            "capability": "log", "query": "read", "args": args}), loop).result()
+
+    newest, at_newest = await asyncio.to_thread(_history, ns, read)
 
     def fresh(rec: dict[str, Any]) -> bool:
         t = int(rec.get("time_ns", 0))
@@ -129,12 +163,14 @@ def cmd_errors(ns: argparse.Namespace) -> int:
 def cmd_top(ns: argparse.Namespace) -> int:
     """Per-instance CPU, memory, files, threads, connections, and the lb's figures of the
     instances that are backends (requests, active, 5xx, p99); refreshed until Ctrl-C."""
+    clear = not ns.once and sys.stdout.isatty()
     while True:
         rows = _top_rows(ns.app)
         if ns.json:
             print(json.dumps(rows, indent=2, sort_keys=True))
             return 0
-        print("\x1b[H\x1b[2J" if not ns.once else "", end="")
+        if clear:  # a terminal only: piped to a file or `grep`, each refresh is appended
+            print("\x1b[H\x1b[2J", end="")
         print(f"{'INSTANCE':32} {'CPU%':>6} {'RSS MiB':>8} {'FILES':>6} {'THREADS':>7} "
               f"{'CONNS':>6} {'PROCS':>6} {'REQS':>8} {'ACTIVE':>6} {'5XX':>5} {'P99 ms':>7}")
         for r in rows:
@@ -150,6 +186,7 @@ def cmd_top(ns: argparse.Namespace) -> int:
             else:  # a backend the log driver does not sample
                 print(f"{r.get('instance', ''):32} {'-':>6} {'-':>8} {'-':>6} {'-':>7} {'-':>6} "
                       f"{'-':>6} {lb_cols}")
+        sys.stdout.flush()  # piped: each refresh arrives whole, when it is made
         if ns.once:
             return 0
         time.sleep(ns.interval)
@@ -200,9 +237,10 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--since", type=since_arg,
                    help="a duration back from now (10m, 1h30m) or an ISO 8601 time; "
                         "see docs/manifest.md#sizes-and-durations")
-    s.add_argument("--grep", help="regular expression on the message")
+    s.add_argument("--grep", type=grep_arg, help="regular expression on the message")
     s.add_argument("--instance", help="instance id or process type")
-    s.add_argument("-n", "--lines", type=int, default=200)
+    s.add_argument("-n", "--lines", type=lines_arg, default=200, metavar="N",
+                   help="the last N lines (default 200), in order; with -f, then live")
     s.add_argument("--json", action="store_true")
     s = sub.add_parser("errors", help=cmd_errors.__doc__)
     s.add_argument("app")

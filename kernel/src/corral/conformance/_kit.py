@@ -62,7 +62,11 @@ async def run_checks(
 ) -> KitResult:
     """Start ``command`` as the kernel would and run ``checks`` against it, in order."""
     kernel = StandIn(list(command), heartbeat_ms=heartbeat_ms, extra_env=dict(extra_env or {}))
-    await kernel.start()
+    try:
+        await kernel.start()
+    except BaseException:
+        await kernel.close()  # the temporary directory goes even when binding failed
+        raise
     run = Run(kernel, capability=capability)
     outcomes: list[Outcome] = []
     stopped_by: str | None = None

@@ -313,9 +313,13 @@ class StandIn:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.router.close(0)
-        self.pub.close(0)
-        self._zap.close()
+        for name in ("router", "pub"):  # absent when start() failed before binding them
+            sock = getattr(self, name, None)
+            if sock is not None:
+                sock.close(0)
+        zap = getattr(self, "_zap", None)
+        if zap is not None:
+            zap.close()
         self._ctx.term()
         shutil.rmtree(self.base, ignore_errors=True)
 

@@ -294,8 +294,15 @@ class Instances:
         try:
             data = path.read_bytes()[-400:].decode("utf-8", "replace").strip()
         except OSError:
-            await asyncio.sleep(0.2)  # the capture drains what the instance wrote last
-            data = (await self.drivers.output_tail(rec.spec.app, rec.spec.id))[-400:].strip()
+            # the capturing driver drains what the instance wrote last a moment after it died
+            # (sooner on an idle host): ask again for up to a second while it has nothing
+            data = ""
+            for delay in (0.1, 0.2, 0.3, 0.4):
+                await asyncio.sleep(delay)
+                data = (await self.drivers.output_tail(rec.spec.app, rec.spec.id)
+                        )[-400:].strip()
+                if data:
+                    break
         return f"last output: {data!r}" if data else "it wrote nothing"
 
     # ---- supervision -------------------------------------------------------------------------

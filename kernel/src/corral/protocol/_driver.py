@@ -13,6 +13,12 @@ class DriverDescription:
     ``module`` is run as ``python -m module`` with the kernel's interpreter; ``argv`` instead
     runs an executable (drivers in other languages). Importing the description must not
     import the driver's code or its dependencies.
+
+    ``reset`` (optional) names a module that ``corral host reset`` runs as
+    ``python -m reset`` to find and remove what the driver leaves on the host outside the
+    runtime dir (namespaces, nft tables, mounts, cgroups), by its naming conventions alone: the
+    home and the ledger may be gone. Its contract is :mod:`corral.sdk` ``serve_reset``: a
+    JSON request on stdin, a JSON report on stdout.
     """
 
     name: str
@@ -22,6 +28,7 @@ class DriverDescription:
     argv: tuple[str, ...] = ()
     protocols: tuple[str, ...] = ("CDP/1",)
     doc: str = field(default="")
+    reset: str | None = None
 
     def command(self) -> list[str]:
         """The command line that starts this driver."""
@@ -30,3 +37,7 @@ class DriverDescription:
         if self.module is None:
             raise ValueError(f"driver {self.name!r} has neither module nor argv")
         return [sys.executable, "-m", self.module]
+
+    def reset_command(self) -> list[str] | None:
+        """The command line of this driver's host reset (None: it leaves nothing to reset)."""
+        return [sys.executable, "-m", self.reset] if self.reset else None

@@ -1,5 +1,5 @@
-"""Syslog sink: RFC 5424 messages over UDP (RFC 5426), TCP with octet counting (RFC 6587)
-or a unix socket (datagram like /dev/log, or stream with octet counting)."""
+"""Syslog sink: RFC 5424 (or BSD, RFC 3164) messages over UDP (RFC 5426), TCP with octet
+counting (RFC 6587) or a unix socket (datagram like /dev/log, or stream with octet counting)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ def format_3164(record: Record, *, facility: int, hostname: str) -> bytes:
 
 
 class SyslogSink:
-    """Sends each record as one RFC 5424 message to ``address``.
+    """Sends each record as one RFC 5424 message (``format="rfc3164"``: a BSD syslog message,
+    for receivers that only read the old format) to ``address``.
 
     TCP and unix-stream frame messages with octet counting; before each chunk the connection
     is checked for an orderly close by the receiver, so a stopped receiver is noticed before
@@ -160,7 +161,7 @@ class SyslogSink:
         if s is None:
             s = self.sock = self._connect()
         msgs = [
-            format_5424(r, facility=self.facility, hostname=self.hostname) for r in chunk.records()
+            self.format(r, facility=self.facility, hostname=self.hostname) for r in chunk.records()
         ]
         try:
             if self.stream:
