@@ -15,11 +15,12 @@ cd "$(dirname "$0")/.."
 #   make pkg-config libzmq3-dev libjansson-dev   the reference driver in C (examples/driver-c)
 #   nodejs npm             the lb policy example in JavaScript (examples/policy-js)
 #   util-linux             setpriv, unshare for the tests
+#   systemd                systemd-analyze verifies the unit `corral host install` writes
 #   default-jdk-headless   Java inside a filtered app (tests of the seccomp allow-list; the
 #                          source launcher they use needs the JDK's compiler; ~70 MB)
 #   Benchmarks install their own peers (haproxy, wrk, nginx-light) when run.
 APT_PACKAGES=(nftables libnftables1 iproute2 tini libseccomp2 bubblewrap gcc make pkg-config
-              libzmq3-dev libjansson-dev util-linux procps curl default-jdk-headless)
+              libzmq3-dev libjansson-dev util-linux procps curl systemd default-jdk-headless)
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()

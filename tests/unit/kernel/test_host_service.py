@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require
 from corral import systemd
 from corral.protocol import DriverDescription
 
@@ -69,9 +70,10 @@ def test_exec_start_quotes_words_with_spaces() -> None:
     assert unit["Service"]["ExecStart"] == '"/opt/my corral/python" -m corral.daemon'
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
 def test_systemd_analyze_accepts_the_unit(tmp_path: Path) -> None:
     """systemd's own parser finds no unknown key or bad value in the unit."""
+    require(shutil.which("systemd-analyze") is not None,
+            "systemd-analyze (Debian package systemd; scripts/setup.sh installs it)")
     path = tmp_path / "corrald.service"
     path.write_text(systemd.unit([sys.executable, "-m", "corral.daemon"]))
     done = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True,
