@@ -120,6 +120,18 @@ def kill_driver(k: KernelProcess, name: str) -> int:
     return pid
 
 
+def back_and_confined(k: KernelProcess, cap: str, crashed_pid: int, late: Path) -> None:
+    """Once the driver is connected again: the crashed instance restarts, confined, and the
+    deploy that was refused now goes through, confined too."""
+    wait_for(lambda: drivers_running(k, DRIVERS), 20, what=f"{cap} back")
+    wait_for(lambda: instance(k, "keep")["pid"] != crashed_pid
+             and instance(k, "keep")["state"] == "ready", 30, what="the restart")
+    assert_confined(instance(k, "keep")["pid"])
+    r = k.cli("up", str(late))
+    assert r.returncode == 0, r.stderr
+    assert_confined(instance(k, "late")["pid"])
+
+
 @pytest.fixture
 def net_host() -> NetHost:
     require_net()
@@ -159,14 +171,7 @@ def test_restarting_driver_refuses_deploys_and_holds_back_restarts(
         assert "(waiting for a driver)" in k.cli("ps").stdout
 
         gate.unlink()  # the driver comes up; the instance is started again, confined
-        wait_for(lambda: drivers_running(k, DRIVERS), 20, what=f"{cap} back")
-        wait_for(lambda: instance(k, "keep")["pid"] != first["pid"]
-                 and instance(k, "keep")["state"] == "ready", 30, what="the restart")
-        assert_confined(instance(k, "keep")["pid"])
-
-        r = k.cli("up", str(public_dir / "late"))
-        assert r.returncode == 0, r.stderr
-        assert_confined(instance(k, "late")["pid"])
+        back_and_confined(k, cap, first["pid"], public_dir / "late")
     finally:
         gate.unlink(missing_ok=True)
         k.teardown()
@@ -204,13 +209,7 @@ def test_failed_driver_refuses_at_once_until_restarted(cap: str, public_dir: Pat
 
         r = k.cli("drivers", "restart", cap)
         assert r.returncode == 0, r.stderr
-        wait_for(lambda: drivers_running(k, DRIVERS), 20, what=f"{cap} back")
-        wait_for(lambda: instance(k, "keep")["pid"] != first["pid"]
-                 and instance(k, "keep")["state"] == "ready", 30, what="the restart")
-        assert_confined(instance(k, "keep")["pid"])
-        r = k.cli("up", str(public_dir / "late"))
-        assert r.returncode == 0, r.stderr
-        assert_confined(instance(k, "late")["pid"])
+        back_and_confined(k, cap, first["pid"], public_dir / "late")
     finally:
         gate.unlink(missing_ok=True)
         k.teardown()
