@@ -46,14 +46,13 @@ from corral_lb.http_framing import (
     read_request_head,
     read_response_head,
 )
+from corral_lb.listener import Listener
 from corral_lb.service import Service
 
 log = structlog.get_logger("corral_lb")
 
 MAX_BUFFERED = 1024 * 1024  # client bytes buffered while a request is in flight
 IDLE_PER_BACKEND = 512
-ACCEPTS_PER_TURN = 64  # then the event loop runs other work
-ACCEPT_RETRY_DELAY = 1.0  # seconds, after running out of file descriptors (as asyncio does)
 _now = time.monotonic
 
 
@@ -783,20 +782,13 @@ class HttpFrontend:
                  max_connections: int = 0) -> None:
         self.idle_timeout = idle_timeout
         self.max_body_size = max_body_size
-        self.max_connections = max_connections
         self._sweeper: asyncio.Task[None] | None = None
         self.routes: dict[bytes, Service] = {}
         self.generation = 0  # bumped on every route change: invalidates cached routing
         self.pool = UpstreamPool()
         self.conns: set[HttpConnection] = set()
-        self.sock: socket.socket | None = None
-        self.listen = ""
-        self.accepted = 0  # client connections accepted since start
-        self.active = 0  # client connections open (or being set up)
-        self.limited = 0  # times accepting stopped because max_connections were open
-        self._accepting = False
+        self.listener = Listener(self._on_client, max_connections=max_connections)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._retry: asyncio.TimerHandle | None = None
         self._setups: set[asyncio.Task[None]] = set()
         self._removers: dict[str, Callable[[Backend], None]] = {}
 
@@ -830,51 +822,26 @@ class HttpFrontend:
             name = host.rsplit(b":", 1)[0]
         return routes.get(name)
 
+    @property
+    def listen(self) -> str:
+        """The address this frontend listens on ('host:port')."""
+        return self.listener.listen
+
     async def start(self, host: str, port: int) -> None:
         """Listen on (host, port)."""
         loop = self._loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.create_server((host, port), family=family, backlog=4096)
-        sock.setblocking(False)
-        self.sock = sock
-        self.listen = f"{host}:{port}"
-        self._start_accepting()
+        self.listener.start(sock)
         if self.idle_timeout > 0:
             self._sweeper = loop.create_task(self._sweep_idle(), name=f"http idle {port}")
 
-    def _start_accepting(self) -> None:
-        if not self._accepting and self.sock is not None and self._loop is not None:
-            self._accepting = True
-            self._loop.add_reader(self.sock.fileno(), self._accept)
-
-    def _stop_accepting(self) -> None:
-        if self._accepting and self.sock is not None and self._loop is not None:
-            self._accepting = False
-            self._loop.remove_reader(self.sock.fileno())
-
-    def _accept(self) -> None:
-        sock, loop = self.sock, self._loop
-        if sock is None or loop is None:
-            return
-        for _ in range(ACCEPTS_PER_TURN):
-            if 0 < self.max_connections <= self.active:
-                self._stop_accepting()  # resumed by released()
-                self.limited += 1
-                return
-            try:
-                client, _ = sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:  # EMFILE, ENFILE, ENOBUFS: pause accepting for a moment
-                log.warning("accept failed", listen=self.listen, error=str(e))
-                self._stop_accepting()
-                self._retry = loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
-                return
-            self.accepted += 1
-            self.active += 1
-            task = loop.create_task(self._setup(client))
-            self._setups.add(task)
-            task.add_done_callback(self._setups.discard)
+    def _on_client(self, client: socket.socket, _peer: Any) -> bool:
+        assert self._loop is not None
+        task = self._loop.create_task(self._setup(client))
+        self._setups.add(task)
+        task.add_done_callback(self._setups.discard)
+        return True  # open (being set up) until released()
 
     async def _setup(self, client: socket.socket) -> None:
         assert self._loop is not None
@@ -885,21 +852,13 @@ class HttpFrontend:
             client.close()
             self.released()
 
-    def _resume(self) -> None:
-        self._retry = None
-        self._start_accepting()
-
     def released(self) -> None:
         """A client connection closed: accept again if the cap had stopped accepting."""
-        self.active -= 1
-        if not self._accepting and self._retry is None and (
-                self.max_connections <= 0 or self.active < self.max_connections):
-            self._start_accepting()
+        self.listener.released()
 
     def metrics(self) -> dict[str, Any]:
         """Client connections: accepted so far, open now, the cap, times the cap was hit."""
-        return {"listen": self.listen, "accepted": self.accepted, "active": self.active,
-                "max_connections": self.max_connections, "limited": self.limited}
+        return self.listener.metrics()
 
     async def _sweep_idle(self) -> None:
         timeout = self.idle_timeout
@@ -915,13 +874,7 @@ class HttpFrontend:
         """Stop listening and close every connection."""
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
-        self._stop_accepting()
-        sock, self.sock = self.sock, None
-        if sock is not None:
-            sock.close()
+        self.listener.close()
         for task in list(self._setups):
             task.cancel()
         for c in list(self.conns):

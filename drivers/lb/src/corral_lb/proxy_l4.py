@@ -21,18 +21,18 @@ import itertools
 import os
 import socket
 import time
+from typing import Any
 
 import structlog
 
 from corral_lb import _relay
 from corral_lb.backend import Backend
+from corral_lb.listener import Listener
 from corral_lb.service import Service
 
 log = structlog.get_logger("corral_lb")
 
 CONNECT_ATTEMPTS = 3  # distinct backends tried before the client connection is closed
-ACCEPTS_PER_TURN = 64  # then the event loop runs other work
-ACCEPT_RETRY_DELAY = 1.0  # seconds, after running out of file descriptors (as asyncio does)
 
 
 class Relay:
@@ -256,14 +256,8 @@ class L4Frontend:
     def __init__(self, service: Service, relay: Relay, *, max_connections: int = 0) -> None:
         self.service = service
         self.relay = relay
-        self.max_connections = max_connections
-        self.accepted = 0  # connections accepted since start
-        self.limited = 0  # times accepting stopped because max_connections were open
-        self._paused = False  # stopped accepting at the cap
-        self.sock: socket.socket | None = None
+        self.listener = Listener(self._on_client, max_connections=max_connections)
         self.connections: set[L4Connection] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._retry: asyncio.TimerHandle | None = None
         service.on_remove.append(self._backend_removed)
 
     def _backend_removed(self, b: Backend) -> None:
@@ -277,74 +271,35 @@ class L4Frontend:
             sock = socket.create_server((host, port), family=family, backlog=4096)
         else:
             sock.listen(4096)
-        sock.setblocking(False)
-        self.sock = sock
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(sock.fileno(), self._accept)
+        self.listener.start(sock)
 
-    def _accept(self) -> None:
-        sock = self.sock
-        if sock is None:
-            return
-        for _ in range(ACCEPTS_PER_TURN):
-            if 0 < self.max_connections <= len(self.connections):
-                assert self._loop is not None
-                self._loop.remove_reader(sock.fileno())  # resumed by released()
-                self._paused = True
-                self.limited += 1
-                return
-            try:
-                client, peer = sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:  # EMFILE, ENFILE, ENOBUFS: pause accepting for a moment
-                log.warning("accept failed", service=self.service.name, error=str(e))
-                assert self._loop is not None
-                self._loop.remove_reader(sock.fileno())
-                self._retry = self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
-                return
-            try:
-                client.setblocking(False)
-                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:  # reset before we got to it
-                client.close()
-                continue
-            conn = L4Connection(self, client, peer)
-            self.connections.add(conn)
-            self.accepted += 1
-            conn.start()
+    def _on_client(self, client: socket.socket, peer: Any) -> bool:
+        try:
+            client.setblocking(False)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # reset before we got to it
+            client.close()
+            return False
+        conn = L4Connection(self, client, peer)
+        self.connections.add(conn)
+        conn.start()
+        return True
 
     def released(self, conn: L4Connection) -> None:
         """A connection ended: accept again if the cap had stopped accepting."""
-        self.connections.discard(conn)
-        if self._paused and len(self.connections) < self.max_connections:
-            self._paused = False
-            if self.sock is not None and self._loop is not None:
-                self._loop.add_reader(self.sock.fileno(), self._accept)
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.listener.released()
 
     def metrics(self) -> dict[str, object]:
         """Client connections: accepted so far, open now, the cap, times the cap was hit."""
-        host, port = self.sock.getsockname()[:2] if self.sock is not None else ("", 0)
-        return {"listen": f"{host}:{port}", "accepted": self.accepted,
-                "active": len(self.connections), "max_connections": self.max_connections,
-                "limited": self.limited}
-
-    def _resume(self) -> None:
-        self._retry = None
-        if self.sock is not None and self._loop is not None:
-            self._loop.add_reader(self.sock.fileno(), self._accept)
+        return self.listener.metrics()
 
     async def close(self) -> None:
         """Stop listening and close every connection of this frontend."""
         if self._backend_removed in self.service.on_remove:
             self.service.on_remove.remove(self._backend_removed)
-        if self._retry is not None:
-            self._retry.cancel()
-        sock, self.sock = self.sock, None
-        if sock is not None:
-            if self._loop is not None and not self._paused:
-                self._loop.remove_reader(sock.fileno())
-            sock.close()
+        self.listener.close()
         for c in list(self.connections):
             c.cut()
         # Cut pairs are reported by the relay thread; wait (briefly) for their accounting.
