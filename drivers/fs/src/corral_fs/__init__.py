@@ -8,4 +8,5 @@ DRIVER = DriverDescription(
     version="0.1.0",
     module="corral_fs.driver",
     doc="process sandbox: read-only system, granted paths, private /tmp, cgroup limits",
+    sections={"limits": "corral_fs.sections:LIMITS"},
 )

@@ -8,6 +8,7 @@ DRIVER = DriverDescription(
     version="0.1.0",
     module="corral_lb",
     doc="load balancer: nft DNAT or userspace proxy; policies; health checks; on-demand",
+    sections={"lb": "corral_lb.sections:LB"},
 )
 
 __all__ = ["DRIVER"]

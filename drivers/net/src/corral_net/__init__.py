@@ -8,4 +8,5 @@ DRIVER = DriverDescription(
     version="0.1.0",
     module="corral_net.driver",
     doc="network namespaces, veth pairs, addresses; nftables ingress/egress/DNAT per app",
+    sections={"network": "corral_net.sections:NETWORK"},
 )
