@@ -98,6 +98,11 @@ def load_job(app: str, name: str, raw: Any) -> CronJob:
         for err in exc.errors():
             path, message = describe(err, raw, CronJobSpec)
             problems.append(f"{format_path(('cron', name, *path))}: {message}")
+        if isinstance(raw.get("schedule"), str):  # a bad schedule is said along with the rest
+            try:
+                parse_schedule(raw["schedule"])
+            except ScheduleError as schedule_error:
+                problems.append(f"{where}.schedule: {schedule_error}")
         raise ManifestError(problems) from None
     problems: list[str] = []
 
@@ -137,7 +142,8 @@ def load_job(app: str, name: str, raw: Any) -> CronJob:
     if spec.jitter is True:
         jitter_max = min(shortest / 10, timedelta(minutes=1))
     if jitter_max >= shortest:
-        problems.append(f"{where}.jitter: {spec.jitter} must be shorter than the shortest interval"
+        problems.append(f"{where}.jitter: {format_duration(jitter_max)} must be shorter than the "
+                        "shortest interval"
                         f" between runs ({format_duration(shortest)})")
     if problems:
         raise ManifestError(problems)

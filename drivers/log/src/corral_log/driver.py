@@ -17,6 +17,7 @@ from corral.protocol._ops import (
     StateSync,
 )
 from corral.sdk import Driver, op
+from corral_log import DRIVER
 from corral_log.service import LogService
 
 REPLY_BUDGET = MAX_BODY - (64 << 10)  # room for the envelope around the records
@@ -53,6 +54,7 @@ class LogDriver(Driver):
 
     name = "log"
     capability = "log"
+    description = DRIVER  # its [section]s, checked by manifest.check
     features = frozenset({"output"})
     version = "0.1.0"
 

@@ -41,6 +41,16 @@ class Deploy(Args):
         "healthy; default: its process's start_timeout, else the host's start_timeout_s")
 
 
+class Check(Args):
+    """``app.check``: resolve the manifest in ``directory``, every section validated by its
+    owner among the running drivers; nothing is claimed nor started."""
+
+    directory: str
+    set: list[str] = Field(default_factory=list)
+    offset: int = 0
+    env: list[str] = Field(default_factory=list)
+
+
 class Scale(Args):
     """``app.scale``: set the instance count of some of a deployed app's processes."""
 
@@ -271,6 +281,8 @@ def _table(*ops: Operation) -> dict[str, Operation]:
 
 _CLIENT_OPS = _table(
     Operation("app.deploy", Deploy, "claim, launch and wait for an app"),
+    Operation("app.check", Check, "the resolved manifest ({manifest}) or its problems "
+              "({problems}), every section checked by its owner"),
     Operation("app.down", AppName, "stop an app and release all it holds"),
     Operation("app.scale", Scale, "set instance counts; rolls like a redeploy"),
     Operation("app.ps", NoArgs, "apps and instances with their state"),
