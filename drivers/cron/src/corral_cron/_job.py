@@ -94,16 +94,16 @@ def load_job(app: str, name: str, raw: Any) -> CronJob:
     try:
         spec = CronJobSpec.model_validate(raw)
     except ValidationError as exc:
-        problems = []
+        found = []
         for err in exc.errors():
             path, message = describe(err, raw, CronJobSpec)
-            problems.append(f"{format_path(('cron', name, *path))}: {message}")
+            found.append(f"{format_path(('cron', name, *path))}: {message}")
         if isinstance(raw.get("schedule"), str):  # a bad schedule is said along with the rest
             try:
                 parse_schedule(raw["schedule"])
             except ScheduleError as schedule_error:
-                problems.append(f"{where}.schedule: {schedule_error}")
-        raise ManifestError(problems) from None
+                found.append(f"{where}.schedule: {schedule_error}")
+        raise ManifestError(found) from None
     problems: list[str] = []
 
     def duration(field_name: str, text: str | float | None) -> timedelta | None:

@@ -37,10 +37,9 @@ def load_lb_config(
     Unset fields (None) take the lb's defaults: the name is the app's, the plane the host's.
     """
     section = {k: v for k, v in section.items() if v is not None}
-    section.setdefault("name", app)
     section.setdefault("plane", default_plane)
     try:
-        config = LbConfig.model_validate(section)
+        config = LbConfig.model_validate(section, context={"app": app})
     except ValidationError as e:
         problems = []
         for err in e.errors():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Discriminator, Field, Tag, ValidationInfo
+from pydantic import BeforeValidator, Discriminator, Field, Tag, ValidationInfo, model_validator
 
 from corral.protocol import ManifestCheck
 from corral.sdk.sections import (
@@ -107,8 +107,8 @@ def _health(value: object) -> object:
 class LbConfig(SectionModel):
     """One app's ``[lb]`` section: the manifest schema and the lb's runtime config in one."""
 
-    name: Hostname | None = Field(
-        default=None, description="registered name (HTTP Host routing key); default: the app's")
+    name: Hostname = Field(description="registered name (HTTP Host routing key); default: the "
+                           "app's name")
     frontend: Frontend = Field(description="port, or 'address:port' to listen on")
     process: Name | None = Field(
         default=None,
@@ -133,6 +133,15 @@ class LbConfig(SectionModel):
         description="on-demand: the lb hands its listening socket to the instance as fd 3 "
         "(LISTEN_FDS=1, LISTEN_PID); the app accepts on it instead of binding its port")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, data: Any, info: ValidationInfo) -> Any:
+        """The name defaults to the app's (the validation context's ``app``)."""
+        app = (info.context or {}).get("app")
+        if isinstance(data, dict) and data.get("name") is None and app:
+            data = {**data, "name": app}
+        return data
+
     @property
     def listen(self) -> tuple[str, int]:
         """(address, port) of the frontend; a bare port listens on every address."""
@@ -149,11 +158,6 @@ class LbConfig(SectionModel):
         if self.policy is not None:
             return self.policy
         return "weighted" if self.plane == "nft" else "p2c"
-
-    @property
-    def registered(self) -> str:
-        """The registered name (set by ``load_lb_config`` / the check: the app's by default)."""
-        return self.name or ""
 
 
 def rules(cfg: LbConfig) -> list[tuple[tuple[str, ...], str]]:
@@ -205,8 +209,6 @@ def check(cfg: LbConfig, context: ManifestCheck, report: Report) -> LbConfig:
         report.problem((), "expected one process with a port to receive the traffic " + (
             f"(several have one: {', '.join(with_port)}; choose with lb.process)" if with_port
             else '(give a [processes] entry port = "<name of a [ports] entry>")'))
-    if cfg.name is None:
-        cfg.name = context.app
     port = cfg.listen[1]
     report.port(("frontend",), port)
     report.claim("lbname", cfg.name, {"app": context.app})

@@ -426,8 +426,9 @@ class Section:
     """One manifest section a driver owns.
 
     ``schema``: the type of the section's value, a model class or an annotation such as
-    ``dict[str, CronJob]``. ``check``: the cross-check run on a valid value. ``offset_ports``:
-    paths inside the section of integer ports that ``--offset`` moves.
+    ``dict[str, CronJob]``; it is validated with the context ``{"offset", "app"}``.
+    ``check``: the cross-check run on a valid value. ``offset_ports``: paths inside the
+    section of integer ports that ``--offset`` moves.
     """
 
     name: str
@@ -449,7 +450,8 @@ class Section:
             for path in self.offset_ports:
                 _shift(data, path, context.offset)
         try:
-            value = self.adapter().validate_python(data, context={"offset": context.offset})
+            value = self.adapter().validate_python(
+                data, context={"offset": context.offset, "app": context.app})
         except ValidationError as exc:
             for error in exc.errors():
                 path, message = describe(error, data, self.schema)
