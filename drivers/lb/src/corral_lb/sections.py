@@ -161,7 +161,8 @@ class LbConfig(SectionModel):
 
 
 def rules(cfg: LbConfig) -> list[tuple[tuple[str, ...], str]]:
-    """The rules across ``[lb]``'s own fields: (field path, problem) for each one broken."""
+    """The rules across ``[lb]``'s own values: (field path, problem) for each one broken. The
+    runtime config (``load_lb_config``) is held to them too."""
     out: list[tuple[tuple[str, ...], str]] = []
     if cfg.plane == "nft":
         if cfg.mode != "tcp":
@@ -182,21 +183,30 @@ def rules(cfg: LbConfig) -> list[tuple[tuple[str, ...], str]]:
         out.append((("policy",), 'policy = "hash-header" needs mode = "http"'))
     if cfg.hash_header and cfg.policy != "hash-header":
         out.append((("hash_header",), 'expected hash_header only with policy = "hash-header"'))
+    if cfg.health.http is None and not cfg.health.tcp:
+        out.append((("health",), 'expected a check: http = "/path" or tcp = true'))
+    return out
+
+
+def _written(cfg: LbConfig) -> list[tuple[tuple[str, ...], str]]:
+    """Rules on what the manifest says explicitly (not on the defaults a resolved section
+    carries): idle without on-demand, two health checks at once."""
+    out: list[tuple[tuple[str, ...], str]] = []
     if cfg.activation == "always" and "idle" in cfg.model_fields_set:
         out.append((("idle",), 'expected idle only with activation = "on-demand"'))
     health = cfg.health
     if health.http is not None and "tcp" in health.model_fields_set and health.tcp:
         out.append((("health",), 'expected exactly one check: http = "/path" or tcp = true'))
-    if health.http is None and not health.tcp:
-        out.append((("health",), 'expected a check: http = "/path" or tcp = true'))
     return out
 
 
 def check(cfg: LbConfig, context: ManifestCheck, report: Report) -> LbConfig:
     """Cross-check ``[lb]`` against the app: its backends' process, the name and frontend to
     claim, the process started on demand."""
-    for path, message in rules(cfg):
+    for path, message in [*rules(cfg), *_written(cfg)]:
         report.problem(path, message)
+    if cfg.health.http is not None:
+        cfg.health.tcp = False  # the one check in force, said once in the resolved section
     with_port = [name for name, p in context.processes.items() if p.get("port") is not None]
     if cfg.process is not None:
         chosen = context.processes.get(cfg.process)
