@@ -303,9 +303,10 @@ class Supervisor:
         """The enabled drivers a launch needs, from the host config and the manifest alone.
 
         Every enabled driver of a capability that takes part in launches (CAPABILITIES'
-        ``launch``: net, fs, log), plus, for a deploy, every enabled driver of a capability
-        that acts on one of the manifest's ``sections`` (an lb for ``[lb]``). Whether a
-        driver happens to be connected right now plays no part: that is what is waited for.
+        ``launch``: net, fs, log), plus, for a deploy, every enabled driver that owns one of
+        the manifest's ``sections`` (declared in its description or HELLO: an lb for
+        ``[lb]``). Whether a driver happens to be connected right now plays no part: that is
+        what is waited for.
         """
         wanted = set(sections)
         out = []
@@ -313,7 +314,7 @@ class Supervisor:
             if slot.state == "disabled":
                 continue
             cap = CAPABILITIES.get(slot.capability)
-            if cap is not None and (cap.launch or wanted & (set(cap.sections) | slot.sections)):
+            if cap is not None and (cap.launch or wanted & slot.sections):
                 out.append(slot)
         return out
 

@@ -340,9 +340,6 @@ class Capability:
     one-off starts unless that driver is connected and contributed to its launch plan
     (``instance.prepare`` is therefore required): a driver that is down makes launches wait,
     then fail, never run without it.
-    ``sections``: the manifest sections the capability acts on. A deploy whose manifest has
-    one of them needs an enabled driver of the capability connected (an lb gates a rollout
-    on health, a cron driver schedules the jobs).
     ``confinement``: the capability is the app's sandbox. A host with no such driver enabled
     runs apps unconfined, which the host config must say explicitly (``unconfined = true``).
     """
@@ -352,7 +349,6 @@ class Capability:
     doc: str
     optional: frozenset[str] = field(default_factory=lambda: frozenset(LIFECYCLE_OPS))
     launch: bool = False
-    sections: tuple[str, ...] = ()
     confinement: bool = False
 
 
@@ -379,15 +375,12 @@ _PREPARES = frozenset({"state.sync", "instance.prepare"})
 CAPABILITIES: dict[str, Capability] = {
     c.name: c
     for c in (
-        Capability("net", _PREPARES, "network namespaces, addresses, nftables", launch=True,
-                   sections=("network",)),
+        Capability("net", _PREPARES, "network namespaces, addresses, nftables", launch=True),
         Capability("fs", _PREPARES, "mount view, users, cgroups, system-call filter",
-                   launch=True, sections=("limits",), confinement=True),
-        Capability("log", _PREPARES, "output capture, sinks, tracebacks", launch=True,
-                   sections=("logs",)),
-        Capability("lb", frozenset({"state.sync"}), "names, frontends, balancing",
-                   sections=("lb",)),
-        Capability("cron", frozenset({"state.sync"}), "scheduled jobs", sections=("cron",)),
+                   launch=True, confinement=True),
+        Capability("log", _PREPARES, "output capture, sinks, tracebacks", launch=True),
+        Capability("lb", frozenset({"state.sync"}), "names, frontends, balancing"),
+        Capability("cron", frozenset({"state.sync"}), "scheduled jobs"),
     )
 }
 
