@@ -1,8 +1,14 @@
 /*
  * hello-c: a CDP/1 reference driver in C (libzmq + jansson), for `corral.conformance`.
  *
- * It serves capability "cron" with two operations: state.sync (it holds no state, so there is
- * nothing to re-apply or collect) and query.cron.hello. It shows what every driver must do:
+ * It serves capability "cron" with three operations: state.sync (it holds no state, so there is
+ * nothing to re-apply or collect), query.cron.hello, and manifest.check for the manifest section
+ * it owns, declared in HELLO `sections`:
+ *
+ *     [hello]
+ *     greeting = "hi"      # a non-empty string of at most 200 bytes; default "hello"
+ *
+ * It shows what every driver must do:
  * HELLO with the one-time CORRAL_DRIVER_TOKEN, heartbeat at the interval WELCOME names, treat
  * three silent intervals as a lost kernel and HELLO again on a fresh socket, answer undeclared
  * operations with ERROR 404 and bad arguments with ERROR 422, drop any malformed message
@@ -28,6 +34,8 @@
 #define DRIVER_VERSION "0.1.0"
 #define CAPABILITY "cron"
 #define QUERY_HELLO "query.cron.hello"
+#define SECTION "hello" /* the manifest section this driver owns */
+#define DEFAULT_GREETING "hello"
 #define WELCOME_TIMEOUT_MS 2000
 
 enum { CODE_BAD_FRAME = 400, CODE_UNKNOWN_OPERATION = 404, CODE_TOO_LARGE = 413,
@@ -173,8 +181,69 @@ static int valid_request(json_t *body, json_int_t *id, const char **op, json_t *
     return 1;
 }
 
+/* Append {path: [section, field?], message} to problems. */
+static void problem(json_t *problems, const char *section, const char *field, const char *message) {
+    json_t *path = json_pack("[s]", section);
+    if (field != NULL)
+        json_array_append_new(path, json_string(field));
+    json_array_append_new(problems, json_pack("{s:o, s:s}", "path", path, "message", message));
+}
+
+/* manifest.check: validate [hello] (the one section this driver owns); answer ManifestChecked:
+   the section normalized (the default greeting filled in) or its problems, located by path. */
+static void check_manifest(void *sock, json_int_t id, json_t *args) {
+    json_t *sections = args ? json_object_get(args, "sections") : NULL;
+    json_t *app = args ? json_object_get(args, "app") : NULL;
+    json_t *directory = args ? json_object_get(args, "directory") : NULL;
+    if (!json_is_object(sections) || !json_is_string(app) || !json_is_string(directory)) {
+        send_error(sock, id, CODE_INVALID,
+                   "manifest.check: args must be {app: str, directory: str, sections: {...}}");
+        return;
+    }
+    json_t *normalized = json_object(), *problems = json_array();
+    const char *name;
+    json_t *value;
+    json_object_foreach(sections, name, value) {
+        char message[300];
+        if (strcmp(name, SECTION) != 0) {
+            snprintf(message, sizeof message,
+                     "section [%.100s] is not one this driver owns (" SECTION ")", name);
+            problem(problems, name, NULL, message);
+            continue;
+        }
+        if (!json_is_object(value)) {
+            problem(problems, SECTION, NULL, "expected a table");
+            continue;
+        }
+        int bad = 0;
+        const char *key;
+        json_t *field;
+        json_object_foreach(value, key, field) {
+            if (strcmp(key, "greeting") != 0) {
+                problem(problems, SECTION, key, "unknown key (expected one of: greeting)");
+                bad = 1;
+            }
+        }
+        json_t *greeting = json_object_get(value, "greeting");
+        if (greeting != NULL && (!json_is_string(greeting) || json_string_length(greeting) == 0
+                                 || json_string_length(greeting) > 200)) {
+            problem(problems, SECTION, "greeting",
+                    "expected a non-empty string of at most 200 bytes");
+            bad = 1;
+        }
+        if (!bad)
+            json_object_set_new(normalized, SECTION, json_pack(
+                "{s:s}", "greeting", greeting ? json_string_value(greeting) : DEFAULT_GREETING));
+    }
+    send_body(sock, "REPLY",
+              json_pack("{s:I, s:{s:o, s:[], s:[], s:[], s:o}}", "id", id, "result", "sections",
+                        normalized, "claims", "on_demand", "ports", "problems", problems));
+}
+
 static void serve_request(void *sock, json_int_t id, const char *op, json_t *args) {
-    if (strcmp(op, "state.sync") == 0) {
+    if (strcmp(op, "manifest.check") == 0) {
+        check_manifest(sock, id, args);
+    } else if (strcmp(op, "state.sync") == 0) {
         /* {apps: [AppSpec], instances: [InstanceRecord]}: this driver keeps nothing per app,
            so it only checks the shape; a stateful driver validates each item. */
         static const char *const keys[] = {"apps", "instances", NULL};
@@ -216,10 +285,11 @@ static void *connect_kernel(void *ctx, const char *endpoint, const char *token, 
         zmq_close(sock);
         return NULL;
     }
-    json_t *hello = json_pack("{s:s, s:s, s:s, s:[s], s:s, s:[s,s], s:o}", "role", "driver",
-                              "name", DRIVER_NAME, "version", DRIVER_VERSION, "protocols",
-                              "CDP/1", "capability", CAPABILITY, "ops", QUERY_HELLO,
-                              "state.sync", "token", token ? json_string(token) : json_null());
+    json_t *hello = json_pack("{s:s, s:s, s:s, s:[s], s:s, s:[s,s,s], s:[s], s:o}", "role",
+                              "driver", "name", DRIVER_NAME, "version", DRIVER_VERSION,
+                              "protocols", "CDP/1", "capability", CAPABILITY, "ops",
+                              QUERY_HELLO, "state.sync", "manifest.check", "sections", SECTION,
+                              "token", token ? json_string(token) : json_null());
     if (send_body(sock, "HELLO", hello) != 0) {
         zmq_close(sock);
         return NULL;

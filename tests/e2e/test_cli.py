@@ -135,3 +135,33 @@ def test_corral_run_unprivileged_confines_the_mount_view(public_dir: Path) -> No
     assert seen["/usr/bin"] is True
     assert seen[str(secret)] is False, "a host file outside the app's grants was visible"
     assert err.count("Network isolation") == 1
+
+
+NO_KERNEL = {**os.environ, "CORRAL_BUS": "ipc:///nonexistent/corral-bus.sock"}
+
+
+@pytest.mark.parametrize("schedule", ["*/30 * * * * *", "0 0 * * * 2027", "@reboot"])
+def test_check_refuses_the_schedules_the_cron_driver_refuses(tmp_path: Path,
+                                                             schedule: str) -> None:
+    """With no kernel running, `corral check` asks the installed cron driver's section module:
+    a schedule `corral up` would refuse exits 2 here, located file:line:field."""
+    (tmp_path / "corral.toml").write_text(
+        f'[app]\nname = "jobs"\n\n[cron.tick]\nschedule = "{schedule}"\ncommand = "true"\n')
+    r = corral("check", str(tmp_path), env=NO_KERNEL)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"{tmp_path.resolve() / 'corral.toml'}:5: cron.tick.schedule: " in r.stderr, r.stderr
+
+
+def test_check_json_prints_problems_as_json(tmp_path: Path) -> None:
+    """`corral check --json` prints {"problems": [...]} (exit 2), or the resolved manifest."""
+    (tmp_path / "corral.toml").write_text('[app]\nname = "x"\n[lb]\nfrontend = 80\n'
+                                          'policy = "fastest"\n')
+    r = corral("check", str(tmp_path), "--json", env=NO_KERNEL)
+    assert r.returncode == 2, r.stderr
+    problems = json.loads(r.stdout)["problems"]
+    assert any(":5: lb.policy: expected a policy name" in p for p in problems), problems
+    r = corral("check", str(HELLO), "--json", env=NO_KERNEL)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["resolved"]["claims"][0] == {"kind": "lbname", "key": "hello.corral.test",
+                                            "value": {"app": "hello"}}

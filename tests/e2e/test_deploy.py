@@ -38,10 +38,23 @@ def kernel(public_dir: Path) -> Iterator[KernelProcess]:
         yield k
 
 
-def test_up_ps_down_hello(kernel: KernelProcess, public_dir: Path) -> None:
-    """examples/hello deploys, answers on its manifest port, shows in ps, and goes away."""
+def test_up_ps_down_hello(public_dir: Path) -> None:
+    """examples/hello deploys, answers on its manifest port, shows in ps, and goes away; the lb
+    that owns its [lb] section has the deploy claim the lb name and frontend. (Its [limits]
+    belong to the fs driver, not enabled on this host: the copy deployed here has none.)"""
     app = public_dir / "hello"
     shutil.copytree(HELLO, app)
+    text = (app / "corral.toml").read_text()
+    start = text.index("[limits]")
+    (app / "corral.toml").write_text(text[:start] + text[text.index("[lb]"):])
+    base = public_dir / "k"
+    base.mkdir()
+    with KernelProcess(base, 'disabled = ["net", "fs", "log", "cron"]\nunconfined = true\n'
+                       ) as kernel:
+        _up_ps_down_hello(kernel, app)
+
+
+def _up_ps_down_hello(kernel: KernelProcess, app: Path) -> None:
     port, front = free_port(), free_port()
     r = kernel.cli("up", str(app), "--set", f"ports.http={port}", "--set", f"lb.frontend={front}",
                    "--json")

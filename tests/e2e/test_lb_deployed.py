@@ -876,3 +876,57 @@ def test_only_a_listen_sockets_driver_may_pass_its_own_listening_socket(public_d
         assert code == NotFoundError.code and "no app named 'nope'" in reason, reason
     finally:
         k.teardown()
+
+
+def _get_as(front: int, lb_name: str, user: str) -> str:
+    """The instance that answered a GET carrying ``X-User: user``."""
+    conn = http.client.HTTPConnection("127.0.0.1", front, timeout=5)
+    try:
+        conn.request("GET", "/", headers={"Host": lb_name, "X-User": user})
+        resp = conn.getresponse()
+        body = resp.read().decode()
+        assert resp.status == 200, (resp.status, body)
+        return body.split()[0]
+    finally:
+        conn.close()
+
+
+def test_hash_header_policy_deploys_and_balances_by_the_header(kernel: KernelProcess,
+                                                                public_dir: Path) -> None:
+    """policy = "hash-header" with hash_header = "X-User" (documented in docs/drivers/lb.md)
+    deploys: the [lb] section is the lb's own schema, checked by the lb. Requests carrying the
+    same header value always reach the same instance; different values spread over all."""
+    k = kernel
+    _port, front, lb_name, d = lb_app(public_dir, "sticky", '''
+        policy = "hash-header"
+        hash_header = "X-User"
+    ''', instances=3)
+    res = up(k, d)
+    assert len(res["instances"]) == 3
+    doc = json.loads(k.cli("check", str(d)).stdout)
+    assert doc["lb"]["policy"] == "hash-header" and doc["lb"]["hash_header"] == "X-User"
+    for user in ("alice", "bob", "carol"):
+        assert len({_get_as(front, lb_name, user) for _ in range(8)}) == 1, user
+    served = {_get_as(front, lb_name, f"user-{n}") for n in range(60)}
+    assert served == {"sticky.web.1", "sticky.web.2", "sticky.web.3"}, served
+
+
+def test_a_section_no_running_driver_owns_is_refused_before_anything_is_claimed(
+        kernel: KernelProcess, public_dir: Path) -> None:
+    """[cron] with no cron driver enabled: `corral check` (through the kernel) and `corral up`
+    exit 2 naming the section, its line and the driver to enable; nothing is claimed."""
+    k = kernel
+    _port, _front, _lb_name, d = lb_app(public_dir, "orphan", extra=textwrap.dedent('''
+        [cron.nightly]
+        schedule = "@daily"
+        command = "true"
+    '''))
+    line = (d / "corral.toml").read_text().splitlines().index("[cron.nightly]") + 1
+    where = f"{d.resolve() / 'corral.toml'}:{line}: cron: unknown key: no enabled driver owns"
+    r = k.cli("check", str(d))
+    assert r.returncode == 2 and where in r.stderr, r.stderr
+    r = k.cli("check", str(d), "--json")
+    assert r.returncode == 2 and where in json.loads(r.stdout)["problems"][0], r.stdout
+    r = k.cli("up", str(d))
+    assert r.returncode == 2 and where in r.stderr, r.stderr
+    assert k.call("ledger.list", {"owner": "orphan"})["records"] == []

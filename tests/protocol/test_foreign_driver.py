@@ -62,3 +62,40 @@ def test_c_driver_answers_its_query(c_driver: Path) -> None:
 
     result = asyncio.run(ask())
     assert result == {"greeting": "hello, corral, from C", "driver": "hello-c"}
+
+
+def test_c_driver_owns_and_checks_its_section_through_a_kernel(c_driver: Path,
+                                                               tmp_path: Path) -> None:
+    """The C driver declares [hello] in HELLO; `corral check` and `corral up` through a real
+    kernel have it validated by manifest.check: the default greeting is filled in, a bad one
+    is refused with file:line:field (exit 2), and an unowned section is refused too."""
+    import json
+
+    from corral.testing import KernelProcess, wait_for
+
+    base = tmp_path / "k"
+    base.mkdir()
+    host = (f'unconfined = true\n[drivers.hello]\nexec = ["{c_driver}"]\n'
+            'capability = "cron"\n')
+    app = tmp_path / "app"
+    app.mkdir()
+    toml = app / "corral.toml"
+    with KernelProcess(base, host) as k:
+        wait_for(lambda: k.call("drivers.list")["drivers"][0]["state"] == "running", 15,
+                 what="the C driver running")
+        toml.write_text('[app]\nname = "greeter"\n\n[hello]\n')
+        r = k.cli("check", str(app))
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["hello"] == {"greeting": "hello"}
+        toml.write_text('[app]\nname = "greeter"\n\n[hello]\ngreeting = ""\nvolume = 11\n')
+        r = k.cli("check", str(app))
+        assert r.returncode == 2, r.stdout
+        assert f"{toml}:5: hello.greeting: expected a non-empty string" in r.stderr, r.stderr
+        assert f"{toml}:6: hello.volume: unknown key" in r.stderr, r.stderr
+        r = k.cli("up", str(app))
+        assert r.returncode == 2 and "hello.greeting" in r.stderr, r.stderr
+        assert k.call("ledger.list", {"owner": "greeter"})["records"] == []
+        toml.write_text('[app]\nname = "greeter"\n\n[lb]\nfrontend = 80\n')
+        r = k.cli("check", str(app))
+        assert r.returncode == 2 and "no enabled driver owns a [lb] section" in r.stderr, \
+            r.stderr

@@ -23,7 +23,7 @@ from corral import __version__
 from corral._forksafety import protect_signal_handlers
 from corral.bus import BusServer, Peer
 from corral.deploy import Deployer, DriverSet
-from corral.errors import CorralError, ErrorCode, NotFoundError
+from corral.errors import CorralError, ErrorCode, ManifestError, NotFoundError
 from corral.host import (
     HostConfig,
     ensure_private_dir,
@@ -36,6 +36,7 @@ from corral.ledger import GroupCommit, Ledger, Txn, open_ledger
 from corral.protocol import KERNEL_OPS, PROTOCOL, QUERY_OP, Args, Hello, Request, Welcome
 from corral.protocol._ops import (
     AppName,
+    Check,
     Deploy,
     DriverName,
     DriverQuery,
@@ -99,6 +100,7 @@ class Kernel:
             events=self.bus, home=self.home, notify_dir=self.notify_dir, config=self.config)
         self.handlers: dict[str, Handler] = {
             "app.deploy": self._deploy,
+            "app.check": self._check,
             "app.down": self._down,
             "app.scale": self._scale,
             "app.ps": self._ps,
@@ -208,6 +210,15 @@ class Kernel:
 
     async def _deploy(self, peer: Peer, args: Deploy) -> dict[str, Any]:
         return await self.deployer.deploy(args)
+
+    async def _check(self, peer: Peer, args: Check) -> dict[str, Any]:
+        """The resolved manifest, or its problems (a bad manifest is this op's answer, not a
+        failure of it; the directory is read with the kernel's rights)."""
+        try:
+            resolved = await self.deployer.check(args)
+        except ManifestError as exc:
+            return {"problems": exc.problems}
+        return {"manifest": resolved.as_json()}
 
     async def _scale(self, peer: Peer, args: Scale) -> dict[str, Any]:
         return await self.deployer.scale(args)

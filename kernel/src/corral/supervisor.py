@@ -66,6 +66,7 @@ class DriverSlot:
     # connected and its state.sync answered: only then may launches use it (a prepare racing
     # the driver's re-sync would meet state the sync is about to collect)
     synced: bool = False
+    sections: frozenset[str] = field(default_factory=frozenset)  # manifest sections it owns
     connected_at: float | None = None
 
     def as_json(self) -> dict[str, Any]:
@@ -80,6 +81,7 @@ class DriverSlot:
             "restarts": self.restart_count,
             "ops": self.ops,
             "features": sorted(self.features),
+            "sections": sorted(self.sections),
             "command": self.command,
         }
 
@@ -132,7 +134,8 @@ def discover(config: HostConfig) -> tuple[list[DriverSlot], list[DriverSlot]]:
             continue
         enabled.append(DriverSlot(name, desc.capability, desc.command(), version=desc.version,
                                   config=dict(dconf.config) if dconf else {},
-                                  env=dict(dconf.env) if dconf else {}))
+                                  env=dict(dconf.env) if dconf else {},
+                                  sections=frozenset(desc.sections)))
     return enabled, disabled
 
 
@@ -258,7 +261,9 @@ class Supervisor:
                 "(drivers are started by the kernel)",
                 code=ErrorCode.UNAUTHENTICATED,
             )
-        problem = check_driver_ops(hello.capability, hello.ops, hello.features)
+        problem = check_driver_ops(hello.capability, hello.ops, hello.features, hello.sections)
+        if problem is None:
+            problem = self._sections_taken(slot, hello.sections)
         if problem is None and hello.capability != slot.capability:
             problem = (f"configured as capability {slot.capability!r}, "
                        f"HELLO says {hello.capability!r}")
@@ -268,8 +273,17 @@ class Supervisor:
             raise CorralError(f"driver {hello.name!r}: {problem}", code=ErrorCode.INVALID)
         slot.ops = list(hello.ops)
         slot.features = frozenset(hello.features)
+        slot.sections = frozenset(hello.sections)
         slot.version = hello.version
         return slot
+
+    def _sections_taken(self, slot: DriverSlot, sections: Iterable[str]) -> str | None:
+        """Why ``slot`` may not own ``sections`` (another enabled driver owns one), or None."""
+        for other in self.slots.values():
+            both = sorted(set(sections) & other.sections)
+            if other is not slot and other.state != "disabled" and both:
+                return f"sections {both} are owned by driver {other.name!r}"
+        return None
 
     async def connected(self, slot: DriverSlot, peer: Peer) -> None:
         """The driver was welcomed: mark it running and let the kernel sync its state."""
@@ -296,9 +310,10 @@ class Supervisor:
         """The enabled drivers a launch needs, from the host config and the manifest alone.
 
         Every enabled driver of a capability that takes part in launches (CAPABILITIES'
-        ``launch``: net, fs, log), plus, for a deploy, every enabled driver of a capability
-        that acts on one of the manifest's ``sections`` (an lb for ``[lb]``). Whether a
-        driver happens to be connected right now plays no part: that is what is waited for.
+        ``launch``: net, fs, log), plus, for a deploy, every enabled driver that owns one of
+        the manifest's ``sections`` (declared in its description or HELLO: an lb for
+        ``[lb]``). Whether a driver happens to be connected right now plays no part: that is
+        what is waited for.
         """
         wanted = set(sections)
         out = []
@@ -306,7 +321,7 @@ class Supervisor:
             if slot.state == "disabled":
                 continue
             cap = CAPABILITIES.get(slot.capability)
-            if cap is not None and (cap.launch or wanted & set(cap.sections)):
+            if cap is not None and (cap.launch or wanted & slot.sections):
                 out.append(slot)
         return out
 

@@ -23,11 +23,12 @@ from integration.lb._harness import backends, get
 
 
 def test_driver_declares_the_lb_operations() -> None:
-    """HELLO declares the lifecycle ops and the two queries."""
+    """HELLO declares the lifecycle ops, the queries, and the [lb] section it checks."""
     assert set(LbDriver.operations) == {
         "app.attach", "instance.started", "instance.stopping", "instance.stopped", "app.detach",
-        "state.sync",
+        "state.sync", "manifest.check",
         "query.lb.status", "query.lb.stats", "query.lb.metrics"}
+    assert LbDriver().hello(None).sections == ["lb"]
 
 
 def test_driver_lifecycle_attach_started_stopped_detach() -> None:

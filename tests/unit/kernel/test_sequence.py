@@ -24,7 +24,7 @@ from corral.deploy import Deployer, DriverCallError
 from corral.errors import CorralError, DriverUnavailableError, ErrorCode, LaunchError
 from corral.host import HostConfig
 from corral.ledger import Ledger, open_ledger
-from corral.protocol import LaunchPlan
+from corral.protocol import LaunchPlan, ManifestCheck, ManifestChecked
 from corral.protocol._ops import Deploy
 
 
@@ -92,6 +92,12 @@ class FakeDrivers:
 
     async def require(self, manifest: dict[str, Any] | None, *, doing: str) -> None:
         return None
+
+    async def owners(self, sections: Collection[str]) -> dict[str, str]:
+        return {}
+
+    async def check_manifest(self, request: ManifestCheck) -> ManifestChecked:
+        return ManifestChecked()
 
     def missing(self, replied: Collection[str]) -> DriverUnavailableError | None:
         for d in self.names:

@@ -74,30 +74,26 @@ def test_record_encode_matches_fast_path() -> None:
 
 
 def test_sinks_as_the_kernel_resolves_them() -> None:
-    """parse_sinks accepts [logs] sinks exactly as the kernel's manifest model dumps them."""
-    from corral.manifest import Manifest
+    """parse_sinks accepts [logs] sinks exactly as the [logs] section's model dumps them."""
+    from corral_log.sections import Logs
     from corral_log.sinks import parse_sinks
 
-    m = Manifest.model_validate(
+    m = Logs.model_validate(
         {
-            "app": {"name": "shop"},
-            "processes": {"web": {"command": "true"}},
-            "logs": {
-                "sinks": [
-                    {"type": "file", "path": "/var/log/shop.log", "rotate": "100MiB", "keep": 5},
-                    {"type": "syslog", "address": "udp://127.0.0.1:514", "format": "rfc3164"},
-                    {"type": "journald"},
-                    {
-                        "type": "http",
-                        "url": "http://127.0.0.1:3100/loki/api/v1/push",
-                        "headers": {"X-Scope-OrgID": "t1"},
-                        "batch": {"lines": 10, "bytes": "64KiB"},
-                    },
-                ]
-            },
+            "sinks": [
+                {"type": "file", "path": "/var/log/shop.log", "rotate": "100MiB", "keep": 5},
+                {"type": "syslog", "address": "udp://127.0.0.1:514", "format": "rfc3164"},
+                {"type": "journald"},
+                {
+                    "type": "http",
+                    "url": "http://127.0.0.1:3100/loki/api/v1/push",
+                    "headers": {"X-Scope-OrgID": "t1"},
+                    "batch": {"lines": 10, "bytes": "64KiB"},
+                },
+            ]
         }
     )
-    specs = parse_sinks(m.model_dump(mode="json")["logs"]["sinks"])
+    specs = parse_sinks(m.model_dump(mode="json")["sinks"])
     assert [s.name for s in specs] == ["file-1", "syslog-2", "journald-3", "http-4"]
     http = specs[3]
     assert http.type == "http" and http.batch_bytes() == 64 << 10

@@ -436,7 +436,7 @@ frontend = 80
 mode = "http"
 plane = "nft"
 idle = "5m"
-health = { interval = "1s" }
+health = { interval = "1s", tcp = false }
 """,
     )
     problems = problems_of(app)
@@ -445,7 +445,7 @@ health = { interval = "1s" }
     assert 'use plane = "proxy" for mode = "http"' in problems[0]
     assert problems[1].startswith(located(app, 11, "lb.idle"))
     assert problems[2] == located(app, 12, "lb.health") + (
-        'expected exactly one check: http = "/path" or tcp = true'
+        'expected a check: http = "/path" or tcp = true'
     )
 
 

@@ -33,7 +33,8 @@ def test_full_example_resolves(tmp_path: Path) -> None:
     assert data["cron"]["cleanup"]["backfill"] == 3
     assert data["lb"]["process"] == "web"  # the one process with a port
     assert data["lb"]["idle"] == 300.0  # on-demand default
-    assert data["lb"]["policy"] == {"exec": ["node", "policy.js"]}
+    assert data["lb"]["policy"] == {"exec": ["node", "policy.js"], "deadline": 0.005,
+                                    "fallback": "p2c"}  # the lb's defaults, filled by the lb
     assert data["network"]["egress"] == [
         {"rule": "10.0.0.5/32:5432", "network": "10.0.0.5/32", "host": None, "port": 5432},
         {"rule": "api.example.com:443", "network": None, "host": "api.example.com", "port": 443},
@@ -46,6 +47,13 @@ def test_full_example_resolves(tmp_path: Path) -> None:
         "file": f"{root}/corral.toml",
         "offset": 0,
         "env": {},
+        # what the lb asked the deploy to claim, and its on-demand process: the kernel reads
+        # these, never the [lb] table
+        "claims": [
+            {"kind": "lbname", "key": "shop.example.test", "value": {"app": "shop"}},
+            {"kind": "port", "key": "80", "value": {"app": "shop", "name": "lb"}},
+        ],
+        "on_demand": ["web"],
     }
     assert json.loads(json.dumps(data)) == data  # plain JSON
 
@@ -78,13 +86,14 @@ def test_set_overrides(tmp_path: Path) -> None:
         ],
     )
     m = resolved.manifest
+    sections = resolved.sections  # checked and normalized by the drivers that own them
     assert m.ports["http"] == 9000
-    assert m.limits.memory == 1024**3
+    assert sections["limits"]["memory"] == 1024**3
     assert m.processes["web"].instances == 3
     assert m.processes["web"].command == "python -m http.server $PORT"
-    assert m.lb is not None and m.lb.policy == "least-conn"
-    assert m.network.egress == []
-    assert m.logs.sinks[0].keep == 2  # type: ignore[union-attr]
+    assert sections["lb"]["policy"] == "least-conn"
+    assert sections["network"]["egress"] == []
+    assert sections["logs"]["sinks"][0]["keep"] == 2
     assert m.paths["cache"].path == str(tmp_path.resolve() / "cache")
 
 
@@ -92,8 +101,10 @@ def test_set_then_offset(tmp_path: Path) -> None:
     """--offset applies after --set, to every [ports] entry and to lb.frontend."""
     resolved = load_ok(write_app(tmp_path, FULL), set_=["ports.http=9000"], offset=100)
     assert resolved.manifest.ports == {"http": 9100, "metrics": 9200}
-    assert resolved.manifest.lb is not None and resolved.manifest.lb.frontend == 180
+    assert resolved.sections["lb"]["frontend"] == 180
     assert resolved.as_json()["resolved"]["offset"] == 100
+    assert {"kind": "port", "key": "180", "value": {"app": "shop", "name": "lb"}} in [
+        c.model_dump() for c in resolved.claims]  # the lb's claim, moved by --offset too
     assert resolved.instances()[0].port == 9100
 
 

@@ -35,6 +35,7 @@ DRIVER = DriverDescription(
     version="0.1.0",
     module="corral_cron",
     doc="cron jobs of apps: DST-safe schedules, missed-run and overlap policies, history",
+    sections={"cron": "corral_cron.sections:CRON"},
 )
 
 _EXPORTS = {

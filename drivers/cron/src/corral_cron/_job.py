@@ -8,61 +8,32 @@ import json
 import re
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 
 from corral.errors import ManifestError
+from corral.sdk.sections import describe, format_path
 from corral_cron._duration import format_duration, parse_duration
 from corral_cron._schedule import Schedule, ScheduleError, parse_schedule
+from corral_cron.sections import (
+    ALERT_EVENTS,
+    AlertEvent,
+    AlertsSpec,
+    CronJobSpec,
+    Missed,
+    Overlap,
+)
 
-Overlap = Literal["forbid", "queue", "replace", "allow"]
-Missed = Literal["skip", "once", "all"]
-AlertEvent = Literal["failure", "timeout", "missed", "no-success"]
-ALERT_EVENTS: tuple[AlertEvent, ...] = ("failure", "timeout", "missed", "no-success")
+__all__ = [
+    "ALERT_EVENTS", "AlertEvent", "AlertsSpec", "CronJob", "CronJobSpec", "Missed", "Overlap",
+    "default_timeout", "jitter_offset", "load_job", "load_jobs", "shortest_interval",
+]
 
 MAX_DEFAULT_TIMEOUT = timedelta(hours=1)
 MAX_GRACE = timedelta(hours=1)
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-
-
-class AlertsSpec(BaseModel):
-    """``[cron.NAME.alerts]``: who hears about failures, timeouts, missed slots, no success."""
-
-    model_config = ConfigDict(extra="forbid")
-    command: str | None = Field(default=None, description="run with /bin/sh -c on each alert")
-    on: list[AlertEvent] = Field(default_factory=lambda: list(ALERT_EVENTS))
-    no_success: str | float | None = Field(
-        default=None, description="alert when no run succeeded in it",
-        validation_alias=AliasChoices("no_success", "no_success_within"))
-
-
-class CronJobSpec(BaseModel):
-    """``[cron.NAME]`` in corral.toml, exactly as written (durations still text)."""
-
-    model_config = ConfigDict(extra="forbid")
-    schedule: str
-    command: str = Field(min_length=1)
-    timezone: str = "UTC"
-    overlap: Overlap = "forbid"
-    missed: Missed = "once"
-    backfill: int = Field(default=3, ge=1, le=100, description="cap of catch-up runs, missed=all")
-    # Durations come as text ("10m") or, from the kernel's resolved manifest, as seconds.
-    timeout: str | float | None = Field(default=None,
-                                        description="default: see docs/drivers/cron.md")
-    kill_grace: str | float = "10s"
-    jitter: str | float | bool | None = Field(
-        default=None, description="opt-in: maximum delay (true: a tenth of the shortest interval,"
-        " at most 1 min), fixed per job")
-    alerts: AlertsSpec = Field(default_factory=AlertsSpec,
-                               validation_alias=AliasChoices("alerts", "alert"))
-
-    @field_validator("alerts", mode="before")
-    @classmethod
-    def _no_alerts(cls, value: Any) -> Any:
-        """The kernel's resolved manifest writes an undeclared alert table as null."""
-        return {} if value is None else value
 
 
 @dataclass(frozen=True)
@@ -123,10 +94,16 @@ def load_job(app: str, name: str, raw: Any) -> CronJob:
     try:
         spec = CronJobSpec.model_validate(raw)
     except ValidationError as exc:
-        raise ManifestError([
-            f"{where}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-            for err in exc.errors()
-        ]) from None
+        found = []
+        for err in exc.errors():
+            path, message = describe(err, raw, CronJobSpec)
+            found.append(f"{format_path(('cron', name, *path))}: {message}")
+        if isinstance(raw.get("schedule"), str):  # a bad schedule is said along with the rest
+            try:
+                parse_schedule(raw["schedule"])
+            except ScheduleError as schedule_error:
+                found.append(f"{where}.schedule: {schedule_error}")
+        raise ManifestError(found) from None
     problems: list[str] = []
 
     def duration(field_name: str, text: str | float | None) -> timedelta | None:
@@ -165,7 +142,8 @@ def load_job(app: str, name: str, raw: Any) -> CronJob:
     if spec.jitter is True:
         jitter_max = min(shortest / 10, timedelta(minutes=1))
     if jitter_max >= shortest:
-        problems.append(f"{where}.jitter: {spec.jitter} must be shorter than the shortest interval"
+        problems.append(f"{where}.jitter: {format_duration(jitter_max)} must be shorter than the "
+                        "shortest interval"
                         f" between runs ({format_duration(shortest)})")
     if problems:
         raise ManifestError(problems)

@@ -12,6 +12,7 @@ import structlog
 from corral.errors import CorralError, ErrorCode, NotFoundError
 from corral.protocol import AppAttach, AppDetach, AppSpec, StateSync, Welcome
 from corral.sdk import Driver, op, run
+from corral_cron import DRIVER
 from corral_cron._alerts import Alert, check_heartbeat
 from corral_cron._clock import SystemClock
 from corral_cron._duration import format_duration
@@ -57,6 +58,7 @@ class CronDriver(Driver):
 
     name = "cron"
     capability = "cron"
+    description = DRIVER  # its [section]s, checked by manifest.check
     version = "0.1.0"
 
     def __init__(self) -> None:

@@ -9,4 +9,5 @@ DRIVER = DriverDescription(
     module="corral_fs.driver",
     reset="corral_fs.reset",
     doc="process sandbox: read-only system, granted paths, private /tmp, cgroup limits",
+    sections={"limits": "corral_fs.sections:LIMITS"},
 )

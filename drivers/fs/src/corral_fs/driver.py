@@ -11,6 +11,7 @@ import structlog
 from corral.errors import ConflictError, CorralError, ErrorCode
 from corral.protocol import AppSpec, PlanFragment
 from corral.sdk import Driver, op, run
+from corral_fs import DRIVER
 from corral_fs.sandbox import DEFAULT_UID_RANGE, Sandbox
 
 log = structlog.get_logger("corral_fs")
@@ -23,6 +24,7 @@ class FsDriver(Driver):
 
     name = "fs"
     capability = "fs"
+    description = DRIVER  # its [section]s, checked by manifest.check
     features = frozenset({"app_users"})
     version = "0.1.0"
 

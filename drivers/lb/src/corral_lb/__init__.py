@@ -9,6 +9,7 @@ DRIVER = DriverDescription(
     module="corral_lb",
     reset="corral_lb.reset",
     doc="load balancer: nft DNAT or userspace proxy; policies; health checks; on-demand",
+    sections={"lb": "corral_lb.sections:LB"},
 )
 
 __all__ = ["DRIVER"]

@@ -18,6 +18,7 @@ import structlog
 from corral.errors import CorralError, ErrorCode
 from corral.protocol import AppSpec, InstanceRecord, Welcome
 from corral.sdk import Driver, KernelLink, op, run
+from corral_lb import DRIVER
 from corral_lb.activation import OnDemand, StartedInstance
 from corral_lb.balancer import Balancer
 from corral_lb.config import LbConfig, load_lb_config, proxy_limits, proxy_timeouts
@@ -61,6 +62,7 @@ class LbDriver(Driver):
 
     name = "lb"
     capability = "lb"
+    description = DRIVER  # its [section]s, checked by manifest.check
     features = frozenset({"listen_sockets"})
     version = "0.1.0"
 

@@ -13,6 +13,7 @@ from typing import Protocol
 
 from corral.errors import ManifestError
 from corral_lb.backend import Backend
+from corral_lb.sections import POLICY_NAMES
 
 
 class Policy(Protocol):
@@ -175,9 +176,6 @@ class Maglev:
             self._members = ordered
             self._signature = signature
         return self._members[self._table[_hash64(key or b"") % self.TABLE_SIZE]]
-
-
-POLICY_NAMES = ("round-robin", "weighted", "least-conn", "p2c", "hash-source", "hash-header")
 
 
 def make_policy(name: str) -> Policy:

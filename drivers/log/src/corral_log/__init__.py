@@ -13,6 +13,7 @@ DRIVER = DriverDescription(
     version="0.1.0",
     module="corral_log",
     doc="output capture through FIFOs, sinks (file, syslog, journald, Loki), tracebacks, metrics",
+    sections={"logs": "corral_log.sections:LOGS"},
 )
 
 __all__ = ["DRIVER"]

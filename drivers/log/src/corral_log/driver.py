@@ -17,6 +17,7 @@ from corral.protocol import (
     Welcome,
 )
 from corral.sdk import Driver, op
+from corral_log import DRIVER
 from corral_log.service import LogService
 
 
@@ -32,6 +33,7 @@ class LogDriver(Driver):
 
     name = "log"
     capability = "log"
+    description = DRIVER  # its [section]s, checked by manifest.check
     features = frozenset({"output"})
     version = "0.1.0"
 

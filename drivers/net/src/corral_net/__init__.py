@@ -9,4 +9,5 @@ DRIVER = DriverDescription(
     module="corral_net.driver",
     reset="corral_net.reset",
     doc="network namespaces, veth pairs, addresses; nftables ingress/egress/DNAT per app",
+    sections={"network": "corral_net.sections:NETWORK"},
 )

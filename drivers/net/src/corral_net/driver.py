@@ -15,6 +15,7 @@ import structlog
 from corral.errors import CorralError, ErrorCode
 from corral.protocol import PlanFragment, Welcome
 from corral.sdk import Driver, op, run
+from corral_net import DRIVER
 from corral_net.claim import HostClaim
 from corral_net.config import NetConfig
 from corral_net.host import HostNetwork
@@ -29,6 +30,7 @@ class NetDriver(Driver):
 
     name = "net"
     capability = "net"
+    description = DRIVER  # its [section]s, checked by manifest.check
     features = frozenset({"instance_addresses"})
     version = "0.1.0"
 

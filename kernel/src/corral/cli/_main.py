@@ -52,12 +52,40 @@ def _table(rows: list[list[str]], header: list[str]) -> None:
 # ---- commands ----------------------------------------------------------------------------------
 
 
+def _kernel_running() -> bool:
+    """Whether a kernel answers on this host (its bus socket exists)."""
+    from corral.host import bus_endpoint
+
+    endpoint = os.environ.get("CORRAL_BUS") or bus_endpoint()
+    return not endpoint.startswith("ipc://") or os.path.exists(endpoint.removeprefix("ipc://"))
+
+
 def cmd_check(ns: argparse.Namespace) -> int:
-    """Validate corral.toml (and a Procfile) and print the resolved manifest."""
+    """Validate corral.toml (and a Procfile), every section by the driver that owns it, and
+    print the resolved manifest (--json: it, or the problems, as JSON)."""
     from corral import manifest
 
-    resolved = manifest.load(Path(ns.directory), set_=ns.set_, offset=ns.offset, env=ns.env)
-    _print_json(resolved.as_json())
+    directory = Path(ns.directory).resolve()
+    if _kernel_running():  # the running drivers check their sections (manifest.check)
+        res = _client().call("app.check", {"directory": str(directory), "set": ns.set_,
+                                           "offset": ns.offset, "env": ns.env}, timeout=60)
+        problems = list(res.get("problems") or [])
+        resolved_json = res.get("manifest")
+    else:  # the installed drivers' section modules, in this process
+        try:
+            resolved_json = manifest.load(directory, set_=ns.set_, offset=ns.offset,
+                                          env=ns.env).as_json()
+            problems = []
+        except ManifestError as exc:
+            problems = exc.problems
+    if problems:
+        if ns.json:
+            _print_json({"problems": problems})
+        else:
+            for problem in problems:
+                print(f"corral: {problem}", file=sys.stderr)
+        return EXIT_INPUT
+    _print_json(resolved_json)
     return 0
 
 
@@ -81,9 +109,11 @@ def cmd_up(ns: argparse.Namespace) -> int:
     from corral import manifest
 
     directory = Path(ns.directory).resolve()
-    # fail fast (exit 2), and know the app's name to follow its events
-    resolved = manifest.load(directory, set_=ns.set_, offset=ns.offset, env=ns.env)
-    res = _rollout.run(ns, resolved.manifest.app.name, "app.deploy", {
+    # fail fast (exit 2) on the kernel's own sections, and know the app's name to follow its
+    # events; the kernel has every other section checked by its owner before it claims
+    draft = manifest.read(directory, set_=ns.set_, offset=ns.offset, env=ns.env)
+    draft.problems.raise_if_any()
+    res = _rollout.run(ns, draft.app, "app.deploy", {
         "directory": str(directory), "set": ns.set_, "offset": ns.offset, "env": ns.env,
         "wait_s": ns.wait})
     return _deployed(ns, res, "up")
@@ -268,6 +298,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("check", help=cmd_check.__doc__)
     _manifest_flags(s)
+    s.add_argument("--json", action="store_true",
+                   help="print the resolved manifest, or {\"problems\": [...]}, as JSON")
     sub.add_parser("schema", help=cmd_schema.__doc__)
     s = sub.add_parser("run", help=cmd_run.__doc__)
     _manifest_flags(s)

@@ -25,6 +25,7 @@ from corral.protocol import (
     Bye,
     Error,
     Hello,
+    ManifestChecked,
     Reply,
     check_driver_ops,
 )
@@ -41,6 +42,7 @@ MALFORMED_ARGS: dict[str, dict[str, Any]] = {
     "instance.started": {"app": 42, "instance": 42},
     "instance.stopping": {"app": 42, "instance_id": 42},
     "instance.stopped": {"app": 42, "instance_id": 42},
+    "manifest.check": {"app": 42, "directory": [], "sections": "none"},
 }
 """Per lifecycle operation, arguments whose types are wrong: the driver must answer ERROR 422."""
 
@@ -265,6 +267,47 @@ async def sync_empty(run: Run) -> str:
     return f"REPLY in {(answer.at - sent) * 1000:.0f} ms{calls}"
 
 
+async def _check_sections(run: Run, sections: dict[str, Any]) -> ManifestChecked:
+    answer = await run.kernel.request("manifest.check", {
+        "app": "conformance", "directory": "/nonexistent/conformance", "sections": sections,
+        "processes": {"web": {"command": "true", "instances": 1, "port": "http"}},
+        "ports": {"http": 8000}, "offset": 0}, 5.0)
+    if answer is None or not isinstance(answer.body, Reply):
+        raise CheckFailed(f"manifest.check {json.dumps(sections)} answered {_describe(answer)}"
+                          f"{_status(run)}")
+    try:
+        return ManifestChecked.model_validate(answer.body.result)
+    except ValueError as exc:
+        raise CheckFailed(f"manifest.check answered a result that is not ManifestChecked: "
+                          f"{str(exc).splitlines()[0]}") from None
+
+
+async def manifest_check(run: Run) -> str:
+    """A driver declaring HELLO ``sections`` checks them with ``manifest.check``: nothing asked,
+    nothing found; a section of the wrong type (not a table) and a section it does not own are
+    problems located under the section's name, never a normalized section."""
+    assert run.hello is not None
+    if not run.hello.sections and "manifest.check" not in run.ops:
+        return "owns no manifest sections"
+    if not run.hello.sections:
+        raise CheckFailed("serves manifest.check but declares no sections in HELLO")
+    empty = await _check_sections(run, {})
+    if empty.problems or empty.sections:
+        raise CheckFailed(f"manifest.check of no sections answered {empty.model_dump()}")
+    probe = next(f"conformance_probe{n}" for n in range(100)
+                 if f"conformance_probe{n}" not in run.hello.sections)
+    for name, value in [*((s, 42) for s in run.hello.sections), (probe, {})]:
+        got = await _check_sections(run, {name: value})
+        if name in got.sections:
+            raise CheckFailed(f"manifest.check accepted [{name}] = {json.dumps(value)}")
+        if not got.problems or any(not p.path or p.path[0] != name for p in got.problems):
+            raise CheckFailed(f"manifest.check of [{name}] = {json.dumps(value)} answered "
+                              f"problems {[p.model_dump() for p in got.problems]}, expected "
+                              f"at least one, each located under {name!r}")
+    return (f"sections {run.hello.sections}: wrong types and an unowned section are located "
+            "problems")
+
+
 async def request_undeclared(run: Run) -> str:
     """An operation the driver did not declare gets ERROR 404, and the driver keeps serving."""
     k = run.kernel
@@ -422,6 +465,7 @@ CHECKS: list[CheckSpec] = [
     _spec("hello.capability", hello_capability, fatal=True, needs_driver=False),
     _spec("heartbeat.interval", heartbeat_interval),
     _spec("sync.empty", sync_empty),
+    _spec("manifest.check", manifest_check),
     _spec("request.undeclared", request_undeclared),
     _spec("request.malformed", request_malformed),
     _spec("garbage.ignored", garbage_ignored),

@@ -4,7 +4,8 @@ Layout of the output directory:
 ``bodies/<COMMAND>.json`` (each message body), ``ops/kernel/<op>.json`` (args of operations the
 kernel serves; ``x-roles`` names the peer roles allowed to call it), ``ops/driver/<op>.json``
 (args of lifecycle operations drivers serve), ``lifecycle/<Model>.json`` (AppSpec, PlanFragment
-and friends, e.g. the result of ``instance.prepare``), and ``index.json``.
+and friends, e.g. the result of ``instance.prepare``; ``ManifestChecked``, the result of
+``manifest.check``), and ``index.json``.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from corral.protocol import (
     InstanceRecord,
     InstanceSpec,
     LaunchPlan,
+    ManifestChecked,
     PlanFragment,
 )
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 LIFECYCLE_MODELS: tuple[type[BaseModel], ...] = (
-    AppSpec, InstanceSpec, InstanceRecord, BindMount, PlanFragment, LaunchPlan,
+    AppSpec, InstanceSpec, InstanceRecord, BindMount, PlanFragment, LaunchPlan, ManifestChecked,
 )
 
 

@@ -17,6 +17,7 @@ import structlog
 from corral.bus import BusServer
 from corral.errors import CorralError, DriverUnavailableError, ErrorCode, LaunchError
 from corral.host import HostConfig
+from corral.protocol import ManifestCheck, ManifestChecked
 from corral.supervisor import DriverSlot, Supervisor
 
 log = structlog.get_logger("corral.deploy")
@@ -44,6 +45,16 @@ class Drivers(Protocol):
         """Call ``op`` on every connected driver serving it (or those in ``only``); the names
         that succeeded. ``strict``: a failure is raised (``DriverCallError``, naming those
         that succeeded), else logged."""
+        ...
+
+    async def owners(self, sections: Collection[str]) -> dict[str, str]:
+        """Section name -> the enabled driver that owns it (declared in its description or
+        HELLO); waits (bounded) for drivers still starting when one of ``sections`` has no
+        owner yet."""
+        ...
+
+    async def check_manifest(self, request: ManifestCheck) -> ManifestChecked:
+        """Ask each section's owner (``manifest.check``) and merge the answers."""
         ...
 
     async def require(self, manifest: dict[str, Any] | None, *, doing: str) -> None:
@@ -120,6 +131,51 @@ class DriverSet:
         if strict and failed:
             raise DriverCallError("; ".join(failed), code=ErrorCode.INTERNAL, succeeded=ok)
         return ok
+
+    def _owners(self) -> dict[str, str]:
+        return {section: slot.name for slot in self.supervisor.slots.values()
+                if slot.state != "disabled" for section in sorted(slot.sections)}
+
+    async def owners(self, sections: Collection[str]) -> dict[str, str]:
+        owned = self._owners()
+        if set(sections) - set(owned):  # a driver still starting may declare it in HELLO
+            await self.supervisor.wait_settled(self.config.driver_wait_s)
+            owned = self._owners()
+        return owned
+
+    async def check_manifest(self, request: ManifestCheck) -> ManifestChecked:
+        owned = self._owners()
+        by_driver: dict[str, dict[str, Any]] = {}
+        for section, raw in request.sections.items():
+            by_driver.setdefault(owned[section], {})[section] = raw
+        await self.supervisor.require(
+            [self.supervisor.slots[name] for name in by_driver], self.config.driver_wait_s,
+            doing=f"check of {request.app!r}")
+        out = ManifestChecked()
+        for name, sections in sorted(by_driver.items()):
+            slot = self.supervisor.slots[name]
+            assert slot.peer is not None
+            ask = request.model_copy(update={"sections": sections})
+            try:
+                res = await self.bus.call(slot.peer, "manifest.check",
+                                          ask.model_dump(mode="json"), timeout=30.0)
+                one = ManifestChecked.model_validate(res)
+            except CorralError as exc:
+                raise CorralError(f"driver {name!r} failed manifest.check: {exc.reason}",
+                                  code=exc.code, retry=exc.retry) from None
+            except ValueError as exc:  # pydantic's ValidationError
+                raise CorralError(f"driver {name!r} answered manifest.check with an invalid "
+                                  f"result: {exc}", code=ErrorCode.INTERNAL) from None
+            unasked = sorted(set(one.sections) - set(sections))
+            if unasked:
+                raise CorralError(f"driver {name!r} answered manifest.check for sections it "
+                                  f"was not asked: {unasked}", code=ErrorCode.INTERNAL)
+            out.sections.update(one.sections)
+            out.claims += one.claims
+            out.on_demand += one.on_demand
+            out.ports += one.ports
+            out.problems += one.problems
+        return out
 
     async def require(self, manifest: dict[str, Any] | None, *, doing: str) -> None:
         sup = self.supervisor

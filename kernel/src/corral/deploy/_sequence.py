@@ -34,7 +34,7 @@ from corral.errors import CorralError, ErrorCode, NotFoundError
 from corral.host import HostConfig
 from corral.ledger import Claim, Ledger, Record, Txn
 from corral.protocol import AppSpec, InstanceSpec
-from corral.protocol._ops import Deploy, Scale, Spawn
+from corral.protocol._ops import Check, Deploy, Scale, Spawn
 
 log = structlog.get_logger("corral.deploy")
 
@@ -66,15 +66,26 @@ class Deployer:
     async def deploy(self, args: Deploy) -> dict[str, Any]:
         """``app.deploy``: the whole sequence; returns the app and its instances."""
         started = time.monotonic()
-        from corral import manifest as manifests  # loaded on first use: an idle kernel is small
 
-        resolved = manifests.load(Path(args.directory), set_=args.set, offset=args.offset,
-                                  env=args.env)
+        resolved = await self.check(args, doing="deploy")
         doc = resolved.as_json()
         name = str(doc["app"]["name"])
-        await self.drivers.require(doc, doing=f"deploy of {name!r}")
         async with self.instances.lock(name):
             return await self._deploy(name, resolved, doc, args, started)
+
+    async def check(self, args: Deploy | Check, *, doing: str = "check") -> Any:
+        """``app.check`` (and the first step of a deploy): resolve the manifest in
+        ``args.directory``, every section validated by its owner among the running drivers
+        (``manifest.check``), before anything is claimed; ``ManifestError`` lists the problems,
+        located. Waits (bounded) for the drivers the manifest needs."""
+        from corral import manifest as manifests
+
+        draft = manifests.read(Path(args.directory), set_=args.set, offset=args.offset,
+                               env=args.env)
+        await self.drivers.require(draft.document, doing=f"{doing} of {draft.app or 'an app'!r}")
+        owned = await self.drivers.owners(draft.foreign())
+        checked = await self.drivers.check_manifest(draft.request(owned))
+        return draft.finish(checked, owned)
 
     async def scale(self, args: Scale) -> dict[str, Any]:
         """``app.scale``: the deployed manifest (not the directory's current corral.toml) with
@@ -148,10 +159,11 @@ class Deployer:
                 raise
             # 4.-5. instances: keep unchanged live ones, launch the rest
             step = "launch"
-            # An on-demand process has no instance until the lb asks for one (instance.spawn).
-            lazy = on_demand_process(doc)
+            # An on-demand process has no instance until its driver asks for one
+            # (instance.spawn).
+            lazy = on_demand_processes(doc)
             wanted = [w for w in self._instance_specs(spec, resolved, manifest_path)
-                      if w.process != lazy]
+                      if w.process not in lazy]
             # With instance addresses (a driver declares the feature) new instances start
             # beside the old ones (Heroku's preboot, Kamal's rollout), and only once every
             # one of them is ready and healthy are the old ones drained and stopped; one that
@@ -300,10 +312,9 @@ class Deployer:
         for pname, p in sorted((doc.get("paths") or {}).items()):
             if p.get("mode") == "rw":
                 claims.append(Claim("path", str(p["path"]), {"app": name, "name": pname}))
-        lb = doc.get("lb")
-        if lb:
-            claims.append(Claim("lbname", str(lb["name"]), {"app": name}))
-            claims.append(Claim("port", str(lb["frontend"]), {"app": name, "name": "lb"}))
+        # what the sections' owners asked for (an lb's name and frontend port)
+        for item in (doc.get("resolved") or {}).get("claims") or []:
+            claims.append(Claim(str(item["kind"]), str(item["key"]), dict(item.get("value") or {})))
         if spec.uid is not None:
             claims.append(Claim("uid", str(spec.uid), {"app": name}))
         wanted = {(c.kind, c.key) for c in claims}
@@ -517,10 +528,10 @@ def check_writable_grants(doc: dict[str, Any], uid: int, gid: int) -> None:
             "create = true, which corral creates owned by the app", code=ErrorCode.INVALID)
 
 
-def on_demand_process(doc: dict[str, Any]) -> str | None:
-    """The process started on demand (``lb.activation = "on-demand"``), if any: it has no
-    instance until its driver asks for one (``instance.spawn``)."""
-    lb = doc.get("lb") or {}
-    if lb.get("activation") != "on-demand":
-        return None
-    return str(lb.get("process") or "web")
+def on_demand_processes(doc: dict[str, Any]) -> frozenset[str]:
+    """The processes started on demand (a section's owner said so, e.g. an lb with
+    ``activation = "on-demand"``): they have no instance until their driver asks for one
+    (``instance.spawn``)."""
+    return frozenset(str(p) for p in (doc.get("resolved") or {}).get("on_demand") or [])
+
+

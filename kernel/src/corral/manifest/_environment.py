@@ -42,14 +42,15 @@ def app_environment(
         raise CorralError(f"instance index must be 0 or more, got {index}", code=ErrorCode.INVALID)
     port: int | None = None
     job = process.removeprefix("cron.")
+    jobs = resolved.sections.get("cron") or {}  # the cron driver's section, as data
     if process in manifest.processes:
         port_name = manifest.processes[process].port
         port = manifest.ports[port_name] if port_name is not None else None
         instance = f"{app}.{process}.{index}"
-    elif job in manifest.cron:
+    elif job in jobs:
         instance = f"{app}.cron.{job}.{index}"
     else:
-        known = [*manifest.processes, *(f"cron.{job}" for job in manifest.cron)]
+        known = [*manifest.processes, *(f"cron.{job}" for job in jobs)]
         raise NotFoundError(
             f"app {app!r} has no process {process!r} (it has: {', '.join(known) or 'none'})"
         )

@@ -1,22 +1,30 @@
-"""Load ``corral.toml`` (and a Procfile), apply overrides, validate, and resolve it."""
+"""Load ``corral.toml`` (and a Procfile), apply overrides, validate, and resolve it.
+
+The kernel validates its own sections ([app], [processes], [ports], [paths]); every other
+section is checked by the driver that owns it (``corral.sdk.sections``): ``read`` gives a
+``Draft`` whose ``request()`` is what the owners are asked (``manifest.check``), and
+``Draft.finish`` turns their answer into a ``ResolvedManifest`` or located problems. ``load``
+does both with the installed drivers' section modules, in this process.
+"""
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
 import tempfile
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from corral.errors import ManifestError
 from corral.manifest._locate import Location, Path_, field_lines, format_path
-from corral.manifest._model import Balancer, Manifest, render
+from corral.manifest._model import Manifest, render
 from corral.manifest._overrides import (
     OverrideError,
     apply_set,
@@ -25,11 +33,11 @@ from corral.manifest._overrides import (
     parse_set,
 )
 from corral.manifest._problems import describe
+from corral.protocol import KERNEL_SECTIONS, ClaimItem, ManifestCheck, ManifestChecked
 
 MANIFEST_FILE = "corral.toml"
 PROCFILE = "Procfile"
 PROCFILE_WEB_PORT = "http"  # Heroku's convention: the Procfile's `web` process receives $PORT
-DEFAULT_IDLE = 300.0  # seconds an on-demand app may stay idle before it is stopped
 
 _SYNTAX_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 
@@ -53,15 +61,24 @@ class ResolvedManifest:
     file: Path
     env_overrides: dict[str, str] = field(default_factory=dict)
     offset: int = 0
+    sections: dict[str, Any] = field(default_factory=dict)
+    """The driver-owned sections, as their owners normalized them (plain JSON)."""
+    claims: list[ClaimItem] = field(default_factory=list)
+    """What the owners asked the deploy to claim besides the kernel's own (lb name, port)."""
+    on_demand: list[str] = field(default_factory=list)
+    """Processes started on demand (no instance at deploy; their driver asks for one)."""
 
     def as_json(self) -> dict[str, Any]:
         """Return the plain-JSON form: sizes in bytes, durations in seconds, paths absolute."""
         data = self.manifest.model_dump(mode="json")
+        data.update(self.sections)
         data["resolved"] = {
             "directory": str(self.directory),
             "file": str(self.file),
             "offset": self.offset,
             "env": dict(self.env_overrides),
+            "claims": [c.model_dump(mode="json") for c in self.claims],
+            "on_demand": list(self.on_demand),
         }
         return data
 
@@ -101,6 +118,8 @@ class ResolvedManifest:
         if not isinstance(meta, dict) or not isinstance(meta.get("directory"), str):
             raise ManifestError(["resolved manifest: expected a 'resolved' table with 'directory'"])
         file = str(meta.get("file", "<resolved manifest>"))
+        # the owners' sections were checked when the manifest was resolved: kept as data
+        sections = {k: data.pop(k) for k in list(data) if k not in KERNEL_SECTIONS}
         try:
             manifest = Manifest.model_validate(data, context={"offset": 0})
         except ValidationError as exc:
@@ -115,6 +134,9 @@ class ResolvedManifest:
             file=Path(file),
             env_overrides={str(k): str(v) for k, v in dict(meta.get("env", {})).items()},
             offset=int(meta.get("offset", 0)),
+            sections=sections,
+            claims=[ClaimItem.model_validate(c) for c in meta.get("claims") or []],
+            on_demand=[str(p) for p in meta.get("on_demand") or []],
         )
 
 
@@ -248,7 +270,8 @@ def _apply_sets(document: dict[str, Any], items: Sequence[str], problems: _Probl
 
 
 def _apply_offset(document: dict[str, Any], offset: int) -> None:
-    """Add ``offset`` to every [ports] entry and to lb.frontend (non-integers are left alone)."""
+    """Add ``offset`` to every [ports] entry (non-integers are left alone); the owners of other
+    sections add it to the ports they hold (``Section.offset_ports``)."""
 
     def shift(value: Any) -> Any:
         is_int = isinstance(value, int) and not isinstance(value, bool)
@@ -258,17 +281,14 @@ def _apply_offset(document: dict[str, Any], offset: int) -> None:
     if isinstance(ports, dict):
         for name in ports:
             ports[name] = shift(ports[name])
-    lb = document.get("lb")
-    if isinstance(lb, dict) and "frontend" in lb:
-        lb["frontend"] = shift(lb["frontend"])
 
 
 def _env_name(name: str) -> str:
     return name.upper().replace("-", "_")
 
 
-def _cross_check(manifest: Manifest, problems: _Problems) -> None:
-    """Rules across fields: port references, distinct ports, env names, lb and cron sanity."""
+def _cross_check(manifest: Manifest, checked: ManifestChecked, problems: _Problems) -> None:
+    """Rules across fields: port references, distinct ports (the owners' too), env names."""
     names = ", ".join(manifest.ports) or "none defined"
     for name, process in manifest.processes.items():
         if process.port is not None and process.port not in manifest.ports:
@@ -278,8 +298,7 @@ def _cross_check(manifest: Manifest, problems: _Problems) -> None:
             )
 
     claims: list[tuple[Path_, int]] = [(("ports", n), p) for n, p in manifest.ports.items()]
-    if manifest.lb is not None:
-        claims.append((("lb", "frontend"), manifest.lb.frontend))
+    claims += [(tuple(p.path), p.port) for p in checked.ports]
     first_use: dict[int, Path_] = {}
     for path, port in claims:
         if port in first_use:
@@ -302,65 +321,6 @@ def _cross_check(manifest: Manifest, problems: _Problems) -> None:
                     f"{name!r} and {by_variable[env]!r} would both be ${env}; rename one",
                 )
             by_variable[env] = name
-
-    if manifest.lb is not None:
-        _check_balancer(manifest, manifest.lb, problems)
-
-    for job_name, job in manifest.cron.items():
-        alert = job.alert
-        if alert is None:
-            continue
-        wants = "no-success" in alert.on
-        if wants and alert.no_success_within is None:
-            problems.add(
-                ("cron", job_name, "alert", "on"),
-                'expected no_success_within = "<duration>" alongside "no-success"',
-            )
-        if alert.no_success_within is not None and not wants:
-            problems.add(
-                ("cron", job_name, "alert", "no_success_within"),
-                'expected "no-success" in alert.on for no_success_within to take effect',
-            )
-
-
-def _check_balancer(manifest: Manifest, lb: Balancer, problems: _Problems) -> None:
-    with_port = [name for name, p in manifest.processes.items() if p.port is not None]
-    if lb.process is not None:
-        chosen = manifest.processes.get(lb.process)
-        if chosen is None or chosen.port is None:
-            problems.add(
-                ("lb", "process"),
-                f"expected a process with a port ({', '.join(with_port) or 'none defined'}), "
-                f"got {render(lb.process)}",
-            )
-    elif "web" in with_port or len(with_port) == 1:
-        lb.process = "web" if "web" in with_port else with_port[0]
-    else:
-        problems.add(
-            ("lb",),
-            "expected one process with a port to receive the traffic "
-            + (
-                f"(several have one: {', '.join(with_port)}; choose with lb.process)"
-                if with_port
-                else '(give a [processes] entry port = "<name of a [ports] entry>")'
-            ),
-        )
-    if lb.mode == "http" and lb.plane == "nft":
-        problems.add(
-            ("lb", "mode"),
-            'expected mode = "tcp" with plane = "nft" (kernel forwarding cannot read HTTP); '
-            'use plane = "proxy" for mode = "http"',
-        )
-    if lb.activation == "always" and lb.idle is not None:
-        problems.add(("lb", "idle"), 'expected idle only with activation = "on-demand"')
-    if lb.activation == "on-demand" and lb.idle is None:
-        lb.idle = DEFAULT_IDLE
-    health = lb.health
-    if health is not None and (health.http is None) == (not health.tcp):
-        problems.add(
-            ("lb", "health"),
-            'expected exactly one check: http = "/path" or tcp = true',
-        )
 
 
 def _is_file(path: Path) -> bool:
@@ -386,15 +346,106 @@ def _absolute(directory: Path, path: str) -> str:
     return os.path.normpath(directory / path)
 
 
-def load(
+def _valid(annotation: Any, value: Any) -> Any:
+    """``value`` validated as ``annotation``, or None (its problems are reported elsewhere)."""
+    try:
+        return TypeAdapter(annotation).validate_python(value)
+    except ValidationError:
+        return None
+
+
+@dataclass
+class Draft:
+    """A manifest read and overridden, its kernel sections validated, the others not yet."""
+
+    file: Path
+    directory: Path
+    document: dict[str, Any]
+    problems: _Problems
+    manifest: Manifest | None
+    env_overrides: dict[str, str]
+    offset: int
+
+    @property
+    def app(self) -> str:
+        """The app's name ('' when [app] is invalid)."""
+        app = self.document.get("app")
+        name = app.get("name") if isinstance(app, dict) else None
+        return name if isinstance(name, str) else ""
+
+    def foreign(self) -> dict[str, Any]:
+        """The sections the kernel does not own, as written."""
+        return {k: v for k, v in self.document.items() if k not in KERNEL_SECTIONS}
+
+    def request(self, owned: Mapping[str, str]) -> ManifestCheck:
+        """What the owners are asked: the ``owned`` sections present in the manifest, and the
+        kernel's resolved processes and ports (those that are valid) to cross-check against."""
+        from corral.manifest._model import Process
+
+        processes: dict[str, Any] = {}
+        ports: dict[str, int] = {}
+        if self.manifest is not None:
+            processes = self.manifest.model_dump(mode="json")["processes"]
+            ports = dict(self.manifest.ports)
+        else:  # report the owners' problems too; cross-checks see what is valid
+            for name, raw in (_valid(dict[str, Any], self.document.get("processes")) or {}).items():
+                process = _valid(Process, raw)
+                if process is not None:
+                    processes[name] = process.model_dump(mode="json")
+            for name, port in (_valid(dict[str, Any], self.document.get("ports")) or {}).items():
+                if isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535:
+                    ports[name] = port
+        return ManifestCheck(
+            app=self.app or "app", directory=str(self.directory),
+            sections={k: v for k, v in self.foreign().items() if k in owned},
+            processes=processes, ports=ports, offset=self.offset)
+
+    def finish(self, checked: ManifestChecked, owned: Mapping[str, str]) -> ResolvedManifest:
+        """The resolved manifest, given the owners' answer; ManifestError lists every problem
+        (the kernel's, the owners', a section nobody owns), located."""
+        problems = self.problems
+        known = [*KERNEL_SECTIONS, *sorted(owned)]
+        for name in self.foreign():
+            if name in owned:
+                continue
+            hint = difflib.get_close_matches(name, known, n=1)
+            problems.add(
+                (name,),
+                f"unknown key: no enabled driver owns a [{name}] section (expected one of: "
+                f"{', '.join(known)})"
+                + (f"; did you mean {hint[0]!r}?" if hint
+                   else "; enable the driver that provides it (host.toml [drivers], "
+                   "`corral drivers`)"),
+            )
+        for problem in checked.problems:
+            problems.add(tuple(problem.path), problem.message)
+        if self.manifest is not None:
+            _cross_check(self.manifest, checked, problems)
+        problems.raise_if_any()
+        assert self.manifest is not None
+        for grant in self.manifest.paths.values():
+            grant.path = _absolute(self.directory, grant.path)
+        return ResolvedManifest(
+            manifest=self.manifest,
+            directory=self.directory,
+            file=self.file,
+            env_overrides=self.env_overrides,
+            offset=self.offset,
+            sections={k: checked.sections[k] for k in self.foreign() if k in checked.sections},
+            claims=list(checked.claims),
+            on_demand=list(dict.fromkeys(checked.on_demand)),
+        )
+
+
+def read(
     directory: Path,
     *,
     set_: Sequence[str] = (),
     offset: int = 0,
     env: Sequence[str] = (),
-) -> ResolvedManifest:
-    """Load ``directory/corral.toml`` (+ Procfile), apply ``--set``/``--offset``/``--env``,
-    validate and resolve it; raise ManifestError listing every problem, located."""
+) -> Draft:
+    """Read ``directory/corral.toml`` (+ Procfile), apply ``--set``/``--offset``/``--env`` and
+    validate the kernel's sections; problems are kept in the draft until ``finish``."""
     directory = Path(directory)
     if _is_file(directory):
         file, directory = directory, directory.parent
@@ -419,25 +470,32 @@ def load(
     if offset:
         _apply_offset(document, offset)
 
+    own = {k: v for k, v in document.items() if k in KERNEL_SECTIONS}
+    manifest: Manifest | None = None
     try:
-        manifest = Manifest.model_validate(document, context={"offset": offset})
+        manifest = Manifest.model_validate(own, context={"offset": offset})
     except ValidationError as exc:
         for error in exc.errors():
-            problems.add(*describe(error, document))
-        problems.raise_if_any()
-        raise AssertionError("unreachable: a validation error is a problem") from None
-    _cross_check(manifest, problems)
-    problems.raise_if_any()
+            problems.add(*describe(error, own))
+    return Draft(file, directory, document, problems, manifest, env_overrides, offset)
 
-    for grant in manifest.paths.values():
-        grant.path = _absolute(directory, grant.path)
-    for sink in manifest.logs.sinks:
-        if sink.type == "file":
-            sink.path = _absolute(directory, sink.path)
-    return ResolvedManifest(
-        manifest=manifest,
-        directory=directory,
-        file=file,
-        env_overrides=env_overrides,
-        offset=offset,
-    )
+
+def load(
+    directory: Path,
+    *,
+    set_: Sequence[str] = (),
+    offset: int = 0,
+    env: Sequence[str] = (),
+    owners: Any = None,
+) -> ResolvedManifest:
+    """Load ``directory/corral.toml`` (+ Procfile), apply ``--set``/``--offset``/``--env``,
+    validate and resolve it, every section by its owner (``owners``: a ``LocalOwners``,
+    default the drivers installed and enabled on this host); raise ManifestError listing
+    every problem, located."""
+    from corral.manifest._owners import LocalOwners
+
+    draft = read(directory, set_=set_, offset=offset, env=env)
+    if owners is None:
+        owners = LocalOwners.installed()
+    owned = owners.owners()
+    return draft.finish(owners.check(draft.request(owned)), owned)

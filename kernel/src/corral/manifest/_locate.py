@@ -11,6 +11,10 @@ import bisect
 import tomllib
 from dataclasses import dataclass
 
+from corral.sdk.sections import format_path
+
+__all__ = ["Location", "Path_", "field_lines", "format_path"]
+
 Path_ = tuple[str | int, ...]
 """A field path: table keys and array indexes, e.g. ("logs", "sinks", 0, "path")."""
 
@@ -31,18 +35,6 @@ class Location:
         if self.override is not None:
             return f"{self.file} ({self.override})"
         return f"{self.file}:{self.line if self.line is not None else 1}"
-
-
-def format_path(path: Path_) -> str:
-    """Render a field path as people write it: ``logs.sinks[0].path``."""
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            text = part if part and all(c in _BARE_KEY for c in part) else f'"{part}"'
-            out += f".{text}" if out else text
-    return out
 
 
 class _Scanner:

@@ -29,6 +29,11 @@ class DriverDescription:
     protocols: tuple[str, ...] = ("CDP/1",)
     doc: str = field(default="")
     reset: str | None = None
+    sections: dict[str, str] = field(default_factory=dict)
+    """The manifest sections the driver owns: section name -> ``"module:attribute"`` of its
+    ``corral.sdk.sections.Section``, in a module cheap to import (pydantic, corral.units,
+    corral.errors, corral.protocol, corral.sdk.sections). ``corral check`` loads it without
+    starting the driver; the running driver serves the same check as ``manifest.check``."""
 
     def command(self) -> list[str]:
         """The command line that starts this driver."""

@@ -30,6 +30,10 @@ class Hello(Body):
         default_factory=list, max_length=64,
         description="drivers: optional behaviours the kernel may rely on (FEATURES)")
     token: str | None = Field(default=None, description="drivers: CORRAL_DRIVER_TOKEN")
+    sections: list[str] = Field(
+        default_factory=list, max_length=64,
+        description="drivers: the manifest sections it owns and checks with manifest.check "
+        "(e.g. [\"lb\"]); a section no enabled driver owns is refused")
 
 
 class Welcome(Body):

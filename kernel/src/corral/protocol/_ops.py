@@ -41,6 +41,16 @@ class Deploy(Args):
         "healthy; default: its process's start_timeout, else the host's start_timeout_s")
 
 
+class Check(Args):
+    """``app.check``: resolve the manifest in ``directory``, every section validated by its
+    owner among the running drivers; nothing is claimed nor started."""
+
+    directory: str
+    set: list[str] = Field(default_factory=list)
+    offset: int = 0
+    env: list[str] = Field(default_factory=list)
+
+
 class Scale(Args):
     """``app.scale``: set the instance count of some of a deployed app's processes."""
 
@@ -201,6 +211,52 @@ class InstanceStopped(Args):
     instance_id: str
 
 
+class SectionProblem(Args):
+    """One problem in a manifest section, located by field path (``["lb", "health", "http"]``);
+    the kernel turns the path into ``file:line`` and the field as written."""
+
+    path: list[str | int] = Field(description="field path from the manifest's top, e.g. "
+                                  '["cron", "nightly", "schedule"]')
+    message: str = Field(min_length=1, description='"expected ..., got ..." as a sentence')
+
+
+class SectionPort(Args):
+    """A port a section holds (``lb.frontend``): checked against every other port of the
+    manifest, after ``--offset`` moved it."""
+
+    path: list[str | int]
+    port: int = Field(ge=1, le=65535)
+
+
+class ManifestCheck(Args):
+    """``manifest.check``: validate the manifest sections this driver owns (its HELLO
+    ``sections``), without acting on them. The kernel-owned sections it may cross-check
+    against come resolved: ``processes`` and ``ports`` (``--offset`` already added)."""
+
+    app: str = Field(description="[app] name")
+    directory: str = Field(description="the app directory (relative paths are relative to it)")
+    sections: dict[str, Any] = Field(description="section name -> its data as written (TOML "
+                                     "as JSON, --set overrides applied)")
+    processes: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    ports: dict[str, int] = Field(default_factory=dict)
+    offset: int = Field(default=0, description="--offset: the owner adds it to the ports its "
+                        "sections hold")
+
+
+class ManifestChecked(Args):
+    """The answer to ``manifest.check``: the sections normalized (defaults filled, sizes in
+    bytes, durations in seconds) or the problems found; plus what the kernel does for the
+    sections without knowing their shape: the resources claimed in the deploy's ledger
+    transaction, the processes started on demand (no instance until the driver asks), and
+    the ports they hold."""
+
+    sections: dict[str, Any] = Field(default_factory=dict)
+    claims: list[ClaimItem] = Field(default_factory=list)
+    on_demand: list[str] = Field(default_factory=list, description="process names")
+    ports: list[SectionPort] = Field(default_factory=list)
+    problems: list[SectionProblem] = Field(default_factory=list)
+
+
 class StateSync(Args):
     """``state.sync``: after every (re)connect: re-apply for these, collect leftovers of others."""
 
@@ -225,6 +281,8 @@ def _table(*ops: Operation) -> dict[str, Operation]:
 
 _CLIENT_OPS = _table(
     Operation("app.deploy", Deploy, "claim, launch and wait for an app"),
+    Operation("app.check", Check, "the resolved manifest ({manifest}) or its problems "
+              "({problems}), every section checked by its owner"),
     Operation("app.down", AppName, "stop an app and release all it holds"),
     Operation("app.scale", Scale, "set instance counts; rolls like a redeploy"),
     Operation("app.ps", NoArgs, "apps and instances with their state"),
@@ -264,6 +322,8 @@ LIFECYCLE_OPS: dict[str, Operation] = _table(
               "drain it (answer when drained)"),
     Operation("instance.stopped", InstanceStopped, "an instance is gone"),
     Operation("state.sync", StateSync, "re-apply desired state after (re)connect"),
+    Operation("manifest.check", ManifestCheck, "validate the manifest sections the driver "
+              "owns (HELLO sections); answer ManifestChecked"),
 )
 """Operations the kernel may call on a driver. A driver declares the ones it serves."""
 
@@ -280,9 +340,6 @@ class Capability:
     one-off starts unless that driver is connected and contributed to its launch plan
     (``instance.prepare`` is therefore required): a driver that is down makes launches wait,
     then fail, never run without it.
-    ``sections``: the manifest sections the capability acts on. A deploy whose manifest has
-    one of them needs an enabled driver of the capability connected (an lb gates a rollout
-    on health, a cron driver schedules the jobs).
     ``confinement``: the capability is the app's sandbox. A host with no such driver enabled
     runs apps unconfined, which the host config must say explicitly (``unconfined = true``).
     """
@@ -292,9 +349,11 @@ class Capability:
     doc: str
     optional: frozenset[str] = field(default_factory=lambda: frozenset(LIFECYCLE_OPS))
     launch: bool = False
-    sections: tuple[str, ...] = ()
     confinement: bool = False
 
+
+KERNEL_SECTIONS: tuple[str, ...] = ("app", "processes", "ports", "paths")
+"""The manifest sections the kernel owns; every other one belongs to the driver declaring it."""
 
 FEATURES: dict[str, str] = {
     "instance_addresses": "gives every instance an address of its own, so a replacement "
@@ -316,22 +375,25 @@ _PREPARES = frozenset({"state.sync", "instance.prepare"})
 CAPABILITIES: dict[str, Capability] = {
     c.name: c
     for c in (
-        Capability("net", _PREPARES, "network namespaces, addresses, nftables", launch=True,
-                   sections=("network",)),
+        Capability("net", _PREPARES, "network namespaces, addresses, nftables", launch=True),
         Capability("fs", _PREPARES, "mount view, users, cgroups, system-call filter",
-                   launch=True, sections=("limits",), confinement=True),
-        Capability("log", _PREPARES, "output capture, sinks, tracebacks", launch=True,
-                   sections=("logs",)),
-        Capability("lb", frozenset({"state.sync"}), "names, frontends, balancing",
-                   sections=("lb",)),
-        Capability("cron", frozenset({"state.sync"}), "scheduled jobs", sections=("cron",)),
+                   launch=True, confinement=True),
+        Capability("log", _PREPARES, "output capture, sinks, tracebacks", launch=True),
+        Capability("lb", frozenset({"state.sync"}), "names, frontends, balancing"),
+        Capability("cron", frozenset({"state.sync"}), "scheduled jobs"),
     )
 }
 
 
 def check_driver_ops(capability: str | None, ops: list[str],
-                     features: list[str] | None = None) -> str | None:
+                     features: list[str] | None = None,
+                     sections: list[str] | None = None) -> str | None:
     """Why a driver's HELLO is unacceptable, or None. Checked once, at HELLO time."""
+    if sections and "manifest.check" not in ops:
+        return f"a driver owning sections {sorted(sections)} must serve manifest.check"
+    reserved = sorted(set(sections or ()) & set(KERNEL_SECTIONS))
+    if reserved:
+        return f"sections {reserved} belong to the kernel"
     unknown = sorted(set(features or ()) - set(FEATURES))
     if unknown:
         return f"unknown features {unknown}; known: {', '.join(sorted(FEATURES))}"

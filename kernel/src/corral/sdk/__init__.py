@@ -1,7 +1,26 @@
 """What a Python driver imports: the ``Driver`` base, the ``op`` decorator and ``run``; and,
-for ``corral host reset``, ``serve_reset`` with its request and report."""
+for ``corral host reset``, ``serve_reset`` with its request and report.
 
-from corral.sdk._driver import Driver, KernelLink, op, run
-from corral.sdk._reset import ResetReport, ResetRequest, serve_reset
+``corral.sdk.sections`` (how a driver owns manifest sections) is cheap to import; the names
+below load the runtime (the bus, ZeroMQ) on first use, so importing it does not.
+"""
 
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from corral.sdk._driver import Driver, KernelLink, op, run
+    from corral.sdk._reset import ResetReport, ResetRequest, serve_reset
+
+_HOMES = {"Driver": "_driver", "KernelLink": "_driver", "op": "_driver", "run": "_driver",
+          "ResetReport": "_reset", "ResetRequest": "_reset", "serve_reset": "_reset"}
 __all__ = ["Driver", "KernelLink", "ResetReport", "ResetRequest", "op", "run", "serve_reset"]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is not None:
+        return getattr(import_module(f"corral.sdk.{home}"), name)
+    raise AttributeError(f"module 'corral.sdk' has no attribute {name!r}")

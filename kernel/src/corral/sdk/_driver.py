@@ -23,7 +23,16 @@ from corral._forksafety import protect_signal_handlers
 from corral.bus import Connection, Handler
 from corral.errors import CorralError, ErrorCode
 from corral.host import bus_endpoint
-from corral.protocol import LIFECYCLE_OPS, PROTOCOL, QUERY_OP, Hello, Welcome
+from corral.protocol import (
+    LIFECYCLE_OPS,
+    PROTOCOL,
+    QUERY_OP,
+    DriverDescription,
+    Hello,
+    ManifestCheck,
+    ManifestChecked,
+    Welcome,
+)
 
 log = structlog.get_logger("corral.sdk")
 
@@ -63,13 +72,19 @@ class KernelLink:
 
 
 class Driver:
-    """Base class of Python drivers. Subclasses set name, capability, version."""
+    """Base class of Python drivers. Subclasses set name, capability, version.
+
+    ``description``: the driver's entry point description. When it names manifest sections
+    (``DriverDescription.sections``) the driver declares them in HELLO and serves
+    ``manifest.check`` with their checkers (``corral.sdk.sections``), automatically.
+    """
 
     name: ClassVar[str]
     capability: ClassVar[str]
     version: ClassVar[str] = "0.1.0"
     operations: ClassVar[dict[str, str]] = {}
     features: ClassVar[frozenset[str]] = frozenset()  # corral.protocol.FEATURES it declares
+    description: ClassVar[DriverDescription | None] = None
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -79,6 +94,8 @@ class Driver:
                 name = getattr(value, "__corral_op__", None)
                 if name is not None:
                     table[name] = attr
+        if cls.description is not None and cls.description.sections:
+            table.setdefault("manifest.check", "check_manifest")
         cls.operations = table
 
     def __init__(self) -> None:
@@ -96,6 +113,15 @@ class Driver:
     async def publish(self, topic: str, data: dict[str, Any]) -> None:
         """Publish an event on the kernel's bus."""
         await self.kernel.publish(topic, data)
+
+    async def check_manifest(self, args: ManifestCheck) -> ManifestChecked:
+        """``manifest.check``: the description's section checkers (``corral.sdk.sections``)."""
+        from corral.sdk.sections import check_sections, load_section
+
+        assert self.description is not None
+        owned = {name: load_section(target)
+                 for name, target in self.description.sections.items()}
+        return check_sections(owned, args)
 
     def handlers(self) -> dict[str, Handler]:
         """The explicit dispatch table handed to the connection."""
@@ -133,6 +159,7 @@ class Driver:
             capability=self.capability,
             ops=sorted(self.operations),
             features=sorted(self.features),
+            sections=sorted(self.description.sections) if self.description else [],
             token=token,
         )
 
