@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from corral import __version__
-from corral.testing import KernelProcess
+from corral.testing import KernelProcess, running_kernel
 from e2e.apps import free_port, write_app
 
 # no drivers, so no sandbox: said on purpose (these tests are about the CLI and the kernel)
@@ -30,13 +30,8 @@ def corral(*argv: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def kernel(public_dir: Path) -> Iterator[KernelProcess]:
-    base = public_dir / "k"
-    base.mkdir()
-    with KernelProcess(base, BARE) as k:
-        try:
-            yield k
-        finally:
-            k.teardown()
+    with running_kernel(public_dir / "k", BARE) as k:
+        yield k
 
 
 def test_version() -> None:

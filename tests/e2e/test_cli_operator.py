@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.testing import KernelProcess, remove_tree, wait_for
+from corral.testing import KernelProcess, remove_tree, running_kernel, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -69,13 +69,7 @@ def base() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def kernel(base: Path) -> Iterator[KernelProcess]:
-    (base / "k").mkdir()
-    with KernelProcess(base / "k", HOST) as k:
-        def running() -> bool:
-            r = k.cli("drivers")
-            return r.returncode == 0 and sum(" running " in ln for ln in r.stdout.splitlines()
-                                             ) >= 2
-        wait_for(running)
+    with running_kernel(base / "k", HOST, drivers=("log", "fs")) as k:
         yield k
 
 

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from corral.ledger import open_ledger
-from corral.testing import KernelProcess, free_port
+from corral.testing import KernelProcess, free_port, running_kernel
 from e2e.apps import write_app
 
 # no drivers at all, so no sandbox: said on purpose, as a host must (else deploys are refused)
@@ -32,9 +32,7 @@ def get(port: int) -> str:
 
 @pytest.fixture
 def kernel(public_dir: Path) -> Iterator[KernelProcess]:
-    base = public_dir / "k"
-    base.mkdir()
-    with KernelProcess(base, NO_DRIVERS) as k:
+    with running_kernel(public_dir / "k", NO_DRIVERS) as k:
         yield k
 
 

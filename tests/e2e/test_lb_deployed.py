@@ -31,9 +31,11 @@ import pytest
 
 from conftest import require
 from corral.errors import CorralError, ErrorCode, NotFoundError
-from corral.testing import KernelProcess, free_port, wait_for
+from corral.testing import KernelProcess, drivers_running, free_port, running_kernel, wait_for
 
 pytestmark = pytest.mark.root
+
+DRIVERS = ("net", "fs", "lb", "log")
 
 # An HTTP/1.1 keep-alive server on every address of its namespace (v4 and v6): answers
 # /healthz with 200 and anything else with "<instance id> <VERSION>".
@@ -135,14 +137,6 @@ def require_net() -> None:
 
 
 
-def drivers_running(k: KernelProcess, names: tuple[str, ...]) -> bool:
-    r = k.cli("drivers", "--json")
-    if r.returncode != 0:
-        return False
-    states = {d["name"]: d["state"] for d in json.loads(r.stdout)}
-    return all(states.get(n) == "running" for n in names)
-
-
 def start_kernel(base: Path, host: NetHost,
                  drivers: tuple[str, ...] = ("net", "fs", "lb", "log")) -> KernelProcess:
     base.mkdir()
@@ -170,11 +164,8 @@ def net_host() -> NetHost:
 @pytest.fixture
 def kernel(public_dir: Path, net_host: NetHost) -> Iterator[KernelProcess]:
     """A real kernel with the net, fs, lb and log drivers, scoped to ``net_host``."""
-    k = start_kernel(public_dir / "k", net_host)
-    try:
+    with running_kernel(public_dir / "k", net_host.host_toml(DRIVERS), drivers=DRIVERS) as k:
         yield k
-    finally:
-        k.teardown()
 
 
 def web_app(d: Path, name: str, port: int, lb: str, *, instances: int = 2,

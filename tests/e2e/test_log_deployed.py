@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 import pytest
 
-from corral.testing import KernelProcess, wait_for
+from corral.testing import KernelProcess, running_kernel, wait_for
 from corral_log.testing import SyslogReceiver
 
 pytestmark = pytest.mark.root
@@ -75,10 +75,7 @@ def make_app(d: Path, name: str, script: str, extra: str = "") -> Path:
 
 @pytest.fixture
 def kernel(public_dir: Path) -> Iterator[KernelProcess]:
-    base = public_dir / "k"
-    base.mkdir()
-    with KernelProcess(base, HOST) as k:
-        wait_for(lambda: all_running(k, ("log", "fs")))
+    with running_kernel(public_dir / "k", HOST, drivers=("log", "fs")) as k:
         yield k
 
 

@@ -25,8 +25,9 @@ from typing import Any
 
 import pytest
 
-from corral.testing import KernelProcess, free_port
+from corral.testing import KernelProcess, free_port, running_kernel
 from e2e.test_lb_deployed import (
+    DRIVERS,
     NetHost,
     http_get,
     new_net_host,
@@ -485,11 +486,8 @@ def _free(port: int) -> bool:
 
 @pytest.fixture
 def kernel(public_dir: Path, net_host: NetHost) -> Iterator[KernelProcess]:
-    k = start_kernel(public_dir / "k", net_host)
-    try:
+    with running_kernel(public_dir / "k", net_host.host_toml(DRIVERS), drivers=DRIVERS) as k:
         yield k
-    finally:
-        k.teardown()
 
 
 # ---- teardown ------------------------------------------------------------------------------

@@ -22,9 +22,10 @@ from typing import Any
 
 import pytest
 
-from corral.testing import KernelProcess, wait_for
+from corral.testing import KernelProcess, running_kernel, wait_for
 from e2e.apps import free_port
 from e2e.test_lb_deployed import (
+    DRIVERS,
     WEB,
     Load,
     driver_logs,
@@ -33,7 +34,6 @@ from e2e.test_lb_deployed import (
     new_net_host,
     ps,
     require_net,
-    start_kernel,
     up,
     web_app,
 )
@@ -59,11 +59,9 @@ GATED_WEB = WEB.replace(_OLD, _NEW).replace("\nsrv = S((", "\nt_up = time.time()
 def kernel(public_dir: Path) -> Iterator[KernelProcess]:
     """A real kernel with the net, fs, lb and log drivers."""
     require_net()
-    k = start_kernel(public_dir / "k", new_net_host())
-    try:
+    with running_kernel(public_dir / "k", new_net_host().host_toml(DRIVERS),
+                        drivers=DRIVERS) as k:
         yield k
-    finally:
-        k.teardown()
 
 
 def gated_app(public_dir: Path, name: str) -> tuple[int, str, Path]:

@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from conftest import require
-from corral.testing import KernelProcess, free_port, leftover_apps, wait_for
+from corral.testing import KernelProcess, free_port, leftover_apps, running_kernel, wait_for
 from corral_fs._cgroups import Limits, detect
 from corral_fs._root import mount_points
 from corral_fs.sandbox import cgroup_base
@@ -200,10 +200,7 @@ def kernel(public_dir: Path) -> Iterator[KernelProcess]:
     require(os.path.exists("/usr/bin/python3"), "/usr/bin/python3 (the probes run on it)")
     require(shutil.which("su") is not None and os.path.exists("/usr/bin/mount"),
             "su and mount (setuid probes)")
-    base = public_dir / "k"
-    base.mkdir()
-    with KernelProcess(base, FS_ONLY) as k:
-        wait_for(lambda: fs_driver(k)["state"] == "running")
+    with running_kernel(public_dir / "k", FS_ONLY, drivers=("fs",)) as k:
         yield k
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from corral.testing import KernelProcess, wait_for
+from corral.testing import KernelProcess, running_kernel, wait_for
 
 ECHO = Path(__file__).parent / "drivers" / "echo_driver.py"
 
@@ -30,8 +30,7 @@ def driver(k: KernelProcess, name: str = "echo") -> dict[str, Any]:
 
 @pytest.fixture
 def kernel(tmp_path: Path) -> Iterator[KernelProcess]:
-    with KernelProcess(tmp_path, host_toml()) as k:
-        wait_for(lambda: driver(k)["state"] == "running")
+    with running_kernel(tmp_path, host_toml(), drivers=("echo",)) as k:
         yield k
 
 

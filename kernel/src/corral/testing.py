@@ -14,7 +14,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -128,6 +129,42 @@ class KernelProcess:
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.teardown()
+
+
+def drivers_running(k: KernelProcess, names: Sequence[str]) -> bool:
+    """Whether every driver in ``names`` is running (connected) in kernel ``k``."""
+    try:
+        states = {d["name"]: d["state"] for d in k.call("drivers.list")["drivers"]}
+    except CorralError:
+        return False
+    return all(states.get(n) == "running" for n in names)
+
+
+@contextmanager
+def running_kernel(base: Path, host_toml: str = "", *, drivers: Sequence[str] = (),
+                   timeout: float = 20.0, extra_env: dict[str, str] | None = None
+                   ) -> Iterator[KernelProcess]:
+    """The one test harness of a real kernel: corrald under ``base`` with ``host_toml``,
+    started and waited for until the ``drivers`` named are running, then taken down on exit
+    (every app, the kernel, its drivers, and any app process left over). When the drivers do
+    not come up, the kernel's and their logs are printed before the failure."""
+    base.mkdir(parents=True, exist_ok=True)
+    k = KernelProcess(base, host_toml, extra_env=extra_env).start()
+    try:
+        if drivers:
+            try:
+                wait_for(lambda: drivers_running(k, drivers), timeout,
+                         what=f"drivers {', '.join(drivers)} running")
+            except BaseException:
+                print(k.log())
+                for name in drivers:
+                    log = k.home / "drivers" / f"{name}.log"
+                    if log.exists():
+                        print(f"--- {name}\n{log.read_text()[-3000:]}")
+                raise
+        yield k
+    finally:
+        k.teardown()
 
 
 def _polls(timeout: float, what: str) -> Iterator[None]:

@@ -105,6 +105,7 @@ def test_driver_declares_a_valid_operation_table() -> None:
         "instance.prepare",
         "instance.started",
         "instance.stopped",
+        "manifest.check",
         "state.sync",
         "query.log.read",
         "query.log.errors",

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from conftest import require
 from corral.errors import ErrorCode
 from corral.protocol import PROTOCOL, Hello, encode
-from corral.testing import KernelProcess
+from corral.testing import KernelProcess, running_kernel
 
 # no drivers at all, so no sandbox: said on purpose, as a host must (else deploys are refused)
 NO_DRIVERS = 'disabled = ["net", "fs", "log", "lb", "cron"]\nunconfined = true\n'
@@ -26,8 +26,7 @@ NO_DRIVERS = 'disabled = ["net", "fs", "log", "lb", "cron"]\nunconfined = true\n
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProcess]:
-    k = KernelProcess(tmp_path_factory.mktemp("bus"), NO_DRIVERS)
-    with k:
+    with running_kernel(tmp_path_factory.mktemp("bus"), NO_DRIVERS) as k:
         yield k
 
 
