@@ -314,11 +314,15 @@ class Kernel:
                 "drivers": drivers}
 
     async def _spawn(self, peer: Peer, args: Spawn) -> dict[str, Any]:
+        # a job is named by the driver that spawned it (<app>.<driver>.<job>.<run>)
+        slot = next((s for s in self.supervisor.slots.values()
+                     if s.peer is not None and s.peer.identity == peer.identity), None)
+        requester = slot.name if slot is not None else "job"
         if args.listen_fd is None:
-            return await self.deployer.spawn(args)
+            return await self.deployer.spawn(args, requester=requester)
         fd = self._take_listen_fd(peer, args.listen_fd.pid, args.listen_fd.fd)
         try:
-            return await self.deployer.spawn(args, listen_fd=fd)
+            return await self.deployer.spawn(args, listen_fd=fd, requester=requester)
         finally:
             os.close(fd)  # the instance's Live holds its own copy
 

@@ -90,19 +90,22 @@ def test_env_override_may_replace_path_but_not_the_contract(tmp_path: Path) -> N
 
 
 def test_environment_of_a_cron_run(tmp_path: Path) -> None:
-    """A cron job runs with the app's environment; its instance id names the job and run."""
+    """A job (a cron run) runs with the app's environment under the id its spawner gave it,
+    without a port; the kernel reads no driver's section to build it."""
     resolved = load_ok(write_app(tmp_path, SHOP))
-    env = app_environment(resolved, process="cron.cleanup", index=7, manifest_path=Path("/m"))
+    env = app_environment(resolved, process="cleanup", index=7, manifest_path=Path("/m"),
+                          job="shop.cron.cleanup.7")
     assert env["CORRAL_INSTANCE"] == "shop.cron.cleanup.7"
     assert "PORT" not in env and env["CORRAL_PATH_DATA"].endswith("/data")
-    bare = app_environment(resolved, process="cleanup", index=7, manifest_path=Path("/m"))
-    assert bare == env
+    web = app_environment(resolved, process="web", index=1, manifest_path=Path("/m"))
+    assert {k: v for k, v in env.items() if k not in ("CORRAL_INSTANCE",)} == {
+        k: v for k, v in web.items() if k not in ("CORRAL_INSTANCE", "PORT")}
 
 
 def test_environment_unknown_process(tmp_path: Path) -> None:
     """An unknown process or a bad index is refused with the known names."""
     resolved = load_ok(write_app(tmp_path, SHOP))
-    with pytest.raises(NotFoundError, match=r"has: web, worker, cron\.cleanup"):
+    with pytest.raises(NotFoundError, match=r"has: web, worker\)"):
         app_environment(resolved, process="api", index=1, manifest_path=Path("/m"))
     with pytest.raises(CorralError, match="index must be 0 or more"):
         app_environment(resolved, process="web", index=-1, manifest_path=Path("/m"))

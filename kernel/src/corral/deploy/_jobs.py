@@ -31,8 +31,9 @@ class Jobs:
         self.running: dict[str, Job] = {}
 
     async def spawn(self, state: AppState, *, process: str, command: str, label: str | None,
-                    env: dict[str, str]) -> dict[str, Any]:
-        """Start ``command`` as a job of the app (its sandbox, no port); its record."""
+                    env: dict[str, str], owner: str) -> dict[str, Any]:
+        """Start ``command`` as a job of the app (its sandbox, no port); its record. The job
+        is named by the driver that asked for it (``owner``): ``<app>.<owner>.<job>.<run>``."""
         from corral import manifest as manifests  # loaded on first use: an idle kernel is small
 
         app = state.spec.name
@@ -40,11 +41,11 @@ class Jobs:
         manifest_path = Path(self.instances.home / "apps" / app / "manifest.json")
         run = int(time.time() * 1000) % 1_000_000_000
         label = label or str(run)
+        job_id = f"{app}.{owner}.{process}.{label}"
         job_env = manifests.app_environment(resolved, process=process, index=run,
-                                            manifest_path=manifest_path)
-        job_env.pop("PORT", None)
+                                            manifest_path=manifest_path, job=job_id)
         job_env.update(env)
-        ispec = InstanceSpec(id=f"{app}.cron.{process}.{label}", app=app, process=process,
+        ispec = InstanceSpec(id=job_id, app=app, process=process,
                              index=0, kind="job", argv=["/bin/sh", "-c", command], env=job_env,
                              cwd=state.spec.directory)
         plan = await self.instances.plan(state.spec, ispec)

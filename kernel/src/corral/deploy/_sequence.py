@@ -376,7 +376,8 @@ class Deployer:
 
     # ---- spawn (cron runs, on-demand) --------------------------------------------------------
 
-    async def spawn(self, args: Spawn, *, listen_fd: int | None = None) -> dict[str, Any]:
+    async def spawn(self, args: Spawn, *, listen_fd: int | None = None,
+                    requester: str = "job") -> dict[str, Any]:
         """``instance.spawn``: start a process of ``app`` in its sandbox; returns its record.
 
         ``listen_fd`` (the kernel's copy of a driver's socket, ``args.listen_fd``; the caller
@@ -391,7 +392,7 @@ class Deployer:
             if not args.command:
                 raise CorralError("a job needs a command", code=ErrorCode.INVALID)
             return await self.jobs.spawn(state, process=args.process, command=args.command,
-                                         label=args.label, env=args.env)
+                                         label=args.label, env=args.env, owner=requester)
         return await self._spawn_instance(state, args.process, listen_fd,
                                           args.listen_fd.name if args.listen_fd else None)
 

@@ -28,32 +28,30 @@ def app_environment(
     index: int,
     manifest_path: Path,
     base_env: Mapping[str, str] | None = None,
+    job: str | None = None,
 ) -> dict[str, str]:
     """Return the complete environment of instance ``index`` of ``process``.
 
-    ``process`` is a ``[processes]`` name, or a cron job's name (``cron.<job>`` or just
-    ``<job>`` when no process has that name), and then ``index`` is the run number and the
-    instance is ``<app>.cron.<job>.<index>``. ``base_env`` is consulted only for PATH, HOME,
-    LANG, LANGUAGE, LC_*, TZ and TERM; ``--env`` values come next, the contract variables last.
+    ``process`` is a ``[processes]`` name. For a job a driver spawns (a cron run), ``job`` is
+    the job's instance id, which its environment carries as CORRAL_INSTANCE; it has no port
+    and ``process`` is then the driver's name for the job. ``base_env`` is consulted only for
+    PATH, HOME, LANG, LANGUAGE, LC_*, TZ and TERM; ``--env`` values come next, the contract
+    variables last.
     """
     manifest = resolved.manifest
     app = manifest.app.name
     if index < 0:
         raise CorralError(f"instance index must be 0 or more, got {index}", code=ErrorCode.INVALID)
     port: int | None = None
-    job = process.removeprefix("cron.")
-    jobs = resolved.sections.get("cron") or {}  # the cron driver's section, as data
-    if process in manifest.processes:
+    if job is not None:
+        instance = job
+    elif process in manifest.processes:
         port_name = manifest.processes[process].port
         port = manifest.ports[port_name] if port_name is not None else None
         instance = f"{app}.{process}.{index}"
-    elif job in jobs:
-        instance = f"{app}.cron.{job}.{index}"
     else:
-        known = [*manifest.processes, *(f"cron.{job}" for job in jobs)]
-        raise NotFoundError(
-            f"app {app!r} has no process {process!r} (it has: {', '.join(known) or 'none'})"
-        )
+        raise NotFoundError(f"app {app!r} has no process {process!r} "
+                            f"(it has: {', '.join(manifest.processes) or 'none'})")
 
     env = {"PATH": DEFAULT_PATH, "LANG": DEFAULT_LANG, "HOME": str(resolved.directory)}
     for key, value in (base_env or {}).items():
