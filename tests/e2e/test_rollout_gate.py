@@ -225,3 +225,31 @@ def test_ctrl_c_leaves_the_deploy_running(kernel: KernelProcess, public_dir: Pat
     wait_for(lambda: set(instances(k, "intr")) == {"intr.web.1-g2", "intr.web.2-g2"}, 60,
              what="the deploy finished without the CLI")
     assert answers(front, lb_name) == {"intr.web.1-g2 2", "intr.web.2-g2 2"}
+
+
+def test_restart_under_load_replaces_every_instance_without_a_failed_request(
+        kernel: KernelProcess, public_dir: Path) -> None:
+    """`corral restart APP`: fresh instances of the same release start beside the old ones,
+    join once healthy, then the old ones are drained: new pids, zero failed requests.
+    `corral restart APP nope` is refused and changes nothing."""
+    k = kernel
+    front, lb_name, d = gated_app(public_dir, "again")
+    first = up(k, d, "--env", "VERSION=1")
+    old = {i["pid"] for i in first["instances"]}
+    r = k.cli("restart", "again", "nope")
+    assert r.returncode == 1 and "has no process 'nope'" in r.stderr, r.stderr
+    assert set(instances(k, "again").values()) == old
+    load = Load(front, lb_name).start()
+    try:
+        wait_for(lambda: load.ok > 100, 20, what="load running")
+        r = k.cli("restart", "again", "web", "--json", timeout=120)
+        ok_after = load.ok
+        wait_for(lambda: load.ok > ok_after + 200, 20, what="load after the restart")
+    finally:
+        load.stop()
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert sorted(i["id"] for i in res["instances"]) == ["again.web.1-g2", "again.web.2-g2"]
+    assert not {i["pid"] for i in res["instances"]} & old
+    assert load.failures == [], load.failures[:10]
+    assert answers(front, lb_name) == {"again.web.1-g2 1", "again.web.2-g2 1"}

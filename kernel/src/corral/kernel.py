@@ -47,6 +47,7 @@ from corral.protocol._ops import (
     LedgerList,
     LedgerRelease,
     Publish,
+    Restart,
     Scale,
     Spawn,
 )
@@ -103,6 +104,7 @@ class Kernel:
             "app.check": self._check,
             "app.down": self._down,
             "app.scale": self._scale,
+            "app.restart": self._restart,
             "app.ps": self._ps,
             "app.get": self._app_get,
             "ledger.list": self._ledger_list,
@@ -222,6 +224,9 @@ class Kernel:
 
     async def _scale(self, peer: Peer, args: Scale) -> dict[str, Any]:
         return await self.deployer.scale(args)
+
+    async def _restart(self, peer: Peer, args: Restart) -> dict[str, Any]:
+        return await self.deployer.restart(args)
 
     async def _down(self, peer: Peer, args: AppName) -> dict[str, Any]:
         return await self.deployer.down(args.name)

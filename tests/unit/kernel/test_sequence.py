@@ -332,3 +332,38 @@ def test_without_instance_addresses_an_old_instance_goes_before_its_replacement(
     assert set(state.instances) == {"seq.web.1", "seq.web.2"}
     assert all(_alive(lv.record.pid) for lv in state.instances.values())
     assert state.spec.generation == 1
+
+
+def test_restart_replaces_unchanged_instances_beside_the_old_ones(h: Harness) -> None:
+    """`corral restart`: every instance is replaced although its spec did not change (a rerun
+    of `up` would keep it), the new ones join before the old ones are stopped; an unknown
+    process is refused and changes nothing."""
+    from corral.protocol._ops import Restart
+
+    first = h.up("1")
+    old = {i["id"]: i["pid"] for i in first["instances"]}
+    assert {i["pid"] for i in h.up("1")["instances"]} == set(old.values())  # up keeps them
+
+    async def restart(**kw: Any) -> dict[str, Any]:
+        try:
+            return await h.deployer.restart(Restart(name="seq", **kw))
+        finally:
+            for live in h.deployer.apps["seq"].instances.values():
+                if live.watcher is not None:
+                    live.watcher.cancel()
+
+    with pytest.raises(CorralError, match="has no process 'api'"):
+        asyncio.run(restart(process="api"))
+    assert {lv.record.pid for lv in h.deployer.apps["seq"].instances.values()} == set(
+        old.values())
+    mark = len(h.drivers.calls)
+    res = asyncio.run(restart())
+    assert sorted(i["id"] for i in res["instances"]) == ["seq.web.1-g3", "seq.web.2-g3"]
+    assert not {i["pid"] for i in res["instances"]} & set(old.values())
+    assert not any(_alive(p) for p in old.values())
+    # the joins came before the first old instance was drained
+    order = [(op, s) for op, _, s in h.drivers.calls[mark:]
+             if op in ("instance.started", "instance.stopping")]
+    first_stop = next(i for i, (op, _) in enumerate(order) if op == "instance.stopping")
+    assert {s for op, s in order[:first_stop] if op == "instance.started"} == {
+        "seq.web.1-g3", "seq.web.2-g3"}

@@ -154,6 +154,15 @@ def cmd_scale(ns: argparse.Namespace) -> int:
     return _deployed(ns, res, "scaled")
 
 
+def cmd_restart(ns: argparse.Namespace) -> int:
+    """Replace an app's instances (or one process's) with fresh ones, rolled like a deploy."""
+    args: dict[str, Any] = {"name": ns.app, "wait_s": ns.wait}
+    if ns.process:
+        args["process"] = ns.process
+    res = _rollout.run(ns, ns.app, "app.restart", args)
+    return _deployed(ns, res, "restarted")
+
+
 def cmd_down(ns: argparse.Namespace) -> int:
     """Stop an app (or --all apps) and release everything it holds."""
     if ns.all == bool(ns.app):
@@ -276,6 +285,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "up": cmd_up,
     "down": cmd_down,
     "scale": cmd_scale,
+    "restart": cmd_restart,
     "ps": cmd_ps,
     "ledger": cmd_ledger,
     "drivers": cmd_drivers,
@@ -313,6 +323,10 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("scale", help=cmd_scale.__doc__)
     s.add_argument("app")
     s.add_argument("counts", nargs="+", metavar="PROCESS=N")
+    _rollout_flags(s)
+    s = sub.add_parser("restart", help=cmd_restart.__doc__)
+    s.add_argument("app")
+    s.add_argument("process", nargs="?", help="only this process's instances")
     _rollout_flags(s)
     s = sub.add_parser("ps", help=cmd_ps.__doc__)
     s.add_argument("--json", action="store_true")

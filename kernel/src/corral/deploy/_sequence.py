@@ -34,7 +34,7 @@ from corral.errors import CorralError, ErrorCode, NotFoundError
 from corral.host import HostConfig
 from corral.ledger import Claim, Ledger, Record, Txn
 from corral.protocol import AppSpec, InstanceSpec
-from corral.protocol._ops import Check, Deploy, Scale, Spawn
+from corral.protocol._ops import Check, Deploy, Restart, Scale, Spawn
 
 log = structlog.get_logger("corral.deploy")
 
@@ -111,6 +111,30 @@ class Deployer:
             deploy = Deploy(directory=state.spec.directory, wait_s=args.wait_s)
             return await self._deploy(args.name, resolved, resolved.as_json(), deploy, started)
 
+    async def restart(self, args: Restart) -> dict[str, Any]:
+        """``app.restart``: replace every instance of the app (or of one process) with a fresh
+        one of the deployed manifest, rolled like a deploy: the new ones start beside the old
+        and must be ready and healthy before the old ones are drained and stopped (Heroku's
+        ``ps:restart`` without its downtime)."""
+        started = time.monotonic()
+        from corral import manifest as manifests
+
+        state = self._app(args.name)
+        await self.drivers.require(state.spec.manifest, doing=f"restart of {args.name!r}")
+        async with self.instances.lock(args.name):
+            state = self._app(args.name)
+            processes = state.spec.manifest.get("processes") or {}
+            if args.process is not None and args.process not in processes:
+                raise NotFoundError(
+                    f"app {args.name!r} has no process {args.process!r} "
+                    f"(it has {', '.join(map(repr, sorted(processes))) or 'none'})")
+            doc = copy.deepcopy(state.spec.manifest)
+            resolved = manifests.ResolvedManifest.from_json(doc)
+            deploy = Deploy(directory=state.spec.directory, wait_s=args.wait_s)
+            force = {args.process} if args.process is not None else set(processes)
+            return await self._deploy(args.name, resolved, resolved.as_json(), deploy, started,
+                                      force=force)
+
     def _app(self, name: str) -> AppState:
         state = self.apps.get(name)
         if state is None:
@@ -118,7 +142,9 @@ class Deployer:
         return state
 
     async def _deploy(self, name: str, resolved: Any, doc: dict[str, Any], args: Deploy,
-                      started: float) -> dict[str, Any]:
+                      started: float, force: set[str] | None = None) -> dict[str, Any]:
+        """The sequence; ``force`` names processes whose instances are replaced even when
+        their spec did not change (a restart)."""
         inst = self.instances
         previous = self.apps.get(name)  # the same AppState this deploy updates in place
         previous_spec = previous.spec if previous is not None else None
@@ -174,9 +200,10 @@ class Deployer:
             for ispec in wanted:  # one slot at a time
                 h = spec_hash(ispec)
                 olds = [lv for lv in state.instances.values() if lv.slot == ispec.id]
-                if any(lv.spec_hash == h and self.launcher.is_alive(lv.record.pid,
-                                                                    lv.record.start_time)
-                       for lv in olds):
+                if ispec.process not in (force or ()) and any(
+                        lv.spec_hash == h and self.launcher.is_alive(lv.record.pid,
+                                                                     lv.record.start_time)
+                        for lv in olds):
                     for lv in olds:  # unchanged and alive: keep it (a rerun kills nothing)
                         lv.generation = generation
                     continue

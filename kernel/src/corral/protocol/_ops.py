@@ -61,6 +61,15 @@ class Scale(Args):
         default=None, gt=0, description="as for app.deploy: the time each new instance has")
 
 
+class Restart(Args):
+    """``app.restart``: replace an app's instances (or one process's) with fresh ones."""
+
+    name: str
+    process: str | None = Field(default=None, description="only this process's instances")
+    wait_s: float | None = Field(
+        default=None, gt=0, description="as for app.deploy: the time each new instance has")
+
+
 class DriverName(Args):
     """An operation on one configured driver by name."""
 
@@ -290,6 +299,7 @@ _CLIENT_OPS = _table(
     Operation("ledger.list", LedgerList, "ledger records"),
     Operation("ledger.claim", LedgerClaim, "claim resources, all or nothing"),
     Operation("ledger.release", LedgerRelease, "release resources"),
+    Operation("app.restart", Restart, "replace the instances with fresh ones, rolled"),
     Operation("drivers.list", NoArgs, "drivers and their state"),
     Operation("driver.restart", DriverName, "start a driver again (also a failed one)"),
     Operation("driver.query", DriverQuery, "forward a query to a driver"),
