@@ -336,7 +336,8 @@ def test_scale_sets_instance_counts_of_the_deployed_manifest(
     held = _held(kernel, "sc")
     for argv, code, message in (
         (["scale", "sc", "nope=2"], 1, "has no process 'nope'"),
-        (["scale", "sc", "worker=0"], 2, "expected PROCESS=N with N >= 1"),
+        (["scale", "sc", "worker=-1"], 2, "expected PROCESS=N with N >= 0"),
+        (["scale", "sc", "worker=many"], 2, "expected PROCESS=N with N >= 0"),
         (["scale", "ghost", "web=2"], 1, "no app named 'ghost'"),
     ):
         r = kernel.cli(*argv)

@@ -59,6 +59,11 @@ class HostConfig(BaseModel):
         description="how long a deploy, restart, cron run or one-off waits for a driver it "
         "needs that is not connected, before it is refused",
     )
+    stop_grace_s: float = Field(
+        default=30.0, gt=0,
+        description="default time between SIGTERM and SIGKILL when an instance is stopped "
+        "(processes.<name>.stop_grace overrides it per process)",
+    )
     start_timeout_s: float = Field(
         default=60.0, gt=0,
         description="default time for a new instance to be ready and healthy in a rollout "

@@ -367,3 +367,52 @@ def test_restart_replaces_unchanged_instances_beside_the_old_ones(h: Harness) ->
     first_stop = next(i for i, (op, _) in enumerate(order) if op == "instance.stopping")
     assert {s for op, s in order[:first_stop] if op == "instance.started"} == {
         "seq.web.1-g3", "seq.web.2-g3"}
+
+
+def test_the_formation_set_by_scale_outlives_the_next_deploy_and_0_is_allowed(h: Harness
+                                                                            ) -> None:
+    """`corral scale web=3`, then `corral up` of the same manifest (which says 2): still 3
+    (Heroku's formation outlives a push); `scale web=0` stops them all and the app stays
+    deployed with none; the next `up` keeps it at 0."""
+    from corral.protocol._ops import Scale
+
+    async def scale(n: int) -> dict[str, Any]:
+        try:
+            return await h.deployer.scale(Scale(name="seq", counts={"web": n}))
+        finally:
+            for live in h.deployer.apps["seq"].instances.values():
+                if live.watcher is not None:
+                    live.watcher.cancel()
+
+    h.up("1")
+    assert len(asyncio.run(scale(3))["instances"]) == 3
+    assert len(h.up("1")["instances"]) == 3
+    assert h.deployer.formation("seq") == {"web": 3}
+    assert asyncio.run(scale(0))["instances"] == []
+    assert not any(_alive(p) for p in h.launcher.started)
+    assert h.up("1")["instances"] == [] and "seq" in h.deployer.apps
+    assert ("app", "seq") in h.held()
+
+
+def test_stop_grace_is_per_process(h: Harness) -> None:
+    """An instance that ignores SIGTERM is killed after its process's stop_grace (1 s here),
+    not the host's default (30 s)."""
+    import time
+
+    (h.app / "corral.toml").write_text(textwrap.dedent('''
+        [app]
+        name = "seq"
+        [processes]
+        web = { command = "sh -c \\"trap '' TERM; sleep 600\\"", stop_grace = "1s" }
+    '''))
+    res = asyncio.run(h._up())
+    pid = res["instances"][0]["pid"]
+
+    async def down() -> float:
+        t0 = time.monotonic()
+        await h.deployer.down("seq")
+        return time.monotonic() - t0
+
+    took = asyncio.run(down())
+    assert not _alive(pid)
+    assert 0.9 <= took < 10, took

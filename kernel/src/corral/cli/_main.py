@@ -144,8 +144,8 @@ def cmd_scale(ns: argparse.Namespace) -> int:
     counts: dict[str, int] = {}
     for item in ns.counts:
         process, sep, value = item.partition("=")
-        if not sep or not process or not value.isdigit() or int(value) < 1:
-            print(f"corral scale: {item!r}: expected PROCESS=N with N >= 1 (e.g. web=3)",
+        if not sep or not process or not value.isdigit():
+            print(f"corral scale: {item!r}: expected PROCESS=N with N >= 0 (e.g. web=3)",
                   file=sys.stderr)
             return EXIT_INPUT
         counts[process] = int(value)

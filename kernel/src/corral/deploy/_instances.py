@@ -36,7 +36,6 @@ from corral.protocol import (
 
 log = structlog.get_logger("corral.deploy")
 
-STOP_GRACE_S = 5.0
 RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 _SINGLE_OWNER = ("root", "netns", "address", "stdout", "stderr", "pid_namespace", "seccomp")
 
@@ -378,7 +377,9 @@ class Instances:
         await self.drivers.broadcast("instance.stopping", {"app": rec.spec.app,
                                                            "instance_id": rec.spec.id},
                                      strict=False)
-        await asyncio.to_thread(self.launcher.terminate, rec.pid, rec.start_time, STOP_GRACE_S)
+        grace = ((state.spec.manifest.get("processes") or {}).get(rec.spec.process) or {}).get(
+            "stop_grace") or self.config.stop_grace_s
+        await asyncio.to_thread(self.launcher.terminate, rec.pid, rec.start_time, float(grace))
         if live.watcher is not None:
             live.watcher.cancel()
         self.launcher.reap(rec.pid)

@@ -68,10 +68,27 @@ class Deployer:
         started = time.monotonic()
 
         resolved = await self.check(args, doing="deploy")
-        doc = resolved.as_json()
-        name = str(doc["app"]["name"])
+        name = str(resolved.as_json()["app"]["name"])
         async with self.instances.lock(name):
-            return await self._deploy(name, resolved, doc, args, started)
+            # the formation set by `corral scale` outlives the manifest's instance counts,
+            # as Heroku's formation outlives a push
+            formation = self.formation(name)
+            if formation:
+                from corral import manifest as manifests
+
+                doc = resolved.as_json()
+                for process, count in formation.items():
+                    if process in (doc.get("processes") or {}):
+                        doc["processes"][process]["instances"] = count
+                resolved = manifests.ResolvedManifest.from_json(doc)
+            return await self._deploy(name, resolved, resolved.as_json(), args, started,
+                                      formation=formation)
+
+    def formation(self, name: str) -> dict[str, int]:
+        """The instance counts `corral scale` set for the app (kept across deploys)."""
+        rec = self.ledger.get("app", name)
+        raw = rec.value.get("formation") if rec is not None else None
+        return {str(k): int(v) for k, v in (raw or {}).items()}
 
     async def check(self, args: Deploy | Check, *, doing: str = "check") -> Any:
         """``app.check`` (and the first step of a deploy): resolve the manifest in
@@ -109,7 +126,9 @@ class Deployer:
                 processes[process]["instances"] = count
             resolved = manifests.ResolvedManifest.from_json(doc)
             deploy = Deploy(directory=state.spec.directory, wait_s=args.wait_s)
-            return await self._deploy(args.name, resolved, resolved.as_json(), deploy, started)
+            formation = {**self.formation(args.name), **args.counts}
+            return await self._deploy(args.name, resolved, resolved.as_json(), deploy, started,
+                                      formation=formation)
 
     async def restart(self, args: Restart) -> dict[str, Any]:
         """``app.restart``: replace every instance of the app (or of one process) with a fresh
@@ -142,7 +161,8 @@ class Deployer:
         return state
 
     async def _deploy(self, name: str, resolved: Any, doc: dict[str, Any], args: Deploy,
-                      started: float, force: set[str] | None = None) -> dict[str, Any]:
+                      started: float, force: set[str] | None = None,
+                      formation: dict[str, int] | None = None) -> dict[str, Any]:
         """The sequence; ``force`` names processes whose instances are replaced even when
         their spec did not change (a restart)."""
         inst = self.instances
@@ -231,7 +251,9 @@ class Deployer:
             slots = {w.id for w in wanted}
             for live in [lv for lv in state.instances.values() if lv.slot not in slots]:
                 await inst.stop(state, live)
-            self.ledger.put(name, "app", name, _app_value(spec, manifest_path, "running"))
+            kept = formation if formation is not None else self.formation(name)
+            self.ledger.put(name, "app", name, _app_value(spec, manifest_path, "running",
+                                                          kept))
         except BaseException as exc:
             log.error("deploy failed, undoing", app=name, step=step, error=str(exc))
             await self._undo(state, previous_spec, held_before, attached, launched, replaced,
@@ -333,7 +355,8 @@ class Deployer:
     def _claims(self, spec: AppSpec, manifest_path: str) -> Txn:
         doc = spec.manifest
         name = spec.name
-        claims: list[Claim] = [Claim("app", name, _app_value(spec, manifest_path, "deploying"))]
+        claims: list[Claim] = [Claim("app", name, _app_value(spec, manifest_path, "deploying",
+                                                             self.formation(name)))]
         for pname, port in sorted((doc.get("ports") or {}).items()):
             claims.append(Claim("port", str(port), {"app": name, "name": pname}))
         for pname, p in sorted((doc.get("paths") or {}).items()):
@@ -508,9 +531,10 @@ class Deployer:
                 for name, state in sorted(self.apps.items())]
 
 
-def _app_value(spec: AppSpec, manifest_path: str, status: str) -> dict[str, Any]:
+def _app_value(spec: AppSpec, manifest_path: str, status: str,
+               formation: dict[str, int] | None = None) -> dict[str, Any]:
     return {"spec": spec.model_dump(mode="json"), "manifest_path": manifest_path,
-            "generation": spec.generation, "status": status}
+            "generation": spec.generation, "status": status, "formation": formation or {}}
 
 
 def check_reachable(directory: Path, uid: int) -> None:

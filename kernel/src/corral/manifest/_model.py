@@ -42,7 +42,8 @@ def _app_name(value: object) -> str:
 AppName = Annotated[
     str, BeforeValidator(_app_name), json_schema(type="string", pattern=_LABEL.pattern)
 ]
-Instances = Annotated[int, BeforeValidator(count(1)), json_schema(type="integer", minimum=1)]
+# 0 is allowed: a process that is declared but not running (Heroku's formation of 0)
+Instances = Annotated[int, BeforeValidator(count(0)), json_schema(type="integer", minimum=0)]
 
 _Section = SectionModel
 
@@ -70,6 +71,11 @@ class Process(_Section):
         description="how long a new instance may take to be ready and, behind an lb, healthy, "
         "before a rollout gives up on it (and keeps the running release); default: the host's "
         "start_timeout_s (60 s)",
+    )
+    stop_grace: PositiveDuration | None = Field(
+        default=None,
+        description="how long an instance has between SIGTERM and SIGKILL when it is stopped; "
+        "default: the host's stop_grace_s (30 s, as Heroku gives a dyno)",
     )
 
 

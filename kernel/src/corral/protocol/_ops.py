@@ -55,7 +55,7 @@ class Scale(Args):
     """``app.scale``: set the instance count of some of a deployed app's processes."""
 
     name: str
-    counts: dict[str, Annotated[int, Field(ge=1, le=1000)]] = Field(
+    counts: dict[str, Annotated[int, Field(ge=0, le=1000)]] = Field(
         min_length=1, description="process name -> instances (e.g. {\"web\": 3})")
     wait_s: float | None = Field(
         default=None, gt=0, description="as for app.deploy: the time each new instance has")
