@@ -23,6 +23,8 @@ VENV_SITE = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.versio
 
 
 def corral(*argv: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    """The CLI with no kernel to talk to (never the host's own, if one runs here)."""
+    kw.setdefault("env", NO_KERNEL)
     return subprocess.run([sys.executable, "-m", "corral.cli", *argv], capture_output=True,
                           text=True, timeout=60, check=False, **kw)  # type: ignore[call-overload]
 

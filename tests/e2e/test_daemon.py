@@ -48,3 +48,13 @@ def test_corral_daemon_is_corrald(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_stopped_kernel_leaves_no_socket_behind(tmp_path: Path) -> None:
+    """SIGTERM: the kernel removes its bus and events socket files and its pid file, so no
+    client takes a leftover socket for a running kernel (libzmq leaves ipc files behind)."""
+    k = KernelProcess(tmp_path, NO_DRIVERS).start()
+    sockets = [k.runtime / "bus.sock", k.runtime / "events.sock"]
+    assert all(p.exists() for p in sockets)
+    k.stop()
+    assert [p for p in (*sockets, k.runtime / "kernel.pid") if p.exists()] == []

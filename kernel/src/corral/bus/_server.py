@@ -117,12 +117,14 @@ class BusServer:
         self._pub.zap_domain = DOMAIN
         self._pub.linger = 0
         self._pub.maxmsgsize = 65536  # subscribers send subscriptions only
+        self._bound: list[tuple[str, int]] = []  # (path, inode) of the socket files we made
         for sock, ep in ((self._router, self.endpoint), (self._pub, self.events)):
             path = ep.removeprefix("ipc://")
             if os.path.exists(path):
                 os.unlink(path)  # a stale socket of a dead kernel
             sock.bind(ep)
             os.chmod(path, 0o600)
+            self._bound.append((path, os.stat(path).st_ino))
         self._io = LoopSocket(self._router, self._on_message)
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
@@ -311,6 +313,14 @@ class BusServer:
         self._pub.close(0)
         self._zap.close()
         self._ctx.term()
+        # libzmq leaves ipc files behind; a client would take one for a running kernel. Only
+        # ours: a kernel started since may have bound the same path anew.
+        for path, inode in self._bound:
+            try:
+                if os.stat(path).st_ino == inode:
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
 
 
 def _uid_of(user: str | None) -> int | None:

@@ -66,9 +66,16 @@ def cmd_check(ns: argparse.Namespace) -> int:
     from corral import manifest
 
     directory = Path(ns.directory).resolve()
+    res: dict[str, Any] | None = None
     if _kernel_running():  # the running drivers check their sections (manifest.check)
-        res = _client().call("app.check", {"directory": str(directory), "set": ns.set_,
-                                           "offset": ns.offset, "env": ns.env}, timeout=60)
+        try:
+            res = _client().call("app.check", {"directory": str(directory), "set": ns.set_,
+                                               "offset": ns.offset, "env": ns.env}, timeout=60)
+        except CorralError as exc:
+            # a socket left by a kernel that is gone: check as when none runs
+            if exc.code != ErrorCode.UNAVAILABLE or "driver" in exc.details:
+                raise
+    if res is not None:
         problems = list(res.get("problems") or [])
         resolved_json = res.get("manifest")
     else:  # the installed drivers' section modules, in this process

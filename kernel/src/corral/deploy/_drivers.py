@@ -18,6 +18,7 @@ from corral.bus import BusServer
 from corral.errors import CorralError, DriverUnavailableError, ErrorCode, LaunchError
 from corral.host import HostConfig
 from corral.protocol import ManifestCheck, ManifestChecked
+from corral.sdk.sections import merge_checked
 from corral.supervisor import DriverSlot, Supervisor
 
 log = structlog.get_logger("corral.deploy")
@@ -170,11 +171,7 @@ class DriverSet:
             if unasked:
                 raise CorralError(f"driver {name!r} answered manifest.check for sections it "
                                   f"was not asked: {unasked}", code=ErrorCode.INTERNAL)
-            out.sections.update(one.sections)
-            out.claims += one.claims
-            out.on_demand += one.on_demand
-            out.ports += one.ports
-            out.problems += one.problems
+            merge_checked(out, one)
         return out
 
     async def require(self, manifest: dict[str, Any] | None, *, doing: str) -> None:

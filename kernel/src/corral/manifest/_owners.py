@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from corral.protocol import DriverDescription, ManifestCheck, ManifestChecked
-from corral.sdk.sections import Section, check_sections, load_section
+from corral.sdk.sections import Section, check_sections, load_section, merge_checked
 
 NAMESPACE = "corral.drivers"
 
@@ -35,12 +35,8 @@ class LocalOwners:
         out = ManifestChecked()
         for name, raw in args.sections.items():
             _driver, section = self.sections[name]
-            one = check_sections({name: section}, args.model_copy(update={"sections": {name: raw}}))
-            out.sections.update(one.sections)
-            out.claims += one.claims
-            out.on_demand += one.on_demand
-            out.ports += one.ports
-            out.problems += one.problems
+            merge_checked(out, check_sections(
+                {name: section}, args.model_copy(update={"sections": {name: raw}})))
         return out
 
     @classmethod

@@ -496,6 +496,17 @@ def load_section(target: str) -> Section:
     return found
 
 
+def merge_checked(into: ManifestChecked, one: ManifestChecked) -> ManifestChecked:
+    """Add one owner's ``manifest.check`` answer to ``into`` (sections, claims, on-demand
+    processes, ports, problems); return ``into``."""
+    into.sections.update(one.sections)
+    into.claims += one.claims
+    into.on_demand += one.on_demand
+    into.ports += one.ports
+    into.problems += one.problems
+    return into
+
+
 def check_sections(owned: Mapping[str, Section], args: ManifestCheck) -> ManifestChecked:
     """Run the owned sections' checks on ``args.sections``; the ``manifest.check`` answer. A
     section in ``args`` that is not in ``owned`` is a problem (it was sent to the wrong owner)."""
