@@ -247,9 +247,19 @@ def test_history_survives_kill9_of_the_cron_driver_and_of_the_kernel(public_dir:
 
         # the scheduler still works after both restarts, and the next slot runs exactly once
         nxt = slot + timedelta(minutes=1)
-        wait_for(lambda: next((r for r in runs(k, "keep.tick")
-                               if r["slot"] == iso(nxt) and r["state"] == "succeeded"), None),
-                 timeout=75, step=0.5)
+        try:
+            wait_for(lambda: next((r for r in runs(k, "keep.tick")
+                                   if r["slot"] == iso(nxt) and r["state"] == "succeeded"),
+                                  None), timeout=75, step=0.5)
+        except AssertionError:
+            print("runs:", json.dumps(runs(k, "keep.tick"), indent=1))
+            print("\n".join(ln for ln in k.log_path.read_text().splitlines()
+                            if "BYE" not in ln and "peer said" not in ln))
+            for name in ("cron", "fs", "log"):
+                log = k.home / "drivers" / f"{name}.log"
+                if log.exists():
+                    print(f"--- {name}\n{log.read_text()[-3000:]}")
+            raise
         # a manual run through the restarted kernel still reports the real exit code
         again = cli_json(k, "cron", "run", "keep.fail")["run"]
         row = wait_for(lambda: finished(k, "keep.fail", again))

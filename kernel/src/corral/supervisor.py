@@ -295,7 +295,10 @@ class Supervisor:
         try:
             await self.on_ready(slot)
         finally:
-            slot.synced = slot.peer is peer
+            # only for this session: a state.sync to an earlier session of the same driver
+            # that ends late (it reconnected meanwhile) must not touch the current one's flag
+            if slot.peer is peer:
+                slot.synced = True
 
     async def lost(self, peer: Peer) -> None:
         """A driver stopped answering heartbeats: kill it, the watcher restarts it."""
