@@ -16,9 +16,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -39,6 +39,8 @@ from e2e.test_lb_deployed import (
 )
 
 pytestmark = pytest.mark.root
+
+T = TypeVar("T")
 
 # WEB whose /healthz answers 500 until HEALTHY_AFTER seconds after it listens ("never": always)
 _OLD = '''    def do_GET(self):
@@ -78,6 +80,22 @@ def gated_app(public_dir: Path, name: str) -> tuple[int, str, Path]:
     return front, lb_name, d
 
 
+def during_load(front: int, lb_name: str, action: Callable[[], T]) -> tuple[T, float, Load]:
+    """``action()`` while keep-alive clients hammer the frontend (from 100 answers in, until
+    200 more after it): its result, how long it took, and the load's record."""
+    load = Load(front, lb_name).start()
+    try:
+        wait_for(lambda: load.ok > 100, 20, what="load running")
+        t0 = time.monotonic()
+        result = action()
+        took = time.monotonic() - t0
+        ok_after = load.ok
+        wait_for(lambda: load.ok > ok_after + 200, 20, what="load after it")
+    finally:
+        load.stop()
+    return result, took, load
+
+
 def held(k: KernelProcess, app: str) -> dict[tuple[str, str], Any]:
     """What the app holds in the ledger besides its instance records (which move)."""
     return {(r["kind"], r["key"]): r["value"] for r in k.call("ledger.list", {"owner": app})[
@@ -105,17 +123,9 @@ def test_a_release_that_never_turns_healthy_keeps_the_running_one(
     ledger_before = held(k, "keep")
     manifest = k.home / "apps" / "keep" / "manifest.json"
     manifest_before = manifest.read_text()
-    load = Load(front, lb_name).start()
-    try:
-        wait_for(lambda: load.ok > 100, 20, what="load running")
-        t0 = time.monotonic()
-        r = k.cli("up", str(d), "--env", "VERSION=2", "--env", "HEALTHY_AFTER=never",
-                  "--wait", "6", timeout=120)
-        took = time.monotonic() - t0
-        ok_after = load.ok
-        wait_for(lambda: load.ok > ok_after + 200, 20, what="load after the refusal")
-    finally:
-        load.stop()
+    r, took, load = during_load(front, lb_name, lambda: k.cli(
+        "up", str(d), "--env", "VERSION=2", "--env", "HEALTHY_AFTER=never", "--wait", "6",
+        timeout=120))
     print(f"\nbroken redeploy refused in {took:.1f}s; {load.ok} requests, "
           f"{len(load.failures)} failed; answers {dict(load.bodies)}")
     assert r.returncode == 1, (r.stdout, r.stderr)
@@ -142,17 +152,8 @@ def test_a_release_healthy_after_20s_is_rolled_in(kernel: KernelProcess,
     front, lb_name, d = gated_app(public_dir, "slow")
     up(k, d, "--env", "VERSION=1")
     old = instances(k, "slow")
-    load = Load(front, lb_name).start()
-    try:
-        wait_for(lambda: load.ok > 100, 20, what="load running")
-        t0 = time.monotonic()
-        r = k.cli("up", str(d), "--env", "VERSION=2", "--env", "HEALTHY_AFTER=20",
-                  timeout=180)
-        took = time.monotonic() - t0
-        ok_after = load.ok
-        wait_for(lambda: load.ok > ok_after + 200, 20, what="load after the rollout")
-    finally:
-        load.stop()
+    r, took, load = during_load(front, lb_name, lambda: k.cli(
+        "up", str(d), "--env", "VERSION=2", "--env", "HEALTHY_AFTER=20", timeout=180))
     print(f"\nslow release rolled in {took:.1f}s; {load.ok} requests, "
           f"{len(load.failures)} failed; answers {dict(load.bodies)}")
     assert r.returncode == 0, r.stderr + k.log() + driver_logs(k)
@@ -239,14 +240,8 @@ def test_restart_under_load_replaces_every_instance_without_a_failed_request(
     r = k.cli("restart", "again", "nope")
     assert r.returncode == 1 and "has no process 'nope'" in r.stderr, r.stderr
     assert set(instances(k, "again").values()) == old
-    load = Load(front, lb_name).start()
-    try:
-        wait_for(lambda: load.ok > 100, 20, what="load running")
-        r = k.cli("restart", "again", "web", "--json", timeout=120)
-        ok_after = load.ok
-        wait_for(lambda: load.ok > ok_after + 200, 20, what="load after the restart")
-    finally:
-        load.stop()
+    r, _, load = during_load(front, lb_name, lambda: k.cli(
+        "restart", "again", "web", "--json", timeout=120))
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert sorted(i["id"] for i in res["instances"]) == ["again.web.1-g2", "again.web.2-g2"]

@@ -8,10 +8,13 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from conftest import require
 from corral.launch import become_subreaper, is_alive, launch, reap, signal_instance
 from corral.protocol._lifecycle import AppSpec, InstanceSpec, LaunchPlan
 from corral_fs.sandbox import Sandbox
@@ -111,3 +114,16 @@ def make_host() -> Host:
     base = Path(tempfile.mkdtemp(prefix="corral-fs-", dir="/var/tmp"))
     os.chmod(base, 0o755)
     return Host(base, Sandbox(base / "run"))
+
+
+@contextmanager
+def sandbox_host() -> Iterator[Host]:
+    """A Host for the fs tests, closed on exit; what it needs is required first (under
+    CI=true a missing piece fails the test instead of skipping it)."""
+    require(os.path.exists(PYTHON), f"{PYTHON} (the probes run on the host's python)")
+    require(os.path.exists("/usr/bin/tini-static"), "Debian package tini")
+    h = make_host()
+    try:
+        yield h
+    finally:
+        h.close()

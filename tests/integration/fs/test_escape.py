@@ -11,21 +11,15 @@ from typing import Any
 
 import pytest
 
-from conftest import require
-from integration.fs.harness import PYTHON, Host, make_host
+from integration.fs.harness import PYTHON, Host, sandbox_host
 
 pytestmark = pytest.mark.root
 
 
 @pytest.fixture(scope="module")
 def host() -> Iterator[Host]:
-    require(os.path.exists(PYTHON), f"{PYTHON} (the probes run on the host's python)")
-    require(os.path.exists("/usr/bin/tini-static"), "Debian package tini")
-    h = make_host()
-    try:
+    with sandbox_host() as h:
         yield h
-    finally:
-        h.close()
 
 
 @pytest.fixture(scope="module")

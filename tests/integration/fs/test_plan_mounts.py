@@ -11,25 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require
 from corral.errors import LaunchError
 from corral.launch import is_alive, launch
 from corral.protocol._lifecycle import AppSpec, BindMount, InstanceSpec, LaunchPlan
 from corral_fs.sandbox import Sandbox, cgroup_base
-from integration.fs.harness import PYTHON, Host, Running, make_host
+from integration.fs.harness import PYTHON, Host, Running, sandbox_host
 
 pytestmark = pytest.mark.root
 
 
 @pytest.fixture
 def host() -> Iterator[Host]:
-    require(os.path.exists(PYTHON), f"{PYTHON} (the probes run on the host's python)")
-    require(os.path.exists("/usr/bin/tini-static"), "Debian package tini")
-    h = make_host()
-    try:
+    with sandbox_host() as h:
         yield h
-    finally:
-        h.close()
 
 
 def _plan(host: Host, app: AppSpec, argv: list[str], mounts: list[BindMount]

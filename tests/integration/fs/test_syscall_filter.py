@@ -7,7 +7,6 @@ is the filter's and not a missing capability's; programs.py runs real programs u
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from typing import Any
 import pytest
 
 from conftest import require
-from integration.fs.harness import PYTHON, Host, make_host
+from integration.fs.harness import PYTHON, Host, sandbox_host
 
 pytestmark = pytest.mark.root
 
@@ -34,13 +33,8 @@ def io_uring_enabled() -> bool:
 
 @pytest.fixture(scope="module")
 def host() -> Iterator[Host]:
-    require(os.path.exists(PYTHON), f"{PYTHON} (the probes run on the host's python)")
-    require(os.path.exists("/usr/bin/tini-static"), "Debian package tini")
-    h = make_host()
-    try:
+    with sandbox_host() as h:
         yield h
-    finally:
-        h.close()
 
 
 @pytest.fixture(scope="module")
