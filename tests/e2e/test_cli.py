@@ -88,7 +88,7 @@ def test_corral_run_as_root_drops_to_nobody(public_dir: Path) -> None:
     app = public_dir / "hello"
     shutil.copytree(HELLO, app)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "corral.cli", "run", str(app), "--set",
+    proc = subprocess.Popen([sys.executable, "-m", "corral.cli", "dev", str(app), "--set",
                              f"ports.http={port}"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     body = _serve_and_stop(proc, port)
@@ -126,7 +126,7 @@ def test_corral_run_unprivileged_confines_the_mount_view(public_dir: Path) -> No
             "from corral.cli import main; raise SystemExit(main())")
     proc = subprocess.Popen(
         ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", str(py), "-c",
-         boot, str(VENV_SITE), "run", str(app)],
+         boot, str(VENV_SITE), "dev", str(app)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/",
         env={"PATH": "/usr/bin:/bin", "HOME": str(public_dir)})
     body = _serve_and_stop(proc, port)

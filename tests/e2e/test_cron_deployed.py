@@ -159,7 +159,9 @@ def test_runs_in_the_sandbox_with_exit_status_timeout_and_views(
         "succeeded", "manual", 0, None), row
     uid, cwd, app_env, reason, slot_env = (data / f"run-{manual}").read_text().split(" ")
     assert int(uid) >= 61000, "a cron run must not run as root"
-    assert (cwd, app_env, reason, slot_env) == (str(app), "crony", "manual", "\n")
+    # a run works in the app's live release (its files, as deployed)
+    release = k.home / "apps" / "crony" / "releases" / "v1"
+    assert (cwd, app_env, reason, slot_env) == (str(release), "crony", "manual", "\n")
     assert int(uid) == psutil.Process(cli_json(k, "ps")[0]["instances"][0]["pid"]).uids().real
 
     # a failing job: its real exit code, through the kernel's instance.wait
@@ -198,9 +200,10 @@ def test_runs_in_the_sandbox_with_exit_status_timeout_and_views(
 
     # show: where it runs
     show = cli_json(k, "cron", "show", "crony.tick")
-    assert show["uid"] == int(uid) and show["cwd"] == str(app)
+    assert show["uid"] == int(uid) and show["cwd"] == str(release)
     text = k.cli("cron", "show", "crony.tick").stdout
-    assert re.search(rf"^uid\s+{uid}$", text, re.M) and re.search(rf"^cwd\s+{app}$", text, re.M)
+    assert re.search(rf"^uid\s+{uid}$", text, re.M) and re.search(rf"^cwd\s+{release}$", text,
+                                                                   re.M)
 
     # the scheduled fire at the minute boundary of the cron clock
     assert not [r for r in runs(k, "crony.tick") if r["reason"] == "scheduled"], \
@@ -211,7 +214,7 @@ def test_runs_in_the_sandbox_with_exit_status_timeout_and_views(
     assert row["slot"] == iso(slot) and row["exit_code"] == 0, row
     assert 0 <= row["delay_ms"] < 2000, row
     uid2, cwd2, app2, reason2, slot2 = (data / f"run-{row['id']}").read_text().split()
-    assert (uid2, cwd2, app2, reason2) == (uid, str(app), "crony", "scheduled")
+    assert (uid2, cwd2, app2, reason2) == (uid, str(release), "crony", "scheduled")
     assert slot2 == iso(slot)
 
 

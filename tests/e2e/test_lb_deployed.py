@@ -11,7 +11,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import random
 import secrets
 import shutil
 import signal
@@ -23,7 +22,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,15 @@ import pytest
 
 from conftest import require
 from corral.errors import CorralError, ErrorCode, NotFoundError
-from corral.testing import KernelProcess, drivers_running, free_port, running_kernel, wait_for
+from corral.testing import (
+    KernelProcess,
+    NetHost,
+    drivers_running,
+    free_port,
+    new_net_host,
+    running_kernel,
+    wait_for,
+)
 
 pytestmark = pytest.mark.root
 
@@ -72,48 +79,6 @@ WEB = textwrap.dedent('''
             f.write(f"{iid} {t0} {time.time()}\\n")
     srv.serve_forever()
 ''')
-
-
-@dataclass
-class NetHost:
-    """Names and address ranges unique to one test's kernel."""
-
-    tag: str
-    pool4: str
-    pool6: str
-    table: str
-    netns_prefix: str
-    link_prefix: str
-    lb_table: str
-    resolvers: tuple[str, ...] = ()
-
-    def host_toml(self, drivers: tuple[str, ...] = ("net", "fs", "lb", "log")) -> str:
-        """The kernel's host config: exactly ``drivers``, net and lb scoped to this tag."""
-        sections = {
-            "net": f'config = {{ pool4 = "{self.pool4}", pool6 = "{self.pool6}", '
-                   f'table = "{self.table}", netns_prefix = "{self.netns_prefix}", '
-                   f'link_prefix = "{self.link_prefix}"'
-                   + (f", resolvers = {json.dumps(list(self.resolvers))}" if self.resolvers
-                      else "") + " }",
-            "lb": f'config = {{ nft_table = "{self.lb_table}" }}',
-        }
-        out = [f'address_pool = "{self.pool4}"', f'address_pool6 = "{self.pool6}"']
-        if "fs" not in drivers:  # no sandbox driver: a host must say so, or deploys are refused
-            out.append("unconfined = true")
-        for name in drivers:
-            out.append(f"[drivers.{name}]")
-            if name in sections:
-                out.append(sections[name])
-        return "\n".join(out) + "\n"
-
-
-def new_net_host() -> NetHost:
-    """Random, collision-resistant names: 'z' + 4 hex digits never prefixes another tag's."""
-    tag = secrets.token_hex(2)
-    word = random.randint(0x100, 0xFFFE)
-    return NetHost(tag=tag, pool4=f"10.{random.randint(150, 199)}.{random.randint(0, 255)}.0/24",
-                   pool6=f"fd63:6f72:7262:{word:x}::/64", table=f"ze{tag}",
-                   netns_prefix=f"ze{tag}-", link_prefix=f"z{tag}", lb_table=f"zlb{tag}")
 
 
 def _libnftables() -> bool:

@@ -16,24 +16,21 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
-from corral.testing import KernelProcess, running_kernel, wait_for
+from corral.testing import KernelProcess, wait_for
 from e2e.apps import free_port
 from e2e.test_lb_deployed import (
-    DRIVERS,
     WEB,
     Load,
     driver_logs,
     http_get,
     lb_backends,
-    new_net_host,
     ps,
-    require_net,
     up,
     web_app,
 )
@@ -55,15 +52,6 @@ _NEW = '''    def do_GET(self):
         self.send_response(500 if sick else 200)'''
 assert _OLD in WEB and "\nsrv = S((" in WEB
 GATED_WEB = WEB.replace(_OLD, _NEW).replace("\nsrv = S((", "\nt_up = time.time()\nsrv = S((")
-
-
-@pytest.fixture
-def kernel(public_dir: Path) -> Iterator[KernelProcess]:
-    """A real kernel with the net, fs, lb and log drivers."""
-    require_net()
-    with running_kernel(public_dir / "k", new_net_host().host_toml(DRIVERS),
-                        drivers=DRIVERS) as k:
-        yield k
 
 
 def gated_app(public_dir: Path, name: str) -> tuple[int, str, Path]:

@@ -232,8 +232,11 @@ def test_escape_probes_inside_deployed_apps(kernel: KernelProcess, public_dir: P
     esc = probe(rep, "escape.py")
 
     # 1. writes, renames, links outside the grants; symlinks and /proc/self/root lead nowhere
-    for name in ("write_root", "write_etc", "write_usr", "write_dotdot", "write_proc_root"):
+    for name in ("write_root", "write_etc", "write_usr", "write_proc_root"):
         assert esc[name] == "EROFS", (name, esc[name])
+    # the data grant's parent is the source directory, which a release does not mount: only
+    # the root's own (root-owned, read-only) directory leading to the grant is there
+    assert esc["write_dotdot"] in ("EROFS", "EACCES"), esc["write_dotdot"]
     assert esc["rename_out"] in ("EXDEV", "EROFS") and esc["link_out"] in ("EXDEV", "EROFS")
     for name in ("symlink_read", "read_secret", "read_secret_proc_root", "proc1_root_secret"):
         assert esc[name] == "ENOENT", (name, esc[name])

@@ -91,7 +91,7 @@ def test_corral_run_removes_its_manifest_directory(public_dir: Path) -> None:
     app.mkdir()
     (app / "corral.toml").write_text('[app]\nname = "once"\n[processes]\n'
                                      'job = { command = "test -r \\"$CORRAL_MANIFEST\\"" }\n')
-    done = subprocess.run([sys.executable, "-m", "corral.cli", "run", str(app)],
+    done = subprocess.run([sys.executable, "-m", "corral.cli", "dev", str(app)],
                           env={**os.environ, "TMPDIR": str(tmp)}, capture_output=True,
                           text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr

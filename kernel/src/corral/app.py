@@ -6,7 +6,7 @@
     app.notify_ready()             # sd_notify READY=1 when started under corral
 
 Every value comes from the environment corral starts the app with, so the same code runs under
-`corral run` on a laptop and in production. Nothing here imports corral's kernel dependencies.
+`corral dev` on a laptop and in production. Nothing here imports corral's kernel dependencies.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _variable(variable: str) -> str:
     if value is None or value == "":
         raise ContractError(
             f"${variable} is not set: is this process started by corral "
-            "(corral up / corral run), and does corral.toml define it?"
+            "(corral up / corral dev), and does corral.toml define it?"
         )
     return value
 

@@ -1,4 +1,4 @@
-"""``corral run``: the dev loop. The app runs in the foreground with its production contract.
+"""``corral dev``: the dev loop. The app runs in the foreground with its production contract.
 
 Same resolved manifest, same environment (PORT, CORRAL_*, CORRAL_MANIFEST), same working
 directory as under the kernel, and the same launch path. As a user, the mount view (system
@@ -83,10 +83,10 @@ def _start_and_wait(resolved: manifests.ResolvedManifest, doc: dict[str, Any], t
         for note in notes:
             if note not in said:
                 said.append(note)
-                print(f"corral run: not enforced: {note}", file=sys.stderr, flush=True)
+                print(f"corral dev: not enforced: {note}", file=sys.stderr, flush=True)
         pid, start = launcher.launch(plan)
         running.append((iid, pid, start))
-        print(f"corral run: {iid} started (pid {pid}"
+        print(f"corral dev: {iid} started (pid {pid}"
               f"{f', port {port}' if port else ''})", file=sys.stderr, flush=True)
     return _wait(running)
 
@@ -110,6 +110,6 @@ def _wait(running: list[tuple[str, int, float]]) -> int:
             if not launcher.is_alive(item[1], item[2]):
                 left.remove(item)
                 if not stopping:
-                    print(f"corral run: {item[0]} exited", file=sys.stderr, flush=True)
+                    print(f"corral dev: {item[0]} exited", file=sys.stderr, flush=True)
         time.sleep(0.05)
     return 0

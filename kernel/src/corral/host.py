@@ -29,6 +29,27 @@ class DriverConfig(BaseModel):
     env: dict[str, str] = Field(default_factory=dict, description="extra environment")
 
 
+class BuildConfig(BaseModel):
+    """``[build]`` of ``host.toml``: where builds may fetch packages from, and nothing else."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    python_index: str = Field(
+        default="https://pypi.org/simple",
+        description="the Python package index builds use (uv's default index)")
+    npm_registry: str = Field(default="https://registry.npmjs.org",
+                              description="the npm registry builds use")
+    hosts: list[str] = Field(
+        default_factory=lambda: ["files.pythonhosted.org:443"],
+        description="further HOST:PORT a build may reach (where the index keeps its files)")
+    python_mirror: str | None = Field(
+        default=None,
+        description="where uv may download a Python the host does not have "
+        "(UV_PYTHON_INSTALL_MIRROR); unset: builds use the host's Pythons only")
+    timeout_s: float = Field(default=900.0, gt=0,
+                             description="default time a build may take ([build] timeout)")
+
+
 class HostConfig(BaseModel):
     """``host.toml``. Every field has a default: an empty file (or none) is a valid host."""
 
@@ -64,6 +85,12 @@ class HostConfig(BaseModel):
         description="default time between SIGTERM and SIGKILL when an instance is stopped "
         "(processes.<name>.stop_grace overrides it per process)",
     )
+    releases_kept: int = Field(
+        default=10, ge=2,
+        description="releases kept per app (older ones are removed; never the current one "
+        "nor the one before it)")
+    build: BuildConfig = Field(default_factory=BuildConfig,
+                               description="what builds may reach")
     start_timeout_s: float = Field(
         default=60.0, gt=0,
         description="default time for a new instance to be ready and healthy in a rollout "

@@ -37,7 +37,10 @@ from corral.protocol import KERNEL_OPS, PROTOCOL, QUERY_OP, Args, Hello, Request
 from corral.protocol._ops import (
     AppName,
     Check,
+    ConfigSet,
+    ConfigUnset,
     Deploy,
+    Down,
     DriverName,
     DriverQuery,
     InstanceId,
@@ -48,6 +51,8 @@ from corral.protocol._ops import (
     LedgerRelease,
     Publish,
     Restart,
+    Rollback,
+    RunCommand,
     Scale,
     Spawn,
 )
@@ -105,6 +110,12 @@ class Kernel:
             "app.down": self._down,
             "app.scale": self._scale,
             "app.restart": self._restart,
+            "app.releases": self._releases,
+            "app.rollback": self._rollback,
+            "app.config": self._config,
+            "app.config.set": self._config_set,
+            "app.config.unset": self._config_unset,
+            "app.run": self._run,
             "app.ps": self._ps,
             "app.get": self._app_get,
             "ledger.list": self._ledger_list,
@@ -186,6 +197,8 @@ class Kernel:
                 await self.bus.call(slot.peer, "state.sync", self.deployer.sync_args())
             except CorralError as exc:
                 log.error("state.sync failed", driver=slot.name, error=exc.reason)
+            # a driver that collected a dead build's sandbox may have freed its release
+            await asyncio.to_thread(self.deployer.releaser.collect_abandoned)
 
     async def on_lost(self, peer: Peer) -> None:
         """A peer left or stopped answering."""
@@ -211,7 +224,25 @@ class Kernel:
     # ---- handlers ----------------------------------------------------------------------------
 
     async def _deploy(self, peer: Peer, args: Deploy) -> dict[str, Any]:
-        return await self.deployer.deploy(args)
+        return await self.deployer.deploy(args, by=_who(peer))
+
+    async def _releases(self, peer: Peer, args: AppName) -> dict[str, Any]:
+        return self.deployer.lifecycle.releases(args.name)
+
+    async def _rollback(self, peer: Peer, args: Rollback) -> dict[str, Any]:
+        return await self.deployer.lifecycle.rollback(args, by=_who(peer))
+
+    async def _config(self, peer: Peer, args: AppName) -> dict[str, Any]:
+        return self.deployer.lifecycle.config(args.name)
+
+    async def _config_set(self, peer: Peer, args: ConfigSet) -> dict[str, Any]:
+        return await self.deployer.lifecycle.config_set(args, by=_who(peer))
+
+    async def _config_unset(self, peer: Peer, args: ConfigUnset) -> dict[str, Any]:
+        return await self.deployer.lifecycle.config_unset(args, by=_who(peer))
+
+    async def _run(self, peer: Peer, args: RunCommand) -> dict[str, Any]:
+        return await self.deployer.lifecycle.run(args, caller_uid=peer.uid)
 
     async def _check(self, peer: Peer, args: Check) -> dict[str, Any]:
         """The resolved manifest, or its problems (a bad manifest is this op's answer, not a
@@ -228,8 +259,8 @@ class Kernel:
     async def _restart(self, peer: Peer, args: Restart) -> dict[str, Any]:
         return await self.deployer.restart(args)
 
-    async def _down(self, peer: Peer, args: AppName) -> dict[str, Any]:
-        return await self.deployer.down(args.name)
+    async def _down(self, peer: Peer, args: Down) -> dict[str, Any]:
+        return await self.deployer.down(args.name, purge=args.purge)
 
     async def _ps(self, peer: Peer, args: Any) -> dict[str, Any]:
         apps = self.deployer.ps()
@@ -441,3 +472,11 @@ def _first(exc: Exception) -> str:
     return str(exc)
 
 
+def _who(peer: Peer) -> str:
+    """Who a client is, as releases record it: the user name of its uid."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(peer.uid).pw_name
+    except KeyError:
+        return f"uid {peer.uid}"

@@ -8,7 +8,9 @@ ledger and supervisor. Nothing here is a fake.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -16,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -245,3 +248,49 @@ def leftover_apps(home: Path) -> list[psutil.Process]:
         except (psutil.Error, OSError):
             continue
     return found
+
+
+@dataclass
+class NetHost:
+    """Names and address ranges unique to one test's kernel."""
+
+    tag: str
+    pool4: str
+    pool6: str
+    table: str
+    netns_prefix: str
+    link_prefix: str
+    lb_table: str
+    resolvers: tuple[str, ...] = ()
+
+    def host_toml(self, drivers: tuple[str, ...] = ("net", "fs", "lb", "log")) -> str:
+        """The kernel's host config: exactly ``drivers``, net and lb scoped to this tag."""
+        sections = {
+            "net": f'config = {{ pool4 = "{self.pool4}", pool6 = "{self.pool6}", '
+                   f'table = "{self.table}", netns_prefix = "{self.netns_prefix}", '
+                   f'link_prefix = "{self.link_prefix}"'
+                   + (f", resolvers = {json.dumps(list(self.resolvers))}" if self.resolvers
+                      else "") + " }",
+            "lb": f'config = {{ nft_table = "{self.lb_table}" }}',
+        }
+        out = [f'address_pool = "{self.pool4}"', f'address_pool6 = "{self.pool6}"']
+        if "fs" not in drivers:  # no sandbox driver: a host must say so, or deploys are refused
+            out.append("unconfined = true")
+        for name in drivers:
+            out.append(f"[drivers.{name}]")
+            if name in sections:
+                out.append(sections[name])
+        return "\n".join(out) + "\n"
+
+
+def new_net_host() -> NetHost:
+    """Random, collision-resistant names for one test's or benchmark's kernel: 'z' + 4 hex
+    digits never prefixes another tag's; address ranges drawn at random so that kernels
+    side by side (and leftovers of a crashed one) do not meet."""
+    tag = secrets.token_hex(2)
+    draw = secrets.SystemRandom()
+    return NetHost(tag=tag,
+                   pool4=f"10.{draw.randint(150, 199)}.{draw.randint(0, 255)}.0/24",
+                   pool6=f"fd63:6f72:7262:{draw.randint(0x100, 0xFFFE):x}::/64",
+                   table=f"ze{tag}", netns_prefix=f"ze{tag}-", link_prefix=f"z{tag}",
+                   lb_table=f"zlb{tag}")

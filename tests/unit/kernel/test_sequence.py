@@ -242,7 +242,7 @@ def test_a_first_deploy_goes_through_every_step(h: Harness) -> None:
                    "instance.prepare", "instance.prepare", "instance.started",
                    "instance.started"]
     topics = [t.removeprefix("app.seq.") for t in h.events.topics]
-    assert topics == ["deploy.started", "instance.started", "instance.ready",
+    assert topics == ["release.created", "deploy.started", "instance.started", "instance.ready",
                       "instance.started", "instance.ready", "instance.healthy",
                       "instance.healthy", "deployed"]
 

@@ -173,6 +173,8 @@ def test_schema() -> None:
         "processes",
         "ports",
         "paths",
+        "build",
+        "release",
         "network",
         "logs",
         "limits",

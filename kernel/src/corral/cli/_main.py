@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from corral import __version__
-from corral.cli import _completion, _cron, _host, _observe, _rollout
+from corral.cli import _completion, _cron, _host, _init, _observe, _releases, _rollout
 from corral.errors import CorralError, ErrorCode, ManifestError
 
 EXIT_FAILED = 1
@@ -104,8 +104,9 @@ def cmd_schema(ns: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(ns: argparse.Namespace) -> int:
-    """Run the app in the foreground with the environment it has in production."""
+def cmd_dev(ns: argparse.Namespace) -> int:
+    """Run an app directory in the foreground with the environment it has in production (the
+    dev loop; `corral run APP -- CMD` is a one-off command in a deployed app)."""
     from corral.devloop import run_foreground
 
     return run_foreground(Path(ns.directory), set_=ns.set_, offset=ns.offset, env=ns.env)
@@ -122,7 +123,7 @@ def cmd_up(ns: argparse.Namespace) -> int:
     draft.problems.raise_if_any()
     res = _rollout.run(ns, draft.app, "app.deploy", {
         "directory": str(directory), "set": ns.set_, "offset": ns.offset, "env": ns.env,
-        "wait_s": ns.wait})
+        "wait_s": ns.wait, "reset_overrides": ns.reset_overrides})
     return _deployed(ns, res, "up")
 
 
@@ -131,7 +132,13 @@ def _deployed(ns: argparse.Namespace, res: dict[str, Any], verb: str) -> int:
     if ns.json:
         _print_json(res)
         return 0
-    print(f"{res['app']}: generation {res['generation']} {verb} in {res['seconds']:.2f}s")
+    release = f"v{res['release']} live, " if res.get("release") else ""
+    if res.get("unchanged"):
+        print(f"{res['app']}: unchanged: {release}source, manifest and config are as deployed "
+              f"(generation {res['generation']}, {res['seconds']:.2f}s)")
+    else:
+        print(f"{res['app']}: {release}generation {res['generation']} {verb} in "
+              f"{res['seconds']:.2f}s")
     if res.get("confined") is False:
         print(f"{res['app']}: WARNING: instances run unconfined (no sandbox driver on this host;"
               " host config unconfined = true)")
@@ -171,7 +178,8 @@ def cmd_restart(ns: argparse.Namespace) -> int:
 
 
 def cmd_down(ns: argparse.Namespace) -> int:
-    """Stop an app (or --all apps) and release everything it holds."""
+    """Stop an app (or --all apps) and release everything it holds (--purge: and forget its
+    releases, config and secrets)."""
     if ns.all == bool(ns.app):
         print("corral down: name one app, or --all", file=sys.stderr)
         return EXIT_INPUT
@@ -180,7 +188,7 @@ def cmd_down(ns: argparse.Namespace) -> int:
     results, failed = [], 0
     for name in names:
         try:
-            res = client.call("app.down", {"name": name}, timeout=120)
+            res = client.call("app.down", {"name": name, "purge": ns.purge}, timeout=120)
         except CorralError as exc:
             if not ns.all:
                 raise
@@ -188,7 +196,8 @@ def cmd_down(ns: argparse.Namespace) -> int:
             res = {"app": name, "error": exc.reason}
         results.append(res)
         if not ns.json:
-            print(f"{name}: " + (f"down ({res['stopped']} instance(s) stopped)"
+            purged = "; releases, config and secrets forgotten" if res.get("purged") else ""
+            print(f"{name}: " + (f"down ({res['stopped']} instance(s) stopped{purged})"
                                  if "error" not in res else f"not taken down: {res['error']}"))
     if ns.json:
         _print_json(results if ns.all else results[0])
@@ -288,7 +297,12 @@ def cmd_query(ns: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check": cmd_check,
     "schema": cmd_schema,
-    "run": cmd_run,
+    "dev": cmd_dev,
+    "init": _init.cmd_init,
+    "run": _releases.cmd_run,
+    "releases": _releases.cmd_releases,
+    "rollback": _releases.cmd_rollback,
+    "config": _releases.cmd_config,
     "up": cmd_up,
     "down": cmd_down,
     "scale": cmd_scale,
@@ -318,23 +332,29 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true",
                    help="print the resolved manifest, or {\"problems\": [...]}, as JSON")
     sub.add_parser("schema", help=cmd_schema.__doc__)
-    s = sub.add_parser("run", help=cmd_run.__doc__)
+    s = sub.add_parser("dev", help=cmd_dev.__doc__)
     _manifest_flags(s)
     s = sub.add_parser("up", help=cmd_up.__doc__)
     _manifest_flags(s)
-    _rollout_flags(s)
+    _rollout.add_flags(s)
+    s.add_argument("--reset-overrides", action="store_true",
+                   help="forget the --set/--env/--offset given to earlier `corral up`s (they "
+                   "are kept and applied again otherwise)")
     s = sub.add_parser("down", help=cmd_down.__doc__)
     s.add_argument("app", nargs="?")
     s.add_argument("--all", action="store_true", help="every deployed app")
+    s.add_argument("--purge", action="store_true",
+                   help="also forget its releases, config vars, secrets and build cache "
+                   "(kept for the next `corral up` otherwise)")
     s.add_argument("--json", action="store_true")
     s = sub.add_parser("scale", help=cmd_scale.__doc__)
     s.add_argument("app")
     s.add_argument("counts", nargs="+", metavar="PROCESS=N")
-    _rollout_flags(s)
+    _rollout.add_flags(s)
     s = sub.add_parser("restart", help=cmd_restart.__doc__)
     s.add_argument("app")
     s.add_argument("process", nargs="?", help="only this process's instances")
-    _rollout_flags(s)
+    _rollout.add_flags(s)
     s = sub.add_parser("ps", help=cmd_ps.__doc__)
     s.add_argument("--json", action="store_true")
     s = sub.add_parser("drivers", help=cmd_drivers.__doc__)
@@ -355,16 +375,10 @@ def parser() -> argparse.ArgumentParser:
     _cron.add_parsers(sub)
     _rollout.add_parsers(sub)
     _host.add_parsers(sub)
+    _releases.add_parsers(sub)
+    _init.add_parsers(sub)
     _completion.add_parsers(sub, parser)
     return p
-
-
-def _rollout_flags(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--wait", type=float, default=None, metavar="SECONDS",
-                   help="time each new instance has to be ready and healthy (default: the "
-                   "process's start_timeout, else the host's start_timeout_s, 60 s)")
-    s.add_argument("--json", action="store_true")
-    s.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,6 +21,12 @@ from corral.protocol import Event
 NO_CLIENT_DEADLINE_S = 30 * 24 * 3600.0
 
 _STEPS = {
+    "release.created": "release v{release}: {changes_text}",
+    "build.started": "building v{release}: {steps_text}",
+    "build.finished": "built v{release} in {seconds:.1f}s",
+    "build.failed": "build of v{release} failed: {reason}",
+    "release.phase": "release phase of v{release}: {command}",
+    "rollback.started": "rolling back from v{from} to v{release}",
     "deploy.started": "deploying generation {generation}",
     "instance.started": "started (pid {pid})",
     "instance.ready": "ready",
@@ -31,19 +37,25 @@ _STEPS = {
     "instance.stopped": "stopped",
     "instance.exited": "exited ({status})",
     "deploy.failed": "deploy of generation {generation} failed at {step}: {reason}",
-    "deployed": "generation {generation} is live",
+    "deployed": "generation {generation} is live{release_note}",
 }
+_OUTPUT = ("build.output", "release.output")  # lines a build or release phase printed
 
 
 def describe(app: str, event: Event) -> str | None:
     """The line for one of ``app``'s events, or None for events a deploy does not show."""
     step = event.topic.removeprefix(f"app.{app}.")
+    if step in _OUTPUT:
+        return f"       {event.data.get('line', '')}"
     template = _STEPS.get(step)
     if template is None:
         return None
     data = dict(event.data)
     health = str(data.get("health") or "")
     data["health_note"] = f" ({health})" if health else ""
+    data["changes_text"] = ", ".join(map(str, data.get("changes") or [])) or "-"
+    data["steps_text"] = "; ".join(map(str, data.get("steps") or [])) or "-"
+    data["release_note"] = f" (release v{data['release']})" if data.get("release") else ""
     try:
         text = template.format(**data)
     except (KeyError, IndexError, ValueError):
@@ -101,6 +113,15 @@ def cmd_events(ns: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     return 0
+
+
+def add_flags(s: argparse.ArgumentParser) -> None:
+    """The flags of every command that rolls an app (up, scale, restart, rollback, config)."""
+    s.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                   help="time each new instance has to be ready and healthy (default: the "
+                   "process's start_timeout, else the host's start_timeout_s, 60 s)")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
 
 
 def add_parsers(sub: Any) -> None:

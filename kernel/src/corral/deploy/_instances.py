@@ -120,9 +120,11 @@ class Instances:
 
     # ---- launch ------------------------------------------------------------------------------
 
-    async def plan(self, spec: AppSpec, ispec: InstanceSpec) -> LaunchPlan:
+    async def plan(self, spec: AppSpec, ispec: InstanceSpec,
+                   secret_env: dict[str, str] | None = None) -> LaunchPlan:
         """Ask the drivers for their fragments and merge them; a field set by two drivers, or
-        a launch driver missing from the replies, is refused (nothing starts)."""
+        a launch driver missing from the replies, is refused (nothing starts). ``secret_env``
+        (the release's secrets) goes into the plan only, never into the recorded spec."""
         args = {"app": spec.model_dump(mode="json"), "instance": ispec.model_dump(mode="json")}
         replies = await self.drivers.gather("instance.prepare", args)
         missing = self.drivers.missing(replies)
@@ -155,6 +157,7 @@ class Instances:
             plan.stdout = plan.stdout or str(out / f"{ispec.id}.log")
             plan.stderr = plan.stderr or str(out / f"{ispec.id}.log")
         plan.instance = ispec.model_copy(update={"env": env})
+        plan.secret_env = dict(secret_env or {})
         return plan
 
     async def launch(self, state: AppState, ispec: InstanceSpec, generation: int, *,
@@ -175,7 +178,7 @@ class Instances:
                         {"state": "launching", "spec": ispec.model_dump(mode="json"),
                          "spec_hash": h, "generation": generation})
         try:
-            plan = await self.plan(state.spec, ispec)
+            plan = await self.plan(state.spec, ispec, state.secrets)
             if plan.root is not None:  # a sandboxed view must still see its notify socket
                 plan.mounts.append(BindMount(source=str(notify.path), target=str(notify.path),
                                              mode="rw"))

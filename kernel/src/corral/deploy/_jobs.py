@@ -42,13 +42,17 @@ class Jobs:
         run = int(time.time() * 1000) % 1_000_000_000
         label = label or str(run)
         job_id = f"{app}.{owner}.{process}.{label}"
-        job_env = manifests.app_environment(resolved, process=process, index=run,
-                                            manifest_path=manifest_path, job=job_id)
+        release = state.release
+        config = {str(k): str(v) for k, v in
+                  ((release or {}).get("config") or {}).get("vars", {}).items()}
+        job_env = manifests.app_environment(
+            resolved, process=process, index=run, manifest_path=manifest_path, job=job_id,
+            config=config, release=int(release["number"]) if release else None)
         job_env.update(env)
         ispec = InstanceSpec(id=job_id, app=app, process=process,
                              index=0, kind="job", argv=["/bin/sh", "-c", command], env=job_env,
                              cwd=state.spec.directory)
-        plan = await self.instances.plan(state.spec, ispec)
+        plan = await self.instances.plan(state.spec, ispec, state.secrets)
         try:
             pid, start_time = await asyncio.to_thread(self.launcher.launch, plan)
         except BaseException:

@@ -29,12 +29,15 @@ import structlog
 from corral.deploy._drivers import DriverCallError, Drivers, all_or_first_failure
 from corral.deploy._instances import LAUNCHER, Events, Instances, Launcher
 from corral.deploy._jobs import Jobs
+from corral.deploy._lifecycle import Lifecycle
+from corral.deploy._release import Releaser
 from corral.deploy._state import AppState, Live, spec_hash
 from corral.errors import CorralError, ErrorCode, NotFoundError
 from corral.host import HostConfig
 from corral.ledger import Claim, Ledger, Record, Txn
 from corral.protocol import AppSpec, InstanceSpec
 from corral.protocol._ops import Check, Deploy, Restart, Scale, Spawn
+from corral.release import AppConfig
 
 log = structlog.get_logger("corral.deploy")
 
@@ -60,29 +63,122 @@ class Deployer:
                                    home=home, notify_dir=notify_dir, config=config,
                                    launcher=launcher, as_root=self.as_root)
         self.jobs = Jobs(self.instances, drivers=drivers, events=events, launcher=launcher)
+        self.releaser = Releaser(ledger=ledger, drivers=drivers, events=events, home=home,
+                                 config=config, instances=self.instances, launcher=launcher,
+                                 as_root=self.as_root)
+        self.lifecycle = Lifecycle(self)
 
     # ---- deploy ------------------------------------------------------------------------------
 
-    async def deploy(self, args: Deploy) -> dict[str, Any]:
-        """``app.deploy``: the whole sequence; returns the app and its instances."""
+    async def deploy(self, args: Deploy, *, by: str = "root") -> dict[str, Any]:
+        """``app.deploy``: make a release of the directory (snapshot, build; or find it
+        unchanged), then the whole sequence; returns the app, its release and instances.
+        Overrides given to an earlier ``corral up`` (``--set``, ``--env``, ``--offset``) are
+        kept and apply again unless ``reset_overrides``; new ones are added to them."""
         started = time.monotonic()
-
+        args = self._kept_overrides(args)
         resolved = await self.check(args, doing="deploy")
-        name = str(resolved.as_json()["app"]["name"])
-        async with self.instances.lock(name):
-            # the formation set by `corral scale` outlives the manifest's instance counts,
-            # as Heroku's formation outlives a push
-            formation = self.formation(name)
-            if formation:
-                from corral import manifest as manifests
+        doc = resolved.as_json()
+        name = str(doc["app"]["name"])
+        async with self.releaser.lock(name):  # two deploys of one app never interleave
+            uid, gid = self._app_ids(name)
+            claimed_uid = self._hold_uid(name, uid)
+            release: dict[str, Any] | None = None
+            try:
+                release, created = await self.releaser.make(
+                    name, Path(resolved.directory), doc,
+                    config=self.releaser.configs.current(name),
+                    current=self.current_release(name), uid=uid, gid=gid, by=by,
+                    exclude=[Path(str(p["path"])) for p in (doc.get("paths") or {}).values()
+                             if p.get("mode") == "rw"])
+                overrides = {"set": list(args.set), "env": list(args.env),
+                             "offset": args.offset}
+                live = self.current_release(name)
+                unchanged = live is not None and live["number"] == release["number"]
+                # the release phase runs unless it passed for this release already
+                return await self._deploy_release(name, release, started, args,
+                                                  run_phase=True, unchanged=unchanged,
+                                                  overrides=overrides)
+            except BaseException:
+                # refused before its rollout began (a check of the deploy): no trace of it;
+                # one that failed in its rollout stays listed as failed, as on Heroku
+                if release is not None and created:
+                    number = int(release["number"])
+                    if self.releaser.store.get(name, number).get("status") == "built":
+                        self.releaser.store.drop(name, number)
+                if claimed_uid and self.ledger.get("app", name) is None:
+                    self.ledger.release(name, [("uid", str(uid))])
+                raise
 
-                doc = resolved.as_json()
-                for process, count in formation.items():
-                    if process in (doc.get("processes") or {}):
-                        doc["processes"][process]["instances"] = count
-                resolved = manifests.ResolvedManifest.from_json(doc)
-            return await self._deploy(name, resolved, resolved.as_json(), args, started,
-                                      formation=formation)
+    async def _deploy_release(self, name: str, release: dict[str, Any], started: float,
+                              args: Deploy, *, run_phase: bool, unchanged: bool = False,
+                              overrides: dict[str, Any] | None = None,
+                              config: AppConfig | None = None) -> dict[str, Any]:
+        """Roll the app onto ``release`` (its files, manifest and config), with the
+        formation `corral scale` set (it outlives a push, as Heroku's does)."""
+        from corral import manifest as manifests
+
+        doc = copy.deepcopy(release["manifest"])
+        doc["resolved"]["directory"] = str(self.releaser.store.root(name) / release["files"])
+        async with self.instances.lock(name):
+            formation = self.formation(name)
+            for process, count in formation.items():
+                if process in (doc.get("processes") or {}):
+                    doc["processes"][process]["instances"] = count
+            resolved = manifests.ResolvedManifest.from_json(doc)
+            result = await self._deploy(
+                name, resolved, resolved.as_json(), args, started, formation=formation,
+                release=release, run_phase=run_phase,
+                overrides=overrides if overrides is not None else self._overrides(name))
+        if config is not None or not unchanged:
+            self.releaser.configs.write(name, config if config is not None
+                                        else AppConfig.from_json(release.get("config")))
+        result["unchanged"] = unchanged
+        return result
+
+    def current_release(self, name: str) -> dict[str, Any] | None:
+        """The record of the release the app runs (None: not deployed, or deployed before
+        releases existed)."""
+        rec = self.ledger.get("app", name)
+        number = rec.value.get("release") if rec is not None else None
+        if number is None:
+            return None
+        try:
+            return self.releaser.store.get(name, int(number))
+        except NotFoundError:
+            return None
+
+    def _overrides(self, name: str) -> dict[str, Any]:
+        rec = self.ledger.get("app", name)
+        kept = rec.value.get("overrides") if rec is not None else None
+        return dict(kept or {"set": [], "env": [], "offset": 0})
+
+    def _kept_overrides(self, args: Deploy) -> Deploy:
+        """``args`` with the overrides of the app's last deploy first (later ones win)."""
+        if args.reset_overrides:
+            return args
+        from corral import manifest as manifests
+
+        try:
+            draft = manifests.read(Path(args.directory))
+        except CorralError:
+            return args  # the check that follows reports the problem
+        name = draft.app
+        if not name:
+            return args
+        kept = self._overrides(name)
+        return args.model_copy(update={
+            "set": _merge_items(kept.get("set", []), args.set),
+            "env": _merge_items(kept.get("env", []), args.env),
+            "offset": args.offset or int(kept.get("offset") or 0)})
+
+    def _hold_uid(self, name: str, uid: int | None) -> bool:
+        """Claim the app's uid before its first build (the build runs as it); True if this
+        call claimed it."""
+        if uid is None or self.ledger.list(owner=name, kind="uid"):
+            return False
+        self.ledger.put(name, "uid", str(uid), {"app": name})
+        return True
 
     def formation(self, name: str) -> dict[str, int]:
         """The instance counts `corral scale` set for the app (kept across deploys)."""
@@ -128,7 +224,8 @@ class Deployer:
             deploy = Deploy(directory=state.spec.directory, wait_s=args.wait_s)
             formation = {**self.formation(args.name), **args.counts}
             return await self._deploy(args.name, resolved, resolved.as_json(), deploy, started,
-                                      formation=formation)
+                                      formation=formation, release=state.release,
+                                      overrides=self._overrides(args.name))
 
     async def restart(self, args: Restart) -> dict[str, Any]:
         """``app.restart``: replace every instance of the app (or of one process) with a fresh
@@ -152,7 +249,8 @@ class Deployer:
             deploy = Deploy(directory=state.spec.directory, wait_s=args.wait_s)
             force = {args.process} if args.process is not None else set(processes)
             return await self._deploy(args.name, resolved, resolved.as_json(), deploy, started,
-                                      force=force)
+                                      force=force, release=state.release,
+                                      overrides=self._overrides(args.name))
 
     def _app(self, name: str) -> AppState:
         state = self.apps.get(name)
@@ -162,9 +260,12 @@ class Deployer:
 
     async def _deploy(self, name: str, resolved: Any, doc: dict[str, Any], args: Deploy,
                       started: float, force: set[str] | None = None,
-                      formation: dict[str, int] | None = None) -> dict[str, Any]:
+                      formation: dict[str, int] | None = None,
+                      release: dict[str, Any] | None = None, run_phase: bool = False,
+                      overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """The sequence; ``force`` names processes whose instances are replaced even when
-        their spec did not change (a restart)."""
+        their spec did not change (a restart). ``release``: the release deployed (its config
+        reaches the instances; ``run_phase``: its release phase runs first, once)."""
         inst = self.instances
         previous = self.apps.get(name)  # the same AppState this deploy updates in place
         previous_spec = previous.spec if previous is not None else None
@@ -178,11 +279,17 @@ class Deployer:
                        uid=uid, gid=gid, generation=generation)
         # What a failed redeploy restores while the previous generation keeps running.
         held_before = self.ledger.list(owner=name)
+        secret_values = (self.releaser.configs.secret_values(
+            name, AppConfig.from_json(release.get("config"))) if release else {})
         manifest_path = self._write_manifest(spec)
 
-        # 2. one transaction: everything the app holds, and the release of what it no longer does
+        # 2. one transaction: everything the app holds, and the release of what it no longer does.
+        # Until the rollout is done the app record names what runs (the previous spec and
+        # release): a kernel killed meanwhile comes back to that, and a rerun completes it.
+        live_release = self.apps[name].release if name in self.apps else None
         try:
-            self.ledger.commit(self._claims(spec, manifest_path))
+            self.ledger.commit(self._claims(spec, manifest_path, release, overrides,
+                                            running=(previous_spec, live_release)))
         except BaseException:
             if previous_spec is not None:
                 self._write_manifest(previous_spec)
@@ -191,7 +298,9 @@ class Deployer:
         launched: list[Live] = []
         replaced: list[Live] = []  # previous instances stopped before their replacement started
         state = self.apps.setdefault(name, AppState(spec))
+        before = (state.release, state.secrets)
         state.spec = spec
+        state.release, state.secrets = release, secret_values
         state.deploying = True
         step = "attach"
         self.events.publish(f"app.{name}.deploy.started", {"generation": generation})
@@ -203,12 +312,16 @@ class Deployer:
             except DriverCallError as exc:
                 attached = exc.succeeded  # those undo their part; the others did nothing
                 raise
+            # the release phase (migrations): once per release, before any new instance
+            if run_phase and release is not None:
+                step = "release phase"
+                await self.lifecycle.release_phase(state, resolved, manifest_path)
             # 4.-5. instances: keep unchanged live ones, launch the rest
             step = "launch"
             # An on-demand process has no instance until its driver asks for one
             # (instance.spawn).
             lazy = on_demand_processes(doc)
-            wanted = [w for w in self._instance_specs(spec, resolved, manifest_path)
+            wanted = [w for w in self._instance_specs(spec, resolved, manifest_path, release)
                       if w.process not in lazy]
             # With instance addresses (a driver declares the feature) new instances start
             # beside the old ones (Heroku's preboot, Kamal's rollout), and only once every
@@ -252,12 +365,20 @@ class Deployer:
             for live in [lv for lv in state.instances.values() if lv.slot not in slots]:
                 await inst.stop(state, live)
             kept = formation if formation is not None else self.formation(name)
-            self.ledger.put(name, "app", name, _app_value(spec, manifest_path, "running",
-                                                          kept))
+            txn = Txn().claim(name, "app", name, _app_value(spec, manifest_path, "running",
+                                                            kept, release, overrides))
+            if release is not None:
+                self.releaser.store.update(name, int(release["number"]), txn,
+                                           status="deployed", deployed=_now())
+            self.ledger.commit(txn)
         except BaseException as exc:
             log.error("deploy failed, undoing", app=name, step=step, error=str(exc))
+            state.release, state.secrets = before
             await self._undo(state, previous_spec, held_before, attached, launched, replaced,
                              manifest_path, args)
+            if release is not None and release.get("status") == "built":  # never went live
+                self.releaser.store.update(name, int(release["number"]), status="failed",
+                                           failure=f"{step}: {_first_line(exc)}")
             self.events.publish(f"app.{name}.deploy.failed", {
                 "generation": generation, "step": step, "reason": str(exc) or repr(exc),
                 "kept": previous_spec.generation if name in self.apps and previous_spec
@@ -267,9 +388,17 @@ class Deployer:
             raise
         finally:
             state.deploying = False
-        self.events.publish(f"app.{name}.deployed", {"generation": generation})
+        self.events.publish(f"app.{name}.deployed", {
+            "generation": generation,
+            "release": int(release["number"]) if release is not None else None})
+        if release is not None:
+            removed = self.releaser.store.prune(name, int(release["number"]))
+            self.releaser.configs.prune(name, self.releaser.store.referenced_secrets(name))
+            if removed:
+                log.info("old releases removed", app=name, releases=removed)
         return {
             "app": name,
+            "release": int(release["number"]) if release is not None else None,
             "generation": generation,
             "instances": [live.view() for live in state.instances.values()],
             "seconds": round(time.monotonic() - started, 3),
@@ -352,11 +481,19 @@ class Deployer:
                 return uid, uid
         raise CorralError(f"no free app uid in {lo}..{hi}", code=ErrorCode.CONFLICT)
 
-    def _claims(self, spec: AppSpec, manifest_path: str) -> Txn:
+    def _claims(self, spec: AppSpec, manifest_path: str,
+                release: dict[str, Any] | None = None,
+                overrides: dict[str, Any] | None = None,
+                running: tuple[AppSpec | None, dict[str, Any] | None] = (None, None)) -> Txn:
         doc = spec.manifest
         name = spec.name
-        claims: list[Claim] = [Claim("app", name, _app_value(spec, manifest_path, "deploying",
-                                                             self.formation(name)))]
+        shown_spec = running[0] or spec
+        record = _app_value(shown_spec, manifest_path, "deploying", self.formation(name),
+                            running[1] if running[0] is not None else None, overrides)
+        record["generation"] = spec.generation  # generations only grow, also across a crash
+        record["deploying"] = {"generation": spec.generation,
+                               "release": int(release["number"]) if release else None}
+        claims: list[Claim] = [Claim("app", name, record)]
         for pname, port in sorted((doc.get("ports") or {}).items()):
             claims.append(Claim("port", str(port), {"app": name, "name": pname}))
         for pname, p in sorted((doc.get("paths") or {}).items()):
@@ -389,14 +526,16 @@ class Deployer:
         os.chmod(d, 0o711)
         return str(path)
 
-    def _instance_specs(self, spec: AppSpec, resolved: Any, manifest_path: str
-                        ) -> list[InstanceSpec]:
+    def _instance_specs(self, spec: AppSpec, resolved: Any, manifest_path: str,
+                        release: dict[str, Any] | None = None) -> list[InstanceSpec]:
         from corral import manifest as manifests
 
         out = []
+        config, number = release_env(release)
         for process, index, command, port in resolved.instances():
             env = manifests.app_environment(resolved, process=process, index=index,
-                                            manifest_path=Path(manifest_path))
+                                            manifest_path=Path(manifest_path), config=config,
+                                            release=number)
             out.append(InstanceSpec(
                 id=f"{spec.name}.{process}.{index}", app=spec.name, process=process, index=index,
                 argv=["/bin/sh", "-c", f"exec {command}"], env=env, cwd=spec.directory,
@@ -406,11 +545,17 @@ class Deployer:
 
     # ---- down --------------------------------------------------------------------------------
 
-    async def down(self, name: str) -> dict[str, Any]:
-        """``app.down``: stop every instance, detach drivers, release everything the app holds."""
-        async with self.instances.lock(name):
+    async def down(self, name: str, *, purge: bool = False) -> dict[str, Any]:
+        """``app.down``: stop every instance, detach drivers, release everything the app holds.
+        Its releases, config and secrets are kept for its next ``corral up`` unless ``purge``,
+        which forgets them too (and its build cache)."""
+        async with self.releaser.lock(name), self.instances.lock(name):
             state = self.apps.get(name)
             if state is None and self.ledger.get("app", name) is None:
+                if purge and self.releaser.purge(name):
+                    self.events.publish(f"app.{name}.purged", {})
+                    return {"app": name, "stopped": 0, "revision": self.ledger.revision(),
+                            "purged": True}
                 raise NotFoundError(f"no app named {name!r}")
             stopped = 0
             if state is not None:
@@ -422,7 +567,10 @@ class Deployer:
             self.apps.pop(name, None)
             (self.home / "apps" / name / "manifest.json").unlink(missing_ok=True)
             self.events.publish(f"app.{name}.down", {})
-            return {"app": name, "stopped": stopped, "revision": released}
+            if purge:
+                self.releaser.purge(name)
+                self.events.publish(f"app.{name}.purged", {})
+            return {"app": name, "stopped": stopped, "revision": released, "purged": purge}
 
     # ---- spawn (cron runs, on-demand) --------------------------------------------------------
 
@@ -461,7 +609,8 @@ class Deployer:
             if proc == process and f"{state.spec.name}.{proc}.{idx}" not in state.instances:
                 index = idx
                 break
-        specs = {s.id: s for s in self._instance_specs(state.spec, resolved, manifest_path)}
+        specs = {s.id: s for s in self._instance_specs(state.spec, resolved, manifest_path,
+                                                        state.release)}
         found = specs.get(f"{state.spec.name}.{process}.{index}")
         if found is None:
             raise CorralError(f"{process} has all its instances running",
@@ -507,8 +656,20 @@ class Deployer:
     # ---- restore and views -------------------------------------------------------------------
 
     def restore(self) -> None:
-        """After a (re)start: adopt live instances from the ledger (``Instances.restore``)."""
+        """After a (re)start: drop releases whose build died with the previous kernel, adopt
+        live instances from the ledger (``Instances.restore``), and give each app its live
+        release's config and secrets back (for restarts and jobs)."""
+        self.releaser.recover()
         self.instances.restore()
+        for name, state in self.apps.items():
+            state.release = self.current_release(name)
+            if state.release is not None:
+                try:
+                    state.secrets = self.releaser.configs.secret_values(
+                        name, AppConfig.from_json(state.release.get("config")))
+                except CorralError as exc:
+                    log.error("an app's secrets could not be read", app=name,
+                              error=exc.reason)
 
     def sync_args(self) -> dict[str, Any]:
         """The ``state.sync`` body: every app and live instance (and running job)."""
@@ -526,15 +687,45 @@ class Deployer:
         confined = self.drivers.confined()
         return [{"app": name, "generation": state.spec.generation, "confined": confined,
                  "directory": state.spec.directory,
+                 "release": int(state.release["number"]) if state.release else None,
                  "ports": state.spec.manifest.get("ports") or {},
                  "instances": [lv.view() for lv in state.instances.values()]}
                 for name, state in sorted(self.apps.items())]
 
 
 def _app_value(spec: AppSpec, manifest_path: str, status: str,
-               formation: dict[str, int] | None = None) -> dict[str, Any]:
+               formation: dict[str, int] | None = None,
+               release: dict[str, Any] | None = None,
+               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"spec": spec.model_dump(mode="json"), "manifest_path": manifest_path,
-            "generation": spec.generation, "status": status, "formation": formation or {}}
+            "generation": spec.generation, "status": status, "formation": formation or {},
+            "release": int(release["number"]) if release else None,
+            "overrides": overrides or {"set": [], "env": [], "offset": 0}}
+
+
+def _merge_items(kept: list[str], new: list[str]) -> list[str]:
+    """``KEY=VALUE`` overrides: the kept ones, then the new ones, one per key (last wins)."""
+    out: dict[str, str] = {}
+    for item in [*kept, *new]:
+        out[item.partition("=")[0]] = item
+    return list(out.values())
+
+
+def release_env(release: dict[str, Any] | None) -> tuple[dict[str, str], int | None]:
+    """A release's plain config vars and its number (what its processes' environment holds
+    besides the manifest's; secrets go in at launch)."""
+    if release is None:
+        return {}, None
+    return AppConfig.from_json(release.get("config")).vars, int(release["number"])
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = exc.reason if isinstance(exc, CorralError) else str(exc)
+    return (text or type(exc).__name__).split("\n", 1)[0].split("; ", 1)[0]
 
 
 def check_reachable(directory: Path, uid: int) -> None:

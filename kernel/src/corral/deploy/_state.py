@@ -73,6 +73,10 @@ class AppState:
     spec: AppSpec
     instances: dict[str, Live] = field(default_factory=dict)
     deploying: bool = False
+    # the deployed release's record (corral.release) and its secrets' values, which reach
+    # processes only through their launch plans; None/empty for an app deployed before releases
+    release: dict[str, Any] | None = None
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 def spec_hash(spec: InstanceSpec) -> str:

@@ -26,6 +26,7 @@ import fcntl
 import marshal
 import os
 import signal
+import termios
 from typing import Any, NoReturn
 
 from corral.launch import linux
@@ -71,6 +72,7 @@ class Order:
         self.netns, self.init = fd["netns"], fd["init"]
         self.err_w, self.pid_w, self.go_r = fd["err_w"], fd["pid_w"], fd["go_r"]
         self.listen = [fds[slots[f"listen{i}"]] for i in range(data.get("listen_fds", 0))]
+        self.tty: bool = data.get("tty", False)
 
 
 def tell(fd: int, step: str, err: BaseException) -> None:
@@ -258,8 +260,14 @@ def _grandchild(order: Order) -> NoReturn:
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         for sig in (signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(sig, signal.SIG_DFL)
-        step = "setpgid"
-        os.setpgid(0, 0)  # own process group: killpg(pid) reaches the app's group
+        if order.tty:
+            # a session of our own (we are not the middle's session leader), so that we may
+            # take the terminal; it is also a process group of our own, as below
+            step = "setsid"
+            os.setsid()
+        else:
+            step = "setpgid"
+            os.setpgid(0, 0)  # own process group: killpg(pid) reaches the app's group
         step = "cgroup"
         for procs in order.cgroup_procs:
             _write_file(procs, b"0")  # "0": the writing process itself, any pid namespace
@@ -276,6 +284,14 @@ def _grandchild(order: Order) -> NoReturn:
         os.dup2(order.stdin, 0)
         os.dup2(order.stdout, 1)
         os.dup2(order.stderr, 2)
+        if order.tty:
+            # fd 0 becomes our session's controlling terminal, with our process group in the
+            # foreground. Argument 0: never steal a terminal that is another session's (that
+            # fails with EPERM). Behind tini, tini's child moves the program into a group of
+            # its own and makes that the foreground group (tcsetpgrp), so ^C reaches the
+            # program, not tini, and a shell gets job control.
+            step = "tty"
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         root = order.root
         if root is None and order.mounts:
             step = "mounts"

@@ -20,6 +20,13 @@ message`` (the technique of CPython's subprocess); the caller raises ``LaunchErr
 The pipe reaches EOF when the grandchild execs (or dies), so a successful return means the new
 program is running.
 
+A one-off command (``plan.stdio``) gets a client's FIFOs or pseudo-terminal as fds 0-2. The
+caller is root and the paths come from a less privileged client, so each is checked on the
+descriptor, never by name: it must be a FIFO or a pts slave owned by ``plan.stdio_owner``
+(not a regular file, a symlink, another device or another user's terminal). With ``plan.tty``
+the grandchild starts its own session and takes fd 0 as its controlling terminal; under tini
+the program's process group is made the foreground group by tini itself (see ``_child``).
+
 If the server died before it handled the order (nothing on either pipe), it is restarted and
 the order sent once more: a ``kill -9`` of the server costs the next launch one interpreter
 start, never a failure.
@@ -92,6 +99,98 @@ def _open_output(path: str | None, step: str) -> int:
         raise _error(step, err, path) from err
 
 
+PTS_MAJORS = range(136, 144)
+"""Device majors of pseudo-terminal slaves (UNIX98_PTY_SLAVE_MAJOR, 8 majors)."""
+
+
+def _stdio_kind(st: os.stat_result) -> str | None:
+    """'fifo', 'pts' or None (anything else) for a stat result."""
+    if stat.S_ISFIFO(st.st_mode):
+        return "fifo"
+    if stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) in PTS_MAJORS:
+        return "pts"
+    return None
+
+
+def _refuse(path: str, why: str) -> LaunchError:
+    return LaunchError(f"{path!r} {why}", step="stdio")
+
+
+def _open_stdio(path: str, number: int, owner: int) -> tuple[int, bool]:
+    """Open a client's stdio path for fd ``number``; return (descriptor, is a terminal).
+
+    The path is first opened O_PATH|O_NOFOLLOW, which follows no final symlink and runs no
+    device's open routine (opening some devices as root has effects, e.g. a watchdog), and
+    its type and owner are checked on that descriptor; only then is the same inode opened for
+    I/O through /proc/self/fd, and checked again on the descriptor that is passed on.
+    """
+    if not os.path.isabs(path):
+        raise _refuse(path, "is not an absolute path")
+    try:
+        handle = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        raise _error("stdio", err, path) from err
+    try:
+        before = os.fstat(handle)
+        kind = _check_stdio(path, before, owner)
+        if kind == "pts":
+            # O_NOCTTY: the caller (a session leader, maybe) must never adopt the terminal
+            flags = os.O_RDWR | os.O_NOCTTY
+        else:
+            # O_NONBLOCK: a write end without a reader fails (ENXIO) instead of hanging
+            flags = (os.O_RDONLY if number == 0 else os.O_WRONLY) | os.O_NONBLOCK
+        try:
+            fd = os.open(f"/proc/self/fd/{handle}", flags | os.O_CLOEXEC)
+        except OSError as err:
+            if err.errno == errno.ENXIO and kind == "fifo":
+                raise _error("stdio", err, f"{path}: nobody has the FIFO open for reading"
+                             ) from err
+            raise _error("stdio", err, path) from err
+    finally:
+        os.close(handle)
+    try:
+        after = os.fstat(fd)
+        _check_stdio(path, after, owner)
+        if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
+            raise _refuse(path, "changed while it was being opened")
+        if kind == "fifo":
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, kind == "pts"
+
+
+def _check_stdio(path: str, st: os.stat_result, owner: int) -> str:
+    """The kind of a client's stdio file; LaunchError unless a FIFO or pts of ``owner``."""
+    kind = _stdio_kind(st)
+    if kind is None:
+        what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "neither a FIFO nor a terminal"
+        raise _refuse(path, f"is {what} (stdio takes a FIFO or a /dev/pts slave)")
+    if st.st_uid != owner:
+        raise _refuse(path, f"belongs to uid {st.st_uid}, not to the client (uid {owner})")
+    return kind
+
+
+def _add_client_stdio(prep: _Prepared, plan: LaunchPlan) -> None:
+    """Open ``plan.stdio`` as the order's stdin, stdout and stderr (see ``_open_stdio``)."""
+    paths = plan.stdio or []
+    if len(paths) != 3:
+        raise LaunchError(f"stdio takes exactly 3 paths (fd 0, 1, 2), not {len(paths)}",
+                          step="stdio")
+    if plan.stdio_owner is None:
+        raise LaunchError("stdio without stdio_owner: whose files they must be is unknown",
+                          step="stdio")
+    terminal = False
+    for number, (name, path) in enumerate(zip(("stdin", "stdout", "stderr"), paths,
+                                              strict=True)):
+        fd, is_pts = _open_stdio(path, number, plan.stdio_owner)
+        prep.add_fd(name, fd)
+        terminal = terminal or (number == 0 and is_pts)
+    if plan.tty and not terminal:
+        raise _refuse(paths[0], "is not a terminal, and the plan asks for one (tty)")
+
+
 def _error(step: str, err: OSError, what: str | None = None) -> LaunchError:
     code = err.errno or 0
     name = errno.errorcode.get(code, str(code))
@@ -126,6 +225,9 @@ def _prepare(plan: LaunchPlan) -> _Prepared:
         raise LaunchError(f"instance {inst.id!r} has an empty argv", step="plan")
     if plan.uid is not None and plan.gid is None:
         raise LaunchError("plan sets uid without gid", step="plan")
+    if plan.tty and plan.stdio is None:
+        raise LaunchError("tty without stdio: no terminal to attach", step="stdio")
+    env = {**inst.env, **plan.secret_env}
     enc = os.fsencode
     root_user = os.geteuid() == 0
     wants_ns = bool(plan.root or plan.mounts or plan.pid_namespace)
@@ -140,8 +242,8 @@ def _prepare(plan: LaunchPlan) -> _Prepared:
     init_argv = ["tini", "-g", "--", *inst.argv] if plan.pid_namespace else []
     prep = _Prepared({
         "argv": [enc(a) for a in inst.argv],
-        "env": {enc(k): enc(v) for k, v in inst.env.items()},
-        "candidates": [enc(c) for c in _candidates(inst.argv[0], inst.env)],
+        "env": {enc(k): enc(v) for k, v in env.items()},
+        "candidates": [enc(c) for c in _candidates(inst.argv[0], env)],
         "cwd": enc(inst.cwd),
         "init_argv": [enc(a) for a in init_argv],
         "cgroup_procs": [enc(p) for p in plan.cgroup_procs],
@@ -159,6 +261,7 @@ def _prepare(plan: LaunchPlan) -> _Prepared:
         "no_new_privs": plan.no_new_privs,
         "seccomp": compiled_filter(plan.seccomp) if plan.seccomp else None,
         "listen_fds": len(plan.listen_fds),
+        "tty": plan.tty,
     })
     try:
         for i, fd in enumerate(plan.listen_fds):
@@ -168,13 +271,16 @@ def _prepare(plan: LaunchPlan) -> _Prepared:
                 raise _error("listen_fds", err, f"descriptor {fd}") from err
         if plan.pid_namespace:
             prep.add_fd("init", os.open(_find_init(), os.O_PATH | os.O_CLOEXEC))
-        prep.add_fd("stdin", os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
-        stdout = _open_output(plan.stdout, "stdout")
-        prep.add_fd("stdout", stdout)
-        if plan.stderr == plan.stdout and plan.stdout is not None:
-            prep.add_fd("stderr", os.dup(stdout))
+        if plan.stdio is not None:
+            _add_client_stdio(prep, plan)
         else:
-            prep.add_fd("stderr", _open_output(plan.stderr, "stderr"))
+            prep.add_fd("stdin", os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            stdout = _open_output(plan.stdout, "stdout")
+            prep.add_fd("stdout", stdout)
+            if plan.stderr == plan.stdout and plan.stdout is not None:
+                prep.add_fd("stderr", os.dup(stdout))
+            else:
+                prep.add_fd("stderr", _open_output(plan.stderr, "stderr"))
         if plan.netns:
             try:
                 prep.add_fd("netns", os.open(plan.netns, os.O_RDONLY | os.O_CLOEXEC))

@@ -1,6 +1,6 @@
 """What the launch path can enforce for the calling user, and the dev-loop plan that follows.
 
-As root everything is enforced. Without root (``corral run`` on a laptop), the launcher uses an
+As root everything is enforced. Without root (``corral dev`` on a laptop), the launcher uses an
 unprivileged user namespace, where the kernel allows one, to give the app the same mount view
 (read-only system, granted paths, private /tmp, fresh /proc in its own pid namespace) and the
 same seccomp filter; what it cannot enforce is returned as plain sentences, printed once.
@@ -95,7 +95,7 @@ def unprivileged_plan(
             "the cgroups are not writable by you."
         )
     elif limits:
-        unenforced.append("The [limits] (processes, memory, cpu) are not enforced by `corral run`.")
+        unenforced.append("The [limits] (processes, memory, cpu) are not enforced by `corral dev`.")
     if not found.seccomp:
         unenforced.append("The seccomp filter is not applied: libseccomp is not installed.")
     if not found.user_namespaces:

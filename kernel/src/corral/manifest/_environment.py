@@ -10,7 +10,7 @@ from corral.manifest._load import ResolvedManifest
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_LANG = "C.UTF-8"
-# What may pass from the caller's environment (e.g. `corral run` on a laptop): locale, terminal
+# What may pass from the caller's environment (e.g. `corral dev` on a laptop): locale, terminal
 # and search path. Nothing else leaks, so a secret in the operator's shell stays there.
 INHERITED = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TERM"})
 INHERITED_PREFIX = "LC_"
@@ -29,14 +29,19 @@ def app_environment(
     manifest_path: Path,
     base_env: Mapping[str, str] | None = None,
     job: str | None = None,
+    config: Mapping[str, str] | None = None,
+    release: int | None = None,
 ) -> dict[str, str]:
     """Return the complete environment of instance ``index`` of ``process``.
 
     ``process`` is a ``[processes]`` name. For a job a driver spawns (a cron run), ``job`` is
     the job's instance id, which its environment carries as CORRAL_INSTANCE; it has no port
     and ``process`` is then the driver's name for the job. ``base_env`` is consulted only for
-    PATH, HOME, LANG, LANGUAGE, LC_*, TZ and TERM; ``--env`` values come next, the contract
-    variables last.
+    PATH, HOME, LANG, LANGUAGE, LC_*, TZ and TERM; the app's config vars (``config``, plain
+    values only: secrets go in at launch) and ``--env`` values come next, the contract
+    variables last. A ``.venv`` or ``node_modules/.bin`` in the app directory (what a build
+    makes) goes first on PATH, as Heroku's buildpacks put them; ``release`` is the release
+    number the process runs (CORRAL_RELEASE=vN).
     """
     manifest = resolved.manifest
     app = manifest.app.name
@@ -57,8 +62,18 @@ def app_environment(
     for key, value in (base_env or {}).items():
         if key in INHERITED or key.startswith(INHERITED_PREFIX):
             env[key] = value
+    directory = Path(resolved.directory)
+    tools = [str(directory / d) for d in (".venv/bin", "node_modules/.bin")
+             if (directory / d).is_dir()]
+    if tools:
+        env["PATH"] = ":".join([*tools, env["PATH"]])
+    if (directory / ".venv" / "bin").is_dir():
+        env["VIRTUAL_ENV"] = str(directory / ".venv")
+    env.update(config or {})
     env.update(resolved.env_overrides)
     env["CORRAL_APP"] = app
+    if release is not None:
+        env["CORRAL_RELEASE"] = f"v{release}"
     env["CORRAL_INSTANCE"] = instance
     env["CORRAL_MANIFEST"] = str(manifest_path)
     for name, number in manifest.ports.items():

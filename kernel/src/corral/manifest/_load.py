@@ -1,6 +1,8 @@
 """Load ``corral.toml`` (and a Procfile), apply overrides, validate, and resolve it.
 
-The kernel validates its own sections ([app], [processes], [ports], [paths]); every other
+A directory with a Procfile and no ``corral.toml`` loads as if ``corral init`` had written
+one (``defaults``). The kernel validates its own sections ([app], [processes], [ports],
+[paths], [build], [release]); every other
 section is checked by the driver that owns it (``corral.sdk.sections``): ``read`` gives a
 ``Draft`` whose ``request()`` is what the owners are asked (``manifest.check``), and
 ``Draft.finish`` turns their answer into a ``ResolvedManifest`` or located problems. ``load``
@@ -27,6 +29,7 @@ from corral.manifest._locate import Location, Path_, field_lines, format_path
 from corral.manifest._model import Manifest, render
 from corral.manifest._overrides import (
     OverrideError,
+    ProcfileEntry,
     apply_set,
     parse_env,
     parse_procfile,
@@ -38,6 +41,11 @@ from corral.protocol import KERNEL_SECTIONS, ClaimItem, ManifestCheck, ManifestC
 MANIFEST_FILE = "corral.toml"
 PROCFILE = "Procfile"
 PROCFILE_WEB_PORT = "http"  # Heroku's convention: the Procfile's `web` process receives $PORT
+PROCFILE_RELEASE = "release"  # Heroku's release phase: a command, not a process
+DEFAULT_WEB_PORT = 5000  # foreman's and `heroku local`'s $PORT
+DEFAULTS = "default without corral.toml"  # where a default value is said to come from
+
+_NOT_IN_LABEL = re.compile(r"[^a-z0-9]+")
 
 _SYNTAX_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 
@@ -226,17 +234,49 @@ def _parse_toml(file: Path, text: str) -> dict[str, Any]:
         raise ManifestError([f"{where}: TOML syntax error: {message}"], file=str(file)) from None
 
 
-def _merge_procfile(document: dict[str, Any], procfile: Path, problems: _Problems) -> None:
-    """Add the Procfile's processes to ``document``; a name defined twice is a problem."""
+def default_app_name(directory: Path) -> str | None:
+    """The app name of a directory without corral.toml: the directory's name made into a DNS
+    label (lowercase, other characters '-', from its first letter, at most 63), or None."""
+    label = _NOT_IN_LABEL.sub("-", directory.name.lower())
+    return label.lstrip("-0123456789")[:63].rstrip("-") or None
+
+
+def defaults(directory: Path, entries: Sequence[ProcfileEntry]) -> dict[str, Any]:
+    """The corral.toml a directory with only a Procfile (``entries``) stands for: the app's
+    name (missing when none can be made of the directory's) and, with a `web` process, the
+    port it is given. The processes and the release command come from the Procfile."""
+    name = default_app_name(directory)
+    document: dict[str, Any] = {"app": {} if name is None else {"name": name}}
+    if any(entry.name == "web" for entry in entries):
+        document["ports"] = {PROCFILE_WEB_PORT: DEFAULT_WEB_PORT}
+    return document
+
+
+def _read_procfile(procfile: Path, problems: _Problems) -> list[ProcfileEntry]:
+    """The Procfile's entries; each line that does not parse is a problem at its line."""
     entries, bad_lines = parse_procfile(_read(procfile))
     for line, message in bad_lines:
         problems.add_at(Location(str(procfile), line), message)
+    return entries
+
+
+def _merge_procfile(
+    document: dict[str, Any],
+    procfile: Path,
+    entries: Sequence[ProcfileEntry],
+    problems: _Problems,
+) -> None:
+    """Add the Procfile's processes (and its `release:` command) to ``document``; one defined
+    in both files is a problem."""
     processes = document.setdefault("processes", {})
-    if not isinstance(processes, dict):
-        return  # validation reports "processes: expected a table"
     ports = document.get("ports")
     for entry in entries:
         location = Location(str(procfile), entry.line)
+        if entry.name == PROCFILE_RELEASE:
+            _merge_release(document, entry, location, problems)
+            continue
+        if not isinstance(processes, dict):
+            continue  # validation reports "processes: expected a table"
         if entry.name in processes:
             other = problems.locate(("processes", entry.name))
             problems.add_at(
@@ -250,6 +290,26 @@ def _merge_procfile(document: dict[str, Any], procfile: Path, problems: _Problem
             process["port"] = PROCFILE_WEB_PORT
         processes[entry.name] = process
         problems.locations[("processes", entry.name)] = location
+
+
+def _merge_release(
+    document: dict[str, Any], entry: ProcfileEntry, location: Location, problems: _Problems
+) -> None:
+    """The Procfile's `release:` line is ``[release] command`` (Heroku's release phase)."""
+    release = document.setdefault("release", {})
+    if not isinstance(release, dict):
+        return  # validation reports "release: expected a table"
+    if "command" in release:
+        other = problems.locate(("release", "command"))
+        problems.add_at(
+            location,
+            f"release.command: defined both in {PROCFILE} (release:) and in {other.prefix()}; "
+            "define the release command in one place",
+        )
+        return
+    release["command"] = entry.command
+    problems.locations.setdefault(("release",), location)
+    problems.locations[("release", "command")] = location
 
 
 def _apply_sets(document: dict[str, Any], items: Sequence[str], problems: _Problems) -> None:
@@ -444,26 +504,63 @@ def read(
     offset: int = 0,
     env: Sequence[str] = (),
 ) -> Draft:
-    """Read ``directory/corral.toml`` (+ Procfile), apply ``--set``/``--offset``/``--env`` and
-    validate the kernel's sections; problems are kept in the draft until ``finish``."""
+    """Read ``directory/corral.toml`` (+ Procfile; a Procfile alone gets the ``defaults``),
+    apply ``--set``/``--offset``/``--env`` and validate the kernel's sections; problems are
+    kept in the draft until ``finish``."""
     directory = Path(directory)
     if _is_file(directory):
         file, directory = directory, directory.parent
+        if file.name == PROCFILE:
+            file = directory / MANIFEST_FILE
     else:
         file = directory / MANIFEST_FILE
     directory = directory.resolve()
     file = directory / file.name
-    problems = _Problems(str(file))
-
-    text = _read(file)
-    document = _parse_toml(file, text)
-    problems.locations.update(
-        {path: Location(str(file), line) for path, line in field_lines(text).items()}
-    )
     procfile = directory / PROCFILE
-    if _present(procfile):
-        _merge_procfile(document, procfile, problems)
+
+    has_toml = _present(file)
+    if not has_toml and not _present(procfile):
+        raise ManifestError(
+            [
+                f"{file}: no such file (expected the app's {MANIFEST_FILE} there); a {PROCFILE} "
+                'alone is enough (e.g. "web: python app.py"): without corral.toml, corral uses '
+                "the defaults `corral init` writes out"
+            ],
+            file=str(file),
+        )
+    unnamed = False
+    if has_toml:
+        problems = _Problems(str(file))
+        text = _read(file)
+        document = _parse_toml(file, text)
+        problems.locations.update(
+            {path: Location(str(file), line) for path, line in field_lines(text).items()}
+        )
+        if _present(procfile):
+            _merge_procfile(document, procfile, _read_procfile(procfile, problems), problems)
+    else:  # a Procfile and no corral.toml: the defaults are the corral.toml
+        file = procfile
+        problems = _Problems(str(file))
+        entries = _read_procfile(procfile, problems)
+        document = defaults(directory, entries)
+        unnamed = "name" not in document["app"]
+        default = Location(str(file), override=DEFAULTS)
+        for path in (("app",), ("app", "name"), ("ports",), ("ports", PROCFILE_WEB_PORT)):
+            problems.locations[path] = default
+        _merge_procfile(document, procfile, entries, problems)
+
     _apply_sets(document, set_, problems)
+    app = document.get("app")
+    if unnamed and isinstance(app, dict) and "name" not in app:  # and no --set app.name=NAME
+        raise ManifestError(
+            [
+                f"{directory}: cannot make an app name of the directory's name "
+                f"{directory.name!r} (an app name is a DNS label, starting with a letter); "
+                f"run `corral init --name NAME {directory}` or write {MANIFEST_FILE} with "
+                "[app] name"
+            ],
+            file=str(file),
+        )
     env_overrides, env_problems = parse_env(env)
     for env_problem in env_problems:
         problems.add_at(Location(str(file), override=env_problem.label), env_problem.message)

@@ -1,4 +1,4 @@
-"""The kernel's part of ``corral.toml``: [app], [processes], [ports], [paths].
+"""The kernel's part of ``corral.toml``: [app], [processes], [ports], [paths], [build], [release].
 
 Every other section belongs to the driver that acts on it (its schema lives in that driver's
 distribution, see ``corral.sdk.sections``); the kernel passes such sections through as data.
@@ -24,7 +24,15 @@ from corral.sdk.sections import (
     render,
 )
 
-__all__ = ["AppSection", "Manifest", "PathGrant", "Process", "render"]
+__all__ = [
+    "AppSection",
+    "BuildSection",
+    "Manifest",
+    "PathGrant",
+    "Process",
+    "ReleaseSection",
+    "render",
+]
 
 _LABEL = re.compile(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?")
 
@@ -87,6 +95,38 @@ class PathGrant(_Section):
     create: bool = Field(default=False, description="create the directory if it is missing")
 
 
+class BuildSection(_Section):
+    """``[build]``: how a release's dependencies are installed, once per release."""
+
+    command: Text | None = Field(
+        default=None,
+        description="run through /bin/sh -c in the new release's directory instead of what the "
+        "files present call for (uv.lock or pyproject.toml: uv sync; requirements.txt: a venv; "
+        "package.json: npm ci)",
+    )
+    timeout: PositiveDuration | None = Field(
+        default=None,
+        description="how long the build may take; a build that takes longer is stopped and "
+        "makes no release; default: the host's [build] timeout_s (15 minutes)",
+    )
+
+
+class ReleaseSection(_Section):
+    """``[release]``: the command run once per release, before new instances take traffic."""
+
+    command: Text | None = Field(
+        default=None,
+        description="run through /bin/sh -c once per release, after the build, with the new "
+        "release's config, before any new instance takes traffic (database migrations); a "
+        "non-zero exit aborts the deploy. Or the Procfile's `release:` line, not both",
+    )
+    timeout: PositiveDuration = Field(
+        default=10 * 60.0,
+        description="how long the release command may take; longer aborts the deploy "
+        "(default 10 minutes)",
+    )
+
+
 class Manifest(_Section):
     """The kernel's sections of a ``corral.toml`` (plus Procfile), after overrides."""
 
@@ -94,3 +134,5 @@ class Manifest(_Section):
     processes: dict[Name, Process] = Field(default_factory=dict)
     ports: dict[Name, Port] = Field(default_factory=dict)
     paths: dict[Name, PathGrant] = Field(default_factory=dict)
+    build: BuildSection = Field(default_factory=BuildSection)
+    release: ReleaseSection = Field(default_factory=ReleaseSection)

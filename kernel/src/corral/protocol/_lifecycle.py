@@ -109,3 +109,23 @@ class LaunchPlan(_Model):
         "4, ... with LISTEN_FDS and LISTEN_PID set (systemd socket activation); the caller "
         "keeps its own copies",
     )
+    stdio: list[str] | None = Field(
+        default=None, min_length=3, max_length=3,
+        description="host paths opened for fd 0, 1, 2 instead of /dev/null and stdout/stderr "
+        "(a one-off command: `corral run`); each a FIFO or a pseudo-terminal slave "
+        "(/dev/pts/N) owned by stdio_owner, anything else is refused",
+    )
+    stdio_owner: int | None = Field(
+        default=None,
+        description="uid of the client that supplied stdio: every path must belong to it",
+    )
+    tty: bool = Field(
+        default=False,
+        description="stdio[0] is a terminal that becomes the process's controlling terminal "
+        "(its session's, with the program's process group in the foreground)",
+    )
+    secret_env: dict[str, str] = Field(
+        default_factory=dict, exclude=True, repr=False,
+        description="environment merged over instance.env at launch; never dumped, "
+        "serialised or shown (a plan sent elsewhere arrives without it)",
+    )

@@ -29,6 +29,11 @@ class NoArgs(Args):
 # ---- kernel operations (served by corrald) -------------------------------------------------
 
 
+AppNameField = Annotated[str, Field(
+    pattern=r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$",
+    description="an app name: a DNS label (lowercase letters, digits and '-')")]
+
+
 class Deploy(Args):
     """``app.deploy``: resolve the manifest in ``directory`` and deploy it."""
 
@@ -39,6 +44,9 @@ class Deploy(Args):
     wait_s: float | None = Field(
         default=None, gt=0, description="how long each new instance may take to be ready and "
         "healthy; default: its process's start_timeout, else the host's start_timeout_s")
+    reset_overrides: bool = Field(
+        default=False, description="forget the --set/--env/--offset of earlier deploys (kept "
+        "and applied again otherwise)")
 
 
 class Check(Args):
@@ -54,7 +62,7 @@ class Check(Args):
 class Scale(Args):
     """``app.scale``: set the instance count of some of a deployed app's processes."""
 
-    name: str
+    name: AppNameField
     counts: dict[str, Annotated[int, Field(ge=0, le=1000)]] = Field(
         min_length=1, description="process name -> instances (e.g. {\"web\": 3})")
     wait_s: float | None = Field(
@@ -64,10 +72,56 @@ class Scale(Args):
 class Restart(Args):
     """``app.restart``: replace an app's instances (or one process's) with fresh ones."""
 
-    name: str
+    name: AppNameField
     process: str | None = Field(default=None, description="only this process's instances")
     wait_s: float | None = Field(
         default=None, gt=0, description="as for app.deploy: the time each new instance has")
+
+
+class Rollback(Args):
+    """``app.rollback``: roll the app onto an earlier release (no rebuild)."""
+
+    name: AppNameField
+    release: int | None = Field(default=None, ge=1, description="default: the last release "
+                                "deployed before the live one")
+    wait_s: float | None = Field(default=None, gt=0, description="as for app.deploy")
+
+
+_CONFIG_KEY = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class ConfigSet(Args):
+    """``app.config.set``: set config vars (secrets with ``secret``); a release, rolled."""
+
+    name: AppNameField
+    vars: dict[Annotated[str, Field(pattern=_CONFIG_KEY, max_length=256)], str] = Field(
+        min_length=1, max_length=256)
+    secret: bool = False
+    wait_s: float | None = Field(default=None, gt=0, description="as for app.deploy")
+
+
+class ConfigUnset(Args):
+    """``app.config.unset``: remove config vars; a release, rolled."""
+
+    name: AppNameField
+    keys: list[Annotated[str, Field(pattern=_CONFIG_KEY, max_length=256)]] = Field(
+        min_length=1, max_length=256)
+    wait_s: float | None = Field(default=None, gt=0, description="as for app.deploy")
+
+
+class RunCommand(Args):
+    """``app.run``: a one-off command in the app's live release, sandbox and config."""
+
+    name: AppNameField
+    command: list[Annotated[str, Field(max_length=65536)]] = Field(min_length=1,
+                                                                   max_length=4096)
+    stdio: list[str] = Field(min_length=3, max_length=3, description="paths for fd 0, 1, 2: "
+                             "the caller's FIFOs or its pseudo-terminal, owned by the caller")
+    tty: bool = Field(default=False, description="stdin is a terminal: make it the "
+                      "command's controlling terminal")
+    term: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9._+-]+$")
+    env: dict[Annotated[str, Field(pattern=_CONFIG_KEY)], str] = Field(default_factory=dict)
+    timeout_s: float | None = Field(default=None, gt=0)
 
 
 class DriverName(Args):
@@ -79,7 +133,15 @@ class DriverName(Args):
 class AppName(Args):
     """An operation on one app by name."""
 
-    name: str
+    name: AppNameField
+
+
+class Down(Args):
+    """``app.down``: stop an app and release what it holds (``purge``: and forget its
+    releases, config vars, secrets and build cache)."""
+
+    name: AppNameField
+    purge: bool = False
 
 
 class ClaimItem(Args):
@@ -292,7 +354,7 @@ _CLIENT_OPS = _table(
     Operation("app.deploy", Deploy, "claim, launch and wait for an app"),
     Operation("app.check", Check, "the resolved manifest ({manifest}) or its problems "
               "({problems}), every section checked by its owner"),
-    Operation("app.down", AppName, "stop an app and release all it holds"),
+    Operation("app.down", Down, "stop an app and release all it holds"),
     Operation("app.scale", Scale, "set instance counts; rolls like a redeploy"),
     Operation("app.ps", NoArgs, "apps and instances with their state"),
     Operation("app.get", AppName, "one app's spec and instances"),
@@ -300,6 +362,12 @@ _CLIENT_OPS = _table(
     Operation("ledger.claim", LedgerClaim, "claim resources, all or nothing"),
     Operation("ledger.release", LedgerRelease, "release resources"),
     Operation("app.restart", Restart, "replace the instances with fresh ones, rolled"),
+    Operation("app.releases", AppName, "the app's releases and the live one"),
+    Operation("app.rollback", Rollback, "roll the app onto an earlier release"),
+    Operation("app.config", AppName, "the app's config vars (secrets masked)"),
+    Operation("app.config.set", ConfigSet, "set config vars; a release, rolled"),
+    Operation("app.config.unset", ConfigUnset, "remove config vars; a release, rolled"),
+    Operation("app.run", RunCommand, "a one-off command in the app's release; its exit"),
     Operation("drivers.list", NoArgs, "drivers and their state"),
     Operation("driver.restart", DriverName, "start a driver again (also a failed one)"),
     Operation("driver.query", DriverQuery, "forward a query to a driver"),
@@ -362,7 +430,7 @@ class Capability:
     confinement: bool = False
 
 
-KERNEL_SECTIONS: tuple[str, ...] = ("app", "processes", "ports", "paths")
+KERNEL_SECTIONS: tuple[str, ...] = ("app", "processes", "ports", "paths", "build", "release")
 """The manifest sections the kernel owns; every other one belongs to the driver declaring it."""
 
 FEATURES: dict[str, str] = {
