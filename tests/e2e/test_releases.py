@@ -359,6 +359,11 @@ def test_run_a_command_in_the_release_with_pipes(kernel: KernelProcess,
         greeting, release, uid = lines[1].split()
         assert (greeting, release) == ("hey", "v2") and int(uid) >= 1000, lines
         assert "oops" in r.stderr
+        # options between the app and `--`; corral's own variables are not for --env
+        r = kernel.cli("run", "oneoff", "-e", "EXTRA=x1", "--", "sh", "-c", "echo $EXTRA")
+        assert (r.returncode, r.stdout.strip()) == (0, "x1"), r.stderr
+        r = kernel.cli("run", "oneoff", "-e", "PORT=1", "--", "true")
+        assert r.returncode == 2 and "PORT" in r.stderr, r.stderr
         # a directory given to `run`: the dev loop moved to `corral dev`
         r = kernel.cli("run", str(d))
         assert r.returncode == 2 and "corral dev" in r.stderr, r.stderr

@@ -27,6 +27,7 @@ import psutil
 
 from corral.client import KernelClient
 from corral.errors import CorralError
+from corral.protocol import CAPABILITIES
 
 
 class KernelProcess:
@@ -274,7 +275,8 @@ class NetHost:
             "lb": f'config = {{ nft_table = "{self.lb_table}" }}',
         }
         out = [f'address_pool = "{self.pool4}"', f'address_pool6 = "{self.pool6}"']
-        if "fs" not in drivers:  # no sandbox driver: a host must say so, or deploys are refused
+        sandboxed = any(CAPABILITIES[d].confinement for d in drivers if d in CAPABILITIES)
+        if not sandboxed:  # no sandbox driver: a host must say so, or deploys are refused
             out.append("unconfined = true")
         for name in drivers:
             out.append(f"[drivers.{name}]")

@@ -151,8 +151,12 @@ def cmd_run(ns: argparse.Namespace) -> int:
     """Run a one-off command in a deployed app's release, sandbox and config (`corral run APP
     -- CMD...`), with a terminal when there is one; exits with the command's status."""
     command = list(ns.argv)
-    if command and command[0] == "--":
-        command = command[1:]
+    if "--" in command:  # options may also come between APP and `--` (corral run APP -e K=V --)
+        cut = command.index("--")
+        extra = _run_options().parse_args(command[:cut])
+        ns.env = [*(ns.env or []), *(extra.env or [])]
+        ns.timeout = extra.timeout or ns.timeout
+        command = command[cut + 1:]
     if not command:
         if Path(ns.app).is_dir() or ns.app in (".", ".."):
             print(f"corral run: running an app directory in the foreground is now "
@@ -189,6 +193,19 @@ def cmd_run(ns: argparse.Namespace) -> int:
     return int(res.get("exit_code") or 0)
 
 
+def _run_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--env", "-e", action="append", metavar="KEY=VALUE",
+                   help="an extra variable for this run only")
+    s.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop the command after this long")
+
+
+def _run_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="corral run APP", add_help=False)
+    _run_flags(p)
+    return p
+
+
 def add_parsers(sub: Any) -> None:
     """``releases``, ``rollback``, ``config``, ``run``."""
     s = sub.add_parser("releases", help=cmd_releases.__doc__)
@@ -206,7 +223,4 @@ def add_parsers(sub: Any) -> None:
     s = sub.add_parser("run", help=cmd_run.__doc__)
     s.add_argument("app")
     s.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
-    s.add_argument("--env", "-e", action="append", metavar="KEY=VALUE",
-                   help="an extra variable for this run only")
-    s.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                   help="stop the command after this long")
+    _run_flags(s)
