@@ -18,9 +18,12 @@ cd "$(dirname "$0")/.."
 #   systemd                systemd-analyze verifies the unit `corral host install` writes
 #   default-jdk-headless   Java inside a filtered app (tests of the seccomp allow-list; the
 #                          source launcher they use needs the JDK's compiler; ~70 MB)
+#   pebble                 Let's Encrypt's ACME test server and its DNS (pebble-challtestsrv):
+#                          the lb tests of automatic HTTPS order certificates from it
 #   Benchmarks install their own peers (haproxy, wrk, nginx-light) when run.
 APT_PACKAGES=(nftables libnftables1 iproute2 tini libseccomp2 bubblewrap gcc make pkg-config
-              libzmq3-dev libjansson-dev util-linux procps curl systemd default-jdk-headless)
+              libzmq3-dev libjansson-dev util-linux procps curl systemd default-jdk-headless
+              pebble)
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()

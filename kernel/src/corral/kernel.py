@@ -54,8 +54,11 @@ from corral.protocol._ops import (
     Rollback,
     RunCommand,
     Scale,
+    SocketKeep,
+    SocketKey,
     Spawn,
 )
+from corral.socketstore import SocketStore
 from corral.supervisor import DriverSlot, Supervisor
 
 log = structlog.get_logger("corral.kernel")
@@ -93,6 +96,7 @@ class Kernel:
             on_lost=self.on_lost,
             heartbeat_ms=self.config.heartbeat_ms,
         )
+        self.sockets = SocketStore()  # listening sockets kept for drivers across restarts
         self.supervisor = Supervisor(
             self.config,
             self.ledger,
@@ -100,6 +104,7 @@ class Kernel:
             log_dir=self.home / "drivers",
             on_ready=self._driver_ready,
             forget=self.bus.forget,
+            sockets=self.sockets,
         )
         self.deployer = Deployer(
             ledger=self.ledger, drivers=DriverSet(self.supervisor, self.bus, self.config),
@@ -130,6 +135,9 @@ class Kernel:
             "instance.stop": self._stop_instance,
             "instance.wait": self._wait_instance,
             "event.publish": self._publish,
+            "socket.keep": self._socket_keep,
+            "socket.list": self._socket_list,
+            "socket.release": self._socket_release,
         }
         declared = {name for table in KERNEL_OPS.values() for name in table}
         if declared != set(self.handlers):
@@ -317,7 +325,9 @@ class Kernel:
         return {"revision": await self.group_commit.commit(txn)}
 
     async def _drivers_list(self, peer: Peer, args: Any) -> dict[str, Any]:
-        return {"drivers": [s.as_json() for s in self.supervisor.slots.values()]}
+        return {"drivers": [{**s.as_json(),
+                             "kept_sockets": [k.key for k in self.sockets.list(s.name)]}
+                            for s in self.supervisor.slots.values()]}
 
     async def _driver_restart(self, peer: Peer, args: DriverName) -> dict[str, Any]:
         slot = await self.supervisor.restart(args.name)
@@ -356,35 +366,42 @@ class Kernel:
         requester = slot.name if slot is not None else "job"
         if args.listen_fd is None:
             return await self.deployer.spawn(args, requester=requester)
-        fd = self._take_listen_fd(peer, args.listen_fd.pid, args.listen_fd.fd)
+        fd = self._take_listen_fd(
+            self._listen_sockets_driver(peer, "instance.spawn", "pass listen_fd"),
+            args.listen_fd.pid, args.listen_fd.fd, op="instance.spawn")
         try:
             return await self.deployer.spawn(args, listen_fd=fd, requester=requester)
         finally:
             os.close(fd)  # the instance's Live holds its own copy
 
-    def _take_listen_fd(self, peer: Peer, pid: int, fd: int) -> int:
-        """A copy of a driver's listening socket ``fd`` (socket activation).
-
-        Only a driver that declared the ``listen_sockets`` feature may pass one, and only from
-        its own process: ``pid`` must be the pid the supervisor started for that driver (and
-        the process still the one it started), so no peer can make the kernel lift a
-        descriptor out of anyone else."""
+    def _listen_sockets_driver(self, peer: Peer, op: str, what: str) -> DriverSlot:
+        """The calling driver's slot if it declared the ``listen_sockets`` feature (403
+        otherwise)."""
         slot = next((s for s in self.supervisor.slots.values()
                      if s.peer is not None and s.peer.identity == peer.identity), None)
         if slot is None or "listen_sockets" not in slot.features:
-            raise CorralError("instance.spawn: only a driver declaring the listen_sockets "
-                              "feature may pass listen_fd", code=ErrorCode.FORBIDDEN)
+            raise CorralError(f"{op}: only a driver declaring the listen_sockets feature may "
+                              f"{what}", code=ErrorCode.FORBIDDEN)
+        return slot
+
+    def _take_listen_fd(self, slot: DriverSlot, pid: int, fd: int, *, op: str) -> int:
+        """A copy of a driver's listening socket ``fd`` (socket activation, ``socket.keep``).
+
+        Only a driver that declared the ``listen_sockets`` feature may pass one (the caller
+        got ``slot`` from ``_listen_sockets_driver``), and only from its own process: ``pid``
+        must be the pid the supervisor started for that driver (and the process still the one
+        it started), so no peer can make the kernel lift a descriptor out of anyone else."""
         if slot.pid is None or pid != slot.pid:
-            raise CorralError(f"instance.spawn: listen_fd.pid {pid} is not the process of "
-                              f"driver {slot.name!r} ({slot.pid})", code=ErrorCode.FORBIDDEN)
+            raise CorralError(f"{op}: pid {pid} is not the process of driver {slot.name!r} "
+                              f"({slot.pid})", code=ErrorCode.FORBIDDEN)
         try:
             copy = take_fd(pid, slot.start_time, fd)
         except ProcessLookupError:
-            raise CorralError(f"instance.spawn: process {pid} is no longer driver "
-                              f"{slot.name!r}", code=ErrorCode.FORBIDDEN) from None
+            raise CorralError(f"{op}: process {pid} is no longer driver {slot.name!r}",
+                              code=ErrorCode.FORBIDDEN) from None
         except OSError as err:
-            raise CorralError(f"instance.spawn: cannot take descriptor {fd} of driver "
-                              f"{slot.name!r} (pid {pid}): {os.strerror(err.errno or 0)}",
+            raise CorralError(f"{op}: cannot take descriptor {fd} of driver {slot.name!r} "
+                              f"(pid {pid}): {os.strerror(err.errno or 0)}",
                               code=ErrorCode.INVALID) from None
         try:
             sock = socket.socket(fileno=copy)
@@ -397,9 +414,31 @@ class Kernel:
             listening = False
         if not listening:
             os.close(copy)
-            raise CorralError(f"instance.spawn: descriptor {fd} of the lb driver is not a "
+            raise CorralError(f"{op}: descriptor {fd} of driver {slot.name!r} is not a "
                               "listening stream socket", code=ErrorCode.INVALID)
         return copy
+
+    async def _socket_keep(self, peer: Peer, args: SocketKeep) -> dict[str, Any]:
+        """Keep a copy of the driver's listening TCP socket for its next process."""
+        slot = self._listen_sockets_driver(peer, "socket.keep", "keep sockets")
+        copy = self._take_listen_fd(slot, args.pid, args.fd, op="socket.keep")
+        kept, replaced = self.sockets.keep(slot.name, args.key, copy)
+        log.info("socket kept", driver=slot.name, key=kept.key,
+                 address=f"{kept.host}:{kept.port}", replaced=replaced)
+        return {**kept.as_json(), "replaced": replaced}
+
+    async def _socket_list(self, peer: Peer, args: Any) -> dict[str, Any]:
+        """The sockets kept for the calling driver (never another driver's)."""
+        slot = self._listen_sockets_driver(peer, "socket.list", "list kept sockets")
+        return {"sockets": [k.as_json() for k in self.sockets.list(slot.name)]}
+
+    async def _socket_release(self, peer: Peer, args: SocketKey) -> dict[str, Any]:
+        """Close the kernel's copy the calling driver kept under ``key``."""
+        slot = self._listen_sockets_driver(peer, "socket.release", "release kept sockets")
+        released = self.sockets.release(slot.name, args.key)
+        if released:
+            log.info("socket released", driver=slot.name, key=args.key)
+        return {"released": released}
 
     async def _signal(self, peer: Peer, args: InstanceSignal) -> dict[str, Any]:
         return self.deployer.signal(args.instance_id, args.signal, args.group)
@@ -443,6 +482,7 @@ class Kernel:
             await self.bus.say_bye("kernel stopping")
         serving.cancel()
         self.bus.close()
+        self.sockets.close()
         self.ledger.close()
         (self.runtime / "kernel.pid").unlink(missing_ok=True)
 

@@ -12,11 +12,15 @@ message; the kernel keeps running.
 Drivers outlive the kernel: their pid, start time and token are kept in the ledger (kind
 "driver"), and a restarted kernel adopts the live ones instead of starting duplicates; they
 reconnect by themselves.
+
+A driver's process inherits the listening sockets the kernel keeps for that driver
+(``corral.socketstore``), named in ``CORRAL_KEPT_FDS``; a driver marked failed loses them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import signal
 import subprocess
@@ -35,7 +39,15 @@ from corral.errors import CorralError, DriverUnavailableError, ErrorCode
 from corral.host import DriverConfig, HostConfig
 from corral.launch import describe_exit, is_alive, reap, signal_instance, wait_exit
 from corral.ledger import Ledger
-from corral.protocol import CAPABILITIES, PROTOCOL, DriverDescription, Hello, check_driver_ops
+from corral.protocol import (
+    CAPABILITIES,
+    KEPT_FDS_ENV,
+    PROTOCOL,
+    DriverDescription,
+    Hello,
+    check_driver_ops,
+)
+from corral.socketstore import SocketStore
 
 log = structlog.get_logger("corral.supervisor")
 
@@ -151,6 +163,7 @@ class Supervisor:
         log_dir: Path,
         on_ready: Callable[[DriverSlot], Awaitable[None]],
         forget: Callable[[bytes, str], None] = lambda _identity, _why: None,
+        sockets: SocketStore | None = None,
     ) -> None:
         self.config = config
         self.ledger = ledger
@@ -158,6 +171,7 @@ class Supervisor:
         self.log_dir = log_dir
         self.on_ready = on_ready
         self.forget = forget
+        self.sockets = sockets if sockets is not None else SocketStore()
         self.slots: dict[str, DriverSlot] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._closing = False
@@ -190,16 +204,21 @@ class Supervisor:
         env = {**self.env, **slot.env, "CORRAL_DRIVER_TOKEN": slot.token,
                "CORRAL_DRIVER_NAME": slot.name,
                "PYTHONUNBUFFERED": "1"}  # a driver killed with -9 still leaves its last words
+        # the sockets kept for this driver, at the numbers they have here (pass_fds)
+        kept = self.sockets.inherited(slot.name)
+        if kept:
+            env[KEPT_FDS_ENV] = json.dumps(kept)
         out = open(self.log_dir / f"{slot.name}.log", "ab")
         try:
             proc = subprocess.Popen(
                 slot.command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                start_new_session=True, close_fds=True,
+                start_new_session=True, close_fds=True, pass_fds=tuple(kept.values()),
             )
         except OSError as exc:
             slot.state = "failed"
             slot.reason = f"cannot start {slot.command[0]!r}: {exc.strerror}"
             log.error("driver failed to start", driver=slot.name, reason=slot.reason)
+            self.sockets.drop(slot.name)
             return
         finally:
             out.close()
@@ -240,6 +259,8 @@ class Supervisor:
             )
             log.error("driver flapping", driver=slot.name, reason=slot.reason)
             self.ledger.release(OWNER, [("driver", slot.name)])
+            # nobody will accept on its sockets: clients are refused, not left in a backlog
+            self.sockets.drop(slot.name)
             return
         slot.restart_count += 1
         slot.state = "restarting"

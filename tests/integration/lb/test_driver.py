@@ -27,7 +27,8 @@ def test_driver_declares_the_lb_operations() -> None:
     assert set(LbDriver.operations) == {
         "app.attach", "instance.started", "instance.stopping", "instance.stopped", "app.detach",
         "state.sync", "manifest.check",
-        "query.lb.status", "query.lb.stats", "query.lb.metrics"}
+        "query.lb.status", "query.lb.stats", "query.lb.metrics", "query.lb.certs",
+        "query.lb.renew"}
     assert LbDriver().hello(None).sections == ["lb"]
 
 

@@ -27,11 +27,13 @@ from corral_lb.config import (
     LbConfig,
     PolicyProgram,
 )
+from corral_lb.edge import Edge
 from corral_lb.nft import TABLE, NftPlane, established_to, service_key
 from corral_lb.policy_program import PolicyProgram as PolicyProgramRunner
 from corral_lb.proxy_http import HttpFrontend
 from corral_lb.proxy_l4 import L4Frontend, Relay
 from corral_lb.service import Service
+from corral_lb.sockets import FreshSockets, ListenSockets, http_key, tcp_key
 
 log = structlog.get_logger("corral_lb")
 
@@ -67,6 +69,11 @@ class Balancer:
         self._relay: Relay | None = None  # the L4 proxy's relay thread, started on first use
         self._programs: dict[str, PolicyProgramRunner] = {}
         self._app_dirs: dict[str, str] = {}
+        # where frontends get their listening sockets: the driver sets KeptSockets, so they
+        # outlive its restarts; fresh ones otherwise (tests, benchmarks, corral dev)
+        self.sockets: ListenSockets = FreshSockets()
+        # the host's shared HTTP/HTTPS frontends (apps with domains); set by the driver
+        self.edge: Edge | None = None
 
     @property
     def runtime_dir(self) -> Path:
@@ -146,17 +153,47 @@ class Balancer:
             if self._relay is None:
                 self._relay = Relay(idle_timeout=self.tcp_idle_timeout)
             fe = L4Frontend(service, self._relay, max_connections=self.max_connections)
-            await fe.start(*listen)
+            await self.start_frontend(fe, tcp_key(service.app), *listen)
             self._l4[service.app] = fe
+            return
+        if cfg.domains:
+            if self.edge is None:
+                raise NotFoundError(f"app {service.app!r}: domains need the host's shared "
+                                    "frontends, which this lb does not run")
+            await self.edge.add(service)
+        if cfg.frontend is None:
             return
         http = self._http.get(listen)
         if http is None:
-            http = HttpFrontend(idle_timeout=self.http_idle_timeout,
-                                max_body_size=self.max_body_size,
-                                max_connections=self.max_connections)
-            await http.start(*listen)
+            http = self.http_frontend()
+            await self.start_frontend(http, http_key(*listen), *listen)
             self._http[listen] = http
         http.add(service)
+
+    async def start_frontend(self, frontend: HttpFrontend | L4Frontend, key: str, host: str,
+                             port: int) -> None:
+        """Start ``frontend`` on the listening socket ``sockets`` has for ``key`` (the one the
+        kernel kept for the previous process, when there is one)."""
+        sock = await self.sockets.open(key, host, port)
+        try:
+            await frontend.start(host, port, sock=sock)
+        except BaseException:
+            sock.close()
+            await self.sockets.release(key)
+            raise
+
+    async def close_frontend(self, frontend: HttpFrontend | L4Frontend, key: str) -> None:
+        """Close ``frontend`` for good: its socket is no longer kept (``close()`` of the whole
+        balancer, when the process stops, closes frontends without this)."""
+        await frontend.close()
+        await self.sockets.release(key)
+
+    def http_frontend(self, **options: Any) -> HttpFrontend:
+        """An HTTP frontend with this host's timeouts and limits (``options``: the shared
+        frontends' forwarding, scheme, TLS and routing)."""
+        return HttpFrontend(idle_timeout=self.http_idle_timeout,
+                            max_body_size=self.max_body_size,
+                            max_connections=self.max_connections, **options)
 
     async def detach(self, app: str) -> None:
         """Close the app's frontend, stop its program and on-demand instance, forget it."""
@@ -174,14 +211,16 @@ class Balancer:
         elif cfg.mode == "tcp":
             fe = self._l4.pop(app, None)
             if fe is not None:
-                await fe.close()
+                await self.close_frontend(fe, tcp_key(app))
         else:
-            http = self._http.get(cfg.listen)
+            if cfg.domains and self.edge is not None:
+                await self.edge.remove(app)
+            http = self._http.get(cfg.listen) if cfg.frontend is not None else None
             if http is not None:
                 http.remove(service)
                 if not http.routes:
                     del self._http[cfg.listen]
-                    await http.close()
+                    await self.close_frontend(http, http_key(*cfg.listen))
         log.info("service detached", app=app, name=cfg.name)
 
     def service(self, app: str) -> Service:
@@ -245,12 +284,19 @@ class Balancer:
             if fe is not None and cfg.plane == "proxy":
                 m["frontend"] = fe.metrics()
             out.append(m)
-        return {"services": out}
+        result: dict[str, Any] = {"services": out}
+        if self.edge is not None and not app:
+            result["edge"] = self.edge.metrics()
+        return result
 
     async def close(self) -> None:
-        """Detach every service (the nft table's services are removed too)."""
+        """Detach every service (the nft table's services are removed too). Kept listening
+        sockets stay kept: the process stops, its frontends are not gone."""
+        self.sockets = FreshSockets()
         for app in list(self.services):
             await self.detach(app)
+        if self.edge is not None:
+            await self.edge.close()
         if self._nft is not None:
             self._nft.close()
         if self._relay is not None:

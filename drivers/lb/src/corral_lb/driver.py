@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import os
 import socket
+import ssl
 from collections.abc import Coroutine
 from typing import Any
 
@@ -17,12 +18,19 @@ import structlog
 
 from corral.errors import CorralError, ErrorCode
 from corral.protocol import AppSpec, InstanceRecord, Welcome
-from corral.sdk import Driver, KernelLink, op, run
+from corral.sdk import Driver, KernelLink, inherited_sockets, op, run
 from corral_lb import DRIVER
+from corral_lb.acme import AcmeIssuer, ChallengeStore
 from corral_lb.activation import OnDemand, StartedInstance
 from corral_lb.balancer import Balancer
+from corral_lb.certs import CertManager, CertStore, Mode
 from corral_lb.config import LbConfig, load_lb_config, proxy_limits, proxy_timeouts
+from corral_lb.edge import Edge, EdgeSettings
 from corral_lb.nft import TABLE as NFT_TABLE
+from corral_lb.proxy_http import HttpFrontend
+from corral_lb.sections import TlsFiles
+from corral_lb.sockets import KeptSockets
+from corral_lb.tls import SniRouter, server_context
 
 log = structlog.get_logger("corral_lb")
 
@@ -71,6 +79,12 @@ class LbDriver(Driver):
         self.balancer = Balancer(activators=self._activator, runtime_dir=None)
         self._configs: dict[str, LbConfig] = {}
         self._tasks: set[asyncio.Future[None]] = set()
+        self.sockets: KeptSockets | None = None  # frontend sockets kept by the kernel
+        # the shared frontends' certificates: ACME answers, SNI routing, the manager
+        self.challenges = ChallengeStore()
+        self.sni = SniRouter()
+        self.edge_settings = EdgeSettings()
+        self.certs: CertManager | None = None
 
     def _activator(self, app: str, config: LbConfig) -> KernelActivator:
         return KernelActivator(self.kernel, app, config.process or "web")
@@ -100,12 +114,104 @@ class LbDriver(Driver):
         # this kernel's services, told apart from other kernels' in a shared table
         self.balancer.nft_owner = hashlib.blake2b(str(self.home).encode(),
                                                   digest_size=6).hexdigest()
+        # the shared HTTP/HTTPS frontends (``http_port``, ``https_port``, ``edge_address``,
+        # ``forwarded``, ``trusted_proxies``) and ACME (``acme_directory``, ``acme_ca_bundle``,
+        # ``acme_email``): made once per process (WELCOME comes again after a kernel restart;
+        # the frontends and certificates of this process go on)
+        if self.balancer.edge is not None:
+            return
+        try:
+            self.edge_settings = EdgeSettings.from_config(self.config)
+        except ValueError as exc:
+            raise CorralError(str(exc), code=ErrorCode.INVALID, retry=False) from None
+        self.balancer.edge = Edge(
+            self.edge_settings, challenge=self.challenges.get,
+            new_frontend=self.balancer.http_frontend, start_frontend=self._start_frontend,
+            stop_frontend=self.balancer.close_frontend, ssl_context=lambda: self.sni.context)
+        directory = self.config.get("acme_directory")
+        issuer = None
+        if directory:
+            issuer = AcmeIssuer(str(directory), ca_bundle=self.config.get("acme_ca_bundle"),
+                                email=self.config.get("acme_email"),
+                                account_key_path=self.home / "lb" / "acme" / "account.key")
+        # certificates: stored ones are served again at once, orders start as apps attach
+        self.certs = CertManager(CertStore(self.home / "lb" / "certs"), issuer=issuer,
+                                 challenges=self.challenges, on_change=self._cert_changed,
+                                 on_state=self._cert_state)
 
     async def start(self) -> None:
-        """Keep sockets of policy programs under the runtime directory."""
+        """Keep sockets of policy programs under the runtime directory; open frontends on
+        sockets the kernel keeps across restarts (taking back those it kept for the previous
+        process, whose open-connection counts it finds in ``<runtime>/lb/connections``)."""
         rd = self.runtime_dir / "lb"
         rd.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.balancer.runtime_dir = rd
+        self.sockets = KeptSockets(self.kernel, rd / "connections",
+                                   inherited=inherited_sockets())
+        self.balancer.sockets = self.sockets
+
+    async def _start_frontend(self, frontend: HttpFrontend, key: str, host: str, port: int
+                              ) -> None:
+        """Open a shared frontend's listening socket (``key`` names it across restarts)."""
+        await self.balancer.start_frontend(frontend, key, host, port)
+
+    async def _cert_changed(self, name: str, cert_pem: bytes, key_pem: bytes) -> None:
+        """A certificate (new, renewed, reloaded) goes into service for new handshakes."""
+        cfg = self._configs.get(name)
+        if cfg is None:
+            return
+        ctx = await asyncio.to_thread(server_context, cert_pem, key_pem)
+        self.sni.set(cfg.domains, ctx)
+        if self.balancer.edge is not None:
+            self.balancer.edge.set_secure(name, True)
+
+    async def _cert_state(self, name: str, state: dict[str, Any]) -> None:
+        """Tell the world (``app.<app>.cert.<state>``): valid, pending or failing. A
+        certificate no longer in service (expired) stops the redirect to HTTPS."""
+        if self.balancer.edge is not None and not state.get("serving"):
+            self.balancer.edge.set_secure(name, False)
+        try:
+            await self.kernel.call("event.publish", {
+                "topic": f"app.{name}.cert.{state.get('state', 'unknown')}",
+                "data": {k: v for k, v in state.items() if k in (
+                    "domains", "issuer", "not_after", "state", "last_error", "next_attempt")}})
+        except CorralError as exc:
+            log.warning("certificate event not published", app=name, error=exc.reason)
+
+    def _secure_if_serving(self, app: str) -> None:
+        state = self.certs.state(app) if self.certs is not None else None
+        if self.balancer.edge is not None and state is not None and state.get("serving"):
+            self.balancer.edge.set_secure(app, True)
+
+    async def _want_certificate(self, app: str, cfg: LbConfig) -> None:
+        if self.certs is None or not cfg.domains:
+            return
+        if cfg.tls is None:
+            await self._drop_certificate(app)
+            return
+        mode: Mode = ("auto" if cfg.tls == "auto" else
+                      ("files", cfg.tls.cert, cfg.tls.key))  # type: ignore[union-attr]
+        if isinstance(cfg.tls, TlsFiles):  # in service now; the manager reloads on change
+            try:
+                cert_pem, key_pem = await asyncio.to_thread(_read_pair, cfg.tls)
+                self.sni.set(cfg.domains,
+                             await asyncio.to_thread(server_context, cert_pem, key_pem))
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                log.warning("certificate files not loaded yet", app=app, error=str(exc))
+        if mode == "auto" and self.certs.issuer is None:
+            raise CorralError(f"app {app!r}: tls = \"auto\" needs an ACME directory: set "
+                              "acme_directory in the host's [drivers.lb] config",
+                              code=ErrorCode.INVALID, retry=False)
+        await self.certs.want(app, cfg.domains, mode)
+
+    async def _drop_certificate(self, app: str) -> None:
+        cfg = self._configs.get(app)
+        if self.certs is not None and self.certs.state(app) is not None:
+            await self.certs.drop(app)
+        if cfg is not None:
+            self.sni.remove(cfg.domains)
+        if self.balancer.edge is not None:
+            self.balancer.edge.set_secure(app, False)
 
     async def stop(self) -> None:
         """Close the proxies; the nft table stays, so kernel-plane traffic keeps flowing."""
@@ -115,6 +221,8 @@ class LbDriver(Driver):
                 # forget without uninstalling: state.sync of the next driver picks it up
                 del self.balancer.services[app]
                 await s.close()
+        if self.certs is not None:
+            await self.certs.close()
         await self.balancer.close()
 
     @op("app.attach")
@@ -124,10 +232,17 @@ class LbDriver(Driver):
         cfg = self._config(app)
         if cfg is None:
             return {"lb": False}
-        await self.balancer.attach(app.name, cfg, directory=app.directory)
+        old = self._configs.get(app.name)
+        if old is not None and old.domains != cfg.domains:
+            await self._drop_certificate(app.name)
+        # the certificate first (a stored one is in the SNI router before this returns), so
+        # the HTTPS frontend never accepts a handshake it cannot finish
         self._configs[app.name] = cfg
+        await self._want_certificate(app.name, cfg)
+        await self.balancer.attach(app.name, cfg, directory=app.directory)
+        self._secure_if_serving(app.name)
         return {"lb": True, "name": cfg.name, "frontend": "{}:{}".format(*cfg.listen),
-                "plane": cfg.plane}
+                "domains": cfg.domains, "plane": cfg.plane}
 
     def _backend_of(self, app: AppSpec, rec: InstanceRecord) -> tuple[LbConfig, int] | None:
         cfg = self._configs.get(app.name) or self._config(app)
@@ -185,7 +300,8 @@ class LbDriver(Driver):
 
     @op("app.detach")
     async def detach(self, args: Any) -> dict[str, Any]:
-        """Close the app's frontend and forget its backends."""
+        """Close the app's frontend and forget its backends (and its certificate)."""
+        await self._drop_certificate(args.app)
         await self.balancer.detach(args.app)
         self._configs.pop(args.app, None)
         return {}
@@ -198,10 +314,16 @@ class LbDriver(Driver):
             cfg = self._config(app)
             if cfg is not None:
                 wanted[app.name] = app
-                await self.balancer.attach(app.name, cfg, directory=app.directory)
                 self._configs[app.name] = cfg
+                try:  # one app's certificate problem never stops the others' sync
+                    await self._want_certificate(app.name, cfg)
+                except CorralError as exc:
+                    log.error("certificate not wanted", app=app.name, error=exc.reason)
+                await self.balancer.attach(app.name, cfg, directory=app.directory)
+                self._secure_if_serving(app.name)
         for name in list(self.balancer.services):
             if name not in wanted:
+                await self._drop_certificate(name)
                 await self.balancer.detach(name)
                 self._configs.pop(name, None)
         live: dict[str, set[str]] = {}
@@ -238,6 +360,8 @@ class LbDriver(Driver):
             keep = {service_key(c.name) for c in self._configs.values() if c.plane == "nft"}
             for key in self.balancer.nft.installed(mine=True) - keep:
                 self.balancer.nft.uninstall_key(key)
+        if self.sockets is not None:  # the kernel keeps what is open now (it may have restarted)
+            await self.sockets.sync()
         return {"services": len(self.balancer.services), "removed_backends": removed}
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
@@ -271,6 +395,28 @@ class LbDriver(Driver):
             }
         return {"apps": apps, "shown": ["backends_healthy", "backends_unhealthy"]}
 
+    @op("query.lb.certs")
+    async def certs_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Each certificate: its app, domains, issuer, expiry, state (valid / pending /
+        failing with the last error); ``{"app": name}`` for one app's."""
+        found = [] if self.certs is None else self.certs.status()
+        app = args.get("app")
+        return {"certs": [dict(c, app=c.get("name")) for c in found
+                          if app is None or c.get("name") == app]}
+
+    @op("query.lb.renew")
+    async def renew(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Renew an app's ACME certificate now (``{"app": name}``); its new state."""
+        app = str(args.get("app") or "")
+        if self.certs is None or not app:
+            raise CorralError("renew: name the app", code=ErrorCode.INVALID, retry=False)
+        cfg = self._configs.get(app)
+        if self.certs.state(app) is None or cfg is None or cfg.tls != "auto":
+            raise CorralError(f"renew: app {app!r} has no certificate from the ACME directory "
+                              '(it needs [lb] domains and tls = "auto")',
+                              code=ErrorCode.INVALID, retry=False)
+        return await self.certs.renew(app)
+
     @op("query.lb.metrics")
     async def metrics(self, args: dict[str, Any]) -> dict[str, Any]:
         """Per-backend requests, active connections, latency histogram, 5xx count."""
@@ -280,3 +426,8 @@ class LbDriver(Driver):
 def main() -> None:
     """``python -m corral_lb``: run the lb driver under corrald."""
     run(LbDriver, uvloop=True)
+
+
+def _read_pair(tls: TlsFiles) -> tuple[bytes, bytes]:
+    with open(tls.cert, "rb") as cert, open(tls.key, "rb") as key:
+        return cert.read(), key.read()

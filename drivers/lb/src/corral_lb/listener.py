@@ -4,6 +4,10 @@ With ``max_connections`` (0: none) connections open at once it stops accepting u
 ends: the next clients wait in the kernel's listen backlog, as with HAProxy's ``maxconn``.
 Out of descriptors (EMFILE, ENFILE, ENOBUFS) it pauses accepting for a moment, as asyncio's
 own servers do. Both the HTTP and the L4 frontends accept through it.
+
+On a socket the kernel keeps across driver restarts (``corral_lb.sockets.FrontendSocket``)
+it also records its open connections where the next process finds them (``OpenCount``):
+what a crash cuts is reported as ``cut_by_restart``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
+
+from corral_lb.sockets import FrontendSocket, OpenCount
 
 log = structlog.get_logger("corral_lb")
 
@@ -34,6 +40,7 @@ class Listener:
         self.accepted = 0  # connections accepted since start
         self.active = 0  # connections open (taken by on_client, not yet released)
         self.limited = 0  # times accepting stopped because max_connections were open
+        self._count: OpenCount | None = None  # kept sockets: `active`, left for the next process
         self._accepting = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._retry: asyncio.TimerHandle | None = None
@@ -42,6 +49,7 @@ class Listener:
         """Accept on ``sock`` (bound and listening) from the running loop."""
         sock.setblocking(False)
         self.sock = sock
+        self._count = sock.open_count if isinstance(sock, FrontendSocket) else None
         host, port = sock.getsockname()[:2]
         self.listen = f"{host}:{port}"
         self._loop = asyncio.get_running_loop()
@@ -61,16 +69,25 @@ class Listener:
         sock, loop = self.sock, self._loop
         if sock is None or loop is None:
             return
+        count = self._count
         for _ in range(ACCEPTS_PER_TURN):
             if 0 < self.max_connections <= self.active:
                 self._stop()  # resumed by released()
                 self.limited += 1
                 return
+            # a kept socket's count includes the connection before accept() takes it: a
+            # crash at any point after the syscall still counts it (one before it over-counts)
+            if count is not None:
+                count.set(self.active + 1)
             try:
                 client, peer = sock.accept()
             except (BlockingIOError, InterruptedError):
+                if count is not None:
+                    count.set(self.active)
                 return
             except OSError as e:  # EMFILE, ENFILE, ENOBUFS: pause accepting for a moment
+                if count is not None:
+                    count.set(self.active)
                 log.warning("accept failed", listen=self.listen, error=str(e))
                 self._stop()
                 self._retry = loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
@@ -78,6 +95,8 @@ class Listener:
             self.accepted += 1
             if self.on_client(client, peer):
                 self.active += 1
+            elif count is not None:
+                count.set(self.active)
 
     def _resume(self) -> None:
         self._retry = None
@@ -86,17 +105,27 @@ class Listener:
     def released(self) -> None:
         """A connection ended: accept again if the cap had stopped accepting."""
         self.active -= 1
+        if self._count is not None:
+            self._count.set(self.active)
         if not self._accepting and self._retry is None and (
                 self.max_connections <= 0 or self.active < self.max_connections):
             self._start()
 
     def metrics(self) -> dict[str, Any]:
-        """Client connections: accepted so far, open now, the cap, times the cap was hit."""
+        """Client connections: accepted so far, open now, the cap, times the cap was hit, and
+        (kept sockets) those open when the previous process ended (``cut_by_last_restart``)
+        and at the end of every earlier process since boot (``cut_by_restart``)."""
+        count = self._count
         return {"listen": self.listen, "accepted": self.accepted, "active": self.active,
-                "max_connections": self.max_connections, "limited": self.limited}
+                "max_connections": self.max_connections, "limited": self.limited,
+                "cut_by_restart": count.cut_by_restart if count is not None else 0,
+                "cut_by_last_restart": count.cut_by_last_restart if count is not None else 0}
 
     def close(self) -> None:
-        """Stop accepting and close the socket."""
+        """Stop accepting and close the socket (the open-connection count stays at what this
+        close leaves to be cut)."""
+        if self._count is not None:
+            self._count.freeze()
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None

@@ -14,9 +14,13 @@ hands it back to a per-backend idle pool.
 The frontend accepts connections itself and stops accepting at ``max_connections`` (as
 HAProxy's ``maxconn`` does): further clients wait in the listen backlog until one closes.
 
-Not done on purpose (documented in docs/drivers/lb.md): header rewriting (no
-X-Forwarded-For), HTTP/2, request pipelining to backends (pipelined client requests are
-served one after the other).
+What a backend learns of the client is written into each forwarded head by
+``corral_lb.forwarded`` (X-Forwarded-* or Forwarded; a client's own claims dropped unless it is
+a trusted proxy); nothing else of a head is rewritten. On HTTPS (the shared frontend, TLS
+terminated here) responses may get a Strict-Transport-Security line.
+
+Not done on purpose (documented in docs/drivers/lb.md): HTTP/2, request pipelining to backends
+(pipelined client requests are served one after the other).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from functools import partial
@@ -32,6 +37,7 @@ from typing import Any
 import structlog
 
 from corral_lb.backend import Backend, BackendState
+from corral_lb.forwarded import Forwarding
 from corral_lb.http_framing import (
     MAX_HEAD,
     MAX_REQUEST_LINE,
@@ -48,10 +54,12 @@ from corral_lb.http_framing import (
 )
 from corral_lb.listener import Listener
 from corral_lb.service import Service
+from corral_lb.sockets import listening_socket
 
 log = structlog.get_logger("corral_lb")
 
 MAX_BUFFERED = 1024 * 1024  # client bytes buffered while a request is in flight
+TLS_HANDSHAKE_TIMEOUT = 10.0  # s a client has to finish its TLS handshake
 IDLE_PER_BACKEND = 512
 _now = time.monotonic
 
@@ -122,6 +130,19 @@ class HttpUpstream(asyncio.Protocol):
             self._finish()
             return
         if state == _HEAD:
+            hsts = client.hsts
+            if hsts:  # HTTPS with hsts: the header goes into every response head
+                if self.rbuf:
+                    self.rbuf += data
+                    data = bytes(self.rbuf)
+                    self.rbuf.clear()
+                end = data.find(b"\r\n\r\n")
+                if end < 0:
+                    self.rbuf += data
+                    if len(self.rbuf) > MAX_HEAD:
+                        self._fail()
+                    return
+                data = data[:end] + hsts + data[end:]
             lh = self.last_head
             if lh and not self.rbuf and not self.head_request and data.startswith(lh):
                 length = self.last_length
@@ -352,10 +373,10 @@ class HttpConnection(asyncio.Protocol):
     """One client connection: parses requests, routes by Host, relays to a chosen backend."""
 
     __slots__ = (
-        "backend", "body_remaining", "buf", "chunks", "client_eof", "frontend", "idle_since",
-        "keepalive", "last_gen", "last_head", "last_key", "method_head", "paused", "req_head",
-        "req_key", "req_sent_body", "retried", "service", "started", "state", "transport",
-        "upstream",
+        "backend", "body_remaining", "buf", "chunks", "client_eof", "frontend", "hsts",
+        "idle_since", "keepalive", "last_gen", "last_head", "last_key", "last_out",
+        "method_head", "paused", "req_head", "req_key", "req_sent_body", "retried", "service",
+        "started", "state", "transport", "upstream",
     )
 
     def __init__(self, frontend: HttpFrontend) -> None:
@@ -380,8 +401,10 @@ class HttpConnection(asyncio.Protocol):
         # the last bodiless request head and its routing: keep-alive clients repeat their
         # heads byte for byte, and a repeated head needs no parsing
         self.last_head = b""
+        self.last_out = b""  # what was forwarded for it (with the forwarding headers)
         self.last_gen = -1
         self.last_key: bytes | None = None
+        self.hsts = b""  # the Strict-Transport-Security line responses get (HTTPS, hsts set)
         self.idle_since = _now()  # waiting for a request head since (connect, last response)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -424,7 +447,7 @@ class HttpConnection(asyncio.Protocol):
         service = self.service
         assert service is not None
         self.started = _now()
-        self.req_head = head
+        head = self.req_head = self.last_out
         self.retried = False
         self.req_sent_body = False
         self.chunks = None
@@ -476,6 +499,7 @@ class HttpConnection(asyncio.Protocol):
             self._request(head)
 
     def _request(self, head: bytes) -> None:
+        original = head
         try:
             req = read_request_head(head, self.frontend.max_body_size)
         except FramingError as e:
@@ -486,10 +510,22 @@ class HttpConnection(asyncio.Protocol):
         self.chunks = req.body
         self.body_remaining = req.length
         host = req.host
-        service = self.frontend.route(host)
+        frontend = self.frontend
+        service = frontend.route(host)
+        if frontend.intercept is not None:
+            answer = frontend.intercept(head, host, service)
+            if answer is not None:  # an ACME challenge, a redirect to HTTPS
+                self.last_head = b""
+                self._answer(answer)
+                return
         if service is None:
             self._error(R404)
             return
+        self.hsts = frontend.hsts_line(service)
+        if frontend.forwarding is not None:
+            peer = self.transport.get_extra_info("peername")
+            head = frontend.forwarding.rewrite(head, client=peer[0] if peer else "",
+                                               proto=frontend.scheme, host=host)
         if service is not self.service:
             if self.service is not None:
                 self.service.connections -= 1
@@ -507,7 +543,8 @@ class HttpConnection(asyncio.Protocol):
                    else self._client_ip())
         self.req_key = key or b""
         if self.chunks is None and self.body_remaining == 0 and self.keepalive:
-            self.last_head, self.last_gen, self.last_key = head, self.frontend.generation, key
+            self.last_head, self.last_gen, self.last_key = original, self.frontend.generation, key
+            self.last_out = head
         else:
             self.last_head = b""
         if service.picker is None:
@@ -718,6 +755,17 @@ class HttpConnection(asyncio.Protocol):
 
     # -- teardown ------------------------------------------------------------------------------
 
+    def _answer(self, response: bytes) -> None:
+        """Answer the request here (whole response bytes); the connection stays open when
+        the client and the request allow it."""
+        self.transport.write(response)
+        if not self.keepalive or self.chunks is not None or self.body_remaining:
+            self._close()  # a body we do not read: the connection cannot go on
+            return
+        self.idle_since = _now()
+        if self.buf:
+            self._process()
+
     def _error(self, response: bytes) -> None:
         self.transport.write(response)
         self._close()
@@ -779,9 +827,22 @@ class HttpFrontend:
     """
 
     def __init__(self, *, idle_timeout: float = 0.0, max_body_size: int = 0,
-                 max_connections: int = 0) -> None:
+                 max_connections: int = 0, forwarding: Forwarding | None = None,
+                 scheme: bytes = b"http", strict: bool = False,
+                 ssl_context: Callable[[], ssl.SSLContext] | None = None,
+                 intercept: Callable[[bytes, bytes, Service | None], bytes | None] | None = None,
+                 ) -> None:
         self.idle_timeout = idle_timeout
         self.max_body_size = max_body_size
+        # what backends are told of the client (X-Forwarded-*, Forwarded), None: nothing
+        self.forwarding = forwarding
+        self.scheme = scheme  # b"http" or b"https", for X-Forwarded-Proto
+        self.strict = strict  # shared frontends: an unknown Host is 404, never "the only one"
+        # TLS is terminated here (the shared HTTPS frontend): the context to accept with,
+        # asked per connection (the SNI router replaces it to rotate session-ticket keys)
+        self.ssl_context = ssl_context
+        # a request answered here before routing (head, host, service or None) -> response
+        self.intercept = intercept
         self._sweeper: asyncio.Task[None] | None = None
         self.routes: dict[bytes, Service] = {}
         self.generation = 0  # bumped on every route change: invalidates cached routing
@@ -792,17 +853,26 @@ class HttpFrontend:
         self._setups: set[asyncio.Task[None]] = set()
         self._removers: dict[str, Callable[[Backend], None]] = {}
 
-    def add(self, service: Service) -> None:
-        """Serve ``service`` for requests whose Host is its name."""
-        self.routes[service.name.lower().encode()] = service
+    def hsts_line(self, service: Service) -> bytes:
+        """The Strict-Transport-Security line the service's responses get here, or b""."""
+        max_age = service.config.hsts
+        if self.scheme != b"https" or max_age <= 0:
+            return b""
+        return b"\r\nStrict-Transport-Security: max-age=%d" % int(max_age)
+
+    def add(self, service: Service, names: list[str] | None = None) -> None:
+        """Serve ``service`` for requests whose Host is its name (or one of ``names``)."""
+        for name in names if names is not None else [service.name]:
+            self.routes[name.lower().encode()] = service
         self.generation += 1
         remover = self.pool.close_backend
         service.on_remove.append(remover)
         self._removers[service.name] = remover
 
     def remove(self, service: Service) -> None:
-        """Stop serving ``service``."""
-        self.routes.pop(service.name.lower().encode(), None)
+        """Stop serving ``service`` (under every name it had here)."""
+        for name in [n for n, s in self.routes.items() if s is service]:
+            del self.routes[name]
         self.generation += 1
         remover = self._removers.pop(service.name, None)
         if remover is not None and remover in service.on_remove:
@@ -814,7 +884,7 @@ class HttpFrontend:
         s = routes.get(host)
         if s is not None:
             return s
-        if len(routes) == 1:
+        if len(routes) == 1 and not self.strict:
             return next(iter(routes.values()))
         if host.startswith(b"["):
             name = host[: host.find(b"]") + 1]
@@ -827,12 +897,10 @@ class HttpFrontend:
         """The address this frontend listens on ('host:port')."""
         return self.listener.listen
 
-    async def start(self, host: str, port: int) -> None:
-        """Listen on (host, port)."""
+    async def start(self, host: str, port: int, *, sock: socket.socket | None = None) -> None:
+        """Listen on (host, port), or on ``sock``: listening already (one the kernel kept)."""
         loop = self._loop = asyncio.get_running_loop()
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.create_server((host, port), family=family, backlog=4096)
-        self.listener.start(sock)
+        self.listener.start(sock if sock is not None else listening_socket(host, port))
         if self.idle_timeout > 0:
             self._sweeper = loop.create_task(self._sweep_idle(), name=f"http idle {port}")
 
@@ -847,7 +915,10 @@ class HttpFrontend:
         assert self._loop is not None
         try:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await self._loop.connect_accepted_socket(lambda: HttpConnection(self), client)
+            tls = self.ssl_context() if self.ssl_context is not None else None
+            await self._loop.connect_accepted_socket(
+                lambda: HttpConnection(self), client, ssl=tls,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if tls is not None else None)
         except Exception:  # reset before we got to it: never a connection, so never released
             client.close()
             self.released()

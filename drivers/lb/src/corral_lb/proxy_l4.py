@@ -29,6 +29,7 @@ from corral_lb import _relay
 from corral_lb.backend import Backend
 from corral_lb.listener import Listener
 from corral_lb.service import Service
+from corral_lb.sockets import BACKLOG, listening_socket
 
 log = structlog.get_logger("corral_lb")
 
@@ -265,12 +266,12 @@ class L4Frontend:
             c.cut()
 
     async def start(self, host: str, port: int, *, sock: socket.socket | None = None) -> None:
-        """Listen on (host, port), or on an already bound socket."""
+        """Listen on (host, port), or on an already bound socket (or listening: one the kernel
+        kept)."""
         if sock is None:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.create_server((host, port), family=family, backlog=4096)
+            sock = listening_socket(host, port)
         else:
-            sock.listen(4096)
+            sock.listen(BACKLOG)
         self.listener.start(sock)
 
     def _on_client(self, client: socket.socket, peer: Any) -> bool:

@@ -7,6 +7,7 @@ and the running lb serves the same check as ``manifest.check``.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Discriminator, Field, Tag, ValidationInfo, model_validator
@@ -26,6 +27,7 @@ from corral.sdk.sections import (
     json_schema,
     render,
 )
+from corral.units import parse_duration
 
 POLICY_NAMES = ("round-robin", "weighted", "least-conn", "p2c", "hash-source", "hash-header")
 NFT_POLICIES = ("weighted", "round-robin", "hash-source")
@@ -57,7 +59,42 @@ def _policy_name(value: object) -> str:
     return value
 
 
+_DOMAIN_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def _domain(value: object) -> str:
+    """A domain an app is reached at: a DNS name of two labels or more (letters, digits, '-';
+    not an address), written in lowercase as the ledger keys it."""
+    if isinstance(value, str):
+        name = value.lower()
+        labels = name.split(".")
+        if (len(name) <= 253 and len(labels) >= 2 and not labels[-1].isdigit()
+                and all(_DOMAIN_LABEL.fullmatch(label) for label in labels)):
+            return name
+    fail('a domain name such as "shop.example.com" (letters, digits and \'-\' in dot-separated'
+         " labels; no scheme, port, path or wildcard)", value)
+    raise AssertionError  # fail() raised
+
+
+def _hsts(value: object) -> float:
+    """``hsts``: true (a year, the usual max-age), false or 0 (not sent), or a duration."""
+    if value is True:
+        return 365 * 86400.0
+    if value is False or value == 0:
+        return 0.0
+    try:
+        if isinstance(value, str | int | float):
+            seconds = parse_duration(value)
+            if seconds > 0:
+                return seconds
+    except ValueError:
+        pass
+    fail('true (a year), false, or a duration such as "180d"', value)
+    raise AssertionError  # fail() raised
+
+
 UrlPath = Annotated[str, BeforeValidator(_url_path), json_schema(type="string", pattern="^/")]
+Domain = Annotated[str, BeforeValidator(_domain), json_schema(type="string", format="hostname")]
 Frontend = Annotated[
     int | str, BeforeValidator(_frontend),
     json_schema(anyOf=[{"type": "integer", "minimum": 1, "maximum": 65535}, {"type": "string"}]),
@@ -100,6 +137,30 @@ Policy = Annotated[
 ]
 
 
+class TlsFiles(SectionModel):
+    """``lb.tls = { cert = "PATH", key = "PATH" }``: a certificate from elsewhere (PEM: the
+    full chain, and its private key), reloaded when the files change."""
+
+    cert: Text = Field(description="PEM file: the certificate and its chain")
+    key: Text = Field(description="PEM file: the private key (root-readable only)")
+
+
+def _tls_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "auto"
+    if isinstance(value, dict | TlsFiles):
+        return "files"
+    return None
+
+
+Tls = Annotated[
+    Annotated[Literal["auto"], Tag("auto")] | Annotated[TlsFiles, Tag("files")],
+    Discriminator(_tls_kind, custom_error_type="corral",
+                  custom_error_message='expected "auto" (a certificate from the host\'s ACME '
+                  'directory) or { cert = "PATH", key = "PATH" }'),
+]
+
+
 def _health(value: object) -> object:
     return {} if value is None else value  # a resolved manifest of an older kernel: null
 
@@ -109,7 +170,20 @@ class LbConfig(SectionModel):
 
     name: Hostname = Field(description="registered name (HTTP Host routing key); default: the "
                            "app's name")
-    frontend: Frontend = Field(description="port, or 'address:port' to listen on")
+    frontend: Frontend | None = Field(
+        default=None, description="a frontend of the app's own: port, or 'address:port' to "
+        "listen on (needed for mode = \"tcp\"; HTTP apps may use domains instead)")
+    domains: list[Domain] = Field(
+        default_factory=list, description="names the app is reached at on the host's shared "
+        "HTTP and HTTPS frontends (routed by Host and SNI); each is claimed in the ledger")
+    tls: Tls | None = Field(
+        default=None, description='HTTPS for the domains: "auto" (ACME) or { cert, key }')
+    redirect_https: bool = Field(
+        default=True, description="with tls: plain HTTP requests are redirected to HTTPS "
+        "(308) once the certificate is valid")
+    hsts: Annotated[float, BeforeValidator(_hsts)] = Field(
+        default=0.0, description="with tls: Strict-Transport-Security max-age (a duration, or "
+        "true for a year); 0/false: not sent")
     process: Name | None = Field(
         default=None,
         description="process whose instances are the backends (default: the one with a port)")
@@ -144,7 +218,10 @@ class LbConfig(SectionModel):
 
     @property
     def listen(self) -> tuple[str, int]:
-        """(address, port) of the frontend; a bare port listens on every address."""
+        """(address, port) of the app's own frontend; a bare port listens on every address.
+        ("", 0) when it has none (it is reached through the shared frontends only)."""
+        if self.frontend is None:
+            return ("", 0)
         if isinstance(self.frontend, int):
             return ("0.0.0.0", self.frontend)  # noqa: S104 - a bare port means every address
         host, _, port = self.frontend.rpartition(":")
@@ -185,6 +262,17 @@ def rules(cfg: LbConfig) -> list[tuple[tuple[str, ...], str]]:
         out.append((("hash_header",), 'expected hash_header only with policy = "hash-header"'))
     if cfg.health.http is None and not cfg.health.tcp:
         out.append((("health",), 'expected a check: http = "/path" or tcp = true'))
+    if cfg.frontend is None and not cfg.domains:
+        out.append(((), "expected frontend = PORT (a frontend of the app's own) or domains = "
+                    '["name.example.com"] (the host\'s shared HTTP/HTTPS frontends)'))
+    if cfg.domains and (cfg.mode != "http" or cfg.plane == "nft"):
+        out.append((("domains",), 'domains are routed by Host and SNI: they need mode = "http"'
+                    ' and plane = "proxy"'))
+    if len(set(cfg.domains)) != len(cfg.domains):
+        out.append((("domains",), "a domain is listed twice"))
+    if cfg.tls is not None and not cfg.domains:
+        out.append((("tls",), "tls is for the domains on the shared HTTPS frontend: list them "
+                    "in domains"))
     return out
 
 
@@ -219,10 +307,20 @@ def check(cfg: LbConfig, context: ManifestCheck, report: Report) -> LbConfig:
         report.problem((), "expected one process with a port to receive the traffic " + (
             f"(several have one: {', '.join(with_port)}; choose with lb.process)" if with_port
             else '(give a [processes] entry port = "<name of a [ports] entry>")'))
-    port = cfg.listen[1]
-    report.port(("frontend",), port)
     report.claim("lbname", cfg.name, {"app": context.app})
-    report.claim("port", str(port), {"app": context.app, "name": "lb"})
+    if cfg.frontend is not None:
+        port = cfg.listen[1]
+        report.port(("frontend",), port)
+        report.claim("port", str(port), {"app": context.app, "name": "lb"})
+    for domain in cfg.domains:  # one holder per domain on the host; a conflict names it
+        report.claim("domain", domain, {"app": context.app})
+    if isinstance(cfg.tls, TlsFiles):
+        from corral_lb.certs import CertError, check_files
+
+        try:
+            check_files(cfg.tls.cert, cfg.tls.key, domains=cfg.domains)
+        except CertError as exc:
+            report.problem(("tls",), exc.reason)
     if cfg.activation == "on-demand" and cfg.process is not None:
         report.start_on_demand(cfg.process)
     return cfg

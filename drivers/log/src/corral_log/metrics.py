@@ -182,7 +182,9 @@ def _scalars(family: type[GaugeMetricFamily] | type[CounterMetricFamily],
 
 def lb_families(metrics: dict[str, Any] | None) -> list[Metric]:
     """``corral_lb_*`` per backend: requests, active, outstanding, 5xx, connect failures,
-    the latency histogram (seconds) and its p50/p99."""
+    the latency histogram (seconds) and its p50/p99; per proxy frontend (``frontend_*``,
+    labelled with the address it listens on): client connections accepted and open, and
+    those cut by restarts of the lb driver."""
     up = GaugeMetricFamily("corral_lb_up", "1 if the lb driver answered the last poll")
     up.add_metric([], 1.0 if metrics is not None else 0.0)
     labels = ["app", "name", "backend"]
@@ -199,7 +201,25 @@ def lb_families(metrics: dict[str, Any] | None) -> list[Metric]:
                             labels=labels)
     p99 = GaugeMetricFamily("corral_lb_latency_p99_seconds", "99th percentile latency "
                             "(bucket bound)", labels=labels)
+    flabels = ["app", "name", "listen"]
+    accepted = CounterMetricFamily("corral_lb_frontend_accepted", "client connections accepted "
+                                   "by the current lb process", labels=flabels)
+    open_ = GaugeMetricFamily("corral_lb_frontend_connections", "client connections open",
+                              labels=flabels)
+    cut = CounterMetricFamily("corral_lb_frontend_cut_by_restart", "client connections open "
+                              "when an lb driver process ended (a crash or a restart cut "
+                              "them), summed since boot", labels=flabels)
+    cut_last = GaugeMetricFamily("corral_lb_frontend_cut_by_last_restart", "client "
+                                 "connections open when the previous lb process ended",
+                                 labels=flabels)
     for svc in (metrics or {}).get("services", []):
+        fe = svc.get("frontend")
+        if isinstance(fe, dict):
+            fv = [str(svc.get("app", "")), str(svc.get("name", "")), str(fe.get("listen", ""))]
+            accepted.add_metric(fv, float(fe.get("accepted", 0)))
+            open_.add_metric(fv, float(fe.get("active", 0)))
+            cut.add_metric(fv, float(fe.get("cut_by_restart", 0)))
+            cut_last.add_metric(fv, float(fe.get("cut_by_last_restart", 0)))
         for b in svc.get("backends", []):
             lv = [str(svc.get("app", "")), str(svc.get("name", "")), str(b.get("id", ""))]
             requests.add_metric(lv, float(b.get("requests", 0)))
@@ -218,7 +238,8 @@ def lb_families(metrics: dict[str, Any] | None) -> list[Metric]:
             for fam, key in ((p50, "p50"), (p99, "p99")):
                 if lat.get(key) is not None:
                     fam.add_metric(lv, float(lat[key]))
-    return [up, requests, errors, failures, active, outstanding, latency, p50, p99]
+    return [up, requests, errors, failures, active, outstanding, latency, p50, p99,
+            accepted, open_, cut, cut_last]
 
 
 class DriverCollector(Collector):

@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from corral import __version__
-from corral.cli import _completion, _cron, _host, _init, _observe, _releases, _rollout
+from corral.cli import (
+    _certs,
+    _completion,
+    _cron,
+    _host,
+    _init,
+    _observe,
+    _releases,
+    _rollout,
+)
 from corral.errors import CorralError, ErrorCode, ManifestError
 
 EXIT_FAILED = 1
@@ -298,6 +307,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check": cmd_check,
     "schema": cmd_schema,
     "dev": cmd_dev,
+    "certs": _certs.cmd_certs,
     "init": _init.cmd_init,
     "run": _releases.cmd_run,
     "releases": _releases.cmd_releases,
@@ -377,6 +387,7 @@ def parser() -> argparse.ArgumentParser:
     _host.add_parsers(sub)
     _releases.add_parsers(sub)
     _init.add_parsers(sub)
+    _certs.add_parsers(sub)
     _completion.add_parsers(sub, parser)
     return p
 

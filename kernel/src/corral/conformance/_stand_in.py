@@ -332,6 +332,10 @@ def _empty_kernel_answer(req: Request) -> Body:
         return Reply(id=req.id, result={"revision": 1})
     if req.op == "event.publish":
         return Reply(id=req.id, result={})
+    if req.op == "socket.list":  # keeps no sockets (socket.keep is refused below)
+        return Reply(id=req.id, result={"sockets": []})
+    if req.op == "socket.release":
+        return Reply(id=req.id, result={"released": False})
     # app.get, instance.spawn/signal/stop: nothing exists in an empty kernel.
     return Error(id=req.id, code=ErrorCode.UNKNOWN_OPERATION,
                  reason=f"{req.op}: no such app or instance (conformance kernel is empty)")

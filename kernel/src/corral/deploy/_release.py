@@ -4,7 +4,7 @@ release that are not instances (the build, the release phase, one-off commands).
 ``Releaser.make`` is the part of ``corral up`` before the rollout: it copies the source into a
 new release directory (or finds the source, manifest and config unchanged: no release, a
 no-op), builds it as the app's uid in a sandbox whose only egress is the host's package
-indexes (a pseudo-app ``<app>_build``: app names are DNS labels, so it can never be a real
+indexes (a pseudo-app ``<app>_build<N>``: app names are DNS labels, so it is never a real
 app's name), and seals it (root-owned, read-only to the app). A failed build makes no release
 and touches nothing that runs. ``Releaser.run`` starts a process of the app's release in its
 sandbox and returns its exit status: the release phase and ``corral run``.
@@ -44,7 +44,7 @@ from corral.release import (
 
 log = structlog.get_logger("corral.release")
 
-BUILD_SUFFIX = "_build"  # the build's pseudo-app: "<app>_build", never a valid app name
+BUILD_SUFFIX = "_build"  # a build's pseudo-app: "<app>_build<N>", never a valid app name
 OUTPUT_POLL_S = 0.1
 
 
@@ -127,6 +127,12 @@ class Releaser:
         self.store = ReleaseStore(ledger, home, config.releases_kept)
         self.configs = ConfigStore(home)
         self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    def _background(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def lock(self, app: str) -> asyncio.Lock:
         """Serialises the making of an app's releases (two deploys never interleave)."""
@@ -256,7 +262,7 @@ class Releaser:
                 await asyncio.to_thread(_chown_tree, cache, uid,
                                         gid if gid is not None else uid)
         timeout = float(((doc.get("build") or {}).get("timeout")) or build_cfg.timeout_s)
-        spec = self._build_spec(name, directory, cache, plan, uid, gid)
+        spec = self._build_spec(name, number, directory, cache, plan, uid, gid)
         ispec = InstanceSpec(id=f"{spec.name}.build.v{number}", app=spec.name, process="build",
                              index=0, kind="job", argv=["/bin/sh", "-c", plan.script()],
                              env=dict(plan.env), cwd=str(directory))
@@ -266,22 +272,27 @@ class Releaser:
                                      topic=f"app.{name}.build.output", release=number,
                                      record=(name, number))
         finally:
-            await self.drivers.broadcast("app.detach", {"app": spec.name}, strict=False)
+            # the build's own network policy goes after it, off the critical path (each
+            # build is a pseudo-app of its own, so a next build never meets this teardown)
+            self._background(self.drivers.broadcast("app.detach", {"app": spec.name},
+                                                    strict=False))
         if not outcome.ok:
             raise CorralError(
                 f"the build of release v{number} {outcome.describe()}; nothing was deployed "
                 f"and what runs is untouched (its output: {out}). Its last lines:\n"
                 f"{outcome.last_lines()}", code=ErrorCode.INVALID)
+        t_seal = time.monotonic()
         if self.as_root:
             await asyncio.to_thread(seal, directory)
         seconds = round(time.monotonic() - started, 3)
         self.events.publish(f"app.{name}.build.finished",
                             {"release": number, "seconds": seconds})
         return {"kinds": plan.kinds, "python": plan.python, "seconds": seconds,
-                "steps": [s.label for s in plan.steps]}
+                "steps": [s.label for s in plan.steps],
+                "phases": {**outcome.extra, "seal_s": round(time.monotonic() - t_seal, 3)}}
 
-    def _build_spec(self, name: str, directory: Path, cache: Path, plan: BuildPlan,
-                    uid: int | None, gid: int | None) -> AppSpec:
+    def _build_spec(self, name: str, number: int, directory: Path, cache: Path,
+                    plan: BuildPlan, uid: int | None, gid: int | None) -> AppSpec:
         """The build's sandbox: the release directory and the cache writable, the build
         tools readable, egress only to the package indexes; no port, no config, no secret."""
         paths: dict[str, Any] = {
@@ -292,14 +303,15 @@ class Releaser:
             if not tool.startswith(("/usr/", "/bin/", "/sbin/", "/lib")):
                 paths[f"tool{n}"] = {"path": tool, "mode": "ro"}
         manifest = {
-            "app": {"name": name + BUILD_SUFFIX},
+            "app": {"name": f"{name}{BUILD_SUFFIX}{number}"},
             "processes": {}, "ports": {}, "paths": paths,
             "network": {"egress": [{"rule": e} for e in plan.egress]},
             "limits": {"processes": 512},
             "resolved": {"directory": str(directory), "file": "(build)", "offset": 0,
                          "env": {}, "claims": [], "on_demand": []},
         }
-        return AppSpec(name=name + BUILD_SUFFIX, directory=str(directory), manifest=manifest,
+        return AppSpec(name=f"{name}{BUILD_SUFFIX}{number}", directory=str(directory),
+                       manifest=manifest,
                        uid=uid, gid=gid)
 
     # ---- running a process of a release ------------------------------------------------------
@@ -314,6 +326,7 @@ class Releaser:
         ``timeout_s``: then its process group is killed. ``record``: (app, release) whose
         record keeps the process's identity while it runs (for a restarted kernel to end
         it)."""
+        t_plan = time.monotonic()
         plan = await self.instances.plan(spec, ispec, secret_env)
         if stdio is not None:
             plan.stdio, plan.stdio_owner, plan.tty = list(stdio), stdio_owner, tty
@@ -346,12 +359,17 @@ class Releaser:
             # what it left in its process group ends with it
             self.launcher.signal_instance(pid, start_time, signal.SIGKILL, group=True)
         finally:
-            outcome.seconds = round(time.monotonic() - started, 3)
+            ended = time.monotonic()
+            outcome.seconds = round(ended - started, 3)
             if follower is not None:
                 follower.cancel()
                 await asyncio.gather(follower, return_exceptions=True)
             await self.drivers.broadcast("instance.stopped", {
                 "app": spec.name, "instance_id": ispec.id}, strict=False)
+            # where the time went: the sandbox's making, the process, its teardown
+            outcome.extra = {"sandbox_s": round(started - t_plan, 3),
+                             "process_s": outcome.seconds,
+                             "teardown_s": round(time.monotonic() - ended, 3)}
         if output is not None:
             outcome.tail = _tail(output)
         return outcome

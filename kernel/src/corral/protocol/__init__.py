@@ -30,6 +30,7 @@ from corral.protocol._messages import (
 from corral.protocol._ops import (
     CAPABILITIES,
     FEATURES,
+    KEPT_FDS_ENV,
     KERNEL_OPS,
     KERNEL_SECTIONS,
     LIFECYCLE_OPS,
@@ -55,6 +56,7 @@ __all__ = [
     "BODIES",
     "CAPABILITIES",
     "FEATURES",
+    "KEPT_FDS_ENV",
     "KERNEL_OPS",
     "KERNEL_SECTIONS",
     "LIFECYCLE_OPS",

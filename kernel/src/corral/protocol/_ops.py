@@ -194,6 +194,29 @@ class ListenFd(Args):
                       description="LISTEN_FDNAMES of the socket")
 
 
+SocketKeyField = Annotated[str, Field(
+    pattern=r"^[A-Za-z0-9_.:@/\[\]-]{1,128}$",
+    description="the driver's own name for a kept socket, e.g. \"http:0.0.0.0:80\"")]
+
+
+class SocketKeep(Args):
+    """``socket.keep``: keep a copy of the calling driver's listening TCP socket under
+    ``key`` (an earlier one under that key is replaced); handed to the driver's next process.
+
+    Only a driver declaring the ``listen_sockets`` feature, and only with its own pid (the
+    kernel checks both and takes its copy with ``pidfd_getfd``, as for ``listen_fd``)."""
+
+    pid: int = Field(gt=0, description="the calling driver's own pid")
+    fd: int = Field(ge=0, description="the socket's descriptor number in that process")
+    key: SocketKeyField
+
+
+class SocketKey(Args):
+    """``socket.release``: close the kernel's copy kept under ``key`` (its frontend is gone)."""
+
+    key: SocketKeyField
+
+
 class Spawn(Args):
     """``instance.spawn``: start a process of ``app`` in its sandbox (cron runs, on-demand)."""
 
@@ -386,6 +409,11 @@ _DRIVER_OPS = _table(
     Operation("event.publish", Publish, "publish an event on the bus"),
     Operation("driver.query", DriverQuery, "forward a query to a driver (e.g. log polls lb)"),
     Operation("kernel.status", NoArgs, "pid, uptime, version, ledger revision, bus figures"),
+    Operation("socket.keep", SocketKeep, "keep a copy of one of the driver's listening TCP "
+              "sockets for its next process (listen_sockets drivers)"),
+    Operation("socket.list", NoArgs, "the sockets kept for the calling driver: key, host, "
+              "port, the kernel's fd and the socket's inode"),
+    Operation("socket.release", SocketKey, "close the kernel's copy kept under a key"),
 )
 
 KERNEL_OPS: dict[str, dict[str, Operation]] = {"client": _CLIENT_OPS, "driver": _DRIVER_OPS}
@@ -440,12 +468,18 @@ FEATURES: dict[str, str] = {
     "app_users": "runs instances under the host's dynamic app uids; WELCOME config carries "
     "them as uid_range",
     "listen_sockets": "may hand one of its own listening sockets to instance.spawn "
-    "(listen_fd: socket activation); no other driver may",
+    "(listen_fd: socket activation) and have the kernel keep its listening TCP sockets "
+    "across its restarts (socket.keep/list/release; its next process inherits them, named "
+    "in CORRAL_KEPT_FDS); no other driver may",
     "output": "captures instance output and serves query.<capability>.read "
     "({app, instance, limit, json} -> {lines})",
 }
 """Optional behaviours a driver declares in HELLO ``features`` (Nomad's Capabilities): the
 kernel relies on the declaration, never on which driver or capability it talks to."""
+
+KEPT_FDS_ENV = "CORRAL_KEPT_FDS"
+"""The variable naming the sockets a driver's process inherits from the kernel (kept by
+``socket.keep`` for its previous process): a JSON object, key -> descriptor number."""
 
 
 _PREPARES = frozenset({"state.sync", "instance.prepare"})
