@@ -179,6 +179,8 @@ def test_two_apps_share_the_https_frontend_each_with_its_own_certificate(edge: E
         edge.tls("nobody.test").close()
     text = edge.k.cli("certs").stdout
     assert "shop.test, www.shop.test" in text and "valid" in text
+    ps = edge.k.cli("ps").stdout
+    assert f"lb.tls=valid-until-{s['not_after'][:10]}" in ps, ps
 
 
 def test_backends_get_forwarded_headers_and_never_a_client_sent_one(edge: Edge) -> None:
@@ -274,6 +276,7 @@ def test_a_failing_challenge_keeps_http_serving_and_says_why(edge: Edge) -> None
     assert r.status == 200  # no certificate yet: served over HTTP, not redirected
     text = edge.k.cli("certs", "broken").stdout
     assert "failing" in text and "broken.test" in text
+    assert "lb.tls=failing" in edge.k.cli("ps").stdout
 
 
 def test_kill9_of_the_lb_driver_in_the_middle_of_an_order_then_a_clean_finish(
@@ -341,6 +344,15 @@ def test_bad_domains_certificates_and_conflicts_are_refused_at_check(edge: Edge)
                  f'key = "{files}/missing.key" }}\n')
     r = edge.k.cli("up", str(d))
     assert r.returncode == 2 and "missing.key" in r.stderr, r.stderr
+    # the shared frontends' ports are the lb's: an app asking for one is told so
+    ports = {r["key"]: r["owner"] for r in edge.k.call("ledger.list", {"kind": "port"})[
+        "records"]}
+    assert ports.get(str(edge.http_port)) == "driver:lb", ports
+    d = edge.app("squatter", f"frontend = {edge.http_port}\n")
+    r = edge.up(d, ok=False)
+    assert r.returncode != 0 and "lb" in r.stderr and str(edge.http_port) in r.stderr, r.stderr
+    r = edge.k.cli("query", "lb", "renew", json.dumps({"app": "holder"}))  # HTTP only
+    assert r.returncode != 0 and "has no certificate" in r.stderr, r.stderr
     claimed = {r["key"]: r["owner"] for r in edge.k.call("ledger.list", {"kind": "domain"})[
         "records"]}
     assert claimed.get("held.test") == "holder" and "pair.test" not in claimed

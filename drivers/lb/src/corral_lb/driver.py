@@ -34,6 +34,8 @@ from corral_lb.tls import SniRouter, server_context
 
 log = structlog.get_logger("corral_lb")
 
+EDGE_OWNER = "driver:lb"  # holds the shared frontends' ports in the ledger
+
 class KernelActivator:
     """Starts on-demand instances through the kernel (``instance.spawn``/``instance.stop``)."""
 
@@ -127,7 +129,7 @@ class LbDriver(Driver):
         self.balancer.edge = Edge(
             self.edge_settings, challenge=self.challenges.get,
             new_frontend=self.balancer.http_frontend, start_frontend=self._start_frontend,
-            stop_frontend=self.balancer.close_frontend, ssl_context=lambda: self.sni.context)
+            stop_frontend=self._stop_frontend, ssl_context=lambda: self.sni.context)
         directory = self.config.get("acme_directory")
         issuer = None
         if directory:
@@ -152,8 +154,30 @@ class LbDriver(Driver):
 
     async def _start_frontend(self, frontend: HttpFrontend, key: str, host: str, port: int
                               ) -> None:
-        """Open a shared frontend's listening socket (``key`` names it across restarts)."""
-        await self.balancer.start_frontend(frontend, key, host, port)
+        """Open a shared frontend's listening socket (``key`` names it across restarts),
+        its port claimed in the ledger for the lb (an app asking for it is told who holds
+        it; a port an app holds makes this fail, naming the app)."""
+        claim = {"kind": "port", "key": str(port), "value": {"name": key}}
+        await self.kernel.call("ledger.claim", {"owner": EDGE_OWNER, "claims": [claim]})
+        try:
+            await self.balancer.start_frontend(frontend, key, host, port)
+        except BaseException:
+            await self._release_port(port)
+            raise
+
+    async def _stop_frontend(self, frontend: HttpFrontend, key: str) -> None:
+        """Close a shared frontend for good and release its port."""
+        port = int(frontend.listen.rsplit(":", 1)[1]) if frontend.listen else 0
+        await self.balancer.close_frontend(frontend, key)
+        if port:
+            await self._release_port(port)
+
+    async def _release_port(self, port: int) -> None:
+        try:
+            await self.kernel.call("ledger.release", {"owner": EDGE_OWNER,
+                                                      "keys": [["port", str(port)]]})
+        except CorralError as exc:
+            log.warning("shared port not released", port=port, error=exc.reason)
 
     async def _cert_changed(self, name: str, cert_pem: bytes, key_pem: bytes) -> None:
         """A certificate (new, renewed, reloaded) goes into service for new handshakes."""
@@ -393,7 +417,12 @@ class LbDriver(Driver):
                 "backends_healthy": healthy, "backends_unhealthy": len(backends) - healthy,
                 "backends": {b["id"]: b["state"] for b in backends},
             }
-        return {"apps": apps, "shown": ["backends_healthy", "backends_unhealthy"]}
+            cert = self.certs.state(svc["app"]) if self.certs is not None else None
+            if cert is not None:  # valid until ... / pending / failing (served over HTTP)
+                apps[svc["app"]]["tls"] = (
+                    f"valid-until-{str(cert.get('not_after') or '')[:10]}"
+                    if cert.get("state") == "valid" else str(cert.get("state")))
+        return {"apps": apps, "shown": ["backends_healthy", "backends_unhealthy", "tls"]}
 
     @op("query.lb.certs")
     async def certs_status(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -410,11 +439,9 @@ class LbDriver(Driver):
         app = str(args.get("app") or "")
         if self.certs is None or not app:
             raise CorralError("renew: name the app", code=ErrorCode.INVALID, retry=False)
-        cfg = self._configs.get(app)
-        if self.certs.state(app) is None or cfg is None or cfg.tls != "auto":
-            raise CorralError(f"renew: app {app!r} has no certificate from the ACME directory "
-                              '(it needs [lb] domains and tls = "auto")',
-                              code=ErrorCode.INVALID, retry=False)
+        if self.certs.state(app) is None:
+            raise CorralError(f"renew: app {app!r} has no certificate (it needs [lb] domains "
+                              "and tls)", code=ErrorCode.INVALID, retry=False)
         return await self.certs.renew(app)
 
     @op("query.lb.metrics")
