@@ -29,6 +29,7 @@ import trustme
 
 from corral.testing import KernelProcess, free_port, new_net_host, running_kernel, wait_for
 from e2e.test_lb_deployed import WEB, require_net
+from e2e.test_releases import app_dir
 from integration.lb.pebble import Pebble, run_pebble
 
 pytestmark = pytest.mark.root
@@ -54,23 +55,11 @@ class Edge:
         self.base = base
 
     def app(self, name: str, lb: str, *, instances: int = 1) -> Path:
-        d = self.base / name
-        d.mkdir()
-        (d / "web.py").write_text(FWD_WEB)
-        (d / "corral.toml").write_text(textwrap.dedent(f'''
-            [app]
-            name = "{name}"
-            [ports]
-            http = {free_port()}
-            [processes]
-            web = {{ command = "python3 web.py", port = "http", instances = {instances} }}
+        return app_dir(self.base / name, name, FWD_WEB, textwrap.dedent('''
             [lb]
             mode = "http"
-            health = {{ http = "/healthz", interval = "0.5s" }}
-        ''') + textwrap.dedent(lb))
-        for p in (d, *d.iterdir()):
-            p.chmod(0o755 if p.is_dir() else 0o644)
-        return d
+            health = { http = "/healthz", interval = "0.5s" }
+        ''') + textwrap.dedent(lb), instances=instances)
 
     def up(self, d: Path, ok: bool = True) -> subprocess.CompletedProcess[str]:
         r = self.k.cli("up", str(d), timeout=120)

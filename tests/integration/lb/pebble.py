@@ -41,6 +41,7 @@ from cryptography.x509.verification import PolicyBuilder, Store
 
 from conftest import require
 from corral.testing import free_port
+from integration.lb._harness import stop
 
 PEBBLE = "/usr/bin/pebble"
 CHALLTESTSRV = "/usr/bin/pebble-challtestsrv"
@@ -110,16 +111,6 @@ def _free_tcp_udp_port() -> int:
                 continue
         return port
     raise RuntimeError("no port free for both TCP and UDP")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _wait_tcp(port: int, proc: subprocess.Popen[bytes], what: str, logfile: Path,
@@ -192,7 +183,7 @@ def run_pebble(workdir: Path, http_port: int, *, nonce_reject: int = 5, authz_re
                      dns_management_url=f"http://127.0.0.1:{cts_mgmt}")
     finally:
         for p in reversed(procs):
-            _stop(p)
+            stop(p)
         dns_log.close()
         pebble_log.close()
 

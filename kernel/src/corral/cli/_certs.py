@@ -8,9 +8,9 @@ over HTTP meanwhile) or failing (with the last error and when it is tried again)
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
+from corral.cli._output import print_json, table
 from corral.client import KernelClient
 
 
@@ -26,7 +26,7 @@ def cmd_certs(ns: argparse.Namespace) -> int:
     """HTTPS certificates: domains, issuer, expiry, state (valid / pending / failing)."""
     certs = certificates(ns.app)
     if ns.json:
-        print(json.dumps(certs, indent=2, sort_keys=True))
+        print_json(certs)
         return 0
     if not certs:
         print("no certificates" + (f" for {ns.app}" if ns.app else "")
@@ -39,10 +39,7 @@ def cmd_certs(ns: argparse.Namespace) -> int:
             state += f": {c['last_error']}"
         rows.append([str(c.get("app") or "-"), ", ".join(c.get("domains") or []),
                      str(c.get("issuer") or "-"), str(c.get("not_after") or "-"), state])
-    header = ["APP", "DOMAINS", "ISSUER", "EXPIRES", "STATE"]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
-    for row in [header, *rows]:
-        print("  ".join([*(c.ljust(w) for c, w in zip(row, widths, strict=False)), row[-1]]))
+    table(rows, ["APP", "DOMAINS", "ISSUER", "EXPIRES", "STATE"])
     return 0
 
 

@@ -25,6 +25,7 @@ from corral.cli import (
     _releases,
     _rollout,
 )
+from corral.cli._output import print_json, table
 from corral.errors import CorralError, ErrorCode, ManifestError
 
 EXIT_FAILED = 1
@@ -46,16 +47,6 @@ def _client() -> Any:
     from corral.client import KernelClient
 
     return KernelClient()
-
-
-def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True, default=str))
-
-
-def _table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
-    for row in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
 
 
 # ---- commands ----------------------------------------------------------------------------------
@@ -96,12 +87,12 @@ def cmd_check(ns: argparse.Namespace) -> int:
             problems = exc.problems
     if problems:
         if ns.json:
-            _print_json({"problems": problems})
+            print_json({"problems": problems})
         else:
             for problem in problems:
                 print(f"corral: {problem}", file=sys.stderr)
         return EXIT_INPUT
-    _print_json(resolved_json)
+    print_json(resolved_json)
     return 0
 
 
@@ -109,7 +100,7 @@ def cmd_schema(ns: argparse.Namespace) -> int:
     """Print the manifest's JSON Schema."""
     from corral import manifest
 
-    _print_json(manifest.schema())
+    print_json(manifest.schema())
     return 0
 
 
@@ -139,7 +130,7 @@ def cmd_up(ns: argparse.Namespace) -> int:
 def _deployed(ns: argparse.Namespace, res: dict[str, Any], verb: str) -> int:
     """Print a deploy's result (``app.deploy``, ``app.scale``): JSON, or a line and a table."""
     if ns.json:
-        _print_json(res)
+        print_json(res)
         return 0
     release = f"v{res['release']} live, " if res.get("release") else ""
     if res.get("unchanged"):
@@ -159,7 +150,7 @@ def _instances(instances: list[dict[str, Any]]) -> None:
     rows = [[i["id"], str(i["pid"]), i["state"],
              f"{i['address']}:{i['port']}" if i.get("port") else "-", str(i.get("restarts", 0))]
             for i in instances]
-    _table(rows, ["INSTANCE", "PID", "STATE", "LISTEN", "RESTARTS"])
+    table(rows, ["INSTANCE", "PID", "STATE", "LISTEN", "RESTARTS"])
 
 
 def cmd_scale(ns: argparse.Namespace) -> int:
@@ -209,7 +200,7 @@ def cmd_down(ns: argparse.Namespace) -> int:
             print(f"{name}: " + (f"down ({res['stopped']} instance(s) stopped{purged})"
                                  if "error" not in res else f"not taken down: {res['error']}"))
     if ns.json:
-        _print_json(results if ns.all else results[0])
+        print_json(results if ns.all else results[0])
     return EXIT_FAILED if failed else 0
 
 
@@ -217,7 +208,7 @@ def cmd_ps(ns: argparse.Namespace) -> int:
     """Apps and their instances."""
     res = _client().call("app.ps")
     if ns.json:
-        _print_json(res["apps"])
+        print_json(res["apps"])
         return 0
     rows = []
     for app in res["apps"]:
@@ -235,7 +226,7 @@ def cmd_ps(ns: argparse.Namespace) -> int:
             rows.append([app["app"], i["id"], str(i["pid"]), state,
                          f"{i['address']}:{i['port']}" if i.get("port") else "-",
                          " ".join(extra)])
-    _table(rows, ["APP", "INSTANCE", "PID", "STATE", "LISTEN", "DRIVERS"])
+    table(rows, ["APP", "INSTANCE", "PID", "STATE", "LISTEN", "DRIVERS"])
     return 0
 
 
@@ -243,11 +234,11 @@ def cmd_ledger(ns: argparse.Namespace) -> int:
     """What the ledger holds."""
     res = _client().call("ledger.list", {"owner": ns.owner, "kind": ns.kind})
     if ns.json:
-        _print_json(res)
+        print_json(res)
         return 0
     rows = [[r["kind"], r["key"], r["owner"], r["since"], str(r["revision"])]
             for r in res["records"]]
-    _table(rows, ["KIND", "KEY", "OWNER", "SINCE", "REV"])
+    table(rows, ["KIND", "KEY", "OWNER", "SINCE", "REV"])
     return 0
 
 
@@ -260,17 +251,17 @@ def cmd_drivers(ns: argparse.Namespace) -> int:
             return EXIT_INPUT
         res = _client().call("driver.restart", {"name": ns.name})
         if ns.json:
-            _print_json(res["driver"])
+            print_json(res["driver"])
         else:
             print(f"{ns.name}: restarting (was {res['driver']['state']})")
         return 0
     res = _client().call("drivers.list")
     if ns.json:
-        _print_json(res["drivers"])
+        print_json(res["drivers"])
         return 0
     rows = [[d["name"], d["capability"], d["state"], str(d["pid"] or "-"), str(d["restarts"]),
              d["reason"]] for d in res["drivers"]]
-    _table(rows, ["DRIVER", "CAPABILITY", "STATE", "PID", "RESTARTS", "REASON"])
+    table(rows, ["DRIVER", "CAPABILITY", "STATE", "PID", "RESTARTS", "REASON"])
     return 0
 
 
@@ -299,7 +290,7 @@ def cmd_query(ns: argparse.Namespace) -> int:
         return EXIT_INPUT
     res = _client().call("driver.query", {"capability": ns.capability, "query": ns.query,
                                           "args": args})
-    _print_json(res)
+    print_json(res)
     return 0
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import os
 import shlex
 import sys
@@ -18,25 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from corral.cli import _rollout
+from corral.cli._output import print_json, table
 from corral.client import KernelClient
 
 EXIT_INPUT = 2
 _ENV_NAME = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_"
 
 
-def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True))
-
-
-def _table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
 def _rolled(ns: argparse.Namespace, res: dict[str, Any], verb: str) -> int:
     if ns.json:
-        _print_json(res)
+        print_json(res)
         return 0
     if res.get("release") is None:
         print(f"{res['app']}: {res.get('note', 'done')}")
@@ -49,7 +39,7 @@ def cmd_releases(ns: argparse.Namespace) -> int:
     """The app's releases, newest first: number, when, by whom, source, what changed."""
     res = KernelClient().call("app.releases", {"name": ns.app})
     if ns.json:
-        _print_json(res)
+        print_json(res)
         return 0
     rows = []
     for r in reversed(res["releases"]):
@@ -62,7 +52,7 @@ def cmd_releases(ns: argparse.Namespace) -> int:
     if not rows:
         print(f"{ns.app}: no release yet")
         return 0
-    _table(rows, ["RELEASE", "STATUS", "CREATED", "BY", "SOURCE", "CHANGES"])
+    table(rows, ["RELEASE", "STATUS", "CREATED", "BY", "SOURCE", "CHANGES"])
     return 0
 
 
@@ -119,7 +109,7 @@ def cmd_config(ns: argparse.Namespace) -> int:
             return EXIT_INPUT
         res = client.call("app.config", {"name": app})
         if ns.json:
-            _print_json(res)
+            print_json(res)
         elif not res["config"]:
             print(f"{app}: no config vars")
         else:
