@@ -20,10 +20,12 @@ cd "$(dirname "$0")/.."
 #                          source launcher they use needs the JDK's compiler; ~70 MB)
 #   pebble                 Let's Encrypt's ACME test server and its DNS (pebble-challtestsrv):
 #                          the lb tests of automatic HTTPS order certificates from it
+#   openssh-server openssh-client git   git push and the remote CLI: the tests run a real
+#                          sshd on a loopback port, real ssh and git clients
 #   Benchmarks install their own peers (haproxy, wrk, nginx-light) when run.
 APT_PACKAGES=(nftables libnftables1 iproute2 tini libseccomp2 bubblewrap gcc make pkg-config
               libzmq3-dev libjansson-dev util-linux procps curl systemd default-jdk-headless
-              pebble)
+              pebble openssh-server openssh-client git)
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
@@ -49,5 +51,15 @@ fi
 uv sync --frozen -q 2>/dev/null || uv sync -q
 if command -v npm >/dev/null && [ ! -d examples/policy-js/node_modules/zeromq ]; then
   (cd examples/policy-js && npm ci --no-audit --no-fund --loglevel=error)
+fi
+# corral-ssh (git push, the remote CLI) runs as the unprivileged SSH account with this
+# venv's interpreter: every directory above it must let others through (an interpreter under
+# a 0700 /root, as pyenv's and uv's are, would otherwise refuse the account)
+if [ "$(id -u)" = 0 ]; then
+  dir=$(dirname "$(readlink -f .venv/bin/python)")
+  while [ "$dir" != / ]; do
+    [ -n "$(find "$dir" -maxdepth 0 -perm -o+x)" ] || chmod o+x "$dir"
+    dir=$(dirname "$dir")
+  done
 fi
 echo "setup: ready (.venv/bin/corral)"

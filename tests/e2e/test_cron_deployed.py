@@ -172,9 +172,11 @@ def test_runs_in_the_sandbox_with_exit_status_timeout_and_views(
     # a job past its timeout: the shell ignores SIGTERM, its child too; both die at SIGKILL
     slow = cli_json(k, "cron", "run", "crony.slow")["run"]
     # until the shell's child has exec'd sleep (before that, the forked child is still "sh")
-    procs = wait_for(
-        lambda: (lambda ps: ps if any(p.info["name"] == "sleep" for p in ps) else None)(slow_procs()),
-        timeout=5)
+    def slept() -> list[psutil.Process] | None:
+        ps = slow_procs()
+        return ps if any(p.info["name"] == "sleep" for p in ps) else None
+
+    procs = wait_for(slept, timeout=5)
     assert len(procs) >= 2, procs
     row = wait_for(lambda: finished(k, "crony.slow", slow), timeout=15)
     assert (row["state"], row["signal"]) == ("timeout", 9), row

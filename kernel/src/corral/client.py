@@ -18,6 +18,11 @@ from corral.protocol import PROTOCOL, Event, Hello
 T = TypeVar("T")
 
 
+KEY_ENV = "CORRAL_SSH_KEY"
+"""Set by the SSH gateway (``corral-ssh``): the key it speaks for. The kernel takes role
+``remote`` only from the gateway's account, and only that role from it."""
+
+
 class KernelClient:
     """One request per call; each call connects, says HELLO, asks, says BYE."""
 
@@ -26,6 +31,9 @@ class KernelClient:
         self.name = name
 
     def _hello(self) -> Hello:
+        key = os.environ.get(KEY_ENV)
+        if key:
+            return Hello(role="remote", name=key, version=__version__, protocols=[PROTOCOL])
         return Hello(role="client", name=self.name, version=__version__, protocols=[PROTOCOL])
 
     async def acall(self, op: str, args: dict[str, Any] | None = None, *,

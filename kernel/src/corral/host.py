@@ -50,6 +50,21 @@ class BuildConfig(BaseModel):
                              description="default time a build may take ([build] timeout)")
 
 
+class SshConfig(BaseModel):
+    """``[ssh]``: the account git pushes and the remote CLI come in through (``corral keys``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user: str = Field(default="corral", pattern=r"^[a-z_][a-z0-9_-]{0,30}$",
+                      description="the unprivileged user whose authorized_keys corral keeps; "
+                      "made by the first `corral keys add`")
+    home: str | None = Field(default=None, description="its home (authorized_keys, the apps' "
+                             "git repositories, uploads); default: <corral home>/ssh")
+    max_upload_mb: int = Field(default=512, gt=0, le=65536,
+                               description="the largest source a push or a remote `corral up` "
+                               "may send (the tar of its files)")
+
+
 class HostConfig(BaseModel):
     """``host.toml``. Every field has a default: an empty file (or none) is a valid host."""
 
@@ -91,6 +106,8 @@ class HostConfig(BaseModel):
         "nor the one before it)")
     build: BuildConfig = Field(default_factory=BuildConfig,
                                description="what builds may reach")
+    ssh: SshConfig = Field(default_factory=SshConfig,
+                           description="git push and the remote CLI over SSH")
     start_timeout_s: float = Field(
         default=60.0, gt=0,
         description="default time for a new instance to be ready and healthy in a rollout "

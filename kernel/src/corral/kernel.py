@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
 import signal
 import socket
 import time
@@ -40,12 +41,15 @@ from corral.protocol._ops import (
     ConfigSet,
     ConfigUnset,
     Deploy,
+    DeployBranch,
     Down,
     DriverName,
     DriverQuery,
     InstanceId,
     InstanceSignal,
     InstanceWait,
+    KeyAdd,
+    KeyName,
     LedgerClaim,
     LedgerList,
     LedgerRelease,
@@ -58,6 +62,7 @@ from corral.protocol._ops import (
     SocketKey,
     Spawn,
 )
+from corral.remote import Account, Branches, KeyStore, authorize, gateway_path, unpacked
 from corral.socketstore import SocketStore
 from corral.supervisor import DriverSlot, Supervisor
 
@@ -109,6 +114,13 @@ class Kernel:
         self.deployer = Deployer(
             ledger=self.ledger, drivers=DriverSet(self.supervisor, self.bus, self.config),
             events=self.bus, home=self.home, notify_dir=self.notify_dir, config=self.config)
+        ssh = self.config.ssh
+        self.gateway_dir = Path(str(self.runtime) + "-gateway")
+        self.keys = KeyStore(self.home / "keys.json", Account(
+            user=ssh.user, home=Path(ssh.home) if ssh.home else self.home / "ssh",
+            gateway=gateway_path(), bus=f"ipc://{self.gateway_dir / 'bus.sock'}",
+            events=f"ipc://{self.gateway_dir / 'events.sock'}"))
+        self.branches = Branches(self.home / "git-branches.json")
         self.handlers: dict[str, Handler] = {
             "app.deploy": self._deploy,
             "app.check": self._check,
@@ -126,6 +138,11 @@ class Kernel:
             "ledger.list": self._ledger_list,
             "ledger.claim": self._ledger_claim,
             "ledger.release": self._ledger_release,
+            "app.branch": self._branch,
+            "keys.add": self._keys_add,
+            "keys.list": self._keys_list,
+            "keys.remove": self._keys_remove,
+            "keys.whoami": self._keys_whoami,
             "drivers.list": self._drivers_list,
             "driver.restart": self._driver_restart,
             "driver.query": self._driver_query,
@@ -160,8 +177,19 @@ class Kernel:
     # ---- bus callbacks -----------------------------------------------------------------------
 
     def admit(self, uid: int) -> bool:
-        """Local peers admitted to the bus: root, the kernel's own uid, configured admins."""
-        return uid in self._admins
+        """Local peers admitted to the bus: root, the kernel's own uid, configured admins,
+        and the SSH gateway's account (which may speak for its keys only)."""
+        return uid in self._admins or self._is_gateway(uid)
+
+    def _is_gateway(self, uid: int) -> bool:
+        ids = self.keys.account.ids()
+        return ids is not None and ids[0] == uid and uid not in self._admins
+
+    def _share_with_gateway(self) -> None:
+        """Bind the bus for the gateway's account too, once that account exists."""
+        ids = self.keys.account.ids()
+        if ids is not None and os.geteuid() == 0:
+            self.bus.share(self.gateway_dir, ids[1])
 
     async def on_hello(self, identity: bytes, uid: int, hello: Hello) -> Welcome:
         """Accept or refuse a HELLO (raise CorralError to refuse)."""
@@ -170,6 +198,13 @@ class Kernel:
                 f"no common protocol version: kernel speaks {PROTOCOL}, peer {hello.protocols}",
                 code=ErrorCode.VERSION,
             )
+        gateway = self._is_gateway(uid)
+        if gateway != (hello.role == "remote"):
+            raise CorralError("the SSH gateway's account speaks for SSH keys only (role "
+                              "remote), and nobody else may", code=ErrorCode.FORBIDDEN)
+        if gateway and self.keys.get(hello.name) is None:
+            raise CorralError(f"no SSH key named {hello.name!r}",
+                              code=ErrorCode.UNAUTHENTICATED)
         peer_id = secrets.token_hex(4)
         config: dict[str, Any] = {}
         if hello.role == "driver":
@@ -227,12 +262,66 @@ class Kernel:
         except Exception as exc:
             raise CorralError(f"{req.op}: invalid arguments: {_first(exc)}",
                               code=ErrorCode.INVALID) from None
-        return await self.handlers[req.op](peer, args)
+        if peer.role != "remote":
+            return await self.handlers[req.op](peer, args)
+        key = self.keys.get(peer.hello.name)  # read again: a key removed is out at once
+        if key is None:
+            raise CorralError(f"SSH key {peer.hello.name!r} was removed",
+                              code=ErrorCode.UNAUTHENTICATED)
+        answer = authorize(key, req.op, args)
+        return answer(key, await self.handlers[req.op](peer, args))
 
     # ---- handlers ----------------------------------------------------------------------------
 
     async def _deploy(self, peer: Peer, args: Deploy) -> dict[str, Any]:
-        return await self.deployer.deploy(args, by=_who(peer))
+        if args.upload is None:
+            return await self.deployer.deploy(args, by=_who(peer))
+        assert args.name is not None  # Deploy's validator: an upload names its app
+        if args.git is not None:
+            branch = self.branches.get(args.name)
+            if args.git.ref != f"refs/heads/{branch}":
+                pushed = args.git.ref.removeprefix("refs/heads/")
+                raise CorralError(
+                    f"{args.name} deploys pushes to {branch!r}, not {pushed!r}: push with "
+                    f"`git push REMOTE {pushed}:{branch}`, or make {pushed!r} the deploy "
+                    f"branch with `corral branch {args.name} {pushed}`", code=ErrorCode.INVALID)
+        max_bytes = self.config.ssh.max_upload_mb << 20
+        with unpacked(self.keys.account, args.upload, args.name, self.home / "uploads",
+                      max_bytes) as directory:
+            local = args.model_copy(update={"directory": str(directory), "upload": None})
+            try:
+                return await self.deployer.deploy(
+                    local, by=_who(peer), uploaded="git push" if args.git else "upload")
+            except CorralError as exc:
+                raise _without_prefix(exc, f"{directory}/") from None
+
+    async def _branch(self, peer: Peer, args: DeployBranch) -> dict[str, Any]:
+        if args.branch is not None:
+            self.branches.set(args.name, args.branch)
+        return {"app": args.name, "branch": self.branches.get(args.name)}
+
+    async def _keys_add(self, peer: Peer, args: KeyAdd) -> dict[str, Any]:
+        key = await asyncio.to_thread(self.keys.add, args.name, args.key, apps=args.apps,
+                                      admin=args.admin, by=_who(peer))
+        self._share_with_gateway()
+        self.bus.publish("keys.added", key.listing())
+        return {"key": key.listing(), "user": self.keys.account.user,
+                "authorized_keys": str(self.keys.account.authorized_keys)}
+
+    async def _keys_list(self, peer: Peer, args: Any) -> dict[str, Any]:
+        return {"keys": [k.listing() for k in self.keys.all()],
+                "user": self.keys.account.user}
+
+    async def _keys_remove(self, peer: Peer, args: KeyName) -> dict[str, Any]:
+        key = await asyncio.to_thread(self.keys.remove, args.name)
+        self.bus.publish("keys.removed", {"name": key.name, "by": _who(peer)})
+        return {"removed": key.listing()}
+
+    async def _keys_whoami(self, peer: Peer, args: Any) -> dict[str, Any]:
+        key = self.keys.get(peer.hello.name) if peer.role == "remote" else None
+        if key is None:
+            return {"key": None, "user": _who(peer), "admin": True}
+        return {"key": key.name, "apps": list(key.apps), "admin": key.admin}
 
     async def _releases(self, peer: Peer, args: AppName) -> dict[str, Any]:
         return self.deployer.lifecycle.releases(args.name)
@@ -268,7 +357,12 @@ class Kernel:
         return await self.deployer.restart(args)
 
     async def _down(self, peer: Peer, args: Down) -> dict[str, Any]:
-        return await self.deployer.down(args.name, purge=args.purge)
+        result = await self.deployer.down(args.name, purge=args.purge)
+        if args.purge:  # its pushed history and deploy branch go too
+            repo = self.keys.account.repos / f"{args.name}.git"
+            await asyncio.to_thread(shutil.rmtree, repo, True)
+            self.branches.set(args.name, None)
+        return result
 
     async def _ps(self, peer: Peer, args: Any) -> dict[str, Any]:
         apps = self.deployer.ps()
@@ -463,6 +557,8 @@ class Kernel:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         await self.bus.start()
+        await asyncio.to_thread(self.keys.sync)
+        self._share_with_gateway()
         serving = asyncio.ensure_future(self.bus.serve())
         self.deployer.restore()
         self.supervisor.load()
@@ -512,10 +608,26 @@ def _first(exc: Exception) -> str:
     return str(exc)
 
 
+def _without_prefix(exc: CorralError, prefix: str) -> CorralError:
+    """``exc`` with ``prefix`` (an upload's staging directory) cut from its text: the user
+    reads ``corral.toml:3``, not where the kernel unpacked it."""
+    import json
+
+    if isinstance(exc, ManifestError):
+        return ManifestError([p.replace(prefix, "") for p in exc.problems],
+                             file=exc.file.replace(prefix, "") if exc.file else None)
+    details = json.loads(json.dumps(exc.details, default=str).replace(prefix, ""))
+    return CorralError(exc.reason.replace(prefix, ""), code=exc.code, retry=exc.retry,
+                       details=details)
+
+
 def _who(peer: Peer) -> str:
-    """Who a client is, as releases record it: the user name of its uid."""
+    """Who a client is, as releases record it: the user name of its uid, or the SSH key
+    (``key:NAME``) a remote peer speaks for."""
     import pwd
 
+    if peer.role == "remote":
+        return f"key:{peer.hello.name}"
     try:
         return pwd.getpwuid(peer.uid).pw_name
     except KeyError:

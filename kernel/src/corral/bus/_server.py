@@ -127,6 +127,26 @@ class BusServer:
             self._bound.append((path, os.stat(path).st_ino))
         self._io = LoopSocket(self._router, self._on_message)
 
+    def share(self, directory: Path, gid: int) -> tuple[str, str]:
+        """Bind both sockets a second time in ``directory`` (root:``gid``, 0750; sockets
+        0660) for the members of group ``gid`` (the SSH gateway): the runtime directory stays
+        private. The ZAP handler still admits each peer by uid. Returns (bus, events)."""
+        directory.mkdir(mode=0o750, exist_ok=True)
+        os.chown(directory, 0, gid)
+        os.chmod(directory, 0o750)
+        endpoints = (f"ipc://{directory / 'bus.sock'}", f"ipc://{directory / 'events.sock'}")
+        for sock, ep in zip((self._router, self._pub), endpoints, strict=True):
+            path = ep.removeprefix("ipc://")
+            if any(p == path for p, _ in self._bound):
+                continue
+            if os.path.exists(path):
+                os.unlink(path)
+            sock.bind(ep)
+            os.chown(path, 0, gid)
+            os.chmod(path, 0o660)
+            self._bound.append((path, os.stat(path).st_ino))
+        return endpoints
+
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._tasks.add(task)

@@ -21,8 +21,10 @@ from corral.cli import (
     _cron,
     _host,
     _init,
+    _keys,
     _observe,
     _releases,
+    _remote,
     _rollout,
 )
 from corral.cli._output import print_json, table
@@ -116,6 +118,10 @@ def cmd_up(ns: argparse.Namespace) -> int:
     """Deploy an app through the kernel."""
     from corral import manifest
 
+    if ns.directory == "-" or ns.name:
+        print("corral up: a source on stdin (- --name APP) is what the remote CLI sends over "
+              "SSH; on the host, give the directory", file=sys.stderr)
+        return EXIT_INPUT
     directory = Path(ns.directory).resolve()
     # fail fast (exit 2) on the kernel's own sections, and know the app's name to follow its
     # events; the kernel has every other section checked by its owner before it claims
@@ -124,10 +130,10 @@ def cmd_up(ns: argparse.Namespace) -> int:
     res = _rollout.run(ns, draft.app, "app.deploy", {
         "directory": str(directory), "set": ns.set_, "offset": ns.offset, "env": ns.env,
         "wait_s": ns.wait, "reset_overrides": ns.reset_overrides})
-    return _deployed(ns, res, "up")
+    return deployed(ns, res, "up")
 
 
-def _deployed(ns: argparse.Namespace, res: dict[str, Any], verb: str) -> int:
+def deployed(ns: argparse.Namespace, res: dict[str, Any], verb: str) -> int:
     """Print a deploy's result (``app.deploy``, ``app.scale``): JSON, or a line and a table."""
     if ns.json:
         print_json(res)
@@ -165,7 +171,7 @@ def cmd_scale(ns: argparse.Namespace) -> int:
         counts[process] = int(value)
     res = _rollout.run(ns, ns.app, "app.scale", {"name": ns.app, "counts": counts,
                                                  "wait_s": ns.wait})
-    return _deployed(ns, res, "scaled")
+    return deployed(ns, res, "scaled")
 
 
 def cmd_restart(ns: argparse.Namespace) -> int:
@@ -174,7 +180,7 @@ def cmd_restart(ns: argparse.Namespace) -> int:
     if ns.process:
         args["process"] = ns.process
     res = _rollout.run(ns, ns.app, "app.restart", args)
-    return _deployed(ns, res, "restarted")
+    return deployed(ns, res, "restarted")
 
 
 def cmd_down(ns: argparse.Namespace) -> int:
@@ -320,6 +326,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "events": _rollout.cmd_events,
     "host": _host.cmd_host,
     "completion": _completion.cmd_completion,
+    "keys": _keys.cmd_keys,
+    "branch": _keys.cmd_branch,
+    "remote": _remote.cmd_remote,
 }
 
 
@@ -327,6 +336,9 @@ def parser() -> argparse.ArgumentParser:
     """The argument parser (one sub-command per entry of COMMANDS)."""
     p = argparse.ArgumentParser(prog="corral", description="self-hosted, container-free apps")
     p.add_argument("--version", action="version", version=f"corral {__version__}")
+    p.add_argument("--remote", metavar="TARGET",
+                   help="run the command on a host over SSH: corral@HOST, ssh://corral@HOST:"
+                   "PORT or a saved remote (corral remote add); default $CORRAL_REMOTE")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("check", help=cmd_check.__doc__)
     _manifest_flags(s)
@@ -341,6 +353,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--reset-overrides", action="store_true",
                    help="forget the --set/--env/--offset given to earlier `corral up`s (they "
                    "are kept and applied again otherwise)")
+    s.add_argument("--name", help=argparse.SUPPRESS)  # over SSH: `up - --name APP`
     s = sub.add_parser("down", help=cmd_down.__doc__)
     s.add_argument("app", nargs="?")
     s.add_argument("--all", action="store_true", help="every deployed app")
@@ -379,6 +392,8 @@ def parser() -> argparse.ArgumentParser:
     _releases.add_parsers(sub)
     _init.add_parsers(sub)
     _certs.add_parsers(sub)
+    _keys.add_parsers(sub)
+    _remote.add_parsers(sub)
     _completion.add_parsers(sub, parser)
     return p
 
@@ -388,9 +403,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     A reader that goes away (``corral logs APP | head``) ends the command quietly with 141
     (128 + SIGPIPE), the status git, seq or cat have when a signal ends them there."""
-    ns = parser().parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    target, args = _remote.split_remote(args)
+    ns = parser().parse_args(args)
+    if target is not None:
+        return _remote.forward(target, args, ns)
+    return run_command(ns, COMMANDS[ns.command])
+
+
+def run_command(ns: argparse.Namespace, command: Callable[[argparse.Namespace], int]) -> int:
+    """Run a parsed command; map errors to exit codes with a clear message on stderr."""
     try:
-        code = COMMANDS[ns.command](ns)
+        code = command(ns)
         sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
         return code
     except BrokenPipeError:

@@ -86,10 +86,13 @@ async def follow(app: str, op: str, args: dict[str, Any], *, out: TextIO = sys.s
             await asyncio.gather(printer, return_exceptions=True)
 
 
-def run(ns: argparse.Namespace, app: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
-    """``follow`` from synchronous code; Ctrl-C says the deploy goes on and how to watch it."""
+def run(ns: argparse.Namespace, app: str, op: str, args: dict[str, Any], *,
+        out: TextIO | None = None) -> dict[str, Any]:
+    """``follow`` from synchronous code; Ctrl-C says the deploy goes on and how to watch it.
+    The progress lines go to ``out`` (default stderr)."""
     try:
-        return asyncio.run(follow(app, op, args, quiet=bool(getattr(ns, "quiet", False))))
+        return asyncio.run(follow(app, op, args, out=out or sys.stderr,
+                                  quiet=bool(getattr(ns, "quiet", False))))
     except KeyboardInterrupt:
         print(f"\ncorral {ns.command}: interrupted; the deploy of {app!r} goes on in the kernel."
               f" Follow it with `corral events {app}`, check it with `corral ps`.",

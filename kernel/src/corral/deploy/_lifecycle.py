@@ -59,6 +59,7 @@ class Lifecycle:
                 "changes": value.get("changes") or [],
                 "source": (value.get("source") or {}).get("describe"),
                 "commit": (value.get("source") or {}).get("commit"),
+                "origin": (value.get("source") or {}).get("path"),
                 "config": cfg.masked(),
                 "build": value.get("build"),
                 "release_phase": value.get("release_phase"),

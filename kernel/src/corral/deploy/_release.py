@@ -177,10 +177,14 @@ class Releaser:
     async def make(self, name: str, source: Path, doc: dict[str, Any], *, config: AppConfig,
                    current: dict[str, Any] | None, uid: int | None, gid: int | None,
                    by: str, changes: list[str] | None = None,
-                   exclude: list[Path] | None = None) -> tuple[dict[str, Any], bool]:
+                   exclude: list[Path] | None = None,
+                   uploaded: str | None = None,
+                   commit: str | None = None) -> tuple[dict[str, Any], bool]:
         """A release of ``source`` with the resolved manifest ``doc`` and ``config``: the
         ``current`` one (and False) when none of the three changed, else a new one, built
-        (and True). Raises with the build's reason, leaving no release behind."""
+        (and True). Raises with the build's reason, leaving no release behind.
+        ``uploaded``: how the source arrived when it came over SSH (``git push``, ``upload``):
+        git is not run in it and ``commit`` is what was pushed."""
         digest = manifest_digest(doc)
         root = self.store.prepare_root(name)
         await asyncio.to_thread(self.store.collect, name)  # what a crash left behind
@@ -189,7 +193,8 @@ class Releaser:
         candidates = [c for c in (current, *self.store.list(name)[-1:]) if c is not None]
         staging = root / f".new-{secrets.token_hex(6)}"
         try:
-            snap = await asyncio.to_thread(snapshot, source, staging, exclude=exclude or [])
+            snap = await asyncio.to_thread(snapshot, source, staging, exclude=exclude or [],
+                                           vcs=uploaded is None, commit=commit)
         except BaseException:
             await asyncio.to_thread(remove_tree, staging)
             raise
@@ -203,7 +208,8 @@ class Releaser:
         what = changes or _changes(current, snap.digest, digest, config)
         number = self.store.allocate(name, {
             "app": name, "by": by, "files": "", "changes": what,
-            "source": {"path": str(source), "digest": snap.digest, "commit": snap.commit,
+            "source": {"path": uploaded or str(source), "digest": snap.digest,
+                       "commit": snap.commit,
                        "dirty": snap.dirty, "files": snap.files, "size": snap.size,
                        "describe": snap.describe()},
             "manifest_digest": digest, "config": config.as_json()})

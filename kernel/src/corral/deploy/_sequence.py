@@ -70,16 +70,24 @@ class Deployer:
 
     # ---- deploy ------------------------------------------------------------------------------
 
-    async def deploy(self, args: Deploy, *, by: str = "root") -> dict[str, Any]:
+    async def deploy(self, args: Deploy, *, by: str = "root",
+                     uploaded: str | None = None) -> dict[str, Any]:
         """``app.deploy``: make a release of the directory (snapshot, build; or find it
         unchanged), then the whole sequence; returns the app, its release and instances.
         Overrides given to an earlier ``corral up`` (``--set``, ``--env``, ``--offset``) are
-        kept and apply again unless ``reset_overrides``; new ones are added to them."""
+        kept and apply again unless ``reset_overrides``; new ones are added to them.
+        ``args.name``: the app the manifest must name. ``uploaded``: how the directory
+        arrived (over SSH; see ``Releaser.make``)."""
         started = time.monotonic()
         args = self._kept_overrides(args)
         resolved = await self.check(args, doing="deploy")
         doc = resolved.as_json()
         name = str(doc["app"]["name"])
+        if args.name is not None and name != args.name:
+            raise CorralError(
+                f"{Path(args.directory) / 'corral.toml'}: [app] name is {name!r}, but this "
+                f"deploy is of {args.name!r} (the app pushed to); make them agree",
+                code=ErrorCode.INVALID)
         async with self.releaser.lock(name):  # two deploys of one app never interleave
             uid, gid = self._app_ids(name)
             claimed_uid = self._hold_uid(name, uid)
@@ -90,7 +98,8 @@ class Deployer:
                     config=self.releaser.configs.current(name),
                     current=self.current_release(name), uid=uid, gid=gid, by=by,
                     exclude=[Path(str(p["path"])) for p in (doc.get("paths") or {}).values()
-                             if p.get("mode") == "rw"])
+                             if p.get("mode") == "rw"],
+                    uploaded=uploaded, commit=args.git.commit if args.git else None)
                 overrides = {"set": list(args.set), "env": list(args.env),
                              "offset": args.offset}
                 live = self.current_release(name)

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 PROTOCOL = "CDP/1"
 
-Role = Literal["driver", "client"]
+Role = Literal["driver", "client", "remote"]
 
 
 class Body(BaseModel):

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from corral.protocol._lifecycle import AppSpec, InstanceRecord, InstanceSpec
 
@@ -34,10 +34,28 @@ AppNameField = Annotated[str, Field(
     description="an app name: a DNS label (lowercase letters, digits and '-')")]
 
 
-class Deploy(Args):
-    """``app.deploy``: resolve the manifest in ``directory`` and deploy it."""
+class GitSource(Args):
+    """What a ``git push`` deployed: the commit and the ref it was pushed to."""
 
-    directory: str
+    commit: str = Field(pattern=r"^[0-9a-f]{40}([0-9a-f]{24})?$")
+    ref: str = Field(max_length=255, pattern=r"^refs/heads/[A-Za-z0-9._/-]+$")
+
+
+UploadField = Annotated[str, Field(
+    pattern=r"^[0-9a-f]{32}$",
+    description="an upload's token: a tar of the source the SSH gateway received")]
+
+
+class Deploy(Args):
+    """``app.deploy``: resolve the manifest in ``directory`` (or in the source uploaded under
+    ``upload``: remote peers deploy uploads only) and deploy it."""
+
+    directory: str = Field(default="", description="a directory on the host (local clients)")
+    upload: UploadField | None = None
+    name: AppNameField | None = Field(
+        default=None, description="the app this deploy must be (a push names its app): a "
+        "manifest naming another is refused; an app with no [app] name takes it")
+    git: GitSource | None = Field(default=None, description="the pushed commit (git push)")
     set: list[str] = Field(default_factory=list)
     offset: int = 0
     env: list[str] = Field(default_factory=list)
@@ -47,6 +65,15 @@ class Deploy(Args):
     reset_overrides: bool = Field(
         default=False, description="forget the --set/--env/--offset of earlier deploys (kept "
         "and applied again otherwise)")
+
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Deploy:
+        if bool(self.directory) == bool(self.upload):
+            raise ValueError("give either directory or upload")
+        if self.upload and not self.name:
+            raise ValueError("an upload's deploy names its app (name)")
+        return self
 
 
 class Check(Args):
@@ -122,6 +149,41 @@ class RunCommand(Args):
     term: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9._+-]+$")
     env: dict[Annotated[str, Field(pattern=_CONFIG_KEY)], str] = Field(default_factory=dict)
     timeout_s: float | None = Field(default=None, gt=0)
+
+
+KeyNameField = Annotated[str, Field(
+    pattern=r"^[a-z][a-z0-9_-]{0,31}$",
+    description="an SSH key's name: lowercase letters, digits, '_' and '-', 32 at most")]
+
+
+class KeyAdd(Args):
+    """``keys.add``: allow an SSH public key in, scoped to ``apps`` or ``admin``."""
+
+    name: KeyNameField
+    key: str = Field(max_length=16384, description="one OpenSSH public key line")
+    apps: list[AppNameField] = Field(default_factory=list, max_length=256)
+    admin: bool = False
+
+    @model_validator(mode="after")
+    def _some_scope(self) -> KeyAdd:
+        if self.admin == bool(self.apps):
+            raise ValueError("a key is either --admin or scoped to apps (--app), not both "
+                             "or neither")
+        return self
+
+
+class KeyName(Args):
+    """An operation on one SSH key by name."""
+
+    name: KeyNameField
+
+
+class DeployBranch(Args):
+    """``app.branch``: the branch whose pushes deploy the app (``branch`` sets it)."""
+
+    name: AppNameField
+    branch: str | None = Field(default=None, max_length=200,
+                               pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 
 
 class DriverName(Args):
@@ -391,6 +453,11 @@ _CLIENT_OPS = _table(
     Operation("app.config.set", ConfigSet, "set config vars; a release, rolled"),
     Operation("app.config.unset", ConfigUnset, "remove config vars; a release, rolled"),
     Operation("app.run", RunCommand, "a one-off command in the app's release; its exit"),
+    Operation("app.branch", DeployBranch, "the app's deploy branch for git push; sets it"),
+    Operation("keys.add", KeyAdd, "allow an SSH key in (the git push and remote CLI user)"),
+    Operation("keys.list", NoArgs, "the SSH keys allowed in and their scope"),
+    Operation("keys.remove", KeyName, "remove an SSH key"),
+    Operation("keys.whoami", NoArgs, "the calling key and its scope (remote peers)"),
     Operation("drivers.list", NoArgs, "drivers and their state"),
     Operation("driver.restart", DriverName, "start a driver again (also a failed one)"),
     Operation("driver.query", DriverQuery, "forward a query to a driver"),
@@ -416,7 +483,16 @@ _DRIVER_OPS = _table(
     Operation("socket.release", SocketKey, "close the kernel's copy kept under a key"),
 )
 
-KERNEL_OPS: dict[str, dict[str, Operation]] = {"client": _CLIENT_OPS, "driver": _DRIVER_OPS}
+_REMOTE_OPS = _table(*(_CLIENT_OPS[name] for name in (
+    "app.deploy", "app.down", "app.scale", "app.ps", "app.get", "app.restart", "app.releases",
+    "app.rollback", "app.config", "app.config.set", "app.config.unset", "app.run",
+    "app.branch", "keys.add", "keys.list", "keys.remove", "keys.whoami", "ledger.list",
+    "drivers.list", "driver.restart", "driver.query", "kernel.status")))
+"""What a remote peer (an SSH key, through the gateway) may ask at all; each request is then
+checked against the key's scope (``corral.remote.Access``)."""
+
+KERNEL_OPS: dict[str, dict[str, Operation]] = {
+    "client": _CLIENT_OPS, "driver": _DRIVER_OPS, "remote": _REMOTE_OPS}
 """Operations the kernel serves, per peer role. Anything else is FORBIDDEN or UNKNOWN."""
 
 LIFECYCLE_OPS: dict[str, Operation] = _table(

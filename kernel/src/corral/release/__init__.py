@@ -9,12 +9,13 @@ root-only secrets; ``_build`` decides what a build runs. The deploy sequence
 from corral.release._build import BuildPlan, Step, choose_python, host_pythons, uv_binary
 from corral.release._build import plan as build_plan
 from corral.release._config import MASK, AppConfig, ConfigStore, check_name
-from corral.release._source import Snapshot, listing, remove_tree, snapshot
+from corral.release._source import NEVER_SHIPPED, Snapshot, listing, remove_tree, snapshot
 from corral.release._store import KIND, ReleaseStore
 
 __all__ = [
     "KIND",
     "MASK",
+    "NEVER_SHIPPED",
     "AppConfig",
     "BuildPlan",
     "ConfigStore",

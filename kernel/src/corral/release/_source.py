@@ -84,17 +84,19 @@ def _inside(rel: str, prefixes: tuple[str, ...]) -> bool:
     return any(rel == p or rel.startswith(p + "/") for p in prefixes)
 
 
-def listing(directory: Path, exclude: Iterable[Path] = ()) -> list[str]:
+def listing(directory: Path, exclude: Iterable[Path] = (), *, vcs: bool = True) -> list[str]:
     """The relative paths (files and symlinks) a release of ``directory`` takes, sorted.
 
     ``exclude``: absolute paths below ``directory`` left out with all they hold (the app's
-    writable [paths] inside its own directory: data, never code)."""
+    writable [paths] inside its own directory: data, never code). ``vcs=False``: git is not
+    run in ``directory`` (a source that arrived over SSH: every file it holds goes in, less
+    ``.corralignore``'s)."""
     directory = directory.resolve()
     prefixes = tuple(
         str(p.resolve().relative_to(directory)) for p in exclude
         if p.resolve().is_relative_to(directory) and p.resolve() != directory)
     ignore = _spec(directory, IGNORE_FILE)
-    inside_git = _git(directory, "rev-parse", "--is-inside-work-tree")
+    inside_git = _git(directory, "rev-parse", "--is-inside-work-tree") if vcs else None
     names: list[str]
     if inside_git is not None and inside_git.strip() == "true":
         out = _git(directory, "ls-files", "-z", "--cached", "--others", "--exclude-standard",
@@ -103,7 +105,7 @@ def listing(directory: Path, exclude: Iterable[Path] = ()) -> list[str]:
             raise CorralError(f"{directory}: `git ls-files` failed", code=ErrorCode.INVALID)
         names = [n for n in out.split("\0") if n]
     else:
-        gitignore = _spec(directory, ".gitignore")
+        gitignore = _spec(directory, ".gitignore") if vcs else None
         names = []
         for root, dirs, files in os.walk(directory):
             rel_root = os.path.relpath(root, directory)
@@ -134,13 +136,15 @@ def _chunks(path: str) -> Iterator[bytes]:
 
 
 def snapshot(directory: Path, dest: Path | None = None, *,
-             exclude: Iterable[Path] = ()) -> Snapshot:
+             exclude: Iterable[Path] = (), vcs: bool = True,
+             commit: str | None = None) -> Snapshot:
     """Fingerprint the release files of ``directory`` and, when ``dest`` is given (a new,
     empty or absent directory), copy them there (regular files, their executable bit, and
     symlinks as links; other kinds are skipped). Raises CorralError naming a file that
-    cannot be read."""
+    cannot be read. ``vcs=False``: git is not run in ``directory`` (see ``listing``);
+    ``commit`` is then the commit its files came from, if any (a push)."""
     directory = directory.resolve()
-    names = listing(directory, exclude)
+    names = listing(directory, exclude, vcs=vcs)
     digest = hashlib.sha256()
     size = 0
     count = 0
@@ -181,9 +185,8 @@ def snapshot(directory: Path, dest: Path | None = None, *,
         else:
             continue
         count += 1
-    commit = None
     dirty = False
-    head = _git(directory, "rev-parse", "--verify", "-q", "HEAD")
+    head = _git(directory, "rev-parse", "--verify", "-q", "HEAD") if vcs else None
     if head:
         commit = head.strip()
         status = _git(directory, "status", "--porcelain", "--untracked-files=no", "--", ".")
