@@ -108,7 +108,7 @@ def ssh_server(user: str) -> Iterator[SshServer]:
         "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no",
         "StrictModes yes", f"AllowUsers {user}", "PermitRootLogin no", "LogLevel VERBOSE",
         "MaxStartups 100:30:200", ""]))
-    log = open(directory / "sshd.log", "wb")  # noqa: SIM115 - closed below
+    log = open(directory / "sshd.log", "wb")
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 10

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from corral.testing import KernelProcess, free_port, running_kernel, wait_for
+from corral.testing import KernelProcess, free_port, running_kernel
 from e2e.sshd import SshServer, new_user, ssh_server
 from e2e.test_lb_deployed import new_net_host, require_net
 from e2e.test_releases import VERSIONED_WEB, app_dir, get
