@@ -80,7 +80,7 @@ class SshServer:
     def ssh(self, key: Path, *args: str, input: bytes | None = None, timeout: float = 60,
             tty: bool = False) -> subprocess.CompletedProcess[bytes]:
         """Run ``ssh`` with ``key`` against the account, raw arguments after the target."""
-        cmd = [*shlex.split(self.ssh_command(key)), "-t" if tty else "-T", self.target, *args]
+        cmd = [*shlex.split(self.ssh_command(key)), "-tt" if tty else "-T", self.target, *args]
         return subprocess.run(cmd, input=input, capture_output=True, timeout=timeout,
                               stdin=None if input is not None else subprocess.DEVNULL)
 

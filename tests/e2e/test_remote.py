@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from corral.testing import KernelProcess, free_port, running_kernel
+from corral.testing import KernelProcess, free_port, running_kernel, wait_for
 from e2e.sshd import SshServer, new_user, ssh_server
 from e2e.test_lb_deployed import new_net_host, require_net
 from e2e.test_releases import VERSIONED_WEB, app_dir, get
@@ -171,3 +172,224 @@ def test_git_push_builds_releases_and_serves_recording_commit_and_key(remote: Re
         assert [x["release"] for x in releases(r, "pushy")] == [1, 2]
     finally:
         r.k.cli("down", "pushy")
+
+
+def test_remote_cli_runs_every_everyday_command_over_ssh(remote: Remote) -> None:
+    """`corral --remote TARGET ...` from the laptop: up of a local directory (uploaded, built
+    there), ps, releases, config set/unset, restart, scale, logs, run with pipes (stdin in,
+    stdout and stderr apart, the exit status back), rollback and down; a saved remote and
+    CORRAL_REMOTE name the same host."""
+    r = remote
+    d, front, lb_name = laptop_app(r, "shop")
+    try:
+        out = r.corral("alice", "up", str(d))
+        assert out.returncode == 0, out.stderr
+        assert "generation" in out.stdout and "v1 live" in out.stdout, out.stdout
+        assert answer(front, lb_name) == "1 -"
+        rel = releases(r, "shop")[-1]
+        assert (rel["by"], rel["origin"], rel["commit"]) == ("key:alice", "upload", None), rel
+
+        ps = json.loads(r.corral("alice", "ps", "--json").stdout)
+        assert "shop" in {a["app"] for a in ps}
+        out = r.corral("alice", "config", "set", "shop", "GREETING=hi")
+        assert out.returncode == 0, out.stderr
+        wait_for(lambda: answer(front, lb_name) == "1 hi", 20, what="config live")
+        assert "GREETING" in r.corral("alice", "config", "shop").stdout
+
+        # a saved remote, then CORRAL_REMOTE
+        saved = subprocess.run([sys.executable, "-m", "corral.cli", "remote", "add", "prod",
+                                r.srv.target], env=r.env("alice"), capture_output=True, text=True)
+        assert saved.returncode == 0, saved.stderr
+        env = {**r.env("alice"), "CORRAL_REMOTE": "prod"}
+        listed = subprocess.run([sys.executable, "-m", "corral.cli", "releases", "shop",
+                                 "--json"], env=env, capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        assert [x["release"] for x in json.loads(listed.stdout)["releases"]] == [1, 2]
+
+        # run: stdin reaches the command, stdout and stderr come back apart, and the status
+        out = r.corral("alice", "run", "shop", "--", "sh", "-c",
+                       "read x; echo out:$x; echo err:$GREETING >&2; exit 7", input="ping\n")
+        assert out.returncode == 7, out.stderr
+        assert out.stdout.strip() == "out:ping" and "err:hi" in out.stderr, (out.stdout,
+                                                                             out.stderr)
+
+        out = r.corral("alice", "logs", "shop", "-n", "5")
+        assert out.returncode == 0, out.stderr
+        out = r.corral("alice", "scale", "shop", "web=1")
+        assert out.returncode == 0, out.stderr
+        out = r.corral("alice", "rollback", "shop", "v1")
+        assert out.returncode == 0, out.stderr
+        wait_for(lambda: answer(front, lb_name) == "1 -", 20, what="rolled back")
+        out = r.corral("alice", "restart", "shop")
+        assert out.returncode == 0, out.stderr
+    finally:
+        out = r.corral("alice", "down", "shop")
+        assert out.returncode == 0, out.stderr
+    assert "shop" not in {a["app"] for a in r.k.call("app.ps")["apps"]}
+
+
+def test_a_key_scoped_to_one_app_touches_only_that_app(remote: Remote) -> None:
+    """ci is scoped to shop: it may push to and run commands on shop; pushing to another
+    app, any command on another app, and admin commands (keys, ledger, drivers) are refused
+    with a clear message, and nothing changes."""
+    r = remote
+    d, front, lb_name = laptop_app(r, "shop", key="ci")
+    other, _, _ = laptop_app(r, "other", key="alice")
+    try:
+        out = r.git("ci", d, "push", "prod", "main")
+        assert out.returncode == 0, out.stderr
+        assert releases(r, "shop")[-1]["by"] == "key:ci"
+        out = r.git("alice", other, "push", "prod", "main")
+        assert out.returncode == 0, out.stderr
+
+        # ci pushing to other: refused by the gateway before anything is received
+        r.git("ci", other, "remote", "set-url", "prod", f"{r.srv.target}:other")
+        out = r.git("ci", other, "push", "prod", "main")
+        assert out.returncode != 0 and "may not act on app 'other'" in out.stderr, out.stderr
+
+        ps = json.loads(r.corral("ci", "ps", "--json").stdout)
+        assert {a["app"] for a in ps} == {"shop"}, "ps shows the key's apps only"
+        for argv in (("releases", "other"), ("config", "set", "other", "X=1"),
+                     ("run", "other", "--", "true"), ("down", "other"), ("logs", "other"),
+                     ("restart", "other"), ("keys", "ls"), ("ledger",), ("drivers",),
+                     ("keys", "add", "evil", "-", "--admin")):
+            out = r.corral("ci", *argv, input="")
+            assert out.returncode != 0, argv
+            assert "may not" in out.stderr or "admin key" in out.stderr, (argv, out.stderr)
+        assert [x["release"] for x in releases(r, "other")] == [1]
+        assert r.k.call("app.config", {"name": "other"})["config"] == {}
+        assert {k["name"] for k in r.k.call("keys.list")["keys"]} == {"alice", "ci"}
+        out = r.corral("ci", "releases", "shop")
+        assert out.returncode == 0, out.stderr
+    finally:
+        r.k.cli("down", "shop")
+        r.k.cli("down", "other")
+
+
+def test_ssh_gives_no_shell_no_forwarding_and_parses_commands_strictly(remote: Remote
+                                                                       ) -> None:
+    """Over SSH: an unknown key is refused by sshd itself; no shell (an interactive login, a
+    command outside the verb table), no terminal except for run, no port forwarding; hostile
+    git paths and arguments are refused and write nothing anywhere."""
+    r = remote
+    srv = r.srv
+    marker = Path("/tmp") / f"corral-pwned-{os.getpid()}"
+    # an unknown key: sshd's own refusal
+    out = srv.ssh(r.keys["stranger"], "corral", "ps")
+    assert out.returncode == 255 and b"Permission denied" in out.stderr, out.stderr
+    # no shell
+    for cmd in ("", "sh", "bash -c id", f"touch {marker}", "scp -t /tmp",
+                f"corral ps; touch {marker}", f"corral ps && touch {marker}",
+                f"corral ps $(touch {marker})", f"corral ps `touch {marker}`"):
+        out = srv.ssh(r.keys["alice"], *([cmd] if cmd else []))
+        assert out.returncode != 0, cmd
+        assert b"refused" in out.stderr or b"usage" in out.stderr, (cmd, out.stderr)
+    # hostile git paths
+    for cmd in ("git-receive-pack '../etc'", "git-receive-pack 'shop.git; id'",
+                f"git-upload-pack --upload-pack='touch {marker}'",
+                f"git-upload-pack '--upload-pack=touch {marker}' shop",
+                "git-receive-pack '/etc/passwd'", "git-receive-pack 'a\nb'",
+                "git-receive-pack '" + "a" * 5000 + "'", "git-receive-pack shop other",
+                "git-receive-pack \"unbalanced"):
+        out = srv.ssh(r.keys["alice"], cmd)
+        assert out.returncode != 0 and b"refused" in out.stderr, (cmd[:80], out.stderr)
+    assert not marker.exists()
+    repos = r.k.home / "ssh" / "repos"
+    assert {p.name for p in repos.iterdir() if p.suffix == ".git"} <= {
+        "pushy.git", "shop.git", "other.git"}
+    # no terminal for anything but run; no port forwarding
+    out = srv.ssh(r.keys["alice"], "corral", "ps", tty=True)
+    assert out.returncode != 0 and b"no terminal" in out.stdout + out.stderr, out  # one pty
+    out = subprocess.run([*shlex.split(srv.ssh_command(r.keys["alice"])), "-T", "-o",
+                          "ExitOnForwardFailure=yes", "-R", "0:127.0.0.1:9", srv.target,
+                          "corral", "ps"], capture_output=True, timeout=60,
+                         stdin=subprocess.DEVNULL)
+    assert out.returncode == 255 and b"forwarding failed" in out.stderr, out.stderr
+    # the account's authorized_keys: root's, every line forced and restricted
+    ak = r.k.home / "ssh" / ".ssh" / "authorized_keys"
+    st = ak.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o644)
+    for line in ak.read_text().splitlines():
+        assert line.startswith('command="') and '",restrict,pty ssh-' in line, line
+
+
+def test_two_pushes_to_one_app_never_interleave(remote: Remote) -> None:
+    """Two clones push different commits to one app at once: the second waits for the first
+    (and says so), then is refused because the branch moved; what serves is the commit of
+    the push that succeeded, recorded as the one release made."""
+    r = remote
+    a, front, lb_name = laptop_app(r, "twice")
+    try:
+        assert r.git("alice", a, "push", "prod", "main").returncode == 0
+        b = r.base / "laptop-twice-b"
+        assert r.git("alice", r.base, "clone", "-q", f"{r.srv.target}:twice",
+                     str(b)).returncode == 0
+        (a / "VERSION").write_text("A\n")
+        r.git("alice", a, "commit", "-qam", "A")
+        (b / "VERSION").write_text("B\n")
+        for argv in (("config", "user.email", "t@example.com"), ("commit", "-qam", "B")):
+            r.git("alice", b, *argv)
+        env = r.env("alice")
+        procs = [subprocess.Popen(["git", "push", "prod", "main"], cwd=a, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+                 subprocess.Popen(["git", "push", "origin", "main"], cwd=b, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+        results = [(p.wait(300), p.communicate()[1]) for p in procs]
+        ok = [i for i, (code, _) in enumerate(results) if code == 0]
+        assert len(ok) == 1, results
+        winner = "A" if ok == [0] else "B"
+        assert answer(front, lb_name) == f"{winner} -"
+        loser_err = results[1 - ok[0]][1]
+        assert "moved" in loser_err or "rejected" in loser_err or "fetch first" in loser_err, \
+            loser_err
+        rels = releases(r, "twice")
+        assert len(rels) == 2 and rels[-1]["live"], rels
+        winner_dir = a if winner == "A" else b
+        assert rels[-1]["commit"] == head(r, winner_dir)
+    finally:
+        r.k.cli("down", "twice")
+
+
+def test_remote_run_with_a_terminal_is_interactive(remote: Remote) -> None:
+    """`corral --remote HOST run APP -- sh -i` from a terminal: ssh asks for one (the only
+    command allowed one), the shell has it, answers what is typed, ^C reaches its foreground
+    job, and `exit 5` ends it with status 5 on the laptop."""
+    import pty
+    import select
+
+    r = remote
+    d, _front, _lb = laptop_app(r, "termy")
+    try:
+        assert r.corral("alice", "up", str(d)).returncode == 0
+        pid, master = pty.fork()
+        if pid == 0:  # the child: the laptop's CLI on a terminal
+            os.execve(sys.executable, [sys.executable, "-m", "corral.cli", "--remote",
+                                       r.srv.target, "run", "termy", "--", "sh", "-i"],
+                      r.env("alice"))
+        out = b""
+
+        def read_until(marker: bytes, timeout: float = 30) -> None:
+            nonlocal out
+            deadline = time.monotonic() + timeout
+            while marker not in out and time.monotonic() < deadline:
+                ready, _, _ = select.select([master], [], [], 0.2)
+                if ready:
+                    try:
+                        out += os.read(master, 4096)
+                    except OSError:
+                        break
+            assert marker in out, out[-2000:]
+
+        os.write(master, b"test -t 0 && test -t 1 && echo term-$((6*7))\n")
+        read_until(b"term-42")
+        os.write(master, b"sleep 30\n")
+        time.sleep(0.5)
+        os.write(master, b"\x03")
+        os.write(master, b"echo after-$?\n")
+        read_until(b"after-130")
+        os.write(master, b"exit 5\n")
+        _, status = os.waitpid(pid, 0)
+        os.close(master)
+        assert os.waitstatus_to_exitcode(status) == 5, out[-2000:]
+    finally:
+        r.k.cli("down", "termy")

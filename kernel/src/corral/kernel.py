@@ -361,6 +361,7 @@ class Kernel:
         if args.purge:  # its pushed history and deploy branch go too
             repo = self.keys.account.repos / f"{args.name}.git"
             await asyncio.to_thread(shutil.rmtree, repo, True)
+            repo.with_suffix(".lock").unlink(missing_ok=True)
             self.branches.set(args.name, None)
         return result
 

@@ -30,7 +30,7 @@ import secrets
 import shlex
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -158,10 +158,11 @@ def receive_pack(home: Path, app: str) -> int:
     """Receive a push into the app's bare repository (made on the first push); the
     ``pre-receive`` hook deploys it."""
     repo = _repo(home, app)
+    hooks = _hooks(home)
+    _hold_push_lock(repo, app)  # held by receive-pack (and its hook) until it exits
     if not repo.exists():
         subprocess.run(["git", "init", "--quiet", "--bare", "--initial-branch=main", str(repo)],
                        check=True, stdout=subprocess.DEVNULL)
-    hooks = _hooks(home)
     env = {**os.environ, "CORRAL_SSH_APP": app}
     argv = ["git", "-c", f"core.hooksPath={hooks}", "-c", "receive.denyDeletes=true",
             "receive-pack", str(repo)]
@@ -185,20 +186,19 @@ def _hooks(home: Path) -> Path:
     return hooks
 
 
-@contextlib.contextmanager
-def _push_lock(repo: Path, app: str) -> Iterator[None]:
-    """One push of an app deploys at a time; a second one says it waits, then waits."""
-    fd = os.open(repo / "corral-deploy.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def _hold_push_lock(repo: Path, app: str) -> None:
+    """One push of an app at a time, from the ref advertisement to the ref update: the
+    lock's descriptor is inherited by ``git receive-pack`` (and its hook) and released when
+    it exits. A second push says it waits, then waits; git then sees the branch the first
+    push moved (a push from an older base is rejected by git as not a fast-forward)."""
+    fd = os.open(repo.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"corral: another push to {app} is deploying; waiting for it to finish",
-                  flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"corral: another push to {app} is deploying; waiting for it to finish",
+              file=sys.stderr, flush=True)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    os.set_inheritable(fd, True)
 
 
 def pre_receive(updates: BinaryIO, home: Path, app: str) -> int:
@@ -220,29 +220,27 @@ def pre_receive(updates: BinaryIO, home: Path, app: str) -> int:
         if new == ZERO:
             print(f"corral: refused: {branch} cannot be deleted here", flush=True)
             return 1
-        repo = Path(os.environ.get("GIT_DIR", str(_repo(home, app)))).resolve()
-        with _push_lock(repo, app):
-            now = subprocess.run(["git", "rev-parse", "--verify", "-q", ref],
-                                 capture_output=True, text=True).stdout.strip() or ZERO
-            if now != old:
-                print(f"corral: refused: {branch} moved to {now[:12]} while this push waited; "
-                      "fetch, rebase or merge, and push again", flush=True)
-                return 1
-            token = secrets.token_hex(16)
-            upload = home / "uploads" / f"{token}.tar"
-            try:
-                with open(os.open(upload, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                                  0o600), "wb") as out:
-                    subprocess.run(["git", "archive", "--format=tar", new], check=True,
-                                   stdout=out)
-                print(f"corral: deploying {new[:12]} to {app}", flush=True)
-                ns = argparse.Namespace(command="push", quiet=False, json=False)
-                res = _rollout.run(ns, app, "app.deploy", {
-                    "upload": token, "name": app, "git": {"commit": new, "ref": ref}},
-                    out=sys.stdout)  # git shows a hook's stdout as "remote:" lines
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    upload.unlink()
+        # the gateway's lock keeps other pushes out; the branch is still where it was
+        now = subprocess.run(["git", "rev-parse", "--verify", "-q", ref],
+                             capture_output=True, text=True).stdout.strip() or ZERO
+        if now != old:
+            print(f"corral: refused: {branch} moved to {now[:12]}; fetch, rebase or merge, "
+                  "and push again", flush=True)
+            return 1
+        token = secrets.token_hex(16)
+        upload = home / "uploads" / f"{token}.tar"
+        try:
+            with open(os.open(upload, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                              0o600), "wb") as out:
+                subprocess.run(["git", "archive", "--format=tar", new], check=True, stdout=out)
+            print(f"corral: deploying {new[:12]} to {app}", flush=True)
+            ns = argparse.Namespace(command="push", quiet=False, json=False)
+            res = _rollout.run(ns, app, "app.deploy", {
+                "upload": token, "name": app, "git": {"commit": new, "ref": ref}},
+                out=sys.stdout)  # git shows a hook's stdout as "remote:" lines
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                upload.unlink()
     except CorralError as exc:
         print(f"corral: push refused, {app} unchanged: {exc.reason}", flush=True)
         return 1
