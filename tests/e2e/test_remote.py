@@ -233,7 +233,7 @@ def test_a_key_scoped_to_one_app_touches_only_that_app(remote: Remote) -> None:
     app, any command on another app, and admin commands (keys, ledger, drivers) are refused
     with a clear message, and nothing changes."""
     r = remote
-    d, front, lb_name = laptop_app(r, "shop", key="ci")
+    d, _, _ = laptop_app(r, "shop", key="ci")
     other, _, _ = laptop_app(r, "other", key="alice")
     try:
         out = r.git("ci", d, "push", "prod", "main")
