@@ -32,11 +32,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from _kernel import exit_on_sigterm, kernel, scoped_host_toml
-from rollback import SERVE_TIMEOUT_S, CannotMeasure, Load, check_host, cli_ok, version_at, \
-    write_app
+from rollback import SERVE_TIMEOUT_S, CannotMeasure, Load, check_host, cli_ok, version_at, write_app
 
-from e2e.sshd import new_user, ssh_server
 from corral.testing import free_port
+from e2e.sshd import new_user, ssh_server
 
 DRIVERS = ("net", "fs", "lb", "log")
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))

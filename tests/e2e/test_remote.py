@@ -393,3 +393,50 @@ def test_remote_run_with_a_terminal_is_interactive(remote: Remote) -> None:
         assert os.waitstatus_to_exitcode(status) == 5, out[-2000:]
     finally:
         r.k.cli("down", "termy")
+
+
+def test_remote_logs_follow_streams_and_ssh_urls_work(remote: Remote) -> None:
+    """`corral --remote ssh://USER@HOST:PORT logs -f APP` streams the app's new lines as
+    they are written (the URL form of a target, the port in it); errors and top answer
+    remotely too."""
+    r = remote
+    d = r.base / "laptop-ticker"
+    d.mkdir()
+    (d / "corral.toml").write_text(textwrap.dedent('''
+        [app]
+        name = "ticker"
+        [processes]
+        tick = { command = "sh -c 'while true; do echo tick-$(date +%s%N); sleep 0.2; done'" }
+    '''))
+    for path in (d, *d.iterdir()):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    url = f"ssh://{r.srv.user}@127.0.0.1:{r.srv.port}"
+    env = {**r.env("alice"), "CORRAL_SSH_COMMAND": r.srv.ssh_command(r.keys["alice"]).replace(
+        f"-p {r.srv.port} ", "")}
+    try:
+        out = subprocess.run([sys.executable, "-m", "corral.cli", "--remote", url, "up", str(d)],
+                             env=env, capture_output=True, text=True, timeout=300,
+                             stdin=subprocess.DEVNULL)
+        assert out.returncode == 0, out.stderr
+        follow = subprocess.Popen([sys.executable, "-m", "corral.cli", "--remote", url, "logs",
+                                   "-f", "ticker", "-n", "1"], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        try:
+            seen: list[str] = []
+            deadline = time.monotonic() + 30
+            assert follow.stdout is not None
+            while len(seen) < 4 and time.monotonic() < deadline:
+                line = follow.stdout.readline()
+                if "tick-" in line:
+                    seen.append(line.split("tick-", 1)[1].strip())
+            assert len(seen) >= 4 and len(set(seen)) == len(seen), seen
+        finally:
+            follow.kill()
+            follow.wait()
+        for argv in (("errors", "ticker"), ("top", "ticker", "--once", "--json")):
+            out = subprocess.run([sys.executable, "-m", "corral.cli", "--remote", url, *argv],
+                                 env=env, capture_output=True, text=True, timeout=120,
+                                 stdin=subprocess.DEVNULL)
+            assert out.returncode == 0, (argv, out.stderr)
+    finally:
+        r.k.cli("down", "ticker")
