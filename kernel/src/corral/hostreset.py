@@ -60,6 +60,11 @@ class Where:
         """Where the kernel made the instances' sd_notify sockets."""
         return Path(str(self.runtime) + "-notify")
 
+    @property
+    def gateway_dir(self) -> Path:
+        """Where the kernel bound the bus for the SSH account (``corral keys``)."""
+        return Path(str(self.runtime) + "-gateway")
+
 
 # ---- processes ---------------------------------------------------------------------------------
 
@@ -254,9 +259,10 @@ def _remove_dir(path: Path) -> None:
 
 
 def reset_runtime(where: Where, *, apply: bool) -> Section:
-    """Find (and with ``apply`` remove) the runtime dir and the notify dir."""
+    """Find (and with ``apply`` remove) the runtime dir, the notify dir and the SSH
+    account's bus dir."""
     section = Section("runtime dir")
-    for path in (where.runtime, where.notify_dir):
+    for path in (where.runtime, where.notify_dir, where.gateway_dir):
         if not path.exists():
             continue
         mounts = len(_mounts_below(path))

@@ -58,12 +58,27 @@ def test_bad_urls_are_refused_clearly(tmp_path: Path, url: str, message: str) ->
     assert info.value.code == ErrorCode.INVALID and info.value.retry is False
 
 
-def test_etcd_is_not_implemented_yet(tmp_path: Path) -> None:
-    """An etcd URL is reserved: a clear error, not a crash or a silent fallback."""
-    with pytest.raises(CorralError, match=r"etcd backend is not implemented yet") as info:
-        open_ledger("etcd://10.0.0.1:2379", tmp_path)
-    assert info.value.retry is False
+def test_etcd_urls_name_the_cluster_members(tmp_path: Path) -> None:
+    """etcd://h1:2379,h2:2379 (etcds:// for TLS) opens the etcd backend on those members,
+    connecting to none yet; writing nothing under the home."""
+    from corral.ledger._etcd import EtcdLedger
+
+    led = open_ledger("etcd://10.0.0.1:2379,h2:2380,[fd00::1]:2379,h4", tmp_path)
+    assert isinstance(led, EtcdLedger)
+    assert led.endpoints == [("10.0.0.1", 2379), ("h2", 2380), ("fd00::1", 2379),
+                             ("h4", 2379)]
+    assert led.protocol == "http"
+    assert open_ledger("etcds://h1:2379", tmp_path).protocol == "https"  # type: ignore[attr-defined]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("url", ["etcd://h1:notaport", "etcd://h1:2379/path",
+                                 "etcd://h1:2379?x=1", "etcd://:2379", "etcd://h1:99999"])
+def test_bad_etcd_urls_are_refused(tmp_path: Path, url: str) -> None:
+    """A member that is not HOST:PORT, a path or options: a clear error naming the URL."""
+    with pytest.raises(CorralError) as info:
+        open_ledger(url, tmp_path)
+    assert repr(url) in str(info.value) and info.value.code == ErrorCode.INVALID
 
 
 def test_sqlite_settings(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -156,10 +157,6 @@ def test_the_longest_app_name_is_accepted_and_one_more_is_not() -> None:
         repository(["a" * 64])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "latent: gateway._REPO ends with `$`, which also matches before a trailing newline, so "
-    "repository(['shop\\n']) returns 'shop'; unreachable today because parse_command "
-    "refuses control characters first (use \\Z or re.fullmatch)"))
 def test_repository_alone_refuses_a_trailing_newline() -> None:
     """repository() refuses what is not exactly an app's repository, also on its own."""
     with pytest.raises(Refused):
@@ -222,11 +219,11 @@ class _Tripwire:
 def tripwire(monkeypatch: pytest.MonkeyPatch) -> _Tripwire:
     wire = _Tripwire()
     monkeypatch.setattr(gateway, "KernelClient", wire.trip("KernelClient"))
-    monkeypatch.setattr(gateway.subprocess, "run", wire.trip("subprocess.run"))
-    monkeypatch.setattr(gateway.subprocess, "Popen", wire.trip("subprocess.Popen"))
-    monkeypatch.setattr(gateway.os, "execvp", wire.trip("os.execvp"))
-    monkeypatch.setattr(gateway.os, "execvpe", wire.trip("os.execvpe"))
-    monkeypatch.setattr(gateway.os, "isatty", lambda fd: False)
+    monkeypatch.setattr(subprocess, "run", wire.trip("subprocess.run"))
+    monkeypatch.setattr(subprocess, "Popen", wire.trip("subprocess.Popen"))
+    monkeypatch.setattr(os, "execvp", wire.trip("os.execvp"))
+    monkeypatch.setattr(os, "execvpe", wire.trip("os.execvpe"))
+    monkeypatch.setattr(os, "isatty", lambda fd: False)
     # main() exports these for the kernel client; monkeypatch puts them back afterwards
     for name in (KEY_ENV, "CORRAL_BUS", "CORRAL_EVENTS", "CORRAL_SSH_HOME"):
         monkeypatch.setenv(name, "unset-by-test")

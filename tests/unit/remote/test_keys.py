@@ -225,11 +225,6 @@ def test_a_key_name_needing_quotes_is_refused_too(tmp_path: Path, name: str) -> 
     assert _code(exc) == ErrorCode.INVALID
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: _keys._SAFE is matched with `$`, which also matches before a final newline, so "
-    "Account.command accepts '/opt/corral-ssh\\n' (or a key name 'alice\\n'); shlex.join then "
-    "quotes it and the newline splits the authorized_keys line in two (use \\Z or "
-    "re.fullmatch)"))
 @pytest.mark.parametrize("field", ["gateway", "key"])
 def test_a_trailing_newline_is_refused(tmp_path: Path, field: str) -> None:
     """A part ending with a newline would break the line: refused like any newline."""

@@ -1,4 +1,5 @@
-"""Choose a ledger backend from a URL: ``sqlite:``, ``sqlite:///abs/path``, later ``etcd://``."""
+"""Choose a ledger backend from a URL: ``sqlite:``, ``sqlite:///abs/path``,
+``etcd://h1:2379,h2:2379,h3:2379`` (``etcds://`` for TLS)."""
 
 from __future__ import annotations
 
@@ -17,18 +18,15 @@ def open_ledger(url: str, home: Path) -> Ledger:
     """Open the ledger that ``url`` names; ``sqlite:`` means ``<home>/ledger.sqlite3``.
 
     ``sqlite:///abs/path`` names a file; ``?synchronous=full`` trades throughput for commits
-    that survive power loss (see ``corral.ledger._sqlite``). ``etcd://`` is reserved.
+    that survive power loss (see ``corral.ledger._sqlite``). ``etcd://`` names the members of an
+    etcd cluster (see ``corral.ledger._etcd``).
     """
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme == "sqlite":
         return _open_sqlite(url, parts.netloc, parts.path, parts.query, home)
-    if scheme in {"etcd", "etcds", "etcd+http", "etcd+https"}:
-        raise CorralError(
-            f"ledger URL {url!r}: the etcd backend is not implemented yet; use 'sqlite:'",
-            code=ErrorCode.INVALID,
-            retry=False,
-        )
+    if scheme in {"etcd", "etcds"}:
+        return _open_etcd(url, parts.netloc, parts.path, parts.query, tls=scheme == "etcds")
     raise _bad(url, "unknown scheme; expected 'sqlite:' or 'sqlite:///absolute/path'")
 
 
@@ -53,6 +51,23 @@ def _open_sqlite(url: str, netloc: str, path: str, query: str, home: Path) -> Sq
         elif value != "NORMAL":
             raise _bad(url, f"synchronous must be 'normal' or 'full', got {value.lower()!r}")
     return SqliteLedger(file, synchronous=synchronous)
+
+
+def _open_etcd(url: str, netloc: str, path: str, query: str, *, tls: bool) -> Ledger:
+    from corral.ledger._etcd import EtcdLedger
+
+    if path not in ("", "/") or query:
+        raise _bad(url, "write etcd://HOST:PORT[,HOST:PORT...] (no path, no options)")
+    endpoints: list[tuple[str, int]] = []
+    for item in netloc.split(","):
+        host, sep, port = item.rpartition(":")
+        if not sep:
+            host, port = item, "2379"
+        host = host.strip("[]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise _bad(url, f"{item!r} is not HOST:PORT")
+        endpoints.append((host, int(port)))
+    return EtcdLedger(endpoints, tls=tls)
 
 
 def _bad(url: str, why: str) -> CorralError:

@@ -63,8 +63,8 @@ Filter = Callable[[Key, dict[str, Any]], dict[str, Any]]
 
 
 def _services(key: Key, res: dict[str, Any]) -> dict[str, Any]:
-    return {**res, "services": [s for s in res.get("services", [])
-                                if key.may(str(s.get("app", "")))]}
+    # the host's shared frontends (``edge``) and any other host-wide figure stay out
+    return {"services": [s for s in res.get("services", []) if key.may(str(s.get("app", "")))]}
 
 
 def _jobs(key: Key, res: dict[str, Any]) -> dict[str, Any]:

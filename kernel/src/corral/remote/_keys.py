@@ -150,7 +150,7 @@ class Account:
         parts = [str(self.gateway), "--bus", self.bus, "--events", self.events,
                  "--home", str(self.home), key]
         for part in parts:
-            if not _SAFE.match(part):
+            if not _SAFE.fullmatch(part):
                 raise CorralError(f"{part!r} cannot be written into authorized_keys (only "
                                   "letters, digits and _./:+@- are)", code=ErrorCode.INVALID)
         return shlex.join(parts)

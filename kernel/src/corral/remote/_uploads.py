@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import shutil
 import stat
 import tarfile
@@ -48,11 +49,12 @@ def unpacked(account: Account, token: str, name: str, staging_root: Path,
         except OSError as exc:
             raise CorralError(f"upload {token}: cannot be opened: {exc.strerror}",
                               code=ErrorCode.INVALID) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != ids[0] or st.st_nlink != 1:
+            os.close(fd)
+            raise CorralError(f"upload {token}: not a file the SSH account wrote",
+                              code=ErrorCode.FORBIDDEN)
         with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != ids[0] or st.st_nlink != 1:
-                raise CorralError(f"upload {token}: not a file the SSH account wrote",
-                                  code=ErrorCode.FORBIDDEN)
             if st.st_size > max_bytes:
                 raise CorralError(f"the source sent is {st.st_size >> 20} MiB; the host takes "
                                   f"{max_bytes >> 20} MiB at most ([ssh] max_upload_mb)",
@@ -72,14 +74,46 @@ def unpacked(account: Account, token: str, name: str, staging_root: Path,
 
 
 def _extract(f: object, dest: Path, max_bytes: int) -> None:
+    """Unpack the tar ``f`` into ``dest``: tarfile's ``data`` filter, and before it our own
+    rules, which hold whatever the Python's filter gets wrong (the PATH_MAX symlink-chain
+    escape of CVE-2025-4517 and its kin, in CPython before 3.11.13): a symlink must point
+    inside the tree by plain path arithmetic (relative, never above the top), no member may
+    lie below a symlink of the archive, and a hard link may only name a file sent before it.
+    So no path written ever goes through a link, and no link leads out. A tar that does not
+    end (cut short) is refused."""
     total = 0
     count = 0
+    links: set[str] = set()
+    files: set[str] = set()
+
+    def refuse(member: tarfile.TarInfo, why: str) -> CorralError:
+        return CorralError(f"the source sent was refused: {member.name[:200]!r} {why}",
+                           code=ErrorCode.INVALID)
 
     def keep(member: tarfile.TarInfo, where: str) -> tarfile.TarInfo | None:
         nonlocal total, count
-        parts = [p for p in member.name.split("/") if p not in ("", ".")]
+        name = posixpath.normpath(member.name.lstrip("/"))
+        parts = [p for p in name.split("/") if p not in ("", ".")]
         if any(p in NEVER_SHIPPED for p in parts):
             return None
+        if not parts or parts[0] == "..":
+            raise refuse(member, "is outside the tree")
+        for depth in range(1, len(parts)):
+            if "/".join(parts[:depth]) in links:
+                raise refuse(member, "lies below a symbolic link")
+        if member.islnk():  # a second name of a file already unpacked, and nothing else
+            target = posixpath.normpath(member.linkname)
+            if target not in files:
+                raise refuse(member, f"is a hard link to {member.linkname[:200]!r}, not to a "
+                             "file sent before it")
+        if member.isreg():
+            files.add("/".join(parts))
+        if member.issym():
+            target = posixpath.normpath(posixpath.join(posixpath.dirname(name),
+                                                       member.linkname))
+            if member.linkname.startswith("/") or target == ".." or target.startswith("../"):
+                raise refuse(member, f"links out of the tree ({member.linkname[:200]!r})")
+            links.add("/".join(parts))
         count += 1
         total += max(member.size, 0)
         if count > MAX_MEMBERS or total > max_bytes:
@@ -88,8 +122,16 @@ def _extract(f: object, dest: Path, max_bytes: int) -> None:
         return tarfile.data_filter(member, where)
 
     try:
-        with tarfile.open(fileobj=f, mode="r|*") as tar:  # type: ignore[call-overload]
+        # not a stream: a tar cut short in a header is an error, not an early end
+        with tarfile.open(fileobj=f, mode="r:*") as tar:  # type: ignore[call-overload]
             tar.extractall(dest, filter=keep)  # noqa: S202 - the data filter, and ours
+            # tarfile takes a header cut short for the end of the archive: the real end is
+            # two zero blocks, which git archive and tarfile both write
+            tar.fileobj.seek(tar.offset)
+            end = tar.fileobj.read(2 * tarfile.BLOCKSIZE)
+            if len(end) < 2 * tarfile.BLOCKSIZE or end.strip(b"\0"):
+                raise CorralError("the source sent was cut short (its tar does not end); "
+                                  "send it again", code=ErrorCode.INVALID)
     except tarfile.FilterError as exc:
         raise CorralError(f"the source sent was refused: {exc}",
                           code=ErrorCode.INVALID) from None

@@ -73,7 +73,7 @@ def repository(args: list[str]) -> str:
     """The app named by a git verb's one argument (``shop``, ``shop.git``, ``/shop.git``)."""
     if len(args) != 1:
         raise Refused("git asks for exactly one repository")
-    m = _REPO.match(args[0])
+    m = _REPO.fullmatch(args[0])
     if m is None:
         raise Refused(f"{args[0][:80]!r} is not an app repository: use the app's name "
                       "(corral@HOST:APP)")

@@ -1,0 +1,494 @@
+"""The ledger on etcd (v3, through its HTTP/JSON gateway with ``etcd3gw``): several hosts, one
+ledger, no consensus of ours.
+
+Keyspace, small and versioned (``/corral/v1/``):
+
+- ``r/<kind>/<key>``: a record, JSON ``{owner, value, since, lease}``; its etcd
+  ``mod_revision`` is the record's revision, etcd's cluster revision the ledger's;
+- ``l/<id>``: a lease's owner and TTL, attached to the etcd lease it describes (it vanishes
+  with it);
+- ``sync``: written by ``changes()`` to mark where the history it reads ends.
+
+A commit reads every record its compares and operations touch (one etcd transaction of
+ranges), applies the ``Txn`` to that snapshot exactly as the SQLite backend does (same
+errors, same no-op rules), then writes the net puts and deletes in one etcd transaction whose
+compares are the snapshot itself: each key read must still be absent (``create_revision ==
+0``) or unchanged (``mod_revision``). Another host that wrote one of them in between makes the
+compare fail and the commit starts again from a new read; so a multi-claim is all or nothing
+across the cluster and no key is ever held by two owners. Leases are etcd's (TTL in whole
+seconds, rounded up): records claimed under one vanish when it expires, by etcd, on every
+host at once.
+
+Endpoints: ``etcd://h1:2379,h2:2379,h3:2379`` (``etcds://`` for TLS). A member that does not
+answer is skipped for the next; when none commits (no quorum: etcd times the proposal out),
+the error says so and nothing was written.
+"""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import json
+import math
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, unquote
+
+from corral.errors import ConflictError, CorralError, ErrorCode, NotFoundError, UnavailableError
+from corral.ledger._base import (
+    Change,
+    ClaimOp,
+    CompactedError,
+    Compare,
+    Lease,
+    Ledger,
+    Record,
+    ReleaseOp,
+    Txn,
+    conflict,
+    describe_key,
+    describe_owner,
+    encode_value,
+)
+
+PREFIX = "/corral/v1/"
+RECORDS = PREFIX + "r/"
+LEASES = PREFIX + "l/"
+SYNC = PREFIX + "sync"
+MAX_RETRIES = 64
+"""Commits that lose a race re-read and try again, this many times at most."""
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def _unb64(text: str) -> str:
+    return base64.b64decode(text).decode()
+
+
+def _range_end(prefix: str) -> str:
+    raw = bytearray(prefix.encode())
+    raw[-1] += 1
+    return base64.b64encode(bytes(raw)).decode()
+
+
+def record_key(kind: str, key: str) -> str:
+    """The etcd key of ``(kind, key)`` (the kind escaped so that ``/`` ends it)."""
+    return f"{RECORDS}{quote(kind, safe='')}/{key}"
+
+
+def _split(etcd_key: str) -> tuple[str, str]:
+    kind, _, key = etcd_key[len(RECORDS):].partition("/")
+    return unquote(kind), key
+
+
+@dataclass
+class _Row:
+    owner: str
+    value: str  # canonical JSON
+    since: str
+    lease: str | None
+    revision: int  # mod_revision
+    created: int  # create_revision
+
+    def record(self, kind: str, key: str) -> Record:
+        return Record(kind, key, self.owner, json.loads(self.value), self.since, self.revision,
+                      self.lease)
+
+
+def _row(kv: dict[str, Any]) -> _Row:
+    data = json.loads(_unb64(kv.get("value", "")) or "{}")
+    return _Row(str(data["owner"]), json.dumps(data["value"], sort_keys=True,
+                                               separators=(",", ":")),
+                str(data["since"]), data.get("lease"), int(kv.get("mod_revision", 0)),
+                int(kv.get("create_revision", 0)))
+
+
+def _encode_row(row: _Row) -> str:
+    return json.dumps({"owner": row.owner, "value": json.loads(row.value), "since": row.since,
+                       "lease": row.lease}, sort_keys=True, separators=(",", ":"))
+
+
+def _iso(now: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+
+
+class EtcdLedger(Ledger):
+    """``Ledger`` on an etcd v3 cluster; safe to share across threads (a connection each)."""
+
+    def __init__(self, endpoints: Sequence[tuple[str, int]], *, tls: bool = False,
+                 timeout: float = 8.0) -> None:
+        if not endpoints:
+            raise CorralError("etcd ledger: no endpoint given", code=ErrorCode.INVALID,
+                              retry=False)
+        self.endpoints = list(endpoints)
+        self.protocol = "https" if tls else "http"
+        self.timeout = timeout
+        self._local = threading.local()
+        self._preferred = 0  # the member that answered last
+        self._closed = False
+
+    # -- transport ------------------------------------------------------------------------------
+
+    def _client(self, index: int) -> Any:
+        from etcd3gw.client import Etcd3Client
+
+        clients: dict[int, Any] = self._local.__dict__.setdefault("clients", {})
+        if index not in clients:
+            host, port = self.endpoints[index]
+            clients[index] = Etcd3Client(host=host, port=port, protocol=self.protocol,
+                                         timeout=self.timeout, api_path="/v3/")
+        return clients[index]
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST to the v3 gateway of the first member that answers; raise UnavailableError
+        when none does or when the cluster cannot commit (no quorum)."""
+        from etcd3gw import exceptions
+
+        if self._closed:
+            raise CorralError("the ledger is closed", code=ErrorCode.INTERNAL, retry=False)
+        errors: list[str] = []
+        count = len(self.endpoints)
+        for step in range(count):
+            index = (self._preferred + step) % count
+            host, port = self.endpoints[index]
+            client = self._client(index)
+            try:
+                res = client.post(client.get_url(path), data=json.dumps(body))
+            except (exceptions.ConnectionFailedError, exceptions.ConnectionTimeoutError) as exc:
+                errors.append(f"{host}:{port}: {type(exc).__name__}")
+                continue
+            except exceptions.Etcd3Exception as exc:
+                message = str(exc.detail_text or exc)
+                if "compacted" in message:
+                    raise _Compacted(message) from None
+                if "lease not found" in message:
+                    raise _LeaseGone(message) from None
+                errors.append(f"{host}:{port}: {message.strip()[:200]}")
+                if isinstance(exc, exceptions.InternalServerError) or "timed out" in message \
+                        or "leader" in message:
+                    continue
+                raise CorralError(f"etcd refused a ledger request: {message[:300]}",
+                                  code=ErrorCode.INTERNAL) from None
+            self._preferred = index
+            return dict(res)
+        raise UnavailableError(
+            "the etcd ledger is unavailable (no member answered, or the cluster has no "
+            f"quorum); nothing was written: {'; '.join(errors)}")
+
+    def _txn(self, compares: list[dict[str, Any]], success: list[dict[str, Any]]
+             ) -> dict[str, Any]:
+        return self._post("kv/txn", {"compare": compares, "success": success})
+
+    def _range(self, key: str, *, prefix: bool = False, revision: int | None = None
+               ) -> dict[str, Any]:
+        body: dict[str, Any] = {"key": _b64(key)}
+        if prefix:
+            body["range_end"] = _range_end(key)
+        if revision is not None:
+            body["revision"] = revision
+        return body
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def _read(self, keys: builtins.list[str], prefixes: builtins.list[str]
+              ) -> tuple[dict[str, _Row | None], int]:
+        """The rows at ``keys`` and under ``prefixes`` (one consistent read) and the revision."""
+        ranges = [{"request_range": self._range(k)} for k in keys]
+        ranges += [{"request_range": self._range(p, prefix=True)} for p in prefixes]
+        res = self._txn([], ranges or [{"request_range": self._range(SYNC)}])
+        rows: dict[str, _Row | None] = dict.fromkeys(keys)
+        for item in res.get("responses", []):
+            for kv in item.get("response_range", {}).get("kvs", []):
+                rows[_unb64(kv["key"])] = _row(kv)
+        return rows, int(res["header"]["revision"])
+
+    def get(self, kind: str, key: str) -> Record | None:
+        """See ``Ledger.get``."""
+        name = record_key(kind, key)
+        rows, _ = self._read([name], [])
+        row = rows.get(name)
+        return None if row is None else row.record(kind, key)
+
+    def list(
+        self, *, owner: str | None = None, kind: str | None = None, prefix: str | None = None
+    ) -> builtins.list[Record]:
+        """See ``Ledger.list``."""
+        start = RECORDS if kind is None else record_key(kind, prefix or "")
+        rows, _ = self._read([], [start])
+        out = []
+        for name, row in rows.items():
+            if row is None:
+                continue
+            k, key = _split(name)
+            if (owner is None or row.owner == owner) and (kind is None or k == kind) and (
+                    not prefix or key.startswith(prefix)):
+                out.append(row.record(k, key))
+        return sorted(out, key=lambda r: (r.kind, r.key))
+
+    def revision(self) -> int:
+        """See ``Ledger.revision``: etcd's revision (every key's changes count, ours and any
+        other keys of the cluster; it only grows)."""
+        return self._read([SYNC], [])[1]
+
+    def changes(self, since_revision: int) -> builtins.list[Change]:
+        """See ``Ledger.changes``: etcd's own history of the records (also the deletions of
+        expired leases), read with a watch from ``since_revision + 1`` up to a marker this
+        call writes; ``CompactedError`` when etcd compacted part of it."""
+        now = self.revision()
+        if since_revision >= now:
+            return []
+        try:
+            self._post("kv/range", {**self._range(SYNC), "revision": since_revision + 1,
+                                    "count_only": True})
+        except _Compacted:
+            raise CompactedError(since_revision, now) from None
+        return list(self._watch_until_marker(since_revision + 1))
+
+    def _watch_until_marker(self, start: int) -> builtins.list[Change]:
+        marker = f"{time.time_ns()}-{id(self)}-{threading.get_ident()}"
+        client = self._client(self._preferred)
+        body = {"create_request": {"key": _b64(PREFIX), "range_end": _range_end(PREFIX),
+                                   "start_revision": start, "prev_kv": True}}
+        out: list[Change] = []
+        with client.session.post(client.get_url("watch"), data=json.dumps(body), stream=True,
+                                 timeout=self.timeout) as resp:
+            lines = resp.iter_lines()
+            created = False
+            for line in lines:
+                if not line:
+                    continue
+                result = json.loads(line).get("result", {})
+                if int(result.get("compact_revision", 0) or 0) > 0:
+                    raise CompactedError(start - 1, int(result["compact_revision"]))
+                if result.get("created") and not created:
+                    created = True
+                    self._txn([], [{"request_put": {"key": _b64(SYNC),
+                                                    "value": _b64(marker)}}])
+                for ev in result.get("events", []):
+                    kv = ev.get("kv", {})
+                    name = _unb64(kv.get("key", ""))
+                    if name == SYNC:
+                        if _unb64(kv.get("value", "")) == marker:
+                            return out
+                        continue
+                    if not name.startswith(RECORDS):
+                        continue
+                    kind, key = _split(name)
+                    rev = int(kv.get("mod_revision", 0))
+                    if ev.get("type") == "DELETE":
+                        prev = ev.get("prev_kv")
+                        if prev is None:
+                            continue
+                        row = _row(prev)
+                        out.append(Change(rev, "delete", kind, key, row.owner,
+                                          json.loads(row.value), row.lease))
+                    else:
+                        row = _row(kv)
+                        out.append(Change(rev, "put", kind, key, row.owner,
+                                          json.loads(row.value), row.lease))
+        raise UnavailableError("the etcd watch ended before the history was read")
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    def grant_lease(self, ttl_s: float, owner: str) -> str:
+        """See ``Ledger.grant_lease``: an etcd lease of ``ceil(ttl_s)`` seconds."""
+        if not isinstance(ttl_s, int | float) or not ttl_s > 0:
+            raise CorralError(f"lease TTL must be > 0 seconds, got {ttl_s!r}",
+                              code=ErrorCode.INVALID, retry=False)
+        if not isinstance(owner, str) or not owner:
+            raise CorralError(f"lease owner must be a non-empty string, got {owner!r}",
+                              code=ErrorCode.INVALID, retry=False)
+        res = self._post("lease/grant", {"TTL": max(1, math.ceil(ttl_s))})
+        lease_id = format(int(res["ID"]), "x")
+        meta = json.dumps({"owner": owner, "ttl_s": float(ttl_s), "granted": _iso(time.time())})
+        self._txn([], [{"request_put": {"key": _b64(LEASES + lease_id), "value": _b64(meta),
+                                        "lease": int(res["ID"])}}])
+        return lease_id
+
+    def _lease_meta(self, lease_id: str) -> dict[str, Any] | None:
+        rows = self._post("kv/range", self._range(LEASES + lease_id)).get("kvs", [])
+        return json.loads(_unb64(rows[0]["value"])) if rows else None
+
+    def keepalive(self, lease_id: str) -> Lease:
+        """See ``Ledger.keepalive``."""
+        lid = _lease_int(lease_id)
+        meta = self._lease_meta(lease_id)
+        try:
+            res = self._post("lease/keepalive", {"ID": lid})
+        except _LeaseGone:
+            res = {}
+        ttl = int((res.get("result") or {}).get("TTL", -1) or -1)
+        if meta is None or ttl <= 0:
+            raise NotFoundError(f"lease {lease_id} does not exist or has expired")
+        return Lease(lease_id, str(meta["owner"]), float(meta["ttl_s"]), time.time() + ttl,
+                     str(meta["granted"]))
+
+    def revoke(self, lease_id: str) -> int:
+        """See ``Ledger.revoke``."""
+        try:
+            res = self._post("kv/lease/revoke", {"ID": _lease_int(lease_id)})
+        except _LeaseGone:
+            return self.revision()
+        return int(res["header"]["revision"])
+
+    def lease(self, lease_id: str) -> Lease | None:
+        """See ``Ledger.lease``."""
+        try:
+            lid = _lease_int(lease_id)
+        except NotFoundError:
+            return None
+        try:
+            res = self._post("kv/lease/timetolive", {"ID": lid})
+        except _LeaseGone:
+            return None
+        ttl = int(res.get("TTL", -1))
+        meta = self._lease_meta(lease_id)
+        if ttl <= 0 or meta is None:
+            return None
+        return Lease(lease_id, str(meta["owner"]), float(meta["ttl_s"]), time.time() + ttl,
+                     str(meta["granted"]))
+
+    def expire(self, now: float | None = None) -> int:
+        """See ``Ledger.expire``: etcd expires leases and their records itself; nothing to do."""
+        return 0
+
+    def close(self) -> None:
+        """Close the connections of the calling thread (others close with their threads)."""
+        for client in self._local.__dict__.get("clients", {}).values():
+            client.session.close()
+        self._closed = True
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def commit(self, txn: Txn) -> int:
+        """See ``Ledger.commit``: optimistic, compare-and-swap on every key it read."""
+        for _ in range(MAX_RETRIES):
+            keys = sorted({record_key(c.kind, c.key) for c in txn.compares}
+                          | {record_key(op.claim.kind, op.claim.key) for op in txn.ops
+                             if isinstance(op, ClaimOp)}
+                          | {record_key(op.kind, op.key) for op in txn.ops
+                             if isinstance(op, ReleaseOp)})
+            whole = any(not isinstance(op, ClaimOp | ReleaseOp) for op in txn.ops)
+            rows, revision = self._read(keys, [RECORDS] if whole else [])
+            leases = {op.lease for op in txn.ops if isinstance(op, ClaimOp) and op.lease}
+            lease_owners = {lid: self._live_lease_owner(lid) for lid in sorted(leases)}
+            state = dict(rows)
+            _apply(state, txn, lease_owners, time.time())
+            writes: list[dict[str, Any]] = []
+            for name, row in state.items():
+                before = rows.get(name)
+                if row is None and before is not None:
+                    writes.append({"request_delete_range": {"key": _b64(name)}})
+                elif row is not None and (before is None or _encode_row(row) != _encode_row(
+                        before)):
+                    put: dict[str, Any] = {"key": _b64(name), "value": _b64(_encode_row(row))}
+                    if row.lease:
+                        put["lease"] = int(row.lease, 16)
+                    writes.append({"request_put": put})
+            if not writes:
+                txn.revision = revision
+                return revision
+            compares = []
+            for name, before in rows.items():
+                if before is None:
+                    compares.append({"key": _b64(name), "target": "CREATE", "result": "EQUAL",
+                                     "create_revision": 0})
+                else:
+                    compares.append({"key": _b64(name), "target": "MOD", "result": "EQUAL",
+                                     "mod_revision": before.revision})
+            res = self._txn(compares, writes)
+            if res.get("succeeded"):
+                txn.revision = int(res["header"]["revision"])
+                return txn.revision
+        raise UnavailableError(f"the ledger transaction lost {MAX_RETRIES} races in a row to "
+                               "other writers; try again")
+
+    def _live_lease_owner(self, lease_id: str) -> str | None:
+        lease = self.lease(lease_id)
+        return None if lease is None else lease.owner
+
+
+class _Compacted(Exception):
+    pass
+
+
+class _LeaseGone(Exception):
+    pass
+
+
+def _lease_int(lease_id: str) -> int:
+    try:
+        return int(lease_id, 16)
+    except (TypeError, ValueError):
+        raise NotFoundError(f"lease {lease_id} does not exist or has expired") from None
+
+
+# -- the transaction, applied to a snapshot (the SQLite backend's rules) -------------------------
+
+
+def _apply(state: dict[str, _Row | None], txn: Txn, lease_owners: dict[str, str | None],
+           now: float) -> None:
+    for compare in txn.compares:
+        _check(state, compare)
+    for op in txn.ops:
+        if isinstance(op, ClaimOp):
+            kind, key = op.claim.kind, op.claim.key
+            text = encode_value(kind, key, op.claim.value)
+            if op.lease is not None:
+                owner = lease_owners.get(op.lease)
+                if owner is None:
+                    raise NotFoundError(f"lease {op.lease} does not exist or has expired "
+                                        f"(claiming {describe_key(kind, key)})")
+                if owner != op.owner:
+                    raise ConflictError(
+                        f"lease {op.lease} belongs to {describe_owner(owner)}; "
+                        f"{describe_owner(op.owner)} cannot claim under it",
+                        kind="lease", key=op.lease, holder=owner)
+            name = record_key(kind, key)
+            row = state.get(name)
+            if row is None:
+                state[name] = _Row(op.owner, text, _iso(now), op.lease, 0, 0)
+            elif row.owner != op.owner:
+                raise conflict(kind, key, row.owner, row.since, who=op.owner, action="claim")
+            elif row.value != text or row.lease != op.lease:
+                state[name] = _Row(op.owner, text, row.since, op.lease, row.revision,
+                                   row.created)
+        elif isinstance(op, ReleaseOp):
+            name = record_key(op.kind, op.key)
+            row = state.get(name)
+            if row is None:
+                continue
+            if row.owner != op.owner:
+                raise conflict(op.kind, op.key, row.owner, row.since, who=op.owner,
+                               action="release")
+            state[name] = None
+        else:
+            for name, row in builtins.list(state.items()):
+                if row is not None and row.owner == op.owner and (
+                        op.kind is None or _split(name)[0] == op.kind):
+                    state[name] = None
+
+
+def _check(state: dict[str, _Row | None], compare: Compare) -> None:
+    row = state.get(record_key(compare.kind, compare.key))
+    what = describe_key(compare.kind, compare.key)
+    expected = "free" if compare.holder is None else f"held by {describe_owner(compare.holder)}"
+    if row is None:
+        if compare.holder is None:
+            return
+        problem, holder, since = "it is free", "", None
+    else:
+        holder, since = row.owner, row.since
+        if compare.holder == holder and compare.revision in (None, row.revision):
+            return
+        if compare.holder == holder:
+            problem = f"it changed at revision {row.revision} (expected {compare.revision})"
+        else:
+            problem = f"it is held by {describe_owner(holder)} since {since}"
+    raise ConflictError(f"expected {what} to be {expected}, but {problem}", kind=compare.kind,
+                        key=compare.key, holder=holder, since=since)
