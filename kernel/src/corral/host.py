@@ -50,6 +50,19 @@ class BuildConfig(BaseModel):
                              description="default time a build may take ([build] timeout)")
 
 
+class HostIdentity(BaseModel):
+    """``[host]``: this host among the ledger's hosts (``corral hosts``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+                             description="default: the system's host name (first label)")
+    address: str | None = Field(default=None, max_length=255,
+                                description="where other hosts reach this one")
+    ttl_s: float = Field(default=10.0, ge=2.0, le=300.0,
+                         description="the host's lease: gone this long after its kernel")
+
+
 class SshConfig(BaseModel):
     """``[ssh]``: the account git pushes and the remote CLI come in through (``corral keys``)."""
 
@@ -106,6 +119,8 @@ class HostConfig(BaseModel):
         "nor the one before it)")
     build: BuildConfig = Field(default_factory=BuildConfig,
                                description="what builds may reach")
+    host: HostIdentity = Field(default_factory=HostIdentity,
+                               description="this host among the ledger's hosts")
     ssh: SshConfig = Field(default_factory=SshConfig,
                            description="git push and the remote CLI over SSH")
     start_timeout_s: float = Field(

@@ -32,6 +32,7 @@ from corral.host import (
     load_config,
     runtime_dir,
 )
+from corral.hosts import HostRegistry, check_name, host_name, list_hosts
 from corral.launch import become_subreaper, take_fd
 from corral.ledger import GroupCommit, Ledger, Txn, open_ledger
 from corral.protocol import KERNEL_OPS, PROTOCOL, QUERY_OP, Args, Hello, Request, Welcome
@@ -121,6 +122,8 @@ class Kernel:
             gateway=gateway_path(), bus=f"ipc://{self.gateway_dir / 'bus.sock'}",
             events=f"ipc://{self.gateway_dir / 'events.sock'}"))
         self.branches = Branches(self.home / "git-branches.json")
+        self.hosts = HostRegistry(self.ledger, check_name(host_name(self.config.host.name)),
+                                  self.config.host.address, self.config.host.ttl_s)
         self.handlers: dict[str, Handler] = {
             "app.deploy": self._deploy,
             "app.check": self._check,
@@ -143,6 +146,7 @@ class Kernel:
             "keys.list": self._keys_list,
             "keys.remove": self._keys_remove,
             "keys.whoami": self._keys_whoami,
+            "hosts.list": self._hosts_list,
             "drivers.list": self._drivers_list,
             "driver.restart": self._driver_restart,
             "driver.query": self._driver_query,
@@ -419,6 +423,10 @@ class Kernel:
                 txn.release(args.owner, kind, key)
         return {"revision": await self.group_commit.commit(txn)}
 
+    async def _hosts_list(self, peer: Peer, args: Any) -> dict[str, Any]:
+        return {"hosts": await asyncio.to_thread(list_hosts, self.ledger),
+                "this": self.hosts.name}
+
     async def _drivers_list(self, peer: Peer, args: Any) -> dict[str, Any]:
         return {"drivers": [{**s.as_json(),
                              "kept_sockets": [k.key for k in self.sockets.list(s.name)]}
@@ -557,6 +565,7 @@ class Kernel:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        await asyncio.to_thread(self.hosts.register)  # refuses a ledger another host uses
         await self.bus.start()
         await asyncio.to_thread(self.keys.sync)
         self._share_with_gateway()
@@ -580,13 +589,23 @@ class Kernel:
         serving.cancel()
         self.bus.close()
         self.sockets.close()
+        await asyncio.to_thread(self.hosts.leave)
         self.ledger.close()
         (self.runtime / "kernel.pid").unlink(missing_ok=True)
 
     async def _housekeeping(self) -> None:
+        beat = self.hosts.ttl_s / 3
+        last = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
             self.ledger.expire()
+            if time.monotonic() - last >= beat:
+                last = time.monotonic()
+                count = sum(len(a.instances) for a in self.deployer.apps.values())
+                try:
+                    await asyncio.to_thread(self.hosts.keepalive, count)
+                except CorralError as exc:
+                    log.error("host keepalive failed", error=exc.reason)
 
 
 def _release_startup_memory() -> None:

@@ -271,6 +271,30 @@ def cmd_drivers(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hosts(ns: argparse.Namespace) -> int:
+    """The hosts of this kernel's ledger: ready, or lost since when; instances, free capacity."""
+    import time as _time
+
+    res = _client().call("hosts.list")
+    if ns.json:
+        print_json(res["hosts"])
+        return 0
+
+    def when(t: Any) -> str:
+        return _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(float(t))) if t else "-"
+
+    rows = []
+    for h in res["hosts"]:
+        state = "ready" if h["state"] == "ready" else f"lost since {when(h.get('lost_since'))}"
+        free = (f"{h['cpus']} cpu, {int(h['memory_available']) >> 20} MiB free"
+                if h["state"] == "ready" else "-")
+        me = " (this host)" if h["name"] == res.get("this") else ""
+        rows.append([h["name"] + me, state, h.get("address") or "-",
+                     str(h.get("instances", "-")), free])
+    table(rows, ["HOST", "STATE", "ADDRESS", "INSTANCES", "CAPACITY"])
+    return 0
+
+
 def cmd_daemon(ns: argparse.Namespace) -> int:
     """Run the kernel in the foreground (same as corrald)."""
     # A fresh interpreter in this process (same pid, for systemd): the CLI has imported
@@ -317,6 +341,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "ps": cmd_ps,
     "ledger": cmd_ledger,
     "drivers": cmd_drivers,
+    "hosts": cmd_hosts,
     "daemon": cmd_daemon,
     "query": cmd_query,
     "logs": _observe.cmd_logs,
@@ -374,6 +399,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("drivers", help=cmd_drivers.__doc__)
     s.add_argument("action", nargs="?", choices=["restart"], help="restart NAME")
     s.add_argument("name", nargs="?", help="the driver to restart")
+    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("hosts", help=cmd_hosts.__doc__)
     s.add_argument("--json", action="store_true")
     s = sub.add_parser("ledger", help=cmd_ledger.__doc__)
     s.add_argument("--owner")

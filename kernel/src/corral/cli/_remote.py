@@ -34,6 +34,7 @@ _TARGET = re.compile(r"^(ssh://)?[A-Za-z0-9_.-]+@[A-Za-z0-9_.:\[\]-]+$")
 REMOTE_COMMANDS = frozenset({
     "ps", "logs", "errors", "top", "config", "releases", "rollback", "restart", "scale",
     "run", "cron", "up", "down", "events", "certs", "keys", "branch", "drivers", "ledger",
+    "hosts",
 })
 """The commands that work over SSH (the host's gateway accepts these only; the kernel then
 checks the key's scope). The others (daemon, dev, init, check, host...) are local."""

@@ -152,6 +152,12 @@ class EtcdLedger(Ledger):
         if self._closed:
             raise CorralError("the ledger is closed", code=ErrorCode.INTERNAL, retry=False)
         errors: list[str] = []
+        # A write a member took but did not confirm (timed out, lost its leader) may still be
+        # applied later; the next member is safe to ask (our writes are compare-and-swap, so at
+        # most one of the two applies), but if none confirms, the outcome is unknown.
+        write = path == "kv/lease/revoke" or any(
+            "request_put" in op or "request_delete_range" in op for op in body.get("success", []))
+        unknown = False
         count = len(self.endpoints)
         for step in range(count):
             index = (self._preferred + step) % count
@@ -160,7 +166,9 @@ class EtcdLedger(Ledger):
             try:
                 res = client.post(client.get_url(path), data=json.dumps(body))
             except (exceptions.ConnectionFailedError, exceptions.ConnectionTimeoutError) as exc:
-                errors.append(f"{host}:{port}: {type(exc).__name__}")
+                why, refused = _failure(exc)
+                errors.append(f"{host}:{port}: {why}")
+                unknown = unknown or (write and not refused)
                 continue
             except exceptions.Etcd3Exception as exc:
                 message = str(exc.detail_text or exc)
@@ -171,14 +179,17 @@ class EtcdLedger(Ledger):
                 errors.append(f"{host}:{port}: {message.strip()[:200]}")
                 if isinstance(exc, exceptions.InternalServerError) or "timed out" in message \
                         or "leader" in message:
+                    unknown = unknown or write
                     continue
                 raise CorralError(f"etcd refused a ledger request: {message[:300]}",
                                   code=ErrorCode.INTERNAL) from None
             self._preferred = index
             return dict(res)
+        outcome = ("the write may still be applied (a member took it without confirming it): "
+                   "re-read the ledger before retrying" if unknown else "nothing was written")
         raise UnavailableError(
             "the etcd ledger is unavailable (no member answered, or the cluster has no "
-            f"quorum); nothing was written: {'; '.join(errors)}")
+            f"quorum); {outcome}: {'; '.join(errors)}")
 
     def _txn(self, compares: list[dict[str, Any]], success: list[dict[str, Any]]
              ) -> dict[str, Any]:
@@ -204,7 +215,9 @@ class EtcdLedger(Ledger):
         rows: dict[str, _Row | None] = dict.fromkeys(keys)
         for item in res.get("responses", []):
             for kv in item.get("response_range", {}).get("kvs", []):
-                rows[_unb64(kv["key"])] = _row(kv)
+                name = _unb64(kv["key"])
+                if name.startswith(RECORDS):  # not the sync marker (not a record, not JSON)
+                    rows[name] = _row(kv)
         return rows, int(res["header"]["revision"])
 
     def get(self, kind: str, key: str) -> Record | None:
@@ -238,16 +251,33 @@ class EtcdLedger(Ledger):
     def changes(self, since_revision: int) -> builtins.list[Change]:
         """See ``Ledger.changes``: etcd's own history of the records (also the deletions of
         expired leases), read with a watch from ``since_revision + 1`` up to a marker this
-        call writes; ``CompactedError`` when etcd compacted part of it."""
+        call writes; ``CompactedError`` when etcd compacted part of it.
+
+        etcd compacted at revision C keeps the revisions from C on, but a delete at C has lost
+        the record it deleted (that version was older than C), so the history is whole only
+        after C: ``since_revision < C`` raises, with ``compacted`` C, as SQLite's does."""
         now = self.revision()
         if since_revision >= now:
             return []
+        first = max(since_revision, 1)  # revision 0 would mean "the current one"
         try:
-            self._post("kv/range", {**self._range(SYNC), "revision": since_revision + 1,
-                                    "count_only": True})
+            self._post("kv/range", {**self._range(SYNC), "revision": first, "count_only": True})
         except _Compacted:
-            raise CompactedError(since_revision, now) from None
+            raise CompactedError(since_revision, self._compact_revision(first)) from None
         return list(self._watch_until_marker(since_revision + 1))
+
+    def _compact_revision(self, start: int) -> int:
+        """etcd's compaction revision, as a watch from ``start`` (compacted) reports it."""
+        client = self._client(self._preferred)
+        body = {"create_request": {"key": _b64(SYNC), "start_revision": start}}
+        with client.session.post(client.get_url("watch"), data=json.dumps(body), stream=True,
+                                 timeout=self.timeout) as resp:
+            for line in resp.iter_lines():
+                result = json.loads(line or b"{}").get("result", {})
+                compacted = int(result.get("compact_revision", 0) or 0)
+                if compacted:
+                    return compacted
+        raise UnavailableError("the etcd watch ended before it reported the compaction")
 
     def _watch_until_marker(self, start: int) -> builtins.list[Change]:
         marker = f"{time.time_ns()}-{id(self)}-{threading.get_ident()}"
@@ -282,8 +312,8 @@ class EtcdLedger(Ledger):
                     rev = int(kv.get("mod_revision", 0))
                     if ev.get("type") == "DELETE":
                         prev = ev.get("prev_kv")
-                        if prev is None:
-                            continue
+                        if prev is None:  # what it deleted is compacted away
+                            raise CompactedError(start - 1, rev)
                         row = _row(prev)
                         out.append(Change(rev, "delete", kind, key, row.owner,
                                           json.loads(row.value), row.lease))
@@ -373,6 +403,7 @@ class EtcdLedger(Ledger):
                              if isinstance(op, ClaimOp)}
                           | {record_key(op.kind, op.key) for op in txn.ops
                              if isinstance(op, ReleaseOp)})
+            named = set(keys)
             whole = any(not isinstance(op, ClaimOp | ReleaseOp) for op in txn.ops)
             rows, revision = self._read(keys, [RECORDS] if whole else [])
             leases = {op.lease for op in txn.ops if isinstance(op, ClaimOp) and op.lease}
@@ -395,13 +426,20 @@ class EtcdLedger(Ledger):
                 return revision
             compares = []
             for name, before in rows.items():
+                if name not in named and state.get(name) is before:
+                    continue  # read by a release_all and left alone: no need to pin it
                 if before is None:
                     compares.append({"key": _b64(name), "target": "CREATE", "result": "EQUAL",
                                      "create_revision": 0})
                 else:
                     compares.append({"key": _b64(name), "target": "MOD", "result": "EQUAL",
                                      "mod_revision": before.revision})
-            res = self._txn(compares, writes)
+            try:
+                res = self._txn(compares, writes)
+            except _LeaseGone:  # expired between the check and the write; nothing written
+                raise NotFoundError(
+                    f"lease {', '.join(sorted(leases))} does not exist or has expired "
+                    "(it expired while the claim was committed)") from None
             if res.get("succeeded"):
                 txn.revision = int(res["header"]["revision"])
                 return txn.revision
@@ -415,6 +453,24 @@ class EtcdLedger(Ledger):
 
 class _Compacted(Exception):
     pass
+
+
+def _failure(exc: Exception) -> tuple[str, bool]:
+    """Why a member did not serve a request, in a few words, and whether it surely never got
+    it (connection refused): etcd's own error when it answered 503 or 504 (no leader, request
+    timed out: no quorum), else how the connection failed."""
+    text = str(getattr(exc, "detail_text", None) or exc)
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and body.get("error"):
+        return str(body["error"]), False
+    if "refused" in text.lower():
+        return "unreachable (connection refused)", True
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return "unreachable (no answer in time)", False
+    return f"unreachable ({text.strip()[-120:] or type(exc).__name__})", False
 
 
 class _LeaseGone(Exception):

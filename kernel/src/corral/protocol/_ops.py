@@ -458,6 +458,8 @@ _CLIENT_OPS = _table(
     Operation("keys.list", NoArgs, "the SSH keys allowed in and their scope"),
     Operation("keys.remove", KeyName, "remove an SSH key"),
     Operation("keys.whoami", NoArgs, "the calling key and its scope (remote peers)"),
+    Operation("hosts.list", NoArgs, "the ledger's hosts: state, address, instances, "
+              "free capacity"),
     Operation("drivers.list", NoArgs, "drivers and their state"),
     Operation("driver.restart", DriverName, "start a driver again (also a failed one)"),
     Operation("driver.query", DriverQuery, "forward a query to a driver"),
@@ -487,7 +489,7 @@ _REMOTE_OPS = _table(*(_CLIENT_OPS[name] for name in (
     "app.deploy", "app.down", "app.scale", "app.ps", "app.get", "app.restart", "app.releases",
     "app.rollback", "app.config", "app.config.set", "app.config.unset", "app.run",
     "app.branch", "keys.add", "keys.list", "keys.remove", "keys.whoami", "ledger.list",
-    "drivers.list", "driver.restart", "driver.query", "kernel.status")))
+    "drivers.list", "driver.restart", "driver.query", "kernel.status", "hosts.list")))
 """What a remote peer (an SSH key, through the gateway) may ask at all; each request is then
 checked against the key's scope (``corral.remote.Access``)."""
 

@@ -1,0 +1,152 @@
+"""The hosts a ledger serves: each kernel registers its host under a lease it keeps alive.
+
+Two records per host, owned by ``host:<name>``:
+
+- ``host/<name>``: who the host is (address, when it joined, when it was last seen), kept
+  after the host goes, so ``corral hosts`` can say "lost since";
+- ``host-alive/<name>``: claimed under a lease of ``host_ttl_s``, refreshed every third of
+  it with the host's figures (instances, CPUs, memory free). When the kernel stops cleanly it
+  revokes the lease; when the host dies the lease expires and the record vanishes (on etcd,
+  for every host at once).
+
+One ledger, one live host, for now: the kernel, its drivers and their records are not yet
+scoped by host (instances, host ports, what drivers claim), so a second kernel on the same
+ledger would take the first one's apps for its own. A kernel refuses to start while another
+host is alive on its ledger, naming it; several hosts on one etcd cluster are the work of
+ARCHITECTURE.md §9 still to do (docs/etcd.md says what is there).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import structlog
+
+from corral.errors import ConflictError, CorralError, ErrorCode, NotFoundError
+from corral.ledger import Ledger, Txn
+
+log = structlog.get_logger("corral.hosts")
+
+HOST = "host"
+ALIVE = "host-alive"
+
+
+def host_name(configured: str | None) -> str:
+    """This host's name: the configured one, else the system's first label made a DNS label
+    (lowercase; anything else than letters, digits and '-' becomes '-')."""
+    if configured:
+        return configured
+    import re
+
+    label = re.sub(r"[^a-z0-9-]", "-", socket.gethostname().split(".")[0].lower())
+    return label.strip("-")[:63].strip("-") or "localhost"
+
+
+@dataclass
+class HostRegistry:
+    """This kernel's registration of its host in the ledger."""
+
+    ledger: Ledger
+    name: str
+    address: str | None
+    ttl_s: float
+    lease: str | None = None
+    token: str = ""
+
+    @property
+    def owner(self) -> str:
+        """The ledger owner of this host's records."""
+        return f"host:{self.name}"
+
+    def register(self, instances: int = 0) -> None:
+        """Claim this host's records under a new lease; refuse (ConflictError) when another
+        host is alive on this ledger, or this host's name is alive for another kernel."""
+        for rec in self.ledger.list(kind=ALIVE):
+            if rec.key != self.name:
+                raise ConflictError(
+                    f"this ledger is in use by host {rec.key!r} (alive, kernel pid "
+                    f"{rec.value.get('pid')}); running several hosts on one ledger is not "
+                    "supported yet (see docs/etcd.md)", kind=ALIVE, key=rec.key,
+                    holder=rec.owner, since=rec.since)
+        self.token = secrets.token_hex(8)
+        self.lease = self.ledger.grant_lease(self.ttl_s, self.owner)
+        now = time.time()
+        known = self.ledger.get(HOST, self.name)
+        joined = (known.value.get("joined") if known else None) or now
+        txn = Txn()
+        txn.claim(self.owner, HOST, self.name, {"address": self.address, "joined": joined,
+                                                "last_seen": now})
+        txn.claim(self.owner, ALIVE, self.name, self._figures(instances), lease=self.lease)
+        self.ledger.commit(txn)
+        log.info("host registered", host=self.name, ttl_s=self.ttl_s)
+
+    def _figures(self, instances: int) -> dict[str, Any]:
+        mem = psutil.virtual_memory()
+        return {"pid": os.getpid(), "token": self.token, "address": self.address,
+                "instances": instances, "cpus": os.cpu_count() or 1,
+                "memory_total": int(mem.total), "memory_available": int(mem.available),
+                "load1": round(os.getloadavg()[0], 2), "seen": time.time()}
+
+    def keepalive(self, instances: int = 0) -> None:
+        """Keep the lease alive and refresh the figures; register again if it was lost."""
+        if self.lease is None:
+            self.register(instances)
+            return
+        try:
+            self.ledger.keepalive(self.lease)
+        except NotFoundError:
+            log.warning("host lease lost; registering again", host=self.name)
+            self.register(instances)
+            return
+        txn = Txn()
+        txn.claim(self.owner, ALIVE, self.name, self._figures(instances), lease=self.lease)
+        known = self.ledger.get(HOST, self.name)
+        value = dict(known.value) if known else {"address": self.address,
+                                                 "joined": time.time()}
+        value["last_seen"] = time.time()
+        txn.claim(self.owner, HOST, self.name, value)
+        self.ledger.commit(txn)
+
+    def leave(self) -> None:
+        """Revoke the lease: the host is gone at once (a clean stop)."""
+        if self.lease is not None:
+            try:
+                self.ledger.revoke(self.lease)
+            except CorralError as exc:
+                log.warning("host lease not revoked", host=self.name, error=str(exc))
+            self.lease = None
+
+
+def list_hosts(ledger: Ledger) -> list[dict[str, Any]]:
+    """Every host the ledger knows: its state (``ready``, or ``lost`` since its last sign of
+    life), address, instances and free capacity."""
+    alive = {r.key: r for r in ledger.list(kind=ALIVE)}
+    out = []
+    for rec in ledger.list(kind=HOST):
+        live = alive.get(rec.key)
+        row: dict[str, Any] = {"name": rec.key, "address": rec.value.get("address"),
+                               "joined": rec.value.get("joined"),
+                               "last_seen": rec.value.get("last_seen")}
+        if live is not None:
+            row.update(state="ready", **{k: live.value.get(k) for k in (
+                "pid", "instances", "cpus", "memory_total", "memory_available", "load1")})
+        else:
+            row.update(state="lost", lost_since=rec.value.get("last_seen"))
+        out.append(row)
+    return out
+
+
+def check_name(name: str) -> str:
+    """A host name must be a DNS label (it names ledger records and, later, placements)."""
+    import re
+
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", name):
+        raise CorralError(f"host name {name!r} is not a DNS label (lowercase letters, digits, "
+                          "'-'); set [host] name in the host config", code=ErrorCode.INVALID)
+    return name
