@@ -197,7 +197,7 @@ class EtcdLedger(Ledger):
 
     def _range(self, key: str, *, prefix: bool = False, revision: int | None = None
                ) -> dict[str, Any]:
-        body: dict[str, Any] = {"key": _b64(key)}
+        body: dict[str, Any] = {"key": _b64(key), "serializable": True}
         if prefix:
             body["range_end"] = _range_end(key)
         if revision is not None:
