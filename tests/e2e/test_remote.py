@@ -195,6 +195,11 @@ def test_remote_cli_runs_every_everyday_command_over_ssh(remote: Remote) -> None
         assert out.returncode == 0, out.stderr
         wait_for(lambda: answer(front, lb_name) == "1 hi", 20, what="config live")
         assert "GREETING" in r.corral("alice", "config", "shop").stdout
+        # a secret: its value read on the laptop (stdin here), never on a command line
+        out = r.corral("alice", "config", "set", "shop", "TOKEN", "--secret", input="s3cret\n")
+        assert out.returncode == 0, out.stderr
+        shown = r.corral("alice", "config", "shop").stdout
+        assert "TOKEN" in shown and "s3cret" not in shown, shown
 
         # a saved remote, then CORRAL_REMOTE
         saved = subprocess.run([sys.executable, "-m", "corral.cli", "remote", "add", "prod",
@@ -204,14 +209,15 @@ def test_remote_cli_runs_every_everyday_command_over_ssh(remote: Remote) -> None
         listed = subprocess.run([sys.executable, "-m", "corral.cli", "releases", "shop",
                                  "--json"], env=env, capture_output=True, text=True, timeout=60)
         assert listed.returncode == 0, listed.stderr
-        assert [x["release"] for x in json.loads(listed.stdout)["releases"]] == [1, 2]
+        assert [x["release"] for x in json.loads(listed.stdout)["releases"]] == [1, 2, 3]
 
         # run: stdin reaches the command, stdout and stderr come back apart, and the status
         out = r.corral("alice", "run", "shop", "--", "sh", "-c",
-                       "read x; echo out:$x; echo err:$GREETING >&2; exit 7", input="ping\n")
+                       "read x; echo out:$x:$TOKEN; echo err:$GREETING >&2; exit 7",
+                       input="ping\n")
         assert out.returncode == 7, out.stderr
-        assert out.stdout.strip() == "out:ping" and "err:hi" in out.stderr, (out.stdout,
-                                                                             out.stderr)
+        assert out.stdout.strip() == "out:ping:s3cret" and "err:hi" in out.stderr, (
+            out.stdout, out.stderr)
 
         out = r.corral("alice", "logs", "shop", "-n", "5")
         assert out.returncode == 0, out.stderr

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from corral.errors import ConflictError, CorralError, ErrorCode, NotFoundError, UnavailableError
-from corral.ledger import Change, Claim, CompactedError, Ledger, Txn, open_ledger
+from corral.ledger import Change, Claim, CompactedError, Ledger, open_ledger
 from corral.ledger._etcd import PREFIX, EtcdLedger
 from etcdcluster import HOST, EtcdCluster, etcd_cluster, require_etcd
 
@@ -572,8 +572,8 @@ def test_concurrent_claims_from_three_hosts_are_linearizable(
                     start = time.monotonic()
                     seen = led.get(kind, chosen[0])
                     read = Op(host, thread, start, time.monotonic(), "read",
-                              seen and seen.owner, chosen[:1], tag + "r",
-                              seen and seen.revision)
+                              None if seen is None else seen.owner, chosen[:1], tag + "r",
+                              None if seen is None else seen.revision)
                     with lock:
                         ops.append(read)
                     if seen is None:
@@ -664,6 +664,7 @@ def test_concurrent_claims_from_three_hosts_are_linearizable(
     releases: dict[tuple[int, str], set[str]] = defaultdict(set)
     for op in ops:
         if op.action == "release" and isinstance(op.result, int):
+            assert op.owner is not None
             releases[op.result, op.owner].update(op.keys)
             for k in op.keys:
                 assert held_at(k, op.result) != op.owner, f"seed {seed}: {op} left {k}"
@@ -783,6 +784,32 @@ def _leader(cluster: EtcdCluster) -> int:
             return ids[leader]
         time.sleep(0.1)
     raise AssertionError("no leader")
+
+
+def test_killing_the_leader_fails_over(cluster: EtcdCluster, ledger: Ledger) -> None:
+    """SIGKILL of the leader: the next claim waits out the election (500 ms timeout here) and
+    succeeds through another member; the killed member comes back with every record."""
+    rev = ledger.put("blog", "port", "8000")
+    leader = _leader(cluster)
+    try:
+        cluster.kill(leader)
+        t0 = time.monotonic()
+        ledger.claim("blog", [Claim("port", "8001"), Claim("app", "blog")])
+        took = time.monotonic() - t0
+        assert took < 5, f"the claim took {took:.1f} s after the leader died"
+        assert keys(ledger) == [("app", "blog", "blog"), ("port", "8000", "blog"),
+                                ("port", "8001", "blog")]
+        assert _leader(cluster) != leader
+    finally:
+        if not cluster.running(leader):
+            cluster.start(leader)
+        cluster.wait_healthy()
+    alone = EtcdLedger([cluster.endpoints[leader]])
+    try:
+        assert [(r.key, r.revision > rev) for r in alone.list()] == [
+            ("blog", True), ("8000", False), ("8001", True)]
+    finally:
+        alone.close()
 
 
 def test_quorum_lost_between_read_and_write_is_all_or_nothing(

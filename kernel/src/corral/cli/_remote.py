@@ -103,6 +103,9 @@ def forward(target: str, argv: list[str], ns: argparse.Namespace) -> int:
                 *(["--admin"] if ns.admin else []), *(["--json"] if ns.json else [])]
         feed = key.encode()
         stdin = subprocess.PIPE
+    elif ns.command == "config" and getattr(ns, "secret", False):
+        feed = _secret_values(list(ns.words))
+        stdin = subprocess.PIPE
     elif ns.command == "run":
         stdin = None  # the command's input is ours
         tty = os.isatty(0) and os.isatty(1)
@@ -133,6 +136,20 @@ def _feed(feed: Any, pipe: IO[bytes]) -> None:
             pipe.close()
         except BrokenPipeError:
             pass
+
+
+def _secret_values(words: list[str]) -> bytes:
+    """``config set APP KEY --secret``: each value read here (from the terminal, not echoed,
+    or a line of stdin), sent as a line on the connection, in order: never on a command line."""
+    import getpass
+
+    items = words[2:] if words[:1] == ["set"] else []
+    lines = []
+    for item in items:
+        if "=" not in item:
+            lines.append(getpass.getpass(f"{item}: ") if sys.stdin.isatty()
+                         else sys.stdin.readline().rstrip("\n"))
+    return "".join(f"{line}\n" for line in lines).encode()
 
 
 def _up(ns: argparse.Namespace) -> tuple[list[str], Any]:

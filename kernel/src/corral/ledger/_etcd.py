@@ -12,16 +12,19 @@ Keyspace, small and versioned (``/corral/v1/``):
 A commit reads every record its compares and operations touch (one etcd transaction of
 ranges), applies the ``Txn`` to that snapshot exactly as the SQLite backend does (same
 errors, same no-op rules), then writes the net puts and deletes in one etcd transaction whose
-compares are the snapshot itself: each key read must still be absent (``create_revision ==
-0``) or unchanged (``mod_revision``). Another host that wrote one of them in between makes the
-compare fail and the commit starts again from a new read; so a multi-claim is all or nothing
-across the cluster and no key is ever held by two owners. Leases are etcd's (TTL in whole
-seconds, rounded up): records claimed under one vanish when it expires, by etcd, on every
-host at once.
+compares are the snapshot itself: each key the ``Txn`` names, and each record it deletes,
+must still be absent (``create_revision == 0``) or unchanged (``mod_revision``); the other
+records a ``release_all`` read are not pinned (etcd allows 128 compares per transaction).
+Another host that wrote one of them in between makes the compare fail and the commit starts
+again from a new read; so a multi-claim is all or nothing across the cluster and no key is
+ever held by two owners. Leases are etcd's (TTL in whole seconds, rounded up): records
+claimed under one vanish when it expires, by etcd, on every host at once.
 
 Endpoints: ``etcd://h1:2379,h2:2379,h3:2379`` (``etcds://`` for TLS). A member that does not
 answer is skipped for the next; when none commits (no quorum: etcd times the proposal out),
-the error says so and nothing was written.
+the error says so, naming each member's failure, and says whether nothing was written (the
+commit failed before its write) or the write may still be applied (a member took it without
+confirming it: a leader that lost its quorum may commit it once the quorum is back).
 """
 
 from __future__ import annotations
@@ -197,7 +200,7 @@ class EtcdLedger(Ledger):
 
     def _range(self, key: str, *, prefix: bool = False, revision: int | None = None
                ) -> dict[str, Any]:
-        body: dict[str, Any] = {"key": _b64(key), "serializable": True}
+        body: dict[str, Any] = {"key": _b64(key)}
         if prefix:
             body["range_end"] = _range_end(key)
         if revision is not None:
