@@ -10,11 +10,28 @@ from collections import Counter
 import pytest
 
 from conftest import require
-from corral.testing import free_port
+from corral.testing import free_port as any_free_port
 from corral_lb.balancer import Balancer
 from corral_lb.config import load_lb_config
 from corral_lb.nft import TABLE, NftPlane, service_key
 from integration.lb._harness import backends, get
+
+
+def free_port() -> int:
+    """A free port no conntrack entry names: a drain counts the established flows conntrack
+    holds to a backend's port, and a host keeps stale ESTABLISHED entries for days (5 by
+    default) after connections that ended unseen (e.g. in a removed network namespace); a
+    new backend must not inherit one."""
+    for _ in range(100):
+        port = any_free_port()
+        try:
+            with open("/proc/net/nf_conntrack") as f:
+                text = f.read()
+        except OSError:
+            return port
+        if f"port={port} " not in text:
+            return port
+    return any_free_port()
 
 FAST_HEALTH = {"interval": "100ms", "timeout": "500ms", "rise": 1, "fall": 1}
 

@@ -728,8 +728,8 @@ def test_one_member_down_still_serves_two_down_refuses(cluster: EtcdCluster, led
                                                        ) -> None:
     """With one of three members stopped (the first listed), claims and reads still work;
     with two stopped, a commit fails within 20 s with UnavailableError naming the lack of
-    quorum and the unreachable members, and writes nothing: after the members are back, none
-    of the keys of that multi-claim is held."""
+    quorum and the unreachable members, and is all or nothing: after the members are back,
+    the keys of that multi-claim are all held or none is."""
     ledger.put("blog", "port", "8000")
     p0, p1 = cluster.client_ports[0], cluster.client_ports[1]
     try:
@@ -750,10 +750,14 @@ def test_one_member_down_still_serves_two_down_refuses(cluster: EtcdCluster, led
         assert took < 20, f"the failed commit took {took:.1f} s"
         assert err.code == ErrorCode.UNAVAILABLE and err.retry is True
         text = str(err)
-        assert "quorum" in text and "nothing was written" in text
+        # the first attempt of a claim is its write (speculative: the keys were never seen):
+        # sent to a member without a quorum, it may be applied once the quorum is back
+        assert "quorum" in text and ("nothing was written" in text
+                                     or "may still be applied" in text), text
         assert f"{HOST}:{p0}: unreachable" in text and f"{HOST}:{p1}: unreachable" in text
         p2 = cluster.client_ports[2]
-        assert f"{HOST}:{p2}: etcdserver:" in text, text  # the member left answered: no quorum
+        assert (f"{HOST}:{p2}: etcdserver:" in text
+                or f"{HOST}:{p2}: unreachable (no answer in time)" in text), text
         with pytest.raises(UnavailableError):
             ledger.get("port", "8000")
     finally:
@@ -761,8 +765,9 @@ def test_one_member_down_still_serves_two_down_refuses(cluster: EtcdCluster, led
             if not cluster.running(i):
                 cluster.start(i)
         cluster.wait_healthy()
-    assert [r.key for r in ledger.list()] == ["blog", "8000"]
-    assert ledger.list(owner="shop") == []
+    assert [r.key for r in ledger.list(owner="blog")] == ["blog", "8000"]
+    shop = sorted(r.key for r in ledger.list(owner="shop"))
+    assert shop in ([], ["9000", "9001", "shop"]), "all or nothing"
     assert ledger.claim("shop", [Claim("port", "9000"), Claim("app", "shop")]) > rev
 
 
@@ -825,12 +830,12 @@ def test_quorum_lost_between_read_and_write_is_all_or_nothing(
     assert isinstance(led, EtcdLedger)
     real_txn = led._txn
 
-    def txn_losing_quorum(compares: list[dict[str, Any]], success: list[dict[str, Any]]
-                          ) -> dict[str, Any]:
+    def txn_losing_quorum(compares: list[dict[str, Any]], success: list[dict[str, Any]],
+                          failure: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         if any("request_put" in op for op in success):
             cluster.kill(followers[0])
             cluster.stop(followers[1])
-        return real_txn(compares, success)
+        return real_txn(compares, success, failure)
 
     monkeypatch.setattr(led, "_txn", txn_losing_quorum)
     claims = [Claim("port", "7000"), Claim("port", "7001"), Claim("app", "shop")]

@@ -63,6 +63,10 @@ LEASES = PREFIX + "l/"
 SYNC = PREFIX + "sync"
 MAX_RETRIES = 64
 """Commits that lose a race re-read and try again, this many times at most."""
+REQUEST_TIMEOUT_S = 2.5
+"""One request to one member; a commit tries the members until the ledger's timeout."""
+CACHE_SIZE = 100_000
+"""Keys whose last seen state a process keeps for its speculative first attempts."""
 
 
 def _b64(text: str) -> str:
@@ -124,7 +128,7 @@ class EtcdLedger(Ledger):
     """``Ledger`` on an etcd v3 cluster; safe to share across threads (a connection each)."""
 
     def __init__(self, endpoints: Sequence[tuple[str, int]], *, tls: bool = False,
-                 timeout: float = 8.0) -> None:
+                 timeout: float = 12.0) -> None:
         if not endpoints:
             raise CorralError("etcd ledger: no endpoint given", code=ErrorCode.INVALID,
                               retry=False)
@@ -133,6 +137,8 @@ class EtcdLedger(Ledger):
         self.timeout = timeout
         self._local = threading.local()
         self._preferred = 0  # the member that answered last
+        self._cache: dict[str, _Row | None] = {}  # keys as this process last saw them
+        self._cache_lock = threading.Lock()
         self._closed = False
 
     # -- transport ------------------------------------------------------------------------------
@@ -144,7 +150,7 @@ class EtcdLedger(Ledger):
         if index not in clients:
             host, port = self.endpoints[index]
             clients[index] = Etcd3Client(host=host, port=port, protocol=self.protocol,
-                                         timeout=self.timeout, api_path="/v3/")
+                                         timeout=REQUEST_TIMEOUT_S, api_path="/v3/")
         return clients[index]
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -162,7 +168,15 @@ class EtcdLedger(Ledger):
             "request_put" in op or "request_delete_range" in op for op in body.get("success", []))
         unknown = False
         count = len(self.endpoints)
-        for step in range(count):
+        deadline = time.monotonic() + self.timeout
+        # every member in turn, again and again until the deadline: a leader that died is
+        # replaced within an election timeout, and a member without a leader answers only when
+        # its own (longer) timeout runs out, so each request gets REQUEST_TIMEOUT_S at most
+        for step in range(count * 1000):
+            if step and step % count == 0:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.1)
             index = (self._preferred + step) % count
             host, port = self.endpoints[index]
             client = self._client(index)
@@ -188,15 +202,19 @@ class EtcdLedger(Ledger):
                                   code=ErrorCode.INTERNAL) from None
             self._preferred = index
             return dict(res)
+        errors = errors[-count:]  # the last round says it
         outcome = ("the write may still be applied (a member took it without confirming it): "
                    "re-read the ledger before retrying" if unknown else "nothing was written")
         raise UnavailableError(
             "the etcd ledger is unavailable (no member answered, or the cluster has no "
             f"quorum); {outcome}: {'; '.join(errors)}")
 
-    def _txn(self, compares: list[dict[str, Any]], success: list[dict[str, Any]]
-             ) -> dict[str, Any]:
-        return self._post("kv/txn", {"compare": compares, "success": success})
+    def _txn(self, compares: list[dict[str, Any]], success: list[dict[str, Any]],
+             failure: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"compare": compares, "success": success}
+        if failure:
+            body["failure"] = failure
+        return self._post("kv/txn", body)
 
     def _range(self, key: str, *, prefix: bool = False, revision: int | None = None
                ) -> dict[str, Any]:
@@ -399,20 +417,44 @@ class EtcdLedger(Ledger):
     # -- writes ---------------------------------------------------------------------------------
 
     def commit(self, txn: Txn) -> int:
-        """See ``Ledger.commit``: optimistic, compare-and-swap on every key it read."""
+        """See ``Ledger.commit``: optimistic, compare-and-swap on every key it read.
+
+        The first attempt is speculative: it assumes the keys are as this process last saw
+        them (absent when never seen) and sends the writes with those assumptions as compares
+        and, as the transaction's *else*, a read of the same keys; so a claim of a free key,
+        or the release of a key this process claimed, takes one round trip. A guess that was
+        wrong never refuses anything: the read that came back is applied instead, exactly as
+        if it had been made first. ``release_all`` always reads first."""
+        keys = sorted({record_key(c.kind, c.key) for c in txn.compares}
+                      | {record_key(op.claim.kind, op.claim.key) for op in txn.ops
+                         if isinstance(op, ClaimOp)}
+                      | {record_key(op.kind, op.key) for op in txn.ops
+                         if isinstance(op, ReleaseOp)})
+        named = set(keys)
+        whole = any(not isinstance(op, ClaimOp | ReleaseOp) for op in txn.ops)
+        leases = {op.lease for op in txn.ops if isinstance(op, ClaimOp) and op.lease}
+        lease_owners = {lid: self._live_lease_owner(lid) for lid in sorted(leases)}
+        snapshot: tuple[dict[str, _Row | None], int] | None = None
+        guess = None if whole else self._guess(keys)
         for _ in range(MAX_RETRIES):
-            keys = sorted({record_key(c.kind, c.key) for c in txn.compares}
-                          | {record_key(op.claim.kind, op.claim.key) for op in txn.ops
-                             if isinstance(op, ClaimOp)}
-                          | {record_key(op.kind, op.key) for op in txn.ops
-                             if isinstance(op, ReleaseOp)})
-            named = set(keys)
-            whole = any(not isinstance(op, ClaimOp | ReleaseOp) for op in txn.ops)
-            rows, revision = self._read(keys, [RECORDS] if whole else [])
-            leases = {op.lease for op in txn.ops if isinstance(op, ClaimOp) and op.lease}
-            lease_owners = {lid: self._live_lease_owner(lid) for lid in sorted(leases)}
+            speculative = snapshot is None and guess is not None
+            if speculative:
+                assert guess is not None
+                rows, revision = guess, 0
+                guess = None
+            elif snapshot is not None:
+                rows, revision = snapshot
+                snapshot = None
+            else:
+                rows, revision = self._read(keys, [RECORDS] if whole else [])
+                self._remember(rows)
             state = dict(rows)
-            _apply(state, txn, lease_owners, time.time())
+            try:
+                _apply(state, txn, lease_owners, time.time())
+            except CorralError:
+                if speculative:
+                    continue  # decided on what etcd holds, never on a guess
+                raise
             writes: list[dict[str, Any]] = []
             for name, row in state.items():
                 before = rows.get(name)
@@ -425,6 +467,8 @@ class EtcdLedger(Ledger):
                         put["lease"] = int(row.lease, 16)
                     writes.append({"request_put": put})
             if not writes:
+                if speculative:
+                    continue  # "nothing to do" is decided on what etcd holds too
                 txn.revision = revision
                 return revision
             compares = []
@@ -437,17 +481,42 @@ class EtcdLedger(Ledger):
                 else:
                     compares.append({"key": _b64(name), "target": "MOD", "result": "EQUAL",
                                      "mod_revision": before.revision})
+            failure = [{"request_range": self._range(k)} for k in keys] if speculative else []
             try:
-                res = self._txn(compares, writes)
+                res = self._txn(compares, writes, failure)
             except _LeaseGone:  # expired between the check and the write; nothing written
                 raise NotFoundError(
                     f"lease {', '.join(sorted(leases))} does not exist or has expired "
                     "(it expired while the claim was committed)") from None
             if res.get("succeeded"):
                 txn.revision = int(res["header"]["revision"])
+                self._remember({name: None if row is None else _Row(
+                    row.owner, row.value, row.since, row.lease, txn.revision,
+                    row.created or txn.revision) for name, row in state.items()
+                    if name in named or row is None})
                 return txn.revision
+            if speculative:  # the else branch read the keys, atomically: go on from there
+                fresh: dict[str, _Row | None] = dict.fromkeys(keys)
+                for item in res.get("responses", []):
+                    for kv in item.get("response_range", {}).get("kvs", []):
+                        fresh[_unb64(kv["key"])] = _row(kv)
+                self._remember(fresh)
+                snapshot = (fresh, int(res["header"]["revision"]))
         raise UnavailableError(f"the ledger transaction lost {MAX_RETRIES} races in a row to "
                                "other writers; try again")
+
+    def _guess(self, keys: builtins.list[str]) -> dict[str, _Row | None]:
+        """The keys as this process last saw them (absent when never seen)."""
+        with self._cache_lock:
+            return {k: self._cache.get(k) for k in keys}
+
+    def _remember(self, rows: dict[str, _Row | None]) -> None:
+        with self._cache_lock:
+            if len(self._cache) > CACHE_SIZE:
+                self._cache.clear()
+            for name, row in rows.items():
+                if name.startswith(RECORDS):
+                    self._cache[name] = row
 
     def _live_lease_owner(self, lease_id: str) -> str | None:
         lease = self.lease(lease_id)
