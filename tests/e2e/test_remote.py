@@ -29,7 +29,7 @@ from e2e.test_lb_deployed import new_net_host, require_net
 from e2e.test_releases import VERSIONED_WEB, app_dir, get
 
 pytestmark = pytest.mark.root
-DRIVERS = ("net", "fs", "lb", "log")
+DRIVERS = ("net", "fs", "lb", "log", "cron")
 
 
 @dataclass
@@ -403,8 +403,8 @@ def test_remote_run_with_a_terminal_is_interactive(remote: Remote) -> None:
 
 def test_remote_logs_follow_streams_and_ssh_urls_work(remote: Remote) -> None:
     """`corral --remote ssh://USER@HOST:PORT logs -f APP` streams the app's new lines as
-    they are written (the URL form of a target, the port in it); errors and top answer
-    remotely too."""
+    they are written (the URL form of a target, the port in it); errors, top and cron answer
+    remotely too, cron scoped to the key's apps."""
     r = remote
     d = r.base / "laptop-ticker"
     d.mkdir()
@@ -413,6 +413,9 @@ def test_remote_logs_follow_streams_and_ssh_urls_work(remote: Remote) -> None:
         name = "ticker"
         [processes]
         tick = { command = "sh -c 'while true; do echo tick-$(date +%s%N); sleep 0.2; done'" }
+        [cron.beat]
+        schedule = "@hourly"
+        command = "echo beat"
     '''))
     for path in (d, *d.iterdir()):
         path.chmod(0o755 if path.is_dir() else 0o644)
@@ -444,5 +447,15 @@ def test_remote_logs_follow_streams_and_ssh_urls_work(remote: Remote) -> None:
                                  env=env, capture_output=True, text=True, timeout=120,
                                  stdin=subprocess.DEVNULL)
             assert out.returncode == 0, (argv, out.stderr)
+        # cron: the admin key sees the job and runs it; ci (scoped to shop) sees no job of
+        # ticker's and may not run one
+        jobs = json.loads(r.corral("alice", "cron", "ls", "--json").stdout)["jobs"]
+        assert "ticker.beat" in {j["job"] for j in jobs}, jobs
+        out = r.corral("alice", "cron", "run", "ticker.beat", "--json")
+        assert out.returncode == 0, out.stderr
+        jobs = json.loads(r.corral("ci", "cron", "ls", "--json").stdout)["jobs"]
+        assert "ticker.beat" not in {j["job"] for j in jobs}, jobs
+        out = r.corral("ci", "cron", "run", "ticker.beat")
+        assert out.returncode != 0 and "may not act on cron job" in out.stderr, out.stderr
     finally:
         r.k.cli("down", "ticker")
