@@ -459,3 +459,27 @@ def test_remote_logs_follow_streams_and_ssh_urls_work(remote: Remote) -> None:
         assert out.returncode != 0 and "may not act on cron job" in out.stderr, out.stderr
     finally:
         r.k.cli("down", "ticker")
+
+
+def test_an_admin_key_manages_keys_remotely_and_a_removed_key_is_refused(remote: Remote
+                                                                         ) -> None:
+    """alice (admin) adds a key over SSH (the public key sent on stdin), the new key may act
+    on its app at once; `keys rm` over SSH removes it, and sshd refuses it from the next
+    connection on."""
+    r = remote
+    private, public = r.srv.client_key("bob")
+    r.keys["bob"] = private
+    out = r.corral("alice", "keys", "add", "bob", str(private.with_suffix(".pub")), "--app",
+                   "shop", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["key"]["apps"] == ["shop"]
+    me = r.corral("bob", "keys", "whoami")
+    assert me.returncode == 0, me.stderr
+    assert json.loads(me.stdout) == {"key": "bob", "apps": ["shop"], "admin": False}
+    listed = json.loads(r.corral("alice", "keys", "ls", "--json").stdout)
+    assert {k["name"] for k in listed} == {"alice", "ci", "bob"}
+    assert public.split()[1] not in r.corral("alice", "keys", "ls", "--json").stdout
+    out = r.corral("alice", "keys", "rm", "bob")
+    assert out.returncode == 0, out.stderr
+    out = r.srv.ssh(private, "corral", "keys", "whoami")
+    assert out.returncode == 255 and b"Permission denied" in out.stderr, out.stderr
