@@ -489,12 +489,14 @@ class Host:
             return ""
 
     def etcdctl(self, *args: str, endpoints: Sequence[Host] | None = None,
-                timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-        """``etcdctl`` (v3) inside this host against ``endpoints`` (default: every member)."""
+                command_timeout: float = 5.0, timeout: float = 30.0
+                ) -> subprocess.CompletedProcess[str]:
+        """``etcdctl`` (v3) inside this host against ``endpoints`` (default: every member);
+        the caller checks ``returncode``."""
         targets = self.cluster.hosts if endpoints is None else endpoints
         env = {**_no_proxy(dict(os.environ)), "ETCDCTL_API": "3"}
         argv = [ETCDCTL, "--endpoints", ",".join(h.client_url for h in targets),
-                "--dial-timeout", "2s", "--command-timeout", "5s", *args]
+                "--dial-timeout", "1s", "--command-timeout", f"{command_timeout:g}s", *args]
         return subprocess.run(self.enter(argv), capture_output=True, text=True, env=env,
                               timeout=timeout, check=False)
 

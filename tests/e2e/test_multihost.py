@@ -7,6 +7,7 @@ ledger's clear error; healed, claims work again."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,6 @@ pytestmark = pytest.mark.root
 
 OWNER = "test:multihost"
 KIND = "mh-probe"
-
-
 def hosts(h: Host) -> dict[str, dict[str, Any]]:
     """``corral hosts --json`` run inside ``h``, by host name."""
     r = h.cli("hosts", "--json")
@@ -52,9 +51,9 @@ def alive_in_etcd(observer: Host, name: str) -> bool:
     return int(json.loads(r.stdout).get("count", 0)) > 0
 
 
-def starts(h: Host) -> bool:
+def starts(h: Host, extra_toml: str = "") -> bool:
     try:
-        h.start_kernel(timeout=15)
+        h.start_kernel(extra_toml, timeout=15)
     except RuntimeError:
         return False
     return True
@@ -110,8 +109,10 @@ def test_three_hosts_takeover_partition_and_quorum() -> None:
         assert seen["h1"]["state"] == "ready" and seen["h1"]["address"] == h1.address, seen
 
         # -- one live host per ledger: h2 is refused, naming h1 -----------------------------
+        t = time.monotonic()
         with pytest.raises(RuntimeError, match=r"in use by host 'h1'"):
             h2.start_kernel(timeout=15)
+        note("h2 refused while h1 is alive", t)
 
         # -- h1 crashes: lost after its TTL, h2 takes over ----------------------------------
         h1.kill9()
@@ -121,7 +122,8 @@ def test_three_hosts_takeover_partition_and_quorum() -> None:
         wait_for(lambda: not alive_in_etcd(h3, "h1"), timeout=c.ttl_s + 10, step=0.1,
                  what="h1's lease expiring in etcd")
         note("h1 lease gone after kill -9", killed)
-        wait_for(lambda: starts(h2), timeout=20, step=0.1, what="h2's kernel starting")
+        wait_for(lambda: starts(h2), timeout=20, step=0.1,
+                 what="h2's kernel starting")
         note("h2 kernel serving after kill -9 of h1", killed)
         assert timings["h2 kernel serving after kill -9 of h1"] <= c.ttl_s + 10, timings
         seen = hosts(h2)
@@ -130,9 +132,12 @@ def test_three_hosts_takeover_partition_and_quorum() -> None:
         assert "h2 (this host)" in h2.cli("hosts").stdout
 
         # -- h3 partitioned: two members of three keep the quorum --------------------------
+        t = time.monotonic()
         h3.cut()
         assert not h3.member_healthy()
-        assert h2.etcdctl("endpoint", "health", endpoints=[h3]).returncode != 0
+        assert h2.etcdctl("endpoint", "health", endpoints=[h3],
+                          command_timeout=1).returncode != 0
+        note("h3 cut off (seen from the root namespace and from h2)", t)
         t = time.monotonic()
         claim(h2, "during-cut")
         note("claim with h3 cut off", t)
@@ -174,10 +179,50 @@ def test_three_hosts_takeover_partition_and_quorum() -> None:
             assert "without-quorum" not in keys, keys
         r = h3.etcdctl("endpoint", "health", "--cluster")
         assert r.returncode == 0, r.stdout + r.stderr
+        t = time.monotonic()
         wait_for(lambda: hosts(h2)["h2"]["state"] == "ready", timeout=c.ttl_s + 5,
                  what="h2 ready after the heal")
+        note("h2 ready after the heal", t)
         torn = time.monotonic()
     note("teardown", torn)
     note("total", began)
     print(f"host ttl_s = {c.ttl_s}; detection (lease gone after kill -9) = "
           f"{timings['h1 lease gone after kill -9']:.2f} s")
+
+
+def test_kernel_answers_while_a_claim_waits_for_a_lost_quorum() -> None:
+    """With the default heartbeat (1 s), a claim that waits for a lost quorum must not stop
+    the kernel: ``kernel.status`` still answers, and the claim ends with the ledger's error."""
+    require_multihost()
+    with multihost(3) as c:
+        h1 = c.host(1)
+        h1.start_kernel()
+        c.host(2).stop_member()
+        c.host(3).stop_member()
+        outcome: dict[str, BaseException | int] = {}
+
+        def claim_in_thread() -> None:
+            try:
+                outcome["claim"] = claim(h1, "without-quorum")
+            except BaseException as exc:
+                outcome["claim"] = exc
+
+        worker = threading.Thread(target=claim_in_thread)
+        worker.start()
+        try:
+            time.sleep(1.0)  # the claim is waiting for etcd now
+            t = time.monotonic()
+            try:
+                h1.call("kernel.status", timeout=3.0)
+                status: str = "answered"
+            except CorralError as exc:
+                status = f"no answer: {exc}"
+            print(f"kernel.status during the claim: {status} "
+                  f"({time.monotonic() - t:.2f} s)")
+        finally:
+            worker.join(60)
+        print(f"the claim: {outcome.get('claim')!r}")
+        assert status == "answered", status
+        result = outcome.get("claim")
+        assert isinstance(result, CorralError), result
+        assert "the etcd ledger is unavailable" in result.reason, result.reason

@@ -403,8 +403,11 @@ class Kernel:
                               for lv in state.instances.values()]}
 
     async def _ledger_list(self, peer: Peer, args: LedgerList) -> dict[str, Any]:
-        recs = self.ledger.list(owner=args.owner, kind=args.kind)
-        return {"revision": self.ledger.revision(),
+        def read() -> tuple[list[Any], int]:
+            return self.ledger.list(owner=args.owner, kind=args.kind), self.ledger.revision()
+
+        recs, revision = await asyncio.to_thread(read) if self.ledger.remote else read()
+        return {"revision": revision,
                 "records": [{"kind": r.kind, "key": r.key, "owner": r.owner, "since": r.since,
                              "revision": r.revision, "value": r.value} for r in recs]}
 
@@ -450,13 +453,25 @@ class Kernel:
         return await self.bus.call(slot.peer, op, args.args)
 
     async def _status(self, peer: Peer, args: Any) -> dict[str, Any]:
-        """The kernel's own figures (``kernel.status``: the log driver's /metrics)."""
+        """The kernel's own figures (``kernel.status``: the log driver's /metrics). The
+        kernel answers whatever its ledger does: a networked ledger that does not give its
+        revision within a second is reported unavailable (``revision`` null, ``ledger``)."""
         drivers: dict[str, int] = {}
         for slot in self.supervisor.slots.values():
             drivers[slot.state] = drivers.get(slot.state, 0) + 1
+        revision: int | None
+        ledger = "ok"
+        if self.ledger.remote:
+            try:
+                revision = await asyncio.wait_for(asyncio.to_thread(self.ledger.revision), 1.0)
+            except (TimeoutError, CorralError) as exc:
+                revision = None
+                ledger = f"unavailable: {getattr(exc, 'reason', '') or 'no answer in 1 s'}"
+        else:
+            revision = self.ledger.revision()
         return {"pid": os.getpid(), "version": __version__, "protocol": PROTOCOL,
                 "uptime_s": round(time.time() - self.started, 3), "home": str(self.home),
-                "runtime_dir": str(self.runtime), "revision": self.ledger.revision(),
+                "runtime_dir": str(self.runtime), "revision": revision, "ledger": ledger,
                 "peers": len(self.bus.peers), "bus": dict(self.bus.stats),
                 "apps": len(self.deployer.apps),
                 "instances": sum(len(a.instances) for a in self.deployer.apps.values()),

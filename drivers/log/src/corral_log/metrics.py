@@ -173,7 +173,7 @@ def _scalars(family: type[GaugeMetricFamily] | type[CounterMetricFamily],
     ``source``."""
     out: list[Metric] = []
     for name, key, doc in table:
-        if key in source:
+        if source.get(key) is not None:  # a revision the ledger could not give: none
             f = family(f"corral_kernel_{name}", doc)
             f.add_metric([], float(source[key]))
             out.append(f)

@@ -294,11 +294,16 @@ class BusServer:
             pass
 
     async def _heartbeats(self) -> None:
+        last_tick = time.monotonic()
         while True:
             await asyncio.sleep(self.heartbeat_s)
             now = time.monotonic()
+            # a tick that comes late means this loop was held up (a slow call on it): what
+            # peers sent meanwhile is still queued, unread; judge them on the next tick
+            stalled = now - last_tick > 2 * self.heartbeat_s
+            last_tick = now
             for identity, peer in list(self.peers.items()):
-                if now - peer.last_heard > 3 * self.heartbeat_s:
+                if not stalled and now - peer.last_heard > 3 * self.heartbeat_s:
                     log.warning("peer lost", peer=peer.name, role=peer.role)
                     self.peers.pop(identity, None)
                     self._fail_pending(identity, f"{peer.name} stopped answering")

@@ -197,6 +197,10 @@ class Ledger(abc.ABC):
     the same value, releasing a free key) creates no revision and returns the current one.
     """
 
+    remote: bool = False
+    """Whether calls go over the network (and may take seconds): callers on an event loop
+    then run them in a worker thread (``GroupCommit`` does)."""
+
     # -- backend contract ---------------------------------------------------------------------
 
     @abc.abstractmethod

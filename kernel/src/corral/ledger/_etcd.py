@@ -127,6 +127,8 @@ def _iso(now: float) -> str:
 class EtcdLedger(Ledger):
     """``Ledger`` on an etcd v3 cluster; safe to share across threads (a connection each)."""
 
+    remote = True
+
     def __init__(self, endpoints: Sequence[tuple[str, int]], *, tls: bool = False,
                  timeout: float = 12.0) -> None:
         if not endpoints:
