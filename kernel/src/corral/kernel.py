@@ -13,6 +13,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -119,7 +120,8 @@ class Kernel:
         self.gateway_dir = Path(str(self.runtime) + "-gateway")
         self.keys = KeyStore(self.home / "keys.json", Account(
             user=ssh.user, home=Path(ssh.home) if ssh.home else self.home / "ssh",
-            gateway=gateway_path(), bus=f"ipc://{self.gateway_dir / 'bus.sock'}",
+            gateway=gateway_path(), python=Path(sys.executable),
+            bus=f"ipc://{self.gateway_dir / 'bus.sock'}",
             events=f"ipc://{self.gateway_dir / 'events.sock'}"))
         self.branches = Branches(self.home / "git-branches.json")
         self.hosts = HostRegistry(self.ledger, check_name(host_name(self.config.host.name)),

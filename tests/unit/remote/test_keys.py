@@ -441,3 +441,13 @@ def test_sync_renders_authorized_keys_again_from_the_store(
     moved.sync()
     assert _lines(moved) == [expected[0].replace("/opt/corral/bin/corral-ssh",
                                                  "/usr/bin/corral-ssh")]
+
+
+def test_with_an_interpreter_the_gateway_runs_isolated(tmp_path: Path) -> None:
+    """With ``python`` set (the kernel sets its own), the forced command and the push hook run
+    the gateway through ``python -I``: no PYTHON* variable a client may send, no user site."""
+    acct = _account(tmp_path, python=Path("/opt/corral/bin/python"))
+    home = tmp_path / "home"
+    assert acct.line(_key("alice")) == (
+        f'command="/opt/corral/bin/python -I /opt/corral/bin/corral-ssh --bus {BUS} --events '
+        f'{EVENTS} --home {home} alice",restrict,pty ssh-ed25519 AAAAbody corral:alice')

@@ -4,7 +4,8 @@ The kernel keeps the keys (``<home>/keys.json``, root-only) and renders them int
 ``authorized_keys`` of one unprivileged user (``[ssh] user``, default ``corral``), which the
 host's stock OpenSSH server reads. Every line is ours, written whole::
 
-    command="/…/corral-ssh --bus ipc://… --events ipc://… --home /… alice",restrict,pty \
+    command="/…/python -I /…/corral-ssh --bus ipc://… --events ipc://… --home /… alice",\
+        restrict,pty \
         ssh-ed25519 AAAA… corral:alice           (one line)
 
 - ``command=`` forces the gateway (``corral.remote.gateway``) whatever the client asked for;
@@ -20,6 +21,7 @@ password can match, and sshd does not treat the account as locked.
 from __future__ import annotations
 
 import base64
+import builtins
 import hashlib
 import json
 import os
@@ -121,6 +123,14 @@ class Account:
     gateway: Path
     bus: str
     events: str
+    python: Path | None = None
+    """The interpreter that runs ``gateway``, isolated (``-I``: no PYTHON* variable, no user
+    site, no script directory), so what an SSH client may pass in its environment can never
+    change the code the gateway runs; None runs the script by its own ``#!``."""
+
+    def _runner(self) -> builtins.list[str]:
+        return [str(self.gateway)] if self.python is None else [str(self.python), "-I",
+                                                                str(self.gateway)]
 
     @property
     def authorized_keys(self) -> Path:
@@ -147,7 +157,7 @@ class Account:
 
     def command(self, key: str) -> str:
         """The forced command of ``key``'s line (every part checked to need no quoting)."""
-        parts = [str(self.gateway), "--bus", self.bus, "--events", self.events,
+        parts = [*self._runner(), "--bus", self.bus, "--events", self.events,
                  "--home", str(self.home), key]
         for part in parts:
             if not _SAFE.fullmatch(part):
@@ -189,7 +199,7 @@ class Account:
             os.chmod(path, mode)
         # git runs it for every push (core.hooksPath): it deploys, or refuses the push
         _write(self.home / "hooks" / "pre-receive",
-               f"#!/bin/sh\nexec {shlex.quote(str(self.gateway))} --pre-receive\n", 0o755)
+               f"#!/bin/sh\nexec {shlex.join(self._runner())} --pre-receive\n", 0o755)
         self._check_gateway(uid, gid)
         return uid, gid
 
@@ -198,7 +208,7 @@ class Account:
         try:
             out = subprocess.run(
                 ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--",
-                 str(self.gateway), "--check"], capture_output=True, timeout=60, cwd="/",
+                 *self._runner(), "--check"], capture_output=True, timeout=60, cwd="/",
                 env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"})
             ok, why = out.returncode == 0, out.stderr.decode(errors="replace").strip()
         except (OSError, subprocess.TimeoutExpired) as exc:
