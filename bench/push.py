@@ -19,7 +19,6 @@ BENCH_ROUNDS (default 5 of each).
 
 from __future__ import annotations
 
-import http.client
 import os
 import statistics
 import subprocess
@@ -32,7 +31,16 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from _kernel import exit_on_sigterm, kernel, scoped_host_toml
-from rollback import SERVE_TIMEOUT_S, CannotMeasure, Load, check_host, cli_ok, version_at, write_app
+from rollback import (
+    CannotMeasure,
+    Load,
+    check_host,
+    cli_ok,
+    corral_cli,
+    until_serving,
+    version_at,
+    write_app,
+)
 
 from corral.testing import free_port
 from e2e.sshd import new_user, ssh_server
@@ -53,39 +61,6 @@ def main() -> int:
     except CannotMeasure as exc:
         print(f"push: could not measure: {exc}", file=sys.stderr)
         return 1
-
-
-def timed(argv: list[str], env: dict[str, str], cwd: Path, front: int, target: str,
-          polls: list[str]) -> tuple[float, float, str]:
-    """Run ``argv``: (seconds until the frontend answers ``target``, seconds until the
-    command exits, its stderr)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    serving = None
-    try:
-        while time.perf_counter() - t0 < SERVE_TIMEOUT_S:
-            try:
-                seen = version_at(front)
-                polls.append("")
-                if seen == target:
-                    serving = time.perf_counter() - t0
-                    break
-            except (OSError, http.client.HTTPException, IndexError) as exc:
-                polls.append(f"{time.time():.3f} poll {type(exc).__name__}: {exc}")
-            if proc.poll() is not None and proc.returncode != 0:
-                break
-            time.sleep(0.005)
-        _, err = proc.communicate(timeout=SERVE_TIMEOUT_S)
-        done = time.perf_counter() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    if proc.returncode != 0 or serving is None:
-        raise CannotMeasure(f"{' '.join(argv)} exited {proc.returncode}; the frontend never "
-                            f"answered {target}:\n{err[-3000:]}")
-    return serving, done, err
 
 
 def measure(work: Path) -> int:
@@ -127,8 +102,8 @@ def measure(work: Path) -> int:
                 version += 1
                 (app / "VERSION").write_text(f"{version}\n")
                 git("commit", "-qam", f"v{version}")
-                serving, done, _ = timed(["git", "push", "-q", "prod", "main"], env, app,
-                                         front, str(version), polls)
+                serving, done = until_serving(["git", "push", "-q", "prod", "main"], env,
+                                              front, str(version), polls, cwd=app)
                 pushes.append((serving, done))
                 print(f"round {i + 1}: git push serving v{version} after {serving:.3f} s, "
                       f"push done after {done:.3f} s; load {load.ok} answers, {load.failed} "
@@ -137,8 +112,8 @@ def measure(work: Path) -> int:
                 version += 1
                 (app / "VERSION").write_text(f"{version}\n")
                 git("commit", "-qam", f"v{version}")
-                serving, done, _ = timed([*cli(), "up", str(app)], k.env, app, front,
-                                         str(version), polls)
+                serving, done = until_serving([*corral_cli(), "up", str(app)], k.env, front,
+                                              str(version), polls, cwd=app)
                 ups.append((serving, done))
                 print(f"round {i + 1}: corral up serving v{version} after {serving:.3f} s, "
                       f"done after {done:.3f} s", file=sys.stderr)
@@ -160,11 +135,6 @@ def measure(work: Path) -> int:
           f"{load.ok + load.failed + len(polls)} (keep-alive load at {RATE:.0f} req/s, and "
           "polls; goal 0)")
     return 0
-
-
-def cli() -> list[str]:
-    script = Path(sys.executable).parent / "corral"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "corral.cli"]
 
 
 if __name__ == "__main__":

@@ -261,14 +261,15 @@ def cli_ok(k: KernelProcess, *argv: str) -> subprocess.CompletedProcess[str]:
     return r
 
 
-def rollback_round(k: KernelProcess, front: int, argv: list[str], target: str,
-                   polls: list[str]) -> tuple[float, float]:
-    """`corral ARGV` (a rollback): (seconds until the frontend answers ``target``, seconds
-    until the CLI exits)."""
+def until_serving(argv: list[str], env: dict[str, str], front: int, target: str,
+                  polls: list[str], cwd: Path | None = None) -> tuple[float, float]:
+    """Run ``argv`` (a rollback, an up, a push): (seconds until the frontend answers
+    ``target``, polled with new connections every 5 ms, seconds until the command exits)."""
     t0 = time.perf_counter()
-    cli = subprocess.Popen([*corral_cli(), *argv], env=k.env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     serving = None
+    out = err = ""
     try:
         while time.perf_counter() - t0 < SERVE_TIMEOUT_S:
             try:
@@ -279,19 +280,26 @@ def rollback_round(k: KernelProcess, front: int, argv: list[str], target: str,
                     break
             except (OSError, http.client.HTTPException, IndexError) as exc:
                 polls.append(f"{time.time():.3f} poll {type(exc).__name__}: {exc}")
-            if cli.poll() is not None and cli.returncode != 0:
+            if proc.poll() is not None and proc.returncode != 0:
                 break
             time.sleep(0.005)
-        out, err = cli.communicate(timeout=SERVE_TIMEOUT_S)
+        out, err = proc.communicate(timeout=SERVE_TIMEOUT_S)
         done = time.perf_counter() - t0
     finally:
-        if cli.poll() is None:
-            cli.kill()
-            cli.wait()
-    if cli.returncode != 0 or serving is None:
-        raise CannotMeasure(f"corral {' '.join(argv)} exited {cli.returncode}; the frontend "
-                            f"never answered {target}:\n{out}\n{err[-3000:]}")
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0 or serving is None:
+        raise CannotMeasure(f"{' '.join(argv)} exited {proc.returncode}; the frontend never "
+                            f"answered {target}:\n{out}\n{err[-3000:]}")
     return serving, done
+
+
+def rollback_round(k: KernelProcess, front: int, argv: list[str], target: str,
+                   polls: list[str]) -> tuple[float, float]:
+    """`corral ARGV` (a rollback): (seconds until the frontend answers ``target``, seconds
+    until the CLI exits)."""
+    return until_serving([*corral_cli(), *argv], k.env, front, target, polls)
 
 
 def measure(work: Path) -> int:

@@ -183,16 +183,7 @@ class EtcdCluster:
         self._end(i, signal.SIGKILL, 10.0)
 
     def _end(self, i: int, sig: signal.Signals, timeout: float) -> None:
-        proc = self.procs[i]
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        end_member(self.procs[i], sig, timeout)
         self.procs[i] = None
 
     def running(self, i: int) -> bool:
@@ -292,3 +283,16 @@ def etcd_cluster(n: int = 3, *, timeout: float = 30.0, attempts: int = 3
         finally:
             cluster.close()
         return
+
+
+def end_member(proc: subprocess.Popen[bytes] | None, sig: signal.Signals,
+               timeout: float) -> None:
+    """Send ``sig`` to an etcd member's process and wait for it (SIGKILL after ``timeout``)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

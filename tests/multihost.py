@@ -92,7 +92,15 @@ from typing import Any
 import psutil
 
 from corral.testing import KernelProcess
-from etcdcluster import ELECTION_MS, ETCD, ETCDCTL, HEARTBEAT_MS, SHM, SHM_MIN_FREE
+from etcdcluster import (
+    ELECTION_MS,
+    ETCD,
+    ETCDCTL,
+    HEARTBEAT_MS,
+    SHM,
+    SHM_MIN_FREE,
+    end_member,
+)
 
 PREFIX = "crlmh"
 """Every netns, link and nft table of a run is named ``crlmh<tag>...``."""
@@ -456,16 +464,7 @@ class Host:
         self._end_member(signal.SIGKILL, 10.0)
 
     def _end_member(self, sig: signal.Signals, timeout: float) -> None:
-        proc = self.member
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        end_member(self.member, sig, timeout)
         self.member = None
 
     def member_running(self) -> bool:

@@ -371,41 +371,46 @@ def test_run_a_command_in_the_release_with_pipes(kernel: KernelProcess,
         down(kernel, "oneoff")
 
 
+def interactive_shell(argv: list[str], env: dict[str, str], timeout: float = 20) -> None:
+    """`corral ARGV` (a `run ... -- sh -i`) on a new terminal: the shell has the terminal,
+    answers what is typed, ^C reaches its foreground job, and `exit 5` ends the CLI with 5."""
+    pid, master = pty.fork()
+    if pid == 0:  # the child: the CLI on a terminal
+        os.execve(sys.executable, [sys.executable, "-m", "corral.cli", *argv], env)
+    out = b""
+
+    def read_until(marker: bytes) -> None:
+        nonlocal out
+        deadline = time.monotonic() + timeout
+        while marker not in out and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    out += os.read(master, 4096)
+                except OSError:
+                    break
+        assert marker in out, out[-2000:]
+
+    os.write(master, b"test -t 0 && test -t 1 && echo term-$((6*7))\n")
+    read_until(b"term-42")
+    os.write(master, b"sleep 30\n")
+    time.sleep(0.5)
+    os.write(master, b"\x03")  # ^C reaches the foreground job, not the shell
+    os.write(master, b"echo after-$?\n")
+    read_until(b"after-130")
+    os.write(master, b"exit 5\n")
+    _, status = os.waitpid(pid, 0)
+    os.close(master)
+    assert os.waitstatus_to_exitcode(status) == 5, out[-2000:]
+
+
 def test_run_with_a_terminal_is_interactive(kernel: KernelProcess, public_dir: Path) -> None:
     """`corral run APP -- sh -i` from a terminal: the shell has a terminal (job control),
     answers what is typed, and `exit 5` ends it with status 5."""
     d, _front, _lb = _versioned_app(public_dir, "tty")
     try:
         cli_ok(kernel, "up", str(d))
-        pid, master = pty.fork()
-        if pid == 0:  # the child: the CLI on a terminal
-            os.execve(sys.executable, [sys.executable, "-m", "corral.cli", "run", "tty", "--",
-                                       "sh", "-i"], kernel.env)
-        out = b""
-
-        def read_until(marker: bytes, timeout: float = 20) -> None:
-            nonlocal out
-            deadline = time.monotonic() + timeout
-            while marker not in out and time.monotonic() < deadline:
-                ready, _, _ = select.select([master], [], [], 0.2)
-                if ready:
-                    try:
-                        out += os.read(master, 4096)
-                    except OSError:
-                        break
-            assert marker in out, out[-2000:]
-
-        os.write(master, b"test -t 0 && test -t 1 && echo term-$((6*7))\n")
-        read_until(b"term-42")
-        os.write(master, b"sleep 30\n")
-        time.sleep(0.5)
-        os.write(master, b"\x03")  # ^C reaches the foreground job, not the shell
-        os.write(master, b"echo after-$?\n")
-        read_until(b"after-130")
-        os.write(master, b"exit 5\n")
-        _, status = os.waitpid(pid, 0)
-        os.close(master)
-        assert os.waitstatus_to_exitcode(status) == 5, out[-2000:]
+        interactive_shell(["run", "tty", "--", "sh", "-i"], kernel.env)
     finally:
         down(kernel, "tty")
 

@@ -26,7 +26,7 @@ import pytest
 from corral.testing import KernelProcess, free_port, running_kernel, wait_for
 from e2e.sshd import SshServer, new_user, ssh_server
 from e2e.test_lb_deployed import new_net_host, require_net
-from e2e.test_releases import VERSIONED_WEB, app_dir, get
+from e2e.test_releases import VERSIONED_WEB, app_dir, get, interactive_shell
 
 pytestmark = pytest.mark.root
 DRIVERS = ("net", "fs", "lb", "log", "cron")
@@ -360,43 +360,12 @@ def test_remote_run_with_a_terminal_is_interactive(remote: Remote) -> None:
     """`corral --remote HOST run APP -- sh -i` from a terminal: ssh asks for one (the only
     command allowed one), the shell has it, answers what is typed, ^C reaches its foreground
     job, and `exit 5` ends it with status 5 on the laptop."""
-    import pty
-    import select
-
     r = remote
     d, _front, _lb = laptop_app(r, "termy")
     try:
         assert r.corral("alice", "up", str(d)).returncode == 0
-        pid, master = pty.fork()
-        if pid == 0:  # the child: the laptop's CLI on a terminal
-            os.execve(sys.executable, [sys.executable, "-m", "corral.cli", "--remote",
-                                       r.srv.target, "run", "termy", "--", "sh", "-i"],
-                      r.env("alice"))
-        out = b""
-
-        def read_until(marker: bytes, timeout: float = 30) -> None:
-            nonlocal out
-            deadline = time.monotonic() + timeout
-            while marker not in out and time.monotonic() < deadline:
-                ready, _, _ = select.select([master], [], [], 0.2)
-                if ready:
-                    try:
-                        out += os.read(master, 4096)
-                    except OSError:
-                        break
-            assert marker in out, out[-2000:]
-
-        os.write(master, b"test -t 0 && test -t 1 && echo term-$((6*7))\n")
-        read_until(b"term-42")
-        os.write(master, b"sleep 30\n")
-        time.sleep(0.5)
-        os.write(master, b"\x03")
-        os.write(master, b"echo after-$?\n")
-        read_until(b"after-130")
-        os.write(master, b"exit 5\n")
-        _, status = os.waitpid(pid, 0)
-        os.close(master)
-        assert os.waitstatus_to_exitcode(status) == 5, out[-2000:]
+        interactive_shell(["--remote", r.srv.target, "run", "termy", "--", "sh", "-i"],
+                          r.env("alice"), timeout=30)
     finally:
         r.k.cli("down", "termy")
 

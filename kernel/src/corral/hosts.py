@@ -28,7 +28,7 @@ from typing import Any
 import psutil
 import structlog
 
-from corral.errors import ConflictError, CorralError, ErrorCode, NotFoundError
+from corral.errors import ConflictError, CorralError, NotFoundError
 from corral.ledger import Ledger, Txn
 
 log = structlog.get_logger("corral.hosts")
@@ -140,13 +140,3 @@ def list_hosts(ledger: Ledger) -> list[dict[str, Any]]:
             row.update(state="lost", lost_since=rec.value.get("last_seen"))
         out.append(row)
     return out
-
-
-def check_name(name: str) -> str:
-    """A host name must be a DNS label (it names ledger records and, later, placements)."""
-    import re
-
-    if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", name):
-        raise CorralError(f"host name {name!r} is not a DNS label (lowercase letters, digits, "
-                          "'-'); set [host] name in the host config", code=ErrorCode.INVALID)
-    return name

@@ -33,7 +33,7 @@ from corral.host import (
     load_config,
     runtime_dir,
 )
-from corral.hosts import HostRegistry, check_name, host_name, list_hosts
+from corral.hosts import HostRegistry, host_name, list_hosts
 from corral.launch import become_subreaper, take_fd
 from corral.ledger import GroupCommit, Ledger, Txn, open_ledger
 from corral.protocol import KERNEL_OPS, PROTOCOL, QUERY_OP, Args, Hello, Request, Welcome
@@ -124,7 +124,7 @@ class Kernel:
             bus=f"ipc://{self.gateway_dir / 'bus.sock'}",
             events=f"ipc://{self.gateway_dir / 'events.sock'}"))
         self.branches = Branches(self.home / "git-branches.json")
-        self.hosts = HostRegistry(self.ledger, check_name(host_name(self.config.host.name)),
+        self.hosts = HostRegistry(self.ledger, host_name(self.config.host.name),
                                   self.config.host.address, self.config.host.ttl_s)
         self.handlers: dict[str, Handler] = {
             "app.deploy": self._deploy,
