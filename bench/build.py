@@ -207,6 +207,7 @@ def corral_up(k: KernelProcess, app: Path, port: int, version: str,
     assert isinstance(build, dict)
     log = k.home / "apps" / APP / "releases" / "logs" / f"v{new[0]['release']}.build.log"
     UV_SAID["corral"] = uv_times(log.read_text()) if log.exists() else "-"
+    UV_SAID["phases"] = ", ".join(f"{k} {v}" for k, v in dict(build.get("phases") or {}).items())
     return float(build["seconds"]), serving
 
 
@@ -255,11 +256,14 @@ def measure(work: Path) -> dict[str, list[float]]:
             for i in range(ROUNDS):
                 order: list[Callable[[int], None]] = [ref, ours] if i % 2 == 0 else [ours, ref]
                 for run in order:
+                    # neither side pays for writing back what the run before it wrote
+                    os.sync()
                     run(i)
                 print(f"round {phase} {i + 1}: reference {figures['ref_' + phase][-1]:.3f} s, "
                       f"corral build {figures['corral_' + phase][-1]:.3f} s, `corral up` until "
                       f"serving {figures['up_' + phase][-1]:.3f} s; uv said: reference "
-                      f"{UV_SAID['ref']}, corral {UV_SAID['corral']}", file=sys.stderr)
+                      f"{UV_SAID['ref']}, corral {UV_SAID['corral']}; corral's phases: "
+                      f"{UV_SAID['phases']}", file=sys.stderr)
     return figures
 
 

@@ -188,6 +188,18 @@ def test_a_build_reaches_the_index_and_nothing_else(kernel: KernelProcess,
         r = cli_ok(kernel, "up", str(d))
         assert "REACHED pypi.org 443" in r.stderr, r.stderr
         assert f"BLOCKED {addr} {srv_port}" in r.stderr, r.stderr
+        # the build's sandbox is undone after it, off the deploy's path: its network
+        # namespace, its address claim and its egress grant go
+        deadline = time.monotonic() + 20
+        while True:
+            left = [n for n in os.listdir("/run/netns") if "probe_build" in n]
+            claims = json.loads(cli_ok(kernel, "ledger", "--json").stdout)
+            held = [c for c in claims.get("records", []) if "_build" in str(c.get("owner"))]
+            granted = json.loads(cli_ok(kernel, "query", "net", "stats").stdout)["apps"]
+            if not left and not held and not any("_build" in a for a in granted):
+                break
+            assert time.monotonic() < deadline, (left, held, granted)
+            time.sleep(0.2)
     finally:
         srv.close()
         down(kernel, "probe")

@@ -2,16 +2,25 @@
 
 Also writes the few per-link sysctls those links need. Every multi-step action undoes its
 completed steps when a later one fails.
+
+Namespaces are made and entered from a short-lived thread of this process (``unshare`` /
+``setns`` act on the calling thread only), not from a forked child as pyroute2's
+``netns.create`` and ``NetNS`` do: a fork of the driver costs several milliseconds per
+instance, on the path of every start and build. Each such thread ends after its one job, so
+no thread of the driver is ever left in another namespace, whatever fails.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-from pyroute2 import IPRoute, NetlinkError, NetNS, netns
+from pyroute2 import IPRoute, NetlinkError, netns
 
 from corral.errors import CorralError, ErrorCode
 from corral_net.pool import SlotAddresses
@@ -19,6 +28,95 @@ from corral_net.pool import SlotAddresses
 NETNS_DIR = Path("/run/netns")
 IFA_F_NODAD = 0x02  # the address needs no duplicate detection: a point-to-point pair
 AF_INET6 = 10
+
+
+CLONE_NEWNET = 0x40000000
+MS_BIND, MS_REC, MS_SHARED = 0x1000, 0x4000, 0x100000
+_T = TypeVar("_T")
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_void_p]
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _on_own_thread(job: Callable[[], _T]) -> _T:
+    """Run ``job`` on a new thread and return what it returned (or raise what it raised)."""
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = job()
+        except BaseException as exc:  # handed to the caller as is
+            box["error"] = exc
+
+    worker = threading.Thread(target=run, name="corral-netns")
+    worker.start()
+    worker.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]
+
+
+def _share_netns_dir() -> None:
+    """Make NETNS_DIR a shared mount (a bind of itself if it is none), as ``ip netns add``
+    does, so a namespace bound there is seen from every mount namespace."""
+    NETNS_DIR.mkdir(mode=0o755, exist_ok=True)
+    path = str(NETNS_DIR).encode()
+    if _libc.mount(b"", path, b"none", MS_SHARED | MS_REC, None) == 0:
+        return
+    _check(_libc.mount(path, path, b"none", MS_BIND | MS_REC, None), f"bind {NETNS_DIR}")
+    _check(_libc.mount(b"", path, b"none", MS_SHARED | MS_REC, None), f"share {NETNS_DIR}")
+
+
+def _create_netns(ns_name: str) -> None:
+    """Create network namespace ``ns_name``, bound at NETNS_DIR/ns_name (``ip netns add``)."""
+    _share_netns_dir()
+    target = NETNS_DIR / ns_name
+    os.close(os.open(target, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+
+    def make() -> None:
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+            try:
+                _check(_libc.mount(b"/proc/thread-self/ns/net", str(target).encode(), b"none",
+                                   MS_BIND, None), f"bind the namespace at {target}")
+            finally:
+                _check(_libc.setns(home, CLONE_NEWNET), "setns back")
+        finally:
+            os.close(home)
+
+    try:
+        _on_own_thread(make)
+    except OSError:
+        target.unlink(missing_ok=True)
+        raise
+
+
+def _in_netns(ns_name: str, job: Callable[[IPRoute], _T]) -> _T:
+    """Run ``job`` with an rtnetlink socket opened inside namespace ``ns_name``."""
+    def enter() -> _T:
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fd = os.open(NETNS_DIR / ns_name, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _check(_libc.setns(fd, CLONE_NEWNET), f"setns into {ns_name}")
+            finally:
+                os.close(fd)
+            try:
+                with IPRoute() as ns:
+                    return job(ns)
+            finally:
+                _check(_libc.setns(home, CLONE_NEWNET), "setns back")
+        finally:
+            os.close(home)
+
+    return _on_own_thread(enter)
 
 
 def _sysctl(path: str, value: str) -> None:
@@ -39,7 +137,7 @@ class Netlink:
         undo: list[Callable[[], None]] = []
         step = "create netns"
         try:
-            netns.create(ns_name)
+            _create_netns(ns_name)
             undo.append(lambda: self._remove_netns(ns_name))
             step = "create veth"
             with IPRoute() as ipr:
@@ -58,7 +156,8 @@ class Netlink:
                 _sysctl(f"net/ipv4/conf/{link}/route_localnet", "1")
                 ipr.link("set", index=index, state="up")
             step = "configure netns"
-            with NetNS(ns_name) as ns:
+
+            def configure(ns: IPRoute) -> None:
                 ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
                 eth0 = ns.link_lookup(ifname="eth0")[0]
                 ns.addr("add", index=eth0, address=str(addrs.instance4),
@@ -70,6 +169,8 @@ class Netlink:
                 ns.route("add", dst="default", gateway=str(addrs.gateway4))
                 if addrs.gateway6 is not None:
                     ns.route("add", dst="default", gateway=str(addrs.gateway6), family=AF_INET6)
+
+            _in_netns(ns_name, configure)
         except (NetlinkError, OSError) as exc:
             for action in reversed(undo):
                 try:
