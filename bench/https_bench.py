@@ -559,7 +559,7 @@ def py_spy_profile(binary: str, pid: int, seconds: float, d: Path
 def profile(pids: dict[str, int], dur: float, d: Path, resolve: Path, no_resume: Path
             ) -> list[str]:
     """Sample both servers under HTTPS keep-alive and new-handshake load (perf), and corral
-    under keep-alive (py-spy). Lines for the report."""
+    under both (py-spy). Lines for the report."""
     lines: list[str] = []
     no_resume_env = {**os.environ, "LD_PRELOAD": str(no_resume)}
     for tag, extra, env in (("HTTPS keep-alive", [], None),
@@ -590,19 +590,21 @@ def profile(pids: dict[str, int], dur: float, d: Path, resolve: Path, no_resume:
     if binary is None:
         lines.append("profile (py-spy): not available")
         return lines
-    with Background(["wrk", "-t1", "-c50", f"-d{dur + 1:g}s", "-s", str(resolve),
-                     f"https://{DOMAIN}:{PX_HTTPS}/"]):
-        sampled = py_spy_profile(binary, pids["corral"], dur, d)
-    if sampled is None:
-        lines.append("profile (py-spy): failed")
-        return lines
-    cats, python, total = sampled
-    lines.append(f"profile, HTTPS keep-alive, corral: py-spy --native, {total} samples, by "
-                 "what the loop thread was doing: "
-                 + ", ".join(f"{c} {n / total:.0%}" for c, n in cats.most_common()))
-    lines.append("profile, HTTPS keep-alive, corral: py-spy, by innermost Python function "
-                 "(with the C and syscalls under it): " + ", ".join(
-                     f"{f} {n / total:.1%}" for f, n in python.most_common(8)))
+    for tag, extra, env in (("HTTPS keep-alive", [], None),
+                            ("new handshakes", ["-H", "Connection: close"], no_resume_env)):
+        with Background(["wrk", "-t1", "-c50", f"-d{dur + 1:g}s", "-s", str(resolve), *extra,
+                         f"https://{DOMAIN}:{PX_HTTPS}/"], env):
+            sampled = py_spy_profile(binary, pids["corral"], dur, d)
+        if sampled is None:
+            lines.append(f"profile (py-spy), {tag}: failed")
+            continue
+        cats, python, total = sampled
+        lines.append(f"profile, {tag}, corral: py-spy --native, {total} samples, by what the "
+                     "loop thread was doing: "
+                     + ", ".join(f"{c} {n / total:.0%}" for c, n in cats.most_common()))
+        lines.append(f"profile, {tag}, corral: py-spy, by innermost Python function (with the "
+                     "C and syscalls under it): " + ", ".join(
+                         f"{f} {n / total:.1%}" for f, n in python.most_common(10)))
     return lines
 
 

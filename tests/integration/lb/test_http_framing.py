@@ -344,3 +344,27 @@ def test_bytes_after_a_response_keep_its_connection_out_of_the_pool() -> None:
 async def _closed_soon(rec: object) -> bool:
     await wait_for_async(lambda: rec.closed)  # type: ignore[attr-defined]
     return True
+
+
+def test_a_client_closing_leaves_its_upstream_to_the_next_client() -> None:
+    """Clients that each send one request with "Connection: close": each is answered and
+    closed, the backend never sees their connection-management lines, and one upstream
+    connection carries every request (as HAProxy reuses it), not a new one per client."""
+
+    async def main() -> None:
+        async with proxy() as (fe, backend, _):
+            for n in range(3):
+                r, w = await asyncio.open_connection("127.0.0.1", fe)
+                w.write(b"GET /c%d HTTP/1.1\r\n" % n + H
+                        + b"Connection: close\r\nKeep-Alive: timeout=5\r\nX-Kept: 1\r\n\r\n")
+                assert await _read_response(r) == (200, b"/c%d" % n)
+                assert await asyncio.wait_for(r.read(), 5) == b""  # the proxy closed it
+                w.close()
+            assert backend.errors == []
+            used = [c for c in backend.conns if c.requests]  # (health checks send none)
+            assert [c.requests for c in used] == [[b"/c0", b"/c1", b"/c2"]]
+            forwarded = bytes(used[0].data).lower()
+            assert b"connection:" not in forwarded and b"keep-alive:" not in forwarded
+            assert forwarded.count(b"x-kept: 1\r\n") == 3
+
+    asyncio.run(main())

@@ -6,7 +6,13 @@ import pytest
 
 from corral.errors import CorralError
 from corral_lb.config import MAX_BODY_SIZE, MAX_CONNECTIONS, proxy_limits
-from corral_lb.http_framing import R400, R413, FramingError, read_request_head
+from corral_lb.http_framing import (
+    R400,
+    R413,
+    FramingError,
+    read_request_head,
+    without_hop_by_hop,
+)
 
 HEAD = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
 
@@ -63,3 +69,29 @@ def test_proxy_limits_defaults_values_and_errors() -> None:
                        ("max_connections_per_frontend", True)):
         with pytest.raises(CorralError, match=rf"\[drivers.lb\] config: {key}"):
             proxy_limits({key: value})
+
+
+def test_connection_management_lines_are_dropped_and_nothing_else() -> None:
+    """Connection, Keep-Alive and Proxy-Connection (any case) are the proxy's business with
+    each side: dropped from an HTTP/1.1 head; every other line kept byte for byte, also the
+    fields a Connection header names (a client cannot make the proxy drop framing fields)."""
+    head = (b"GET /a HTTP/1.1\r\nHost: x\r\nconnection: close, Content-Length, X-Keep\r\n"
+            b"X-Keep: 1\r\nKeep-Alive: timeout=5\r\nPROXY-CONNECTION: keep-alive\r\n"
+            b"Content-Length: 0\r\nX-Connection-Id: 7\r\n\r\n")
+    req = read_request_head(head)
+    assert req.hop_by_hop
+    assert without_hop_by_hop(head) == (b"GET /a HTTP/1.1\r\nHost: x\r\nX-Keep: 1\r\n"
+                                        b"Content-Length: 0\r\nX-Connection-Id: 7\r\n\r\n")
+    # nothing to drop: the flag is off (the head is forwarded as it came)
+    assert not read_request_head(b"GET / HTTP/1.1\r\nHost: x\r\nX-Connection: 1\r\n\r\n"
+                                 ).hop_by_hop
+
+
+@pytest.mark.parametrize("head", [
+    # an upgrade needs its Connection: upgrade to reach the backend
+    b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    # HTTP/1.0 keep-alive is only what Connection says: forwarded as it came
+    b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+])
+def test_upgrades_and_http10_keep_their_connection_lines(head: bytes) -> None:
+    assert not read_request_head(head).hop_by_hop

@@ -91,6 +91,24 @@ class _Reader:
         self.messages += 1
 
 
+# The fields that manage the connection they arrive on (RFC 9110 7.6.1; Keep-Alive and
+# Proxy-Connection are their pre-1.1 forms): the proxy's own business with each side, never
+# forwarded, so a client's "Connection: close" does not close the upstream connection too
+# (which could then not be reused), as HAProxy does in its default keep-alive mode. Fields a
+# Connection header names are left alone: a client must not be able to make the proxy drop
+# Host, Content-Length, Transfer-Encoding or the forwarding headers.
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
+
+
+def without_hop_by_hop(head: bytes) -> bytes:
+    """``head`` (a whole request head that passed ``read_request_head``, ending with its empty
+    line) without its HOP_BY_HOP lines; every other line as it was."""
+    lines = head[:-4].split(b"\r\n")
+    kept = [lines[0], *(line for line in lines[1:]
+                        if line[:line.find(b":")].lower() not in HOP_BY_HOP)]
+    return b"\r\n".join(kept) + b"\r\n\r\n"
+
+
 def _codings(value: bytes) -> list[bytes]:
     """The transfer codings of a Transfer-Encoding value, as sent (parameters included)."""
     return [c.strip(_OWS) for c in value.split(b",")]
@@ -140,7 +158,8 @@ def _llhttp_error(e: HttpParserError, head: bytes, refuse: bytes) -> FramingErro
 class RequestHead:
     """What the proxy needs of a request head that passed every check."""
 
-    __slots__ = ("body", "headers", "host", "is_head", "keepalive", "length", "upgrade")
+    __slots__ = ("body", "headers", "hop_by_hop", "host", "is_head", "keepalive", "length",
+                 "upgrade")
 
     def __init__(self, reader: _Reader, parser: HttpRequestParser, host: bytes,
                  length: int, body: ChunkedBody | None, upgrade: bool) -> None:
@@ -151,6 +170,10 @@ class RequestHead:
         self.length = length  # Content-Length body bytes (0 without)
         self.body = body  # the chunked body's framer, or None
         self.upgrade = upgrade
+        # whether the proxy drops this head's connection-management lines before forwarding
+        # it (without_hop_by_hop): HTTP/1.1, not an upgrade (which needs them), and has some
+        self.hop_by_hop = (not upgrade and parser.get_http_version() == "1.1"
+                           and any(n in HOP_BY_HOP for n, _ in reader.headers))
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of field ``name`` (lower case), or None."""

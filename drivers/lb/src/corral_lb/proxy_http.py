@@ -51,6 +51,7 @@ from corral_lb.http_framing import (
     FramingError,
     read_request_head,
     read_response_head,
+    without_hop_by_hop,
 )
 from corral_lb.listener import Listener
 from corral_lb.service import Service
@@ -522,6 +523,8 @@ class HttpConnection(asyncio.Protocol):
             self._error(R404)
             return
         self.hsts = frontend.hsts_line(service)
+        if req.hop_by_hop:
+            head = without_hop_by_hop(head)
         if frontend.forwarding is not None:
             peer = self.transport.get_extra_info("peername")
             head = frontend.forwarding.rewrite(head, client=peer[0] if peer else "",
@@ -699,7 +702,12 @@ class HttpConnection(asyncio.Protocol):
             up.client = None
             up.close()
         if self.state == _C_BODY or not self.keepalive or self.client_eof:
-            # answered before the request body ended, or the client asked to close
+            # answered before the request body ended (the upstream may hold part of it:
+            # closed with the client), or the client asked to close: its upstream, idle and
+            # in step, goes back to the pool for the next client
+            if self.state != _C_BODY and upstream_keepalive and self.upstream is up:
+                self.upstream = None
+                self.frontend.pool.give_back(up)
             self._close()
             return
         if self.state == _C_CLOSED:
