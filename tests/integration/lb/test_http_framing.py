@@ -366,5 +366,16 @@ def test_a_client_closing_leaves_its_upstream_to_the_next_client() -> None:
             forwarded = bytes(used[0].data).lower()
             assert b"connection:" not in forwarded and b"keep-alive:" not in forwarded
             assert forwarded.count(b"x-kept: 1\r\n") == 3
+            # an HTTP/1.0 request without keep-alive is forwarded as it came, so the backend
+            # may close after it: that upstream is never handed to the next client
+            for target in (b"/old", b"/next"):
+                r, w = await asyncio.open_connection("127.0.0.1", fe)
+                w.write(b"GET " + target + b" HTTP/1.0\r\n" + H + b"\r\n" if target == b"/old"
+                        else b"GET " + target + b" HTTP/1.1\r\n" + H + b"\r\n")
+                assert await _read_response(r) == (200, target)
+                w.close()
+            used = [c for c in backend.conns if c.requests]
+            assert [c.requests for c in used] == [[b"/c0", b"/c1", b"/c2", b"/old"], [b"/next"]]
+            assert backend.errors == []
 
     asyncio.run(main())

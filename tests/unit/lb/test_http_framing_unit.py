@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from corral.errors import CorralError
 from corral_lb.config import MAX_BODY_SIZE, MAX_CONNECTIONS, proxy_limits
@@ -10,6 +14,7 @@ from corral_lb.http_framing import (
     R400,
     R413,
     FramingError,
+    _bad_bytes,
     read_request_head,
     without_hop_by_hop,
 )
@@ -95,3 +100,17 @@ def test_connection_management_lines_are_dropped_and_nothing_else() -> None:
 ])
 def test_upgrades_and_http10_keep_their_connection_lines(head: bytes) -> None:
     assert not read_request_head(head).hop_by_hop
+
+
+_LOOKAROUND_CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"\t", b"\x00", b"\x1f", b"\x7f",
+                                 b"a", b" ", b":", b"\x80", b"\xff"]), max_size=40))
+def test_bad_bytes_agrees_with_the_look_around_expression(parts: list[bytes]) -> None:
+    """The three-count check finds exactly what the plain expression finds (a control
+    character, a CR or an LF outside a CRLF) in a head ending with its empty line."""
+    head = b"".join(parts) + b"\r\n\r\n"
+    expected = _LOOKAROUND_CTL.search(head, 0, len(head) - 4) is not None
+    assert _bad_bytes(head) is expected, head

@@ -57,9 +57,9 @@ class FramingError(Exception):
         self.reason = reason
 
 
-# A control character anywhere in a head, other than HTAB and the CRLF ending each line (llhttp
-# checks names, values and the target already; this also covers a response's reason phrase).
-_CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
+# A control character other than HTAB, CR and LF (llhttp checks names, values and the target
+# already; this also covers a response's reason phrase); CR and LF: see _bad_bytes.
+_CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _OWS = b" \t"
 # Transfer codings registered with IANA that a backend may apply; any other is 501.
@@ -107,6 +107,17 @@ def without_hop_by_hop(head: bytes) -> bytes:
     kept = [lines[0], *(line for line in lines[1:]
                         if line[:line.find(b":")].lower() not in HOP_BY_HOP)]
     return b"\r\n".join(kept) + b"\r\n\r\n"
+
+
+def _bad_bytes(head: bytes) -> bool:
+    """Whether ``head`` (ending with its empty line) holds a control character other than HTAB
+    or a CR or LF that is not part of a CRLF pair. Every CR is in a pair exactly when there are
+    as many CRLFs as CRs, and every LF likewise: three counts in C, about half the time of one
+    regular expression with look-arounds, on every request and response head."""
+    if _CTL.search(head) is not None:
+        return True
+    pairs = head.count(b"\r\n")
+    return head.count(b"\r") != pairs or head.count(b"\n") != pairs
 
 
 def _codings(value: bytes) -> list[bytes]:
@@ -162,7 +173,8 @@ class RequestHead:
                  "upgrade")
 
     def __init__(self, reader: _Reader, parser: HttpRequestParser, host: bytes,
-                 length: int, body: ChunkedBody | None, upgrade: bool) -> None:
+                 length: int, body: ChunkedBody | None, upgrade: bool,
+                 hop_by_hop: bool = False) -> None:
         self.headers = reader.headers
         self.keepalive = reader.keepalive
         self.is_head = parser.get_method() == b"HEAD"
@@ -172,8 +184,7 @@ class RequestHead:
         self.upgrade = upgrade
         # whether the proxy drops this head's connection-management lines before forwarding
         # it (without_hop_by_hop): HTTP/1.1, not an upgrade (which needs them), and has some
-        self.hop_by_hop = (not upgrade and parser.get_http_version() == "1.1"
-                           and any(n in HOP_BY_HOP for n, _ in reader.headers))
+        self.hop_by_hop = hop_by_hop
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of field ``name`` (lower case), or None."""
@@ -191,7 +202,7 @@ def read_request_head(head: bytes, max_body: int = 0) -> RequestHead:
         raise FramingError(R414, "request line too long")
     if len(head) > MAX_HEAD:
         raise FramingError(R431, "request head too large")
-    if _CTL.search(head, 0, len(head) - 4) is not None or head.count(b" ", 0, line_end) != 2:
+    if _bad_bytes(head) or head.count(b" ", 0, line_end) != 2:
         # a control character, a bare CR or LF, or not exactly "method SP target SP version"
         raise FramingError(R400, "malformed request line or control character in the head")
     reader = _Reader()
@@ -213,6 +224,7 @@ def read_request_head(head: bytes, max_body: int = 0) -> RequestHead:
     hosts: list[bytes] = []
     te: list[bytes] = []
     cl: list[bytes] = []
+    hop_by_hop = False
     for name, value in reader.headers:
         if name == b"host":
             hosts.append(value)
@@ -220,6 +232,8 @@ def read_request_head(head: bytes, max_body: int = 0) -> RequestHead:
             te.append(value)
         elif name == b"content-length":
             cl.append(value)
+        elif name in HOP_BY_HOP:
+            hop_by_hop = True
     if len(hosts) > 1 or (not hosts and version == "1.1"):
         raise FramingError(R400, "HTTP/1.1 needs exactly one Host")
     length = 0
@@ -237,7 +251,8 @@ def read_request_head(head: bytes, max_body: int = 0) -> RequestHead:
         length = _content_length(cl, R400)
         if 0 < max_body < length:
             raise FramingError(R413, "body larger than max_body_size")
-    return RequestHead(reader, parser, hosts[0].lower() if hosts else b"", length, body, upgrade)
+    return RequestHead(reader, parser, hosts[0].lower() if hosts else b"", length, body, upgrade,
+                       hop_by_hop and not upgrade and version == "1.1")
 
 
 class ResponseHead:
@@ -255,7 +270,7 @@ class ResponseHead:
 
 def read_response_head(head: bytes) -> ResponseHead:
     """Parse and check a backend's response head; ``FramingError(R502)`` if it is ambiguous."""
-    if len(head) > MAX_HEAD or _CTL.search(head, 0, len(head) - 4) is not None:
+    if len(head) > MAX_HEAD or _bad_bytes(head):
         raise FramingError(R502, "response head too large or with a control character")
     reader = _Reader()
     parser = HttpResponseParser(reader)

@@ -376,8 +376,8 @@ class HttpConnection(asyncio.Protocol):
     __slots__ = (
         "backend", "body_remaining", "buf", "chunks", "client_eof", "frontend", "hsts",
         "idle_since", "keepalive", "last_gen", "last_head", "last_key", "last_out",
-        "method_head", "paused", "req_head", "req_key", "req_sent_body", "retried", "service",
-        "started", "state", "transport", "upstream",
+        "method_head", "paused", "persistent", "req_head", "req_key", "req_sent_body",
+        "retried", "service", "started", "state", "transport", "upstream",
     )
 
     def __init__(self, frontend: HttpFrontend) -> None:
@@ -391,6 +391,10 @@ class HttpConnection(asyncio.Protocol):
         self.body_remaining = 0
         self.chunks: ChunkedBody | None = None
         self.keepalive = True
+        # whether the request head as forwarded lets its upstream connection persist (its own
+        # connection-management lines dropped, or an HTTP/1.0 keep-alive): only then may the
+        # upstream serve another client once this one closes
+        self.persistent = True
         self.method_head = False
         self.req_head = b""
         self.req_key = b""  # the hash-header policy's key of the request in flight
@@ -508,6 +512,7 @@ class HttpConnection(asyncio.Protocol):
             return
         self.method_head = req.is_head
         self.keepalive = req.keepalive and not req.upgrade
+        self.persistent = (req.keepalive or req.hop_by_hop) and not req.upgrade
         self.chunks = req.body
         self.body_remaining = req.length
         host = req.host
@@ -705,7 +710,8 @@ class HttpConnection(asyncio.Protocol):
             # answered before the request body ended (the upstream may hold part of it:
             # closed with the client), or the client asked to close: its upstream, idle and
             # in step, goes back to the pool for the next client
-            if self.state != _C_BODY and upstream_keepalive and self.upstream is up:
+            if (self.state != _C_BODY and upstream_keepalive and self.persistent
+                    and self.upstream is up):
                 self.upstream = None
                 self.frontend.pool.give_back(up)
             self._close()
