@@ -40,6 +40,8 @@ class NetDriver(Driver):
         self._refresher: asyncio.Task[None] | None = None
         self._claim: HostClaim | None = None
         self._welcome_seen = asyncio.Event()
+        # instance -> address slot claimed in the ledger, its netns not made yet (this loop's)
+        self._claiming: dict[str, int] = {}
 
     def welcomed(self, welcome: Welcome) -> None:
         """Take the host config handed over at WELCOME (the SDK calls this before it
@@ -85,8 +87,34 @@ class NetDriver(Driver):
 
     # -- ledger ------------------------------------------------------------------------------
     async def _claim_slot(self, app: str, instance_id: str) -> int:
-        """Claim a free address slot in the ledger for ``instance_id`` (owner: the app)."""
+        """Claim a free address slot in the ledger for ``instance_id`` (owner: the app).
+
+        Only this driver claims this host's pool, and its ``state.sync`` (before any
+        ``instance.prepare``) released every claim it holds no instance for; so the lowest
+        slot neither held nor being claimed here is free but for a race, and is claimed
+        first, in one round trip. A conflict, or an instance known here or being claimed
+        already, falls back to listing the pool's claims. The caller ends the claim
+        (``_claiming``) once the instance holds the slot or has given it back."""
         pool = self.net.pool
+        if instance_id not in self.net.state.instances and instance_id not in self._claiming:
+            held = {i.addresses.instance4 for i in list(self.net.state.instances.values())}
+            busy = set(self._claiming.values())
+            guess = next((s for s in range(pool.size) if s not in busy
+                          and pool.addresses(s).instance4 not in held), None)
+            if guess is not None:
+                self._claiming[instance_id] = guess
+                try:
+                    await self.kernel.call("ledger.claim", {"owner": app, "claims": [
+                        {"kind": ADDRESS, "key": str(pool.addresses(guess).instance4),
+                         "value": {"instance": instance_id}}]})
+                    return guess
+                except CorralError as exc:
+                    del self._claiming[instance_id]
+                    if exc.code != ErrorCode.CONFLICT:
+                        raise
+                except BaseException:
+                    del self._claiming[instance_id]
+                    raise
         for _attempt in range(5):
             listed = await self.kernel.call("ledger.list", {"kind": ADDRESS})
             taken: set[int] = set()
@@ -98,17 +126,21 @@ class NetDriver(Driver):
                 slot = pool.slot_of(record["key"])
                 if slot is not None:
                     taken.add(slot)
-            free = next((s for s in range(pool.size) if s not in taken), None)
+            busy = set(self._claiming.values())
+            free = next((s for s in range(pool.size) if s not in taken and s not in busy),
+                        None)
             if free is None:
                 raise CorralError(f"net: address pool {pool.pool4} is exhausted",
                                   code=ErrorCode.CONFLICT)
             key = str(pool.addresses(free).instance4)
+            self._claiming[instance_id] = free
             try:
                 await self.kernel.call("ledger.claim", {"owner": app, "claims": [
                     {"kind": ADDRESS, "key": key, "value": {"instance": instance_id}}]})
                 return free
-            except CorralError as exc:
-                if exc.code != ErrorCode.CONFLICT:
+            except BaseException as exc:
+                del self._claiming[instance_id]
+                if not isinstance(exc, CorralError) or exc.code != ErrorCode.CONFLICT:
                     raise
                 # Someone took it between list and claim: look again.
         raise CorralError(f"net: no address slot could be claimed for {instance_id}",
@@ -131,17 +163,19 @@ class NetDriver(Driver):
     async def prepare(self, args: Any) -> PlanFragment:
         """Claim an address, create the instance's netns and veth pair, apply rules."""
         app, spec = args.app, args.instance
-        if app.name not in self.net.state.apps:
-            await asyncio.to_thread(self.net.set_app,
-                                    policy_from_manifest(app.name, app.manifest))
+        # an app not granted yet (a build, a one-off) gets its grant with the instance's rules
+        policy = (policy_from_manifest(app.name, app.manifest)
+                  if app.name not in self.net.state.apps else None)
         slot = await self._claim_slot(app.name, spec.id)
         try:
             instance = await asyncio.to_thread(
                 self.net.prepare_instance, app.name, spec.id, port=spec.port, kind=spec.kind,
-                slot=slot)
+                slot=slot, policy=policy)
         except BaseException:
             await self._release(app.name, [str(self.net.pool.addresses(slot).instance4)])
             raise
+        finally:
+            self._claiming.pop(spec.id, None)
         return self.net.fragment(instance)
 
     @op("instance.stopped")

@@ -70,12 +70,31 @@ class HostNetwork:
 
     # -- instances --------------------------------------------------------------------------
     def prepare_instance(self, app: str, instance_id: str, *, port: int | None = None,
-                         kind: str = "instance", slot: int | None = None) -> InstanceNet:
-        """Create the instance's netns, veth pair, addresses and routes, then apply the rules."""
+                         kind: str = "instance", slot: int | None = None,
+                         policy: AppPolicy | None = None) -> InstanceNet:
+        """Create the instance's netns, veth pair, addresses and routes, then apply the rules.
+        ``policy``: the app's grant when the app is not known yet, applied in the same nft
+        transaction as the instance's rules (and dropped again if the instance fails)."""
         with self._lock:
             existing = self.state.instances.get(instance_id)
             if existing is not None:
                 return existing
+            granted = policy is not None and policy.name not in self.state.apps
+            if granted:
+                assert policy is not None
+                self._resolve(policy, force=False)
+                self.state.apps[policy.name] = policy
+            try:
+                return self._prepare_instance(app, instance_id, port=port, kind=kind, slot=slot)
+            except Exception:
+                if granted:
+                    assert policy is not None
+                    self.state.apps.pop(policy.name, None)
+                raise
+
+    def _prepare_instance(self, app: str, instance_id: str, *, port: int | None,
+                          kind: str, slot: int | None) -> InstanceNet:
+        with self._lock:
             ns_name, link = instance_names(self.config, instance_id)
             if slot is None:
                 slot = self.allocator.claim(instance_id)

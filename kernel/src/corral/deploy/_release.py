@@ -327,9 +327,10 @@ class Releaser:
         ``timeout_s``: then its process group is killed. ``record``: (app, release) whose
         record keeps the process's identity while it runs (for a restarted kernel to end
         it). ``teardown="background"`` is for a pseudo-app of its own (a build): once its
-        process group is gone, the drivers undo its sandbox and then the whole pseudo-app
-        off the caller's path (nothing else ever uses that name; a kernel killed meanwhile
-        leaves it to the drivers' ``state.sync``, which collects what no app holds)."""
+        process group is gone, the drivers undo its sandbox and then the whole pseudo-app,
+        off the caller's path when it succeeded (nothing else ever uses that name; a kernel
+        killed meanwhile leaves it to the drivers' ``state.sync``, which collects what no
+        app holds); after a failure the caller waits, as it removes what the sandbox used."""
         t_plan = time.monotonic()
         plan = await self.instances.plan(spec, ispec, secret_env)
         if stdio is not None:
@@ -374,9 +375,9 @@ class Releaser:
             if follower is not None:
                 follower.cancel()
                 await asyncio.gather(follower, return_exceptions=True)
-            if teardown == "background":
+            if teardown == "background" and outcome.ok:
                 self._background(undo_sandbox())
-            else:
+            else:  # a failed build's directory is removed next: its sandbox must be gone
                 await undo_sandbox()
             # where the time went: the sandbox's making, the process, its teardown (waited)
             outcome.extra = {"sandbox_s": round(started - t_plan, 3),
