@@ -10,9 +10,11 @@ database peer, an unlisted address beside it, and a DNS server for names.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -668,3 +670,48 @@ def test_net_driver_kill9_keeps_apps_reachable_and_the_restart_readopts(
     assert not any(p.name.startswith(res["instances"][0]["id"])
                    for p in Path("/run/netns").iterdir())
     assert query(k, "net", "stats")["instances"] == 0
+
+
+def test_an_instance_killed_again_and_again_gets_one_network_each_time(
+        kernel: KernelProcess, public_dir: Path, net_host: NetHost) -> None:
+    """kill -9 of an instance, five times: each restart (the same instance id) gets a new
+    network only once the stopped one's namespace and links are gone (the net driver removes
+    them after answering instance.stopped), serves, and in the end the app holds one
+    address, one namespace and one host link."""
+    port = free_port()
+    d = web_app(public_dir / "churn", "churn", port,
+                f'name = "churn-{secrets.token_hex(3)}.test"\nfrontend = {free_port()}\n',
+                instances=1)
+    res = up(kernel, d)
+    iid = res["instances"][0]["id"]
+    ns_name = [n for n in Path("/run/netns").iterdir() if iid in n.name]
+    assert len(ns_name) == 1, ns_name
+
+    def pid_now() -> int | None:
+        inst = [i for a in ps(kernel) if a["app"] == "churn" for i in a["instances"]]
+        return int(inst[0]["pid"]) if inst and inst[0]["state"] == "ready" else None
+
+    for _ in range(5):
+        old = pid_now()
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda old=old: (lambda p: p is not None and p != old)(pid_now()), 30,
+                 what="the instance restarted")
+        wait_for(lambda: _answers(port), 30, what="the restarted instance serving")
+
+    def settled() -> bool:
+        claims = [r for r in kernel.call("ledger.list")["records"]
+                  if r["kind"] == "address" and r["owner"] == "churn"]
+        netns = [n.name for n in Path("/run/netns").iterdir() if iid in n.name]
+        links = [ln for ln in host_state()["links"] if ln.startswith(net_host.link_prefix)]
+        return len(claims) == 1 and len(netns) == 1 and len(links) == 1
+
+    wait_for(settled, 10, what="one address, namespace and link")
+    assert kernel.cli("down", "churn").returncode == 0
+
+
+def _answers(port: int) -> bool:
+    try:
+        return http_get("127.0.0.1", port, "x").startswith("churn.web.")
+    except (OSError, AssertionError):
+        return False

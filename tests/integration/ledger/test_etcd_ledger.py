@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import calendar
+import contextlib
 import itertools
 import random
 import re
@@ -26,7 +27,15 @@ from typing import Any
 import pytest
 
 from corral.errors import ConflictError, CorralError, ErrorCode, NotFoundError, UnavailableError
-from corral.ledger import Change, Claim, CompactedError, Ledger, open_ledger
+from corral.ledger import (
+    Change,
+    Claim,
+    CompactedError,
+    Ledger,
+    SqliteLedger,
+    Txn,
+    open_ledger,
+)
 from corral.ledger._etcd import PREFIX, EtcdLedger
 from etcdcluster import HOST, EtcdCluster, etcd_cluster, require_etcd
 
@@ -316,6 +325,63 @@ def test_claim_then_release_in_one_transaction(ledger: Ledger) -> None:
         txn.claim("blog", "port", "8000")
         raise RuntimeError("changed my mind")
     assert ledger.get("port", "8000") is None
+
+
+def test_group_commit_agrees_with_sqlite_one_by_one(ledger: Ledger, tmp_path: Path) -> None:
+    """commit_many (one etcd transaction for a run of disjoint claims and releases, one by
+    one otherwise) against the SQLite ledger given the same batches: the same verdict for
+    every transaction, the same records after each batch, and a batch of fresh claims
+    shares one revision. The process's guesses are made wrong on purpose too (another
+    ledger object writes behind its back)."""
+    rng = random.Random(7)
+    assert isinstance(ledger, EtcdLedger)
+    sqlite = SqliteLedger(tmp_path / "ref.db")
+    sneaky = EtcdLedger(ledger.endpoints)  # its own cache: writes ``ledger`` never saw
+    owners, names = ("shop", "blog"), [f"k{i}" for i in range(8)]
+
+    def random_txn() -> Txn:
+        txn = Txn()
+        for _ in range(rng.randint(1, 2)):
+            owner, key = rng.choice(owners), rng.choice(names)
+            if rng.random() < 0.6:
+                txn.claim(owner, "port", key, {"n": rng.randint(0, 2)})
+            else:
+                txn.release(owner, "port", key)
+        return txn
+
+    def verdicts(results: list[int | CorralError]) -> list[str]:
+        return ["ok" if isinstance(r, int) else type(r).__name__ for r in results]
+
+    for round_ in range(40):
+        batch = [random_txn() for _ in range(rng.randint(1, 12))]
+        twin = []
+        for txn in batch:  # the same transaction for SQLite
+            copy = Txn()
+            copy.ops = list(txn.ops)
+            twin.append(copy)
+        if round_ % 5 == 4:  # a write the etcd ledger object does not know about
+            owner, key = rng.choice(owners), rng.choice(names)
+            for led in (sneaky, sqlite):
+                with contextlib.suppress(ConflictError):
+                    led.claim(owner, [Claim("port", key, {"n": 9})])
+        got, want = ledger.commit_many(batch), sqlite.commit_many(twin)
+        assert verdicts(got) == verdicts(want), (round_, batch, got, want)
+        assert [(r.key, r.owner, r.value) for r in ledger.list()] == [
+            (r.key, r.owner, r.value) for r in sqlite.list()], round_
+    # fresh, disjoint claims: one etcd transaction, one revision
+    fresh = [Txn().claim("shop", "port", f"fresh{i}") for i in range(20)]
+    revisions = ledger.commit_many(fresh)
+    assert len(set(revisions)) == 1 and all(isinstance(r, int) for r in revisions)
+    # a guess gone stale behind this object's back: the batch is refused by etcd's compares
+    # and each transaction decided on what etcd holds (the claim of the taken key refused)
+    assert ledger.get("port", "late") is None and ledger.get("port", "fine") is None
+    sneaky.claim("blog", [Claim("port", "late")])
+    got = ledger.commit_many([Txn().claim("shop", "port", "late"),
+                              Txn().claim("shop", "port", "fine")])
+    assert verdicts(got) == ["ConflictError", "ok"], got
+    assert ledger.get("port", "late").owner == "blog"  # type: ignore[union-attr]
+    sneaky.close()
+    sqlite.close()
 
 
 def test_values_must_be_json_objects(ledger: Ledger) -> None:

@@ -193,6 +193,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
                 net.remove_app(app)
             for instance_id in list(net.state.instances):
                 net.stop_instance(instance_id)
+                net.remove_network(instance_id)
         if peer_link:
             sh("ip", "link", "del", peer_link, check=False)
         if peer_ns:

@@ -53,12 +53,16 @@ def test_teardown_leaves_the_host_as_it_was(lab: Lab) -> None:
     during = host_snapshot()
     assert during != before
     assert any(first.netns in line for line in during["netns"])
-    lab.net.stop_instance("gone.web.0")  # instance.stopped
+    # instance.stopped: its rules go at once, its namespace and links right after
+    assert lab.net.stop_instance("gone.web.0") == first
+    assert any(first.netns in line for line in host_snapshot()["netns"])
+    lab.net.remove_network("gone.web.0")
     lab.net.remove_app("gone")  # app.detach
     lab.net.remove_app("also")
     assert host_snapshot() == before
     # Idempotent: a second teardown is harmless.
-    lab.net.stop_instance("gone.web.0")
+    assert lab.net.stop_instance("gone.web.0") is None
+    lab.net.remove_network("gone.web.0")
     lab.net.remove_app("gone")
     assert host_snapshot() == before
 

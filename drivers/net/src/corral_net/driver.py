@@ -19,10 +19,11 @@ from corral_net import DRIVER
 from corral_net.claim import HostClaim
 from corral_net.config import NetConfig
 from corral_net.host import HostNetwork
-from corral_net.model import AppPolicy, policy_from_manifest
+from corral_net.model import AppPolicy, InstanceNet, policy_from_manifest
 
 log = structlog.get_logger("corral.net")
 ADDRESS = "address"
+REMOVAL_WAIT_S = 10.0  # at stop: how long stopped instances' networks may take to go
 
 
 class NetDriver(Driver):
@@ -42,6 +43,8 @@ class NetDriver(Driver):
         self._welcome_seen = asyncio.Event()
         # instance -> address slot claimed in the ledger, its netns not made yet (this loop's)
         self._claiming: dict[str, int] = {}
+        # instance -> (its slot, the task removing its namespace and links after its stop)
+        self._removing: dict[str, tuple[int | None, asyncio.Task[None]]] = {}
 
     def welcomed(self, welcome: Welcome) -> None:
         """Take the host config handed over at WELCOME (the SDK calls this before it
@@ -69,9 +72,13 @@ class NetDriver(Driver):
         self._refresher = asyncio.create_task(self._refresh_names())
 
     async def stop(self) -> None:
-        """Stop the refresher; rules and namespaces stay (apps keep running)."""
+        """Stop the refresher and finish removing stopped instances' networks; rules and
+        namespaces of running instances stay (apps keep running)."""
         if self._refresher is not None:
             self._refresher.cancel()
+        pending = [task for _, task in self._removing.values()]
+        if pending:
+            await asyncio.wait(pending, timeout=REMOVAL_WAIT_S)
         if self._claim is not None:
             self._claim.release()
 
@@ -98,7 +105,7 @@ class NetDriver(Driver):
         pool = self.net.pool
         if instance_id not in self.net.state.instances and instance_id not in self._claiming:
             held = {i.addresses.instance4 for i in list(self.net.state.instances.values())}
-            busy = set(self._claiming.values())
+            busy = self._busy_slots()
             guess = next((s for s in range(pool.size) if s not in busy
                           and pool.addresses(s).instance4 not in held), None)
             if guess is not None:
@@ -126,7 +133,7 @@ class NetDriver(Driver):
                 slot = pool.slot_of(record["key"])
                 if slot is not None:
                     taken.add(slot)
-            busy = set(self._claiming.values())
+            busy = self._busy_slots()
             free = next((s for s in range(pool.size) if s not in taken and s not in busy),
                         None)
             if free is None:
@@ -146,6 +153,13 @@ class NetDriver(Driver):
         raise CorralError(f"net: no address slot could be claimed for {instance_id}",
                           code=ErrorCode.CONFLICT, retry=True)
 
+    def _busy_slots(self) -> set[int]:
+        """Slots being claimed, or whose stopped instance's links are still being removed:
+        never handed out, whatever the ledger says."""
+        busy = set(self._claiming.values())
+        busy.update(slot for slot, _ in self._removing.values() if slot is not None)
+        return busy
+
     async def _release(self, app: str, addresses: list[str]) -> None:
         if addresses:
             await self.kernel.call("ledger.release", {
@@ -163,6 +177,9 @@ class NetDriver(Driver):
     async def prepare(self, args: Any) -> PlanFragment:
         """Claim an address, create the instance's netns and veth pair, apply rules."""
         app, spec = args.app, args.instance
+        removing = self._removing.get(spec.id)
+        if removing is not None:  # the same instance again (a restart): its old links first
+            await asyncio.wait([removing[1]])
         # an app not granted yet (a build, a one-off) gets its grant with the instance's rules
         policy = (policy_from_manifest(app.name, app.manifest)
                   if app.name not in self.net.state.apps else None)
@@ -180,12 +197,36 @@ class NetDriver(Driver):
 
     @op("instance.stopped")
     async def stopped(self, args: Any) -> dict[str, Any]:
-        """Remove the instance's namespace, links and rules; release its address."""
-        instance = self.net.state.instances.get(args.instance_id)
-        removed = await asyncio.to_thread(self.net.stop_instance, args.instance_id)
-        if instance is not None:
-            await self._release(args.app, [str(instance.addresses.instance4)])
-        return {"removed": removed}
+        """Take the instance's rules out and answer; then remove its namespace and links and
+        release its address, off the caller's path (a restart of the same instance, and
+        every claim of an address, wait for that)."""
+        instance_id = args.instance_id
+        known = self.net.state.instances.get(instance_id)
+        try:
+            await asyncio.to_thread(self.net.stop_instance, instance_id)
+        finally:
+            previous = self._removing.get(instance_id)
+            if previous is None or previous[1].done():
+                slot = (self.net.pool.slot_of(str(known.addresses.instance4))
+                        if known is not None else None)
+                task = asyncio.create_task(self._remove_network(args.app, instance_id, known))
+                self._removing[instance_id] = (slot, task)
+        return {"removed": known is not None}
+
+    async def _remove_network(self, app: str, instance_id: str,
+                              instance: InstanceNet | None) -> None:
+        try:
+            await asyncio.to_thread(self.net.remove_network, instance_id)
+            if instance is not None:
+                await self._release(app, [str(instance.addresses.instance4)])
+        except Exception as exc:  # left for state.sync to collect; the driver goes on
+            reason = exc.reason if isinstance(exc, CorralError) else repr(exc)
+            log.warning("removing a stopped instance's network failed",
+                        instance=instance_id, reason=reason)
+        finally:
+            entry = self._removing.get(instance_id)
+            if entry is not None and entry[1] is asyncio.current_task():
+                del self._removing[instance_id]
 
     @op("app.detach")
     async def detach(self, args: Any) -> dict[str, Any]:
@@ -204,6 +245,8 @@ class NetDriver(Driver):
                 for r in args.instances if r.state != "exited"]
         report = await asyncio.to_thread(self.net.sync, policies, live)
         held = {str(i.addresses.instance4) for i in self.net.state.instances.values()}
+        held.update(str(self.net.pool.addresses(slot).instance4)  # released once they are gone
+                    for slot, _ in self._removing.values() if slot is not None)
         listed = await self.kernel.call("ledger.list", {"kind": ADDRESS})
         for record in listed.get("records", []):
             if record["key"] not in held and self.net.pool.slot_of(record["key"]) is not None:

@@ -117,13 +117,24 @@ class HostNetwork:
                 raise
             return instance
 
-    def stop_instance(self, instance_id: str) -> bool:
-        """Remove the instance's network and rules; False if it had none (idempotent)."""
+    def stop_instance(self, instance_id: str) -> InstanceNet | None:
+        """Take the instance's rules out (one nft transaction) and forget it: what it was, or
+        None (idempotent). Its namespace and links stay, and its slot stays taken, until
+        ``remove_network``: deleting a link waits for the kernel's RCU grace periods (tens of
+        milliseconds), which the caller keeps off the path of whoever waits for the stop."""
         with self._lock:
-            known = instance_id in self.state.instances
-            self._teardown_instance(instance_id)
+            instance = self.state.instances.pop(instance_id, None)
             self.apply()
-            return known
+            return instance
+
+    def remove_network(self, instance_id: str) -> None:
+        """Remove the namespace and links of a stopped instance (absent parts are fine), then
+        free its slot."""
+        ns_name, link = instance_names(self.config, instance_id)
+        try:
+            self.netlink.remove_instance(ns_name, link)
+        finally:
+            self.allocator.release(instance_id)
 
     def _teardown_instance(self, instance_id: str) -> None:
         ns_name, link = instance_names(self.config, instance_id)

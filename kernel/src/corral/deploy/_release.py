@@ -22,7 +22,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 
@@ -273,9 +273,15 @@ class Releaser:
                              index=0, kind="job", argv=["/bin/sh", "-c", plan.script()],
                              env=dict(plan.env), cwd=str(directory))
         out = self.store.log(name, number, "build")
-        outcome = await self.run(spec, ispec, output=out, timeout_s=timeout,
-                                 topic=f"app.{name}.build.output", release=number,
-                                 record=(name, number), teardown="background")
+        try:
+            outcome = await self.run(spec, ispec, output=out, timeout_s=timeout,
+                                     topic=f"app.{name}.build.output", release=number,
+                                     record=(name, number))
+        finally:
+            # the build's own network policy goes after it, off the critical path (each
+            # build is a pseudo-app of its own, so a next build never meets this teardown)
+            self._background(self.drivers.broadcast("app.detach", {"app": spec.name},
+                                                    strict=False))
         if not outcome.ok:
             raise CorralError(
                 f"the build of release v{number} {outcome.describe()}; nothing was deployed "
@@ -320,17 +326,12 @@ class Releaser:
                   timeout_s: float | None, topic: str | None = None,
                   release: int | None = None, secret_env: dict[str, str] | None = None,
                   stdio: list[str] | None = None, stdio_owner: int | None = None,
-                  tty: bool = False, record: tuple[str, int] | None = None,
-                  teardown: Literal["wait", "background"] = "wait") -> Outcome:
+                  tty: bool = False, record: tuple[str, int] | None = None) -> Outcome:
         """Run one process of ``spec`` in its sandbox to its end. Its output goes to
         ``output`` (each line also published on ``topic``) or to the caller's ``stdio``.
         ``timeout_s``: then its process group is killed. ``record``: (app, release) whose
         record keeps the process's identity while it runs (for a restarted kernel to end
-        it). ``teardown="background"`` is for a pseudo-app of its own (a build): once its
-        process group is gone, the drivers undo its sandbox and then the whole pseudo-app,
-        off the caller's path when it succeeded (nothing else ever uses that name; a kernel
-        killed meanwhile leaves it to the drivers' ``state.sync``, which collects what no
-        app holds); after a failure the caller waits, as it removes what the sandbox used."""
+        it)."""
         t_plan = time.monotonic()
         plan = await self.instances.plan(spec, ispec, secret_env)
         if stdio is not None:
@@ -338,17 +339,11 @@ class Releaser:
         elif output is not None:
             plan.stdout = plan.stderr = str(output)
         started = time.monotonic()
-
-        async def undo_sandbox() -> None:
-            await self.drivers.broadcast("instance.stopped", {
-                "app": spec.name, "instance_id": ispec.id}, strict=False)
-            if teardown == "background":
-                await self.drivers.broadcast("app.detach", {"app": spec.name}, strict=False)
-
         try:
             pid, start_time = await asyncio.to_thread(self.launcher.launch, plan)
         except BaseException:
-            await undo_sandbox()
+            await self.drivers.broadcast("instance.stopped", {
+                "app": spec.name, "instance_id": ispec.id}, strict=False)
             raise
         if record is not None:
             self.store.update(*record, builder={"pid": pid, "start_time": start_time})
@@ -375,11 +370,9 @@ class Releaser:
             if follower is not None:
                 follower.cancel()
                 await asyncio.gather(follower, return_exceptions=True)
-            if teardown == "background" and outcome.ok:
-                self._background(undo_sandbox())
-            else:  # a failed build's directory is removed next: its sandbox must be gone
-                await undo_sandbox()
-            # where the time went: the sandbox's making, the process, its teardown (waited)
+            await self.drivers.broadcast("instance.stopped", {
+                "app": spec.name, "instance_id": ispec.id}, strict=False)
+            # where the time went: the sandbox's making, the process, its teardown
             outcome.extra = {"sandbox_s": round(started - t_plan, 3),
                              "process_s": outcome.seconds,
                              "teardown_s": round(time.monotonic() - ended, 3)}

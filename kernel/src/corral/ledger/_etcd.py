@@ -67,6 +67,9 @@ REQUEST_TIMEOUT_S = 2.5
 """One request to one member; a commit tries the members until the ledger's timeout."""
 CACHE_SIZE = 100_000
 """Keys whose last seen state a process keeps for its speculative first attempts."""
+BATCH_KEYS = 100
+"""At most this many keys in one batched etcd transaction (etcd refuses more than
+``--max-txn-ops``, 128 by default, compares or operations in one)."""
 
 
 def _b64(text: str) -> str:
@@ -427,12 +430,8 @@ class EtcdLedger(Ledger):
         or the release of a key this process claimed, takes one round trip. A guess that was
         wrong never refuses anything: the read that came back is applied instead, exactly as
         if it had been made first. ``release_all`` always reads first."""
-        keys = sorted({record_key(c.kind, c.key) for c in txn.compares}
-                      | {record_key(op.claim.kind, op.claim.key) for op in txn.ops
-                         if isinstance(op, ClaimOp)}
-                      | {record_key(op.kind, op.key) for op in txn.ops
-                         if isinstance(op, ReleaseOp)})
-        named = set(keys)
+        named = _named(txn)
+        keys = sorted(named)
         whole = any(not isinstance(op, ClaimOp | ReleaseOp) for op in txn.ops)
         leases = {op.lease for op in txn.ops if isinstance(op, ClaimOp) and op.lease}
         lease_owners = {lid: self._live_lease_owner(lid) for lid in sorted(leases)}
@@ -457,32 +456,15 @@ class EtcdLedger(Ledger):
                 if speculative:
                     continue  # decided on what etcd holds, never on a guess
                 raise
-            writes: list[dict[str, Any]] = []
-            for name, row in state.items():
-                before = rows.get(name)
-                if row is None and before is not None:
-                    writes.append({"request_delete_range": {"key": _b64(name)}})
-                elif row is not None and (before is None or _encode_row(row) != _encode_row(
-                        before)):
-                    put: dict[str, Any] = {"key": _b64(name), "value": _b64(_encode_row(row))}
-                    if row.lease:
-                        put["lease"] = int(row.lease, 16)
-                    writes.append({"request_put": put})
+            writes = _writes(state, rows)
             if not writes:
                 if speculative:
                     continue  # "nothing to do" is decided on what etcd holds too
                 txn.revision = revision
                 return revision
-            compares = []
-            for name, before in rows.items():
-                if name not in named and state.get(name) is before:
-                    continue  # read by a release_all and left alone: no need to pin it
-                if before is None:
-                    compares.append({"key": _b64(name), "target": "CREATE", "result": "EQUAL",
-                                     "create_revision": 0})
-                else:
-                    compares.append({"key": _b64(name), "target": "MOD", "result": "EQUAL",
-                                     "mod_revision": before.revision})
+            compares = [_compare(name, before) for name, before in rows.items()
+                        # one read by a release_all and left alone needs no pinning
+                        if name in named or state.get(name) is not before]
             failure = [{"request_range": self._range(k)} for k in keys] if speculative else []
             try:
                 res = self._txn(compares, writes, failure)
@@ -506,6 +488,82 @@ class EtcdLedger(Ledger):
                 snapshot = (fresh, int(res["header"]["revision"]))
         raise UnavailableError(f"the ledger transaction lost {MAX_RETRIES} races in a row to "
                                "other writers; try again")
+
+    def commit_many(self, txns: Sequence[Txn]) -> builtins.list[int | CorralError]:
+        """See ``Ledger.commit_many``: group commit, one etcd transaction for many.
+
+        The longest run of transactions at the front that name disjoint keys, hold no lease
+        and release nothing wholesale goes out as one etcd transaction, built as each one's
+        speculative first attempt would be (``commit``) and comparing every key any of them
+        named: one round trip, one revision, for all of them. When a guess was wrong
+        (etcd's *else* branch read the keys) or one of them would be refused or change
+        nothing on its guess, the run is committed one by one instead, each deciding on what
+        etcd holds, exactly as ``commit`` does; so are the transactions after the run.
+        """
+        results: list[int | CorralError] = []
+        pending = list(txns)
+        while pending:
+            run, keys = self._batchable_run(pending)
+            done = self._commit_together(run, keys) if len(run) > 1 else None
+            if done is None:
+                run = run or pending[:1]
+                done = super().commit_many(run)
+            results.extend(done)
+            pending = pending[len(run):]
+        return results
+
+    @staticmethod
+    def _batchable_run(txns: builtins.list[Txn]) -> tuple[builtins.list[Txn], builtins.list[str]]:
+        run: list[Txn] = []
+        taken: set[str] = set()
+        for txn in txns:
+            if any(not isinstance(op, ClaimOp | ReleaseOp)
+                   or (isinstance(op, ClaimOp) and op.lease) for op in txn.ops):
+                break
+            mine = _named(txn)
+            if not mine or mine & taken or len(taken) + len(mine) > BATCH_KEYS:
+                break
+            run.append(txn)
+            taken |= mine
+        return run, sorted(taken)
+
+    def _commit_together(self, run: builtins.list[Txn], keys: builtins.list[str]
+                         ) -> builtins.list[int | CorralError] | None:
+        """One etcd transaction for ``run`` (disjoint keys), or None when it did not go
+        through (nothing written; what etcd holds is remembered for the fallback)."""
+        guess = self._guess(keys)
+        now = time.time()
+        compares: list[dict[str, Any]] = []
+        writes: list[dict[str, Any]] = []
+        states: list[dict[str, _Row | None]] = []
+        for txn in run:
+            named = sorted(_named(txn))
+            state = {k: guess[k] for k in named}
+            try:
+                _apply(state, txn, {}, now)
+            except CorralError:
+                return None  # decided on what etcd holds, never on a guess
+            mine = _writes(state, guess)
+            if not mine:
+                return None  # "nothing to do" is decided on what etcd holds too
+            writes += mine
+            compares += [_compare(k, guess[k]) for k in named]
+            states.append(state)
+        res = self._txn(compares, writes, [{"request_range": self._range(k)} for k in keys])
+        if not res.get("succeeded"):
+            fresh: dict[str, _Row | None] = dict.fromkeys(keys)
+            for item in res.get("responses", []):
+                for kv in item.get("response_range", {}).get("kvs", []):
+                    fresh[_unb64(kv["key"])] = _row(kv)
+            self._remember(fresh)
+            return None
+        revision = int(res["header"]["revision"])
+        for txn, state in zip(run, states, strict=True):
+            txn.revision = revision
+            self._remember({name: None if row is None else _Row(
+                row.owner, row.value, row.since, row.lease, revision, row.created or revision)
+                for name, row in state.items()})
+        return [revision] * len(run)
 
     def _guess(self, keys: builtins.list[str]) -> dict[str, _Row | None]:
         """The keys as this process last saw them (absent when never seen)."""
@@ -559,6 +617,38 @@ def _lease_int(lease_id: str) -> int:
 
 
 # -- the transaction, applied to a snapshot (the SQLite backend's rules) -------------------------
+
+
+def _named(txn: Txn) -> set[str]:
+    """The record keys a transaction of claims, releases and compares names."""
+    return ({record_key(c.kind, c.key) for c in txn.compares}
+            | {record_key(op.claim.kind, op.claim.key) for op in txn.ops
+               if isinstance(op, ClaimOp)}
+            | {record_key(op.kind, op.key) for op in txn.ops if isinstance(op, ReleaseOp)})
+
+
+def _writes(state: dict[str, _Row | None], before: dict[str, _Row | None]
+            ) -> list[dict[str, Any]]:
+    """The etcd operations that turn ``before`` into ``state``."""
+    writes: list[dict[str, Any]] = []
+    for name, row in state.items():
+        was = before.get(name)
+        if row is None and was is not None:
+            writes.append({"request_delete_range": {"key": _b64(name)}})
+        elif row is not None and (was is None or _encode_row(row) != _encode_row(was)):
+            put: dict[str, Any] = {"key": _b64(name), "value": _b64(_encode_row(row))}
+            if row.lease:
+                put["lease"] = int(row.lease, 16)
+            writes.append({"request_put": put})
+    return writes
+
+
+def _compare(name: str, before: _Row | None) -> dict[str, Any]:
+    """etcd's compare that ``name`` is still as ``before`` (absent: never created)."""
+    if before is None:
+        return {"key": _b64(name), "target": "CREATE", "result": "EQUAL", "create_revision": 0}
+    return {"key": _b64(name), "target": "MOD", "result": "EQUAL",
+            "mod_revision": before.revision}
 
 
 def _apply(state: dict[str, _Row | None], txn: Txn, lease_owners: dict[str, str | None],
