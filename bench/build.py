@@ -16,7 +16,8 @@ reference + 1 s.
   `corral up` from the CLI's start until the app answers with the new release is printed
   beside it. Cold: the per-app cache (<home>/cache/APP) removed and a changed source; warm:
   the cache kept, the lock unchanged, a one-line change to a source file (VERSION, which the
-  app answers).
+  app answers). The app is polled for its version only once `corral up` said the build is
+  over, so nothing but corral loads the machine while uv runs.
 
 Reference and corral runs alternate (their order swapped every round); medians are printed,
 and each round's values on stderr. BENCH_ROUNDS (default 5) sets the number of rounds.
@@ -32,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -181,10 +183,25 @@ def corral_up(k: KernelProcess, app: Path, port: int, version: str,
     t0 = time.perf_counter()
     cli = subprocess.Popen([*corral_cli(), "up", str(app), *extra], env=k.env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The app is asked for its version only once the build is over: asking every 5 ms
+    # while uv runs would load the CPU uv shares (the reference runs on a quiet machine).
+    built = threading.Event()
+    err_lines: list[str] = []
+
+    def follow() -> None:
+        assert cli.stderr is not None
+        for line in cli.stderr:
+            err_lines.append(line)
+            if "built v" in line:
+                built.set()
+        built.set()
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
     serving = None
     try:
         while serving is None:
-            if answer(port) == version:
+            if built.wait(0.005) and answer(port) == version:
                 serving = time.perf_counter() - t0
                 break
             if cli.poll() is not None and cli.returncode != 0:
@@ -192,7 +209,10 @@ def corral_up(k: KernelProcess, app: Path, port: int, version: str,
             if time.perf_counter() - t0 > SERVE_TIMEOUT_S:
                 break
             time.sleep(0.005)
-        out, err = cli.communicate(timeout=SERVE_TIMEOUT_S)
+        out = cli.stdout.read() if cli.stdout is not None else ""
+        cli.wait(timeout=SERVE_TIMEOUT_S)
+        reader.join(timeout=SERVE_TIMEOUT_S)
+        err = "".join(err_lines)
     finally:
         if cli.poll() is None:
             cli.kill()
