@@ -44,16 +44,23 @@ def main() -> int:
         for _ in range(20):
             net.apply()
             applies.append(net.last_apply_seconds)
-        teardown = time.perf_counter()
+        stops, removals = [], []
         for n in range(10):
-            net.stop_instance(f"app{n}.web.0")
-        stop_each = (time.perf_counter() - teardown) / 10
+            t0 = time.perf_counter()
+            net.stop_instance(f"app{n}.web.0")  # instance.stopped answers after this
+            t1 = time.perf_counter()
+            net.remove_network(f"app{n}.web.0")  # then the driver does this, off the path
+            stops.append(t1 - t0)
+            removals.append(time.perf_counter() - t1)
         print(f"instance_setup_ms_median: {statistics.median(per_instance) * 1000:.1f} "
               f"(first {per_instance[0] * 1000:.1f}, last {per_instance[-1] * 1000:.1f}, "
               f"includes a full nft apply)")
         print(f"nft_apply_100_apps_ms_median: {statistics.median(applies) * 1000:.1f} "
               f"(p90 {sorted(applies)[17] * 1000:.1f})")
-        print(f"instance_teardown_ms_mean: {stop_each * 1000:.1f}")
+        print(f"instance_stop_ms_mean: {statistics.mean(stops) * 1000:.1f} (rules out: what "
+              f"instance.stopped waits for)")
+        print(f"instance_network_removal_ms_mean: {statistics.mean(removals) * 1000:.1f} "
+              "(namespace and veth pair, after the answer)")
     finally:
         for name in list(net.state.apps):
             net.remove_app(name)
