@@ -156,6 +156,17 @@ def test_three_hosts_takeover_partition_and_quorum() -> None:
         assert "the etcd ledger is unavailable" in text, text
         for h in c.hosts:  # each member's failure is named
             assert h.address in text, text
+        # an app operation (down, deploy, scale...) is refused up front, within the probe's
+        # 3 s, instead of holding the kernel for the ledger's timeout at each of its steps
+        t = time.monotonic()
+        with pytest.raises(CorralError) as err:
+            h2.call("app.down", {"name": "ghost"}, timeout=45)
+        took = time.monotonic() - t
+        note("app.down refused without quorum", t)
+        assert err.value.code == ErrorCode.UNAVAILABLE, err.value.reason
+        assert err.value.reason.startswith("app.down refused: the ledger is unavailable"), \
+            err.value.reason
+        assert took < 8, took
 
         # -- healed: claims work again -------------------------------------------------------
         h3.heal()

@@ -70,6 +70,13 @@ from corral.supervisor import DriverSlot, Supervisor
 
 log = structlog.get_logger("corral.kernel")
 
+LEDGER_CHANGES = frozenset({
+    "app.deploy", "app.down", "app.scale", "app.restart", "app.rollback", "app.config.set",
+    "app.config.unset", "app.run", "instance.spawn", "keys.add", "keys.remove"})
+"""Operations whose steps write the ledger from the kernel's loop: with a networked ledger
+they first check that it answers (``Kernel._ledger_answers``)."""
+LEDGER_PROBE_S = 3.0
+
 Handler = Callable[[Peer, Any], Awaitable[dict[str, Any]]]
 
 
@@ -268,6 +275,8 @@ class Kernel:
         except Exception as exc:
             raise CorralError(f"{req.op}: invalid arguments: {_first(exc)}",
                               code=ErrorCode.INVALID) from None
+        if req.op in LEDGER_CHANGES and self.ledger.remote:
+            await self._ledger_answers(req.op)
         if peer.role != "remote":
             return await self.handlers[req.op](peer, args)
         key = self.keys.get(peer.hello.name)  # read again: a key removed is out at once
@@ -276,6 +285,20 @@ class Kernel:
                               code=ErrorCode.UNAUTHENTICATED)
         answer = authorize(key, req.op, args)
         return answer(key, await self.handlers[req.op](peer, args))
+
+    async def _ledger_answers(self, op: str) -> None:
+        """Refuse ``op`` at once, changing nothing, when a networked ledger does not give its
+        revision within LEDGER_PROBE_S (a lost quorum, say): its steps call the ledger on
+        the kernel's loop, which would otherwise wait out the ledger's own timeout per
+        call, with the loop (heartbeats, every other request) held meanwhile."""
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.ledger.revision), LEDGER_PROBE_S)
+        except (TimeoutError, CorralError) as exc:
+            why = getattr(exc, "reason", "") or f"no answer in {LEDGER_PROBE_S:g} s"
+            raise CorralError(
+                f"{op} refused: the ledger is unavailable ({why}); nothing was changed, and "
+                "running apps keep running; try again once the ledger has its quorum back",
+                code=ErrorCode.UNAVAILABLE) from None
 
     # ---- handlers ----------------------------------------------------------------------------
 
