@@ -84,8 +84,10 @@ def manifest_digest(doc: dict[str, Any]) -> str:
 
 def seal(directory: Path) -> None:
     """Make a built release root's and read-only to everyone else: files and directories
-    owned by root, nothing group- or world-writable, everything readable (and directories and
-    executables enterable) by the app's uid. Links are not followed."""
+    owned by root, nothing group- or world-writable, no set-user-ID, set-group-ID or sticky
+    bit (a build must never leave a root set-user-ID program on the host), everything
+    readable (and directories and executables enterable) by the app's uid. Links are not
+    followed. The caller makes sure nothing of the build runs any more."""
     for root, dirs, files in os.walk(directory):
         for name in [*dirs, *files]:
             path = os.path.join(root, name)
@@ -93,12 +95,14 @@ def seal(directory: Path) -> None:
             os.lchown(path, 0, 0)
             if stat.S_ISLNK(st.st_mode):
                 continue
-            mode = stat.S_IMODE(st.st_mode) & ~0o022
+            mode = stat.S_IMODE(st.st_mode) & 0o755
             if stat.S_ISDIR(st.st_mode) or mode & 0o100:
                 mode |= 0o555
             else:
                 mode |= 0o444
-            os.chmod(path, mode)
+            # a chown may clear set-ID bits but never sets any: the mode before it tells
+            if mode != stat.S_IMODE(st.st_mode):
+                os.chmod(path, mode)
     os.chown(directory, 0, 0)
     os.chmod(directory, 0o755)
 
