@@ -85,6 +85,30 @@ def _temp_base() -> Path:
     return Path(tempfile.mkdtemp(prefix="corral-etcd-", dir=parent))
 
 
+def member_argv(binary: str, name: str, data_dir: Path, client_url: str, peer_url: str,
+                initial_cluster: str, state: str, token: str) -> list[str]:
+    """The command line of one test member: the tests' heartbeat and election timeout,
+    hourly compaction, its log as JSON on stderr."""
+    return [
+        binary,
+        "--name", name,
+        "--data-dir", str(data_dir),
+        "--listen-client-urls", client_url,
+        "--advertise-client-urls", client_url,
+        "--listen-peer-urls", peer_url,
+        "--initial-advertise-peer-urls", peer_url,
+        "--initial-cluster", initial_cluster,
+        "--initial-cluster-state", state,
+        "--initial-cluster-token", token,
+        "--heartbeat-interval", str(HEARTBEAT_MS),
+        "--election-timeout", str(ELECTION_MS),
+        "--auto-compaction-mode", "periodic",
+        "--auto-compaction-retention", "1h",
+        "--logger", "zap",
+        "--log-outputs", "stderr",
+    ]
+
+
 class EtcdCluster:
     """``n`` etcd members on loopback; ``launch()`` starts them as a new cluster.
 
@@ -135,24 +159,8 @@ class EtcdCluster:
 
     def _argv(self, i: int, state: str) -> list[str]:
         initial = ",".join(f"m{k}={self._peer_url(k)}" for k in range(self.n))
-        return [
-            self.binary,
-            "--name", f"m{i}",
-            "--data-dir", str(self.base / f"m{i}.etcd"),
-            "--listen-client-urls", self.client_url(i),
-            "--advertise-client-urls", self.client_url(i),
-            "--listen-peer-urls", self._peer_url(i),
-            "--initial-advertise-peer-urls", self._peer_url(i),
-            "--initial-cluster", initial,
-            "--initial-cluster-state", state,
-            "--initial-cluster-token", self.token,
-            "--heartbeat-interval", str(HEARTBEAT_MS),
-            "--election-timeout", str(ELECTION_MS),
-            "--auto-compaction-mode", "periodic",
-            "--auto-compaction-retention", "1h",
-            "--logger", "zap",
-            "--log-outputs", "stderr",
-        ]
+        return member_argv(self.binary, f"m{i}", self.base / f"m{i}.etcd", self.client_url(i),
+                           self._peer_url(i), initial, state, self.token)
 
     def _spawn(self, i: int, state: str) -> None:
         if self.running(i):

@@ -93,13 +93,12 @@ import psutil
 
 from corral.testing import KernelProcess
 from etcdcluster import (
-    ELECTION_MS,
     ETCD,
     ETCDCTL,
-    HEARTBEAT_MS,
     SHM,
     SHM_MIN_FREE,
     end_member,
+    member_argv,
 )
 
 PREFIX = "crlmh"
@@ -432,24 +431,9 @@ class Host:
         if self.member_running():
             raise RuntimeError(f"{self.name}: its etcd member is already running")
         c = self.cluster
-        argv = [
-            ETCD,
-            "--name", self.name,
-            "--data-dir", str(self.data),
-            "--listen-client-urls", self.client_url,
-            "--advertise-client-urls", self.client_url,
-            "--listen-peer-urls", self.peer_url,
-            "--initial-advertise-peer-urls", self.peer_url,
-            "--initial-cluster", ",".join(f"{h.name}={h.peer_url}" for h in c.hosts),
-            "--initial-cluster-state", state,
-            "--initial-cluster-token", f"corral-mh-{c.tag}",
-            "--heartbeat-interval", str(HEARTBEAT_MS),
-            "--election-timeout", str(ELECTION_MS),
-            "--auto-compaction-mode", "periodic",
-            "--auto-compaction-retention", "1h",
-            "--logger", "zap",
-            "--log-outputs", "stderr",
-        ]
+        argv = member_argv(ETCD, self.name, self.data, self.client_url, self.peer_url,
+                           ",".join(f"{h.name}={h.peer_url}" for h in c.hosts), state,
+                           f"corral-mh-{c.tag}")
         with open(self.member_log_path, "ab") as log:
             self.member = subprocess.Popen(self.enter(argv), stdin=subprocess.DEVNULL,
                                            stdout=log, stderr=subprocess.STDOUT,

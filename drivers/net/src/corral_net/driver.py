@@ -108,20 +108,8 @@ class NetDriver(Driver):
             busy = self._busy_slots()
             guess = next((s for s in range(pool.size) if s not in busy
                           and pool.addresses(s).instance4 not in held), None)
-            if guess is not None:
-                self._claiming[instance_id] = guess
-                try:
-                    await self.kernel.call("ledger.claim", {"owner": app, "claims": [
-                        {"kind": ADDRESS, "key": str(pool.addresses(guess).instance4),
-                         "value": {"instance": instance_id}}]})
-                    return guess
-                except CorralError as exc:
-                    del self._claiming[instance_id]
-                    if exc.code != ErrorCode.CONFLICT:
-                        raise
-                except BaseException:
-                    del self._claiming[instance_id]
-                    raise
+            if guess is not None and await self._try_claim(app, instance_id, guess):
+                return guess
         for _attempt in range(5):
             listed = await self.kernel.call("ledger.list", {"kind": ADDRESS})
             taken: set[int] = set()
@@ -139,19 +127,26 @@ class NetDriver(Driver):
             if free is None:
                 raise CorralError(f"net: address pool {pool.pool4} is exhausted",
                                   code=ErrorCode.CONFLICT)
-            key = str(pool.addresses(free).instance4)
-            self._claiming[instance_id] = free
-            try:
-                await self.kernel.call("ledger.claim", {"owner": app, "claims": [
-                    {"kind": ADDRESS, "key": key, "value": {"instance": instance_id}}]})
+            if await self._try_claim(app, instance_id, free):
                 return free
-            except BaseException as exc:
-                del self._claiming[instance_id]
-                if not isinstance(exc, CorralError) or exc.code != ErrorCode.CONFLICT:
-                    raise
-                # Someone took it between list and claim: look again.
+            # Someone took it between list and claim: look again.
         raise CorralError(f"net: no address slot could be claimed for {instance_id}",
                           code=ErrorCode.CONFLICT, retry=True)
+
+    async def _try_claim(self, app: str, instance_id: str, slot: int) -> bool:
+        """Claim ``slot`` for ``instance_id``, marked as being claimed (``_claiming``) from
+        now until the instance holds it; False (and unmarked) if another holds it."""
+        self._claiming[instance_id] = slot
+        try:
+            await self.kernel.call("ledger.claim", {"owner": app, "claims": [
+                {"kind": ADDRESS, "key": str(self.net.pool.addresses(slot).instance4),
+                 "value": {"instance": instance_id}}]})
+            return True
+        except BaseException as exc:
+            del self._claiming[instance_id]
+            if isinstance(exc, CorralError) and exc.code == ErrorCode.CONFLICT:
+                return False
+            raise
 
     def _busy_slots(self) -> set[int]:
         """Slots being claimed, or whose stopped instance's links are still being removed:
