@@ -9,9 +9,10 @@ from typing import Any
 import structlog
 
 from corral.errors import ConflictError, CorralError, ErrorCode
-from corral.protocol import AppSpec, PlanFragment
+from corral.protocol import AppSpec, PlanFragment, Welcome
 from corral.sdk import Driver, op, run
 from corral_fs import DRIVER
+from corral_fs._cgroups import favor_dynamic_changes
 from corral_fs.sandbox import DEFAULT_UID_RANGE, Sandbox
 
 log = structlog.get_logger("corral_fs")
@@ -33,6 +34,21 @@ class FsDriver(Driver):
         self._sandbox: Sandbox | None = None
         self._uids: dict[str, int] = {}
         self._lock = asyncio.Lock()
+        self._favored = False
+
+    def welcomed(self, welcome: Welcome) -> None:
+        """Take the kernel's config (``uid_range``; ``favor_dynmods``, default true: make
+        cgroup migrations cheap host-wide, see ``favor_dynamic_changes``), then, the first
+        time, apply ``favor_dynmods``: a failure is logged, launches are only slower."""
+        super().welcomed(welcome)
+        if self._favored or not self.config.get("favor_dynmods", True):
+            return
+        self._favored = True
+        try:
+            log.info("cgroup favordynmods", result=favor_dynamic_changes())
+        except OSError as exc:
+            log.warning("cgroup favordynmods not set; each launch waits for an RCU grace "
+                        "period when it enters its cgroups", error=str(exc))
 
     @property
     def sandbox(self) -> Sandbox:
