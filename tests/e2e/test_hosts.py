@@ -1,5 +1,6 @@
 """`corral hosts`: each kernel registers its host in the ledger under a lease it keeps alive;
-a second live host on one ledger is refused (several hosts are not supported yet)."""
+a second live host on one local (SQLite) ledger is refused: several hosts share an etcd
+ledger, through host views (tests/e2e/test_multihost.py)."""
 
 from __future__ import annotations
 

@@ -9,11 +9,11 @@ Two records per host, owned by ``host:<name>``:
   revokes the lease; when the host dies the lease expires and the record vanishes (on etcd,
   for every host at once).
 
-One ledger, one live host, for now: the kernel, its drivers and their records are not yet
-scoped by host (instances, host ports, what drivers claim), so a second kernel on the same
-ledger would take the first one's apps for its own. A kernel refuses to start while another
-host is alive on its ledger, naming it; several hosts on one etcd cluster are the work of
-ARCHITECTURE.md §9 still to do (docs/etcd.md says what is there).
+Several hosts live on one ledger (etcd) at once: each kernel sees it through its host's
+``HostView`` (app names, lb names, domains and uids unique in the cluster; host ports,
+instances and what drivers hold, per host), and these records are the cluster's, written
+through the shared ledger itself (owner ``host:<name>``, no view). What is not there yet
+(placing one app's instances across hosts, re-placing a lost host's): docs/etcd.md.
 """
 
 from __future__ import annotations
@@ -65,15 +65,28 @@ class HostRegistry:
         return f"host:{self.name}"
 
     def register(self, instances: int = 0) -> None:
-        """Claim this host's records under a new lease; refuse (ConflictError) when another
-        host is alive on this ledger, or this host's name is alive for another kernel."""
-        for rec in self.ledger.list(kind=ALIVE):
-            if rec.key != self.name:
-                raise ConflictError(
-                    f"this ledger is in use by host {rec.key!r} (alive, kernel pid "
-                    f"{rec.value.get('pid')}); running several hosts on one ledger is not "
-                    "supported yet (see docs/etcd.md)", kind=ALIVE, key=rec.key,
-                    holder=rec.owner, since=rec.since)
+        """Claim this host's records under a new lease. On a local ledger (SQLite) another
+        live host is refused (ConflictError). A live record of this host's name
+        left by a kernel of this address (one killed, its lease not yet expired) is replaced;
+        one of another address is another machine using the same name: refused
+        (ConflictError), since two kernels under one name would take each other's records."""
+        if not self.ledger.remote:
+            # a local file (SQLite) is one host's: kernels sharing it would see each other's
+            # records as their own (only a networked ledger is seen through host views)
+            for rec in self.ledger.list(kind=ALIVE):
+                if rec.key != self.name:
+                    raise ConflictError(
+                        f"this ledger is in use by host {rec.key!r} (alive, kernel pid "
+                        f"{rec.value.get('pid')}); a local ledger serves one host, several "
+                        "hosts share an etcd ledger (see docs/etcd.md)", kind=ALIVE,
+                        key=rec.key, holder=rec.owner, since=rec.since)
+        alive = self.ledger.get(ALIVE, self.name)
+        theirs = alive.value.get("address") if alive is not None else None
+        if alive is not None and theirs and self.address and theirs != self.address:
+            raise ConflictError(
+                f"host name {self.name!r} is in use by the kernel at {theirs} (alive, kernel "
+                f"pid {alive.value.get('pid')}); give this host another [host] name",
+                kind=ALIVE, key=self.name, holder=alive.owner, since=alive.since)
         self.token = secrets.token_hex(8)
         self.lease = self.ledger.grant_lease(self.ttl_s, self.owner)
         now = time.time()

@@ -35,7 +35,7 @@ from corral.host import (
 )
 from corral.hosts import HostRegistry, host_name, list_hosts
 from corral.launch import become_subreaper, take_fd
-from corral.ledger import GroupCommit, Ledger, Txn, open_ledger
+from corral.ledger import GroupCommit, HostView, Ledger, Txn, open_ledger
 from corral.protocol import KERNEL_OPS, PROTOCOL, QUERY_OP, Args, Hello, Request, Welcome
 from corral.protocol._ops import (
     AppName,
@@ -99,7 +99,11 @@ class Kernel:
         self.notify_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.notify_dir, 0o711)
         self.stop_drivers_on_exit = stop_drivers_on_exit
-        self.ledger: Ledger = open_ledger(self.config.ledger, self.home)
+        shared = open_ledger(self.config.ledger, self.home)
+        this_host = host_name(self.config.host.name)
+        # A networked ledger may serve several hosts: this kernel sees it through its host's
+        # view (cluster-wide names unique, host ports and instances its own; HostView).
+        self.ledger: Ledger = HostView(shared, this_host) if shared.remote else shared
         self.group_commit = GroupCommit(self.ledger)
         self.started = time.time()
         self.bus = BusServer(
@@ -131,7 +135,7 @@ class Kernel:
             bus=f"ipc://{self.gateway_dir / 'bus.sock'}",
             events=f"ipc://{self.gateway_dir / 'events.sock'}"))
         self.branches = Branches(self.home / "git-branches.json")
-        self.hosts = HostRegistry(self.ledger, host_name(self.config.host.name),
+        self.hosts = HostRegistry(shared, this_host,
                                   self.config.host.address, self.config.host.ttl_s)
         self.handlers: dict[str, Handler] = {
             "app.deploy": self._deploy,
@@ -452,7 +456,7 @@ class Kernel:
         return {"revision": await self.group_commit.commit(txn)}
 
     async def _hosts_list(self, peer: Peer, args: Any) -> dict[str, Any]:
-        return {"hosts": await asyncio.to_thread(list_hosts, self.ledger),
+        return {"hosts": await asyncio.to_thread(list_hosts, self.hosts.ledger),
                 "this": self.hosts.name}
 
     async def _drivers_list(self, peer: Peer, args: Any) -> dict[str, Any]:
@@ -605,7 +609,7 @@ class Kernel:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        await asyncio.to_thread(self.hosts.register)  # refuses a ledger another host uses
+        await asyncio.to_thread(self.hosts.register)
         await self.bus.start()
         await asyncio.to_thread(self.keys.sync)
         self._share_with_gateway()

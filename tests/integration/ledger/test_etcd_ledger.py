@@ -31,6 +31,7 @@ from corral.ledger import (
     Change,
     Claim,
     CompactedError,
+    HostView,
     Ledger,
     SqliteLedger,
     Txn,
@@ -591,6 +592,37 @@ def test_ledgers_on_different_members_see_each_others_writes(cluster: EtcdCluste
     finally:
         for h in hosts:
             h.close()
+
+
+def test_host_views_on_different_members(cluster: EtcdCluster, ledger: Ledger,
+                                         tmp_path: Path) -> None:
+    """Kernels of three hosts, each through its own member and its own ``HostView``: an app
+    name held on h1 is refused on h2 naming h1, a host port is per host, a release of
+    everything an owner holds takes only its own host's records, and group commit maps."""
+    views = [HostView(open_ledger(cluster.url_from(i), tmp_path), f"h{i + 1}")
+             for i in range(cluster.n)]
+    h1, h2, h3 = views
+    try:
+        h1.claim("shop", [Claim("app", "shop"), Claim("port", "8080"), Claim("uid", "61000")])
+        with pytest.raises(ConflictError) as err:
+            h2.claim("shop", [Claim("app", "shop"), Claim("port", "8080")])
+        assert "held by app 'shop' on host h1" in str(err.value)
+        assert h2.list(owner="shop") == [] and h2.list(kind="port") == []
+        h2.claim("blog", [Claim("app", "blog"), Claim("port", "8080")])
+        assert [r.key for r in h3.list(kind="uid")] == ["61000"]
+        with pytest.raises(ConflictError, match="on host h1"):
+            h3.put("news", "uid", "61000")
+        results = h3.commit_many([Txn().claim("news", "app", "news"),
+                                  Txn().claim("news", "port", "8080"),
+                                  Txn().claim("x", "app", "blog")])
+        assert [isinstance(r, int) for r in results] == [True, True, False]
+        h1.release("shop")
+        assert h1.list() == [] and h1.holder("app", "shop") is None
+        assert [r.key for r in h2.list(owner="blog")] == ["blog", "8080"]
+        assert sorted(r.key for r in ledger.list(kind="port")) == ["@h2/8080", "@h3/8080"]
+    finally:
+        for v in views:
+            v.close()
 
 
 @dataclass

@@ -32,9 +32,9 @@ from corral.deploy._jobs import Jobs
 from corral.deploy._lifecycle import Lifecycle
 from corral.deploy._release import Releaser
 from corral.deploy._state import AppState, Live, spec_hash
-from corral.errors import CorralError, ErrorCode, NotFoundError
+from corral.errors import ConflictError, CorralError, ErrorCode, NotFoundError
 from corral.host import HostConfig
-from corral.ledger import Claim, Ledger, Record, Txn
+from corral.ledger import Claim, HostView, Ledger, Record, Txn, describe_owner
 from corral.protocol import AppSpec, InstanceSpec
 from corral.protocol._ops import Check, Deploy, Restart, Scale, Spawn
 from corral.release import AppConfig
@@ -88,6 +88,7 @@ class Deployer:
                 f"{Path(args.directory) / 'corral.toml'}: [app] name is {name!r}, but this "
                 f"deploy is of {args.name!r} (the app pushed to); make them agree",
                 code=ErrorCode.INVALID)
+        self._refuse_another_hosts(name)
         async with self.releaser.lock(name):  # two deploys of one app never interleave
             uid, gid = self._app_ids(name)
             claimed_uid = self._hold_uid(name, uid)
@@ -118,6 +119,20 @@ class Deployer:
                 if claimed_uid and self.ledger.get("app", name) is None:
                     self.ledger.release(name, [("uid", str(uid))])
                 raise
+
+    def _refuse_another_hosts(self, name: str) -> None:
+        """On a ledger several hosts share: refuse at once, before anything is built or
+        claimed, an app name that another host's app holds (the claim would be refused after
+        the build; this says so first). ``ConflictError`` names the holder and its host."""
+        if not isinstance(self.ledger, HostView) or self.ledger.get("app", name) is not None:
+            return
+        holder = self.ledger.holder("app", name)
+        if holder is not None:
+            raise ConflictError(
+                f"app {name!r} is deployed by another host: the name is held by "
+                f"{describe_owner(holder)}; nothing was built or claimed here (deploy it from "
+                "that host, or give this app another [app] name)",
+                kind="app", key=name, holder=holder)
 
     async def _deploy_release(self, name: str, release: dict[str, Any], started: float,
                               args: Deploy, *, run_phase: bool, unchanged: bool = False,

@@ -13,20 +13,25 @@ from corral.ledger._base import (
     ReleaseOp,
     Txn,
     TxnOp,
+    describe_owner,
 )
 from corral.ledger._group import GroupCommit
+from corral.ledger._hosted import CLUSTER_KINDS, SHARED_READS, HostView
 from corral.ledger._open import DEFAULT_FILE, open_ledger
 from corral.ledger._sqlite import SCHEMA_VERSION, SqliteLedger
 
 __all__ = [
+    "CLUSTER_KINDS",
     "DEFAULT_FILE",
     "SCHEMA_VERSION",
+    "SHARED_READS",
     "Change",
     "Claim",
     "ClaimOp",
     "CompactedError",
     "Compare",
     "GroupCommit",
+    "HostView",
     "Lease",
     "Ledger",
     "Record",
@@ -35,5 +40,6 @@ __all__ = [
     "SqliteLedger",
     "Txn",
     "TxnOp",
+    "describe_owner",
     "open_ledger",
 ]

@@ -342,13 +342,21 @@ class Ledger(abc.ABC):
 
 
 def describe_owner(owner: str) -> str:
-    """Render an owner for a message: ``blog`` -> "app 'blog'", ``driver:net`` -> "driver 'net'"."""
+    """Render an owner for a message: ``blog`` -> "app 'blog'", ``driver:net`` -> "driver 'net'",
+    and with a host (a shared ledger, ``HostView``) ``blog@h1`` -> "app 'blog' on host h1"."""
+    base, at, host = owner.rpartition("@")
+    if at and base and host:
+        return f"{describe_owner(base)} on host {host}"
     role, sep, name = owner.partition(":")
     return f"{role} '{name}'" if sep and role and name else f"app '{owner}'"
 
 
 def describe_key(kind: str, key: str) -> str:
-    """Render a resource for a message: "port 8000", "lbname 'blog'"."""
+    """Render a resource for a message: "port 8000", "lbname 'blog'", and a per-host key of a
+    shared ledger (``@h1/8000``, ``HostView``) as "port 8000 on host h1"."""
+    if key.startswith("@") and "/" in key:
+        host, _, local = key[1:].partition("/")
+        return f"{describe_key(kind, local)} on host {host}"
     return f"{kind} {key}" if key.isdigit() else f"{kind} '{key}'"
 
 
