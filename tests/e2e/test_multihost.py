@@ -245,7 +245,8 @@ def test_hosts_run_their_own_apps_with_names_unique_in_the_cluster() -> None:
     """Two live hosts on one etcd ledger, each running the apps deployed on it: each serves
     its own on the same host port (ports are per host), an app name held on h1 is refused on
     h2 naming h1 before anything is built, each host lists and restores only its own apps,
-    and once h1 has taken its app down the name is free for h2."""
+    once h1 has taken its app down the name is free for h2, and once h2 is lost and
+    forgotten (`corral hosts forget`) its names are free for h1."""
     require_multihost()
     with multihost(3) as c:
         h1, h2 = c.host(1), c.host(2)
@@ -294,6 +295,24 @@ def test_hosts_run_their_own_apps_with_names_unique_in_the_cluster() -> None:
         wait_for(lambda: fetch(h2, 8081) == "shop-copy\n", timeout=20, what="shop on h2")
         assert apps(h1) == [] and apps(h2) == ["blog", "shop"]
         assert fetch(h2) == "blog\n"
+        assert hosts(h1)["h2"]["apps"] == ["blog", "shop"] and hosts(h2)["h1"]["apps"] == []
+
+        # h2 lost for good: its names stay held until h1 forgets it, then h1 may take them
+        h2.kill9()
+        r = h1.cli("hosts", "forget", "h2")
+        assert r.returncode != 0 and "host 'h2' is alive" in r.stderr, r.stdout + r.stderr
+        wait_for(lambda: hosts(h1)["h2"]["state"] == "lost", timeout=c.ttl_s + 10,
+                 what="h2 lost")
+        r = h1.cli("up", str(blog), timeout=120)
+        assert r.returncode != 0 and "on host h2" in r.stderr, r.stdout + r.stderr
+        r = h1.cli("hosts", "forget", "h2", "--json")
+        assert r.returncode == 0, r.stderr
+        released = json.loads(r.stdout)["released"]
+        assert released["app"] == 2 and released["port"] == 2, released
+        assert "h2" not in hosts(h1)
+        r = h1.cli("up", str(blog), timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_for(lambda: fetch(h1) == "blog\n", timeout=20, what="blog on h1")
 
 
 def test_kernel_answers_while_a_claim_waits_for_a_lost_quorum() -> None:

@@ -35,6 +35,8 @@ log = structlog.get_logger("corral.hosts")
 
 HOST = "host"
 ALIVE = "host-alive"
+APP = "app"
+FORGET_BATCH = 64  # records released per transaction (etcd allows 128 operations in one)
 
 
 def host_name(configured: str | None) -> str:
@@ -136,16 +138,28 @@ class HostRegistry:
             self.lease = None
 
 
-def list_hosts(ledger: Ledger) -> list[dict[str, Any]]:
+def host_of(owner: str, this: str) -> str:
+    """The host an owner's records belong to: ``shop@h1`` is h1's; an owner without a host
+    (a local ledger's) is ``this`` host's."""
+    base, at, host = owner.rpartition("@")
+    return host if at and base and host else this
+
+
+def list_hosts(ledger: Ledger, this: str) -> list[dict[str, Any]]:
     """Every host the ledger knows: its state (``ready``, or ``lost`` since its last sign of
-    life), address, instances and free capacity."""
+    life), address, the apps deployed on it, instances and free capacity. ``ledger``: the
+    shared ledger itself, not a host's view; ``this``: the asking kernel's host."""
     alive = {r.key: r for r in ledger.list(kind=ALIVE)}
+    apps: dict[str, list[str]] = {}
+    for app in ledger.list(kind=APP):
+        apps.setdefault(host_of(app.owner, this), []).append(app.key)
     out = []
     for rec in ledger.list(kind=HOST):
         live = alive.get(rec.key)
         row: dict[str, Any] = {"name": rec.key, "address": rec.value.get("address"),
                                "joined": rec.value.get("joined"),
-                               "last_seen": rec.value.get("last_seen")}
+                               "last_seen": rec.value.get("last_seen"),
+                               "apps": sorted(apps.get(rec.key, []))}
         if live is not None:
             row.update(state="ready", **{k: live.value.get(k) for k in (
                 "pid", "instances", "cpus", "memory_total", "memory_available", "load1")})
@@ -153,3 +167,37 @@ def list_hosts(ledger: Ledger) -> list[dict[str, Any]]:
             row.update(state="lost", lost_since=rec.value.get("last_seen"))
         out.append(row)
     return out
+
+
+def forget_host(ledger: Ledger, name: str, this: str) -> dict[str, Any]:
+    """Release everything host ``name`` holds in the shared ``ledger`` (its apps' names, lb
+    names, domains, uids and releases; its ports, paths, instances and driver records; its
+    own host record), so that other hosts may take its apps' names. For a host lost for
+    good: refused (ConflictError) while it is alive, and for ``this`` host. Released in
+    batches, each all or nothing, each record only if the lost host's owner still holds it;
+    a rerun after an interruption finishes the job. Returns what went, by kind."""
+    if name == this:
+        raise ConflictError(f"host {name!r} is this host; forget it from another host",
+                            kind=HOST, key=name, holder=f"host:{name}")
+    alive = ledger.get(ALIVE, name)
+    if alive is not None:
+        raise ConflictError(
+            f"host {name!r} is alive (kernel pid {alive.value.get('pid')}, last seen "
+            f"{time.ctime(float(alive.value.get('seen') or 0))}); only a lost host can be "
+            "forgotten", kind=ALIVE, key=name, holder=alive.owner, since=alive.since)
+    known = ledger.get(HOST, name)
+    held = [r for r in ledger.list() if r.kind not in (HOST, ALIVE) and (
+        host_of(r.owner, "") == name or r.key.startswith(f"@{name}/"))]
+    if known is None and not held:
+        raise NotFoundError(f"the ledger knows no host named {name!r}")
+    gone: dict[str, int] = {}
+    for start in range(0, len(held), FORGET_BATCH):
+        txn = Txn()
+        for rec in held[start:start + FORGET_BATCH]:
+            txn.release(rec.owner, rec.kind, rec.key)
+            gone[rec.kind] = gone.get(rec.kind, 0) + 1
+        ledger.commit(txn)
+    if known is not None:
+        ledger.release(known.owner, [(HOST, name)])
+    log.warning("host forgotten", host=name, released=gone)
+    return {"host": name, "released": gone}

@@ -33,7 +33,7 @@ from corral.host import (
     load_config,
     runtime_dir,
 )
-from corral.hosts import HostRegistry, host_name, list_hosts
+from corral.hosts import HostRegistry, forget_host, host_name, list_hosts
 from corral.launch import become_subreaper, take_fd
 from corral.ledger import GroupCommit, HostView, Ledger, Txn, open_ledger
 from corral.protocol import KERNEL_OPS, PROTOCOL, QUERY_OP, Args, Hello, Request, Welcome
@@ -47,6 +47,7 @@ from corral.protocol._ops import (
     Down,
     DriverName,
     DriverQuery,
+    HostName,
     InstanceId,
     InstanceSignal,
     InstanceWait,
@@ -160,6 +161,7 @@ class Kernel:
             "keys.remove": self._keys_remove,
             "keys.whoami": self._keys_whoami,
             "hosts.list": self._hosts_list,
+            "hosts.forget": self._hosts_forget,
             "drivers.list": self._drivers_list,
             "driver.restart": self._driver_restart,
             "driver.query": self._driver_query,
@@ -456,8 +458,13 @@ class Kernel:
         return {"revision": await self.group_commit.commit(txn)}
 
     async def _hosts_list(self, peer: Peer, args: Any) -> dict[str, Any]:
-        return {"hosts": await asyncio.to_thread(list_hosts, self.hosts.ledger),
+        return {"hosts": await asyncio.to_thread(list_hosts, self.hosts.ledger,
+                                                 self.hosts.name),
                 "this": self.hosts.name}
+
+    async def _hosts_forget(self, peer: Peer, args: HostName) -> dict[str, Any]:
+        return await asyncio.to_thread(forget_host, self.hosts.ledger, args.name,
+                                       self.hosts.name)
 
     async def _drivers_list(self, peer: Peer, args: Any) -> dict[str, Any]:
         return {"drivers": [{**s.as_json(),

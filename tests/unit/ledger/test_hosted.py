@@ -136,3 +136,40 @@ def test_a_name_with_the_separators_is_refused(shared: Ledger) -> None:
     for bad in ("", "h@1", "h/1"):
         with pytest.raises(ValueError):
             HostView(shared, bad)
+
+
+def test_a_lost_host_is_forgotten_and_its_names_are_free(h1: HostView, h2: HostView,
+                                                         shared: SqliteLedger) -> None:
+    """``corral hosts forget``: everything h1 held goes, h2's stays; refused while h1 is
+    alive, for the asking host itself and for a host the ledger does not know."""
+    from corral.errors import NotFoundError
+    from corral.hosts import ALIVE, HOST, forget_host, list_hosts
+
+    h1.claim("shop", [Claim("app", "shop"), Claim("port", "8080"), Claim("uid", "61000"),
+                      Claim("release", "shop/1"), Claim("instance", "shop.web.1")])
+    h2.claim("blog", [Claim("app", "blog"), Claim("port", "8080")])
+    shared.put("host:h1", HOST, "h1", {"address": "10.0.0.1"})
+    shared.put("host:h2", HOST, "h2", {"address": "10.0.0.2"})
+    lease = shared.grant_lease(30, "host:h1")
+    shared.put("host:h1", ALIVE, "h1", {"pid": 7, "seen": 0}, lease=lease)
+    rows = {r["name"]: r for r in list_hosts(shared, "h2")}
+    assert rows["h1"]["apps"] == ["shop"] and rows["h2"]["apps"] == ["blog"]
+    assert rows["h1"]["state"] == "ready" and rows["h2"]["state"] == "lost"
+
+    with pytest.raises(ConflictError, match="host 'h1' is alive"):
+        forget_host(shared, "h1", "h2")
+    with pytest.raises(ConflictError, match="is this host"):
+        forget_host(shared, "h2", "h2")
+    with pytest.raises(NotFoundError):
+        forget_host(shared, "h9", "h2")
+    assert h1.get("app", "shop") is not None  # nothing changed
+
+    shared.revoke(lease)  # h1 lost
+    done = forget_host(shared, "h1", "h2")
+    assert done["released"] == {"app": 1, "port": 1, "uid": 1, "release": 1, "instance": 1}
+    assert not [r for r in shared.list() if "h1" in r.owner or r.key.startswith("@h1/")]
+    assert shared.get(HOST, "h1") is None
+    assert [(r.kind, r.key) for r in h2.list(owner="blog")] == [("app", "blog"),
+                                                                ("port", "8080")]
+    h2.claim("shop", [Claim("app", "shop")])  # the name is free now
+    assert [r["name"] for r in list_hosts(shared, "h2")] == ["h2"]

@@ -46,6 +46,7 @@ _ARGS: dict[str, dict[str, Any]] = {
     "driver.query": {"capability": "log", "query": "read", "args": {"app": "{app}"}},
     "kernel.status": {},
     "hosts.list": {},
+    "hosts.forget": {"name": "h2"},
 }
 
 
@@ -100,7 +101,7 @@ def test_the_rules_are_the_documented_ones() -> None:
     """The scope of each operation, as the module's docstring and `corral keys` explain."""
     assert {op for op, r in RULES.items() if r == ADMIN} == {
         "keys.add", "keys.list", "keys.remove", "ledger.list", "drivers.list",
-        "driver.restart", "kernel.status", "hosts.list"}
+        "driver.restart", "kernel.status", "hosts.list", "hosts.forget"}
     assert {op for op, r in RULES.items() if r == ANY} == {"app.ps", "keys.whoami",
                                                            "driver.query"}
 

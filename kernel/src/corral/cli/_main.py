@@ -272,9 +272,22 @@ def cmd_drivers(ns: argparse.Namespace) -> int:
 
 
 def cmd_hosts(ns: argparse.Namespace) -> int:
-    """The hosts of this kernel's ledger: ready, or lost since when; instances, free capacity."""
+    """The hosts of this kernel's ledger: ready, or lost since when; apps, instances, free
+    capacity. `corral hosts forget NAME`: release all a lost host holds in the ledger."""
     import time as _time
 
+    if ns.action == "forget":
+        if not ns.name:
+            print("corral hosts forget: name the lost host (see `corral hosts`)",
+                  file=sys.stderr)
+            return EXIT_INPUT
+        res = _client().call("hosts.forget", {"name": ns.name})
+        if ns.json:
+            print_json(res)
+            return 0
+        released = ", ".join(f"{n} {kind}" for kind, n in sorted(res["released"].items()))
+        print(f"host {res['host']} forgotten; released {released or 'nothing else'}")
+        return 0
     res = _client().call("hosts.list")
     if ns.json:
         print_json(res["hosts"])
@@ -290,8 +303,8 @@ def cmd_hosts(ns: argparse.Namespace) -> int:
                 if h["state"] == "ready" else "-")
         me = " (this host)" if h["name"] == res.get("this") else ""
         rows.append([h["name"] + me, state, h.get("address") or "-",
-                     str(h.get("instances", "-")), free])
-    table(rows, ["HOST", "STATE", "ADDRESS", "INSTANCES", "CAPACITY"])
+                     ",".join(h.get("apps") or []) or "-", str(h.get("instances", "-")), free])
+    table(rows, ["HOST", "STATE", "ADDRESS", "APPS", "INSTANCES", "CAPACITY"])
     return 0
 
 
@@ -401,6 +414,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("name", nargs="?", help="the driver to restart")
     s.add_argument("--json", action="store_true")
     s = sub.add_parser("hosts", help=cmd_hosts.__doc__)
+    s.add_argument("action", nargs="?", choices=["forget"], help="forget NAME")
+    s.add_argument("name", nargs="?", help="the lost host to forget")
     s.add_argument("--json", action="store_true")
     s = sub.add_parser("ledger", help=cmd_ledger.__doc__)
     s.add_argument("--owner")

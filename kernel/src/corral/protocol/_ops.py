@@ -192,6 +192,12 @@ class DriverName(Args):
     name: str
 
 
+class HostName(Args):
+    """``hosts.forget``: one host of the ledger by name."""
+
+    name: str = Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
 class AppName(Args):
     """An operation on one app by name."""
 
@@ -458,8 +464,10 @@ _CLIENT_OPS = _table(
     Operation("keys.list", NoArgs, "the SSH keys allowed in and their scope"),
     Operation("keys.remove", KeyName, "remove an SSH key"),
     Operation("keys.whoami", NoArgs, "the calling key and its scope (remote peers)"),
-    Operation("hosts.list", NoArgs, "the ledger's hosts: state, address, instances, "
+    Operation("hosts.list", NoArgs, "the ledger's hosts: state, address, apps, instances, "
               "free capacity"),
+    Operation("hosts.forget", HostName, "release everything a lost host holds in the "
+              "ledger (its apps' names, ports, records); refused while it is alive"),
     Operation("drivers.list", NoArgs, "drivers and their state"),
     Operation("driver.restart", DriverName, "start a driver again (also a failed one)"),
     Operation("driver.query", DriverQuery, "forward a query to a driver"),
@@ -489,7 +497,8 @@ _REMOTE_OPS = _table(*(_CLIENT_OPS[name] for name in (
     "app.deploy", "app.down", "app.scale", "app.ps", "app.get", "app.restart", "app.releases",
     "app.rollback", "app.config", "app.config.set", "app.config.unset", "app.run",
     "app.branch", "keys.add", "keys.list", "keys.remove", "keys.whoami", "ledger.list",
-    "drivers.list", "driver.restart", "driver.query", "kernel.status", "hosts.list")))
+    "drivers.list", "driver.restart", "driver.query", "kernel.status", "hosts.list",
+    "hosts.forget")))
 """What a remote peer (an SSH key, through the gateway) may ask at all; each request is then
 checked against the key's scope (``corral.remote.Access``)."""
 
