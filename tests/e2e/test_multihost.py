@@ -88,11 +88,20 @@ def fetch(h: Host, port: int = 8080) -> str | None:
         return None
 
 
-def apps(h: Host) -> list[str]:
-    """The apps ``corral ps --json`` lists inside ``h``."""
+def apps(h: Host) -> set[tuple[str, str]]:
+    """(app, host) of every app ``corral ps --json`` lists inside ``h`` (every host's)."""
     r = h.cli("ps", "--json")
     assert r.returncode == 0, r.stderr
-    return [row["app"] for row in json.loads(r.stdout)]
+    return {(row["app"], row["host"]) for row in json.loads(r.stdout)}
+
+
+def pid_of(h: Host, app: str) -> int:
+    """The pid of ``app``'s one instance, as ``corral ps`` inside ``h`` reports it."""
+    r = h.cli("ps", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = [row for row in json.loads(r.stdout) if row["app"] == app]
+    assert len(rows) == 1 and len(rows[0]["instances"]) == 1, rows
+    return int(rows[0]["instances"][0]["pid"])
 
 
 def check_hosts_apart(c: Cluster) -> None:
@@ -244,8 +253,9 @@ def test_three_hosts_takeover_partition_and_quorum() -> None:
 def test_hosts_run_their_own_apps_with_names_unique_in_the_cluster() -> None:
     """Two live hosts on one etcd ledger, each running the apps deployed on it: each serves
     its own on the same host port (ports are per host), an app name held on h1 is refused on
-    h2 naming h1 before anything is built, each host lists and restores only its own apps,
-    once h1 has taken its app down the name is free for h2, and once h2 is lost and
+    h2 naming h1 before anything is built, each host restores only its own apps and lists
+    every host's, operations on h1's app asked on h2 run on h1 (releases, restart, down; not
+    config set), once h1's app is down its name is free for h2, and once h2 is lost and
     forgotten (`corral hosts forget`) its names are free for h1."""
     require_multihost()
     with multihost(3) as c:
@@ -258,7 +268,8 @@ def test_hosts_run_their_own_apps_with_names_unique_in_the_cluster() -> None:
             assert r.returncode == 0, r.stdout + r.stderr
         wait_for(lambda: fetch(h1) == "shop\n" and fetch(h2) == "blog\n", timeout=20,
                  what="shop on h1 and blog on h2 serving on port 8080")
-        assert apps(h1) == ["shop"] and apps(h2) == ["blog"]
+        both = {("shop", "h1"), ("blog", "h2")}
+        assert apps(h1) == both and apps(h2) == both  # every host lists every host's apps
         ports = h1.etcdctl("get", "--prefix", "--keys-only", "/corral/v1/r/port/").stdout
         assert sorted(ports.split()) == ["/corral/v1/r/port/@h1/8080",
                                          "/corral/v1/r/port/@h2/8080"], ports
@@ -273,7 +284,22 @@ def test_hosts_run_their_own_apps_with_names_unique_in_the_cluster() -> None:
         owners = {json.loads(base64.b64decode(kv["value"]))["owner"]
                   for kv in json.loads(held)["kvs"]}
         assert "shop@h2" not in owners and "shop@h1" in owners, owners
-        assert apps(h2) == ["blog"] and fetch(h1) == "shop\n"
+        assert apps(h2) == both and fetch(h1) == "shop\n"
+
+        # asked on h2 about h1's app: run on h1 and answered through the ledger
+        r = h2.cli("releases", "shop", "--json")
+        assert r.returncode == 0, r.stderr
+        assert [rel["release"] for rel in json.loads(r.stdout)["releases"]] == [1], r.stdout
+        before = pid_of(h1, "shop")
+        r = h2.cli("restart", "shop", timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert pid_of(h2, "shop") != before and fetch(h1) == "shop\n"
+        history = json.loads(h1.cli("releases", "shop", "--json").stdout)
+        r = h2.cli("config", "set", "shop", "A=1")
+        assert r.returncode != 0 and "runs on host h1" in r.stderr, r.stdout + r.stderr
+        r = h2.cli("config", "shop", "--json")
+        assert r.returncode == 0 and json.loads(r.stdout).get("vars", {}) == {}, r.stdout
+        assert json.loads(h1.cli("releases", "shop", "--json").stdout) == history
 
         # each host counts its own instances
         def counts() -> dict[str, Any]:
@@ -284,16 +310,18 @@ def test_hosts_run_their_own_apps_with_names_unique_in_the_cluster() -> None:
         h1.stop_kernel()
         assert fetch(h1) == "shop\n"  # apps outlive their kernel
         h1.start_kernel()
-        assert apps(h1) == ["shop"] and apps(h2) == ["blog"]
+        assert apps(h1) == both and apps(h2) == both
+        r = h1.cli("ps")
+        assert r.returncode == 0 and r.stdout.startswith("HOST"), r.stdout
 
-        # down on h1 frees the name: h2 may deploy an app called shop now
-        r = h1.cli("down", "shop")
+        # down of h1's app, asked on h2, frees the name: h2 may deploy an app called shop now
+        r = h2.cli("down", "shop")
         assert r.returncode == 0, r.stderr
         wait_for(lambda: fetch(h1) is None, timeout=15, what="shop gone from h1")
         r = h2.cli("up", str(copy), timeout=120)
         assert r.returncode == 0, r.stdout + r.stderr
         wait_for(lambda: fetch(h2, 8081) == "shop-copy\n", timeout=20, what="shop on h2")
-        assert apps(h1) == [] and apps(h2) == ["blog", "shop"]
+        assert apps(h1) == {("blog", "h2"), ("shop", "h2")}
         assert fetch(h2) == "blog\n"
         assert hosts(h1)["h2"]["apps"] == ["blog", "shop"] and hosts(h2)["h1"]["apps"] == []
 
@@ -301,10 +329,15 @@ def test_hosts_run_their_own_apps_with_names_unique_in_the_cluster() -> None:
         h2.kill9()
         r = h1.cli("hosts", "forget", "h2")
         assert r.returncode != 0 and "host 'h2' is alive" in r.stderr, r.stdout + r.stderr
+        r = h1.cli("ps", "--json")  # h2 is not lost yet (its lease runs): it does not answer
+        assert r.returncode == 0 and json.loads(r.stdout) == [], r.stdout
+        assert "host h2 did not answer" in r.stderr, r.stderr
         wait_for(lambda: hosts(h1)["h2"]["state"] == "lost", timeout=c.ttl_s + 10,
                  what="h2 lost")
         r = h1.cli("up", str(blog), timeout=120)
         assert r.returncode != 0 and "on host h2" in r.stderr, r.stdout + r.stderr
+        r = h1.cli("restart", "blog")
+        assert r.returncode != 0 and "runs on host h2, which is lost" in r.stderr, r.stderr
         r = h1.cli("hosts", "forget", "h2", "--json")
         assert r.returncode == 0, r.stderr
         released = json.loads(r.stdout)["released"]

@@ -25,7 +25,8 @@ from corral import __version__
 from corral._forksafety import protect_signal_handlers
 from corral.bus import BusServer, Peer
 from corral.deploy import Deployer, DriverSet
-from corral.errors import CorralError, ErrorCode, ManifestError, NotFoundError
+from corral.errors import CorralError, ErrorCode, ManifestError, NotFoundError, UnavailableError
+from corral.forwarding import FORWARDED, Forwarder
 from corral.host import (
     HostConfig,
     ensure_private_dir,
@@ -33,7 +34,7 @@ from corral.host import (
     load_config,
     runtime_dir,
 )
-from corral.hosts import HostRegistry, forget_host, host_name, list_hosts
+from corral.hosts import ALIVE, HostRegistry, forget_host, host_name, host_of, list_hosts
 from corral.launch import become_subreaper, take_fd
 from corral.ledger import GroupCommit, HostView, Ledger, Txn, open_ledger
 from corral.protocol import KERNEL_OPS, PROTOCOL, QUERY_OP, Args, Hello, Request, Welcome
@@ -70,6 +71,10 @@ from corral.socketstore import SocketStore
 from corral.supervisor import DriverSlot, Supervisor
 
 log = structlog.get_logger("corral.kernel")
+
+PS_TIMEOUT_S = 5.0  # how long `corral ps` waits for each other host's apps
+FORWARDED_PEER = b"forwarded"
+"""The identity of the peer a request forwarded by another host runs as (``_run_forwarded``)."""
 
 LEDGER_CHANGES = frozenset({
     "app.deploy", "app.down", "app.scale", "app.restart", "app.rollback", "app.config.set",
@@ -138,6 +143,9 @@ class Kernel:
         self.branches = Branches(self.home / "git-branches.json")
         self.hosts = HostRegistry(shared, this_host,
                                   self.config.host.address, self.config.host.ttl_s)
+        # on a shared ledger, requests about another host's apps go to that host
+        self.forwarder = (Forwarder(shared, this_host, lambda: self.hosts.lease,
+                                    self._run_forwarded) if shared.remote else None)
         self.handlers: dict[str, Handler] = {
             "app.deploy": self._deploy,
             "app.check": self._check,
@@ -284,13 +292,60 @@ class Kernel:
         if req.op in LEDGER_CHANGES and self.ledger.remote:
             await self._ledger_answers(req.op)
         if peer.role != "remote":
-            return await self.handlers[req.op](peer, args)
+            return await self._handle(peer, req.op, args)
         key = self.keys.get(peer.hello.name)  # read again: a key removed is out at once
         if key is None:
             raise CorralError(f"SSH key {peer.hello.name!r} was removed",
                               code=ErrorCode.UNAUTHENTICATED)
         answer = authorize(key, req.op, args)
-        return answer(key, await self.handlers[req.op](peer, args))
+        return answer(key, await self._handle(peer, req.op, args))
+
+    async def _handle(self, peer: Peer, op: str, args: Args) -> dict[str, Any]:
+        """Run ``op`` here, or, for an app another host holds (a shared ledger), on that
+        host (``corral.forwarding``); the caller was checked already."""
+        host = await self._host_of_app(op, args) if self.forwarder is not None else None
+        if host is None or self.forwarder is None:
+            return await self.handlers[op](peer, args)
+        if op not in FORWARDED:
+            raise CorralError(
+                f"app {getattr(args, 'name', '')!r} runs on host {host}: run this there "
+                "(`corral config set` sends no config values between hosts; `run` needs the "
+                "app's host)", code=ErrorCode.FORBIDDEN)
+        return await self.forwarder.call(host, op, args.model_dump(mode="json"),
+                                         f"{_who(peer)}@{self.hosts.name}")
+
+    async def _host_of_app(self, op: str, args: Args) -> str | None:
+        """The other host that holds the app ``op`` is about, or None (here, or no app)."""
+        if not isinstance(self.ledger, HostView):
+            return None
+        if isinstance(args, DriverQuery):
+            app = args.args.get("app")
+        elif op.startswith("app.") and op not in ("app.ps", "app.deploy", "app.check"):
+            app = getattr(args, "name", None)  # every other app.* names its app
+        else:
+            return None
+        if not isinstance(app, str) or app in self.deployer.apps:
+            return None
+        holder = await asyncio.to_thread(self.ledger.holder, "app", app)
+        host = host_of(holder, self.hosts.name) if holder is not None else None
+        if host is None or host == self.hosts.name:
+            return None
+        if await asyncio.to_thread(self.hosts.ledger.get, ALIVE, host) is None:
+            raise UnavailableError(
+                f"app {app!r} runs on host {host}, which is lost (`corral hosts`); nothing "
+                "was done")
+        return host
+
+    async def _run_forwarded(self, op: str, raw: dict[str, Any], by: str) -> dict[str, Any]:
+        """Run a request another host forwarded (``corral.forwarding``): as a local client's
+        (validated again), in the name of who asked there, never forwarded again."""
+        args = KERNEL_OPS["client"][op].args.model_validate(raw)
+        if op in LEDGER_CHANGES:
+            await self._ledger_answers(op)
+        peer = Peer(identity=FORWARDED_PEER, uid=0, peer_id="forwarded",
+                    hello=Hello.model_construct(role="client", name=by, version="",
+                                                protocols=[PROTOCOL]))
+        return await self.handlers[op](peer, args)
 
     async def _ledger_answers(self, op: str) -> None:
         """Refuse ``op`` at once, changing nothing, when a networked ledger does not give its
@@ -401,13 +456,31 @@ class Kernel:
         return result
 
     async def _ps(self, peer: Peer, args: Any) -> dict[str, Any]:
+        """This host's apps, each with its ``host``; on a shared ledger (asked by a client
+        here, not forwarded) also every other live host's, asked for theirs. A host that
+        does not answer is listed in ``unanswered``."""
         apps = self.deployer.ps()
         stats = await self._driver_stats()
         for app in apps:
+            app["host"] = self.hosts.name
             app["drivers"] = {name: s.get("apps", {}).get(app["app"], {})
                               for name, s in stats.items()}
             app["shown"] = {name: list(s.get("shown", [])) for name, s in stats.items()}
-        return {"apps": apps}
+        unanswered: list[dict[str, str]] = []
+        if self.forwarder is not None and peer.identity != FORWARDED_PEER:
+            alive = await asyncio.to_thread(self.hosts.ledger.list, kind=ALIVE)
+            others = sorted(r.key for r in alive if r.key != self.hosts.name)
+            answers = await asyncio.gather(
+                *(self.forwarder.call(h, "app.ps", {}, f"{_who(peer)}@{self.hosts.name}",
+                                      timeout_s=PS_TIMEOUT_S) for h in others),
+                return_exceptions=True)
+            for host, answer in zip(others, answers, strict=True):
+                if isinstance(answer, BaseException):
+                    unanswered.append({"host": host, "reason": str(answer)})
+                else:
+                    apps.extend(answer.get("apps", []))
+            apps.sort(key=lambda a: (str(a.get("app")), str(a.get("host"))))
+        return {"apps": apps, "unanswered": unanswered} if unanswered else {"apps": apps}
 
     async def _driver_stats(self) -> dict[str, dict[str, Any]]:
         """Per-app figures from drivers that offer ``query.<cap>.stats``, with the names of
@@ -625,6 +698,8 @@ class Kernel:
         self.supervisor.load()
         await self.supervisor.start()
         housekeeping = asyncio.ensure_future(self._housekeeping())
+        mailbox = (asyncio.ensure_future(self.forwarder.serve())
+                   if self.forwarder is not None else None)
         (self.runtime / "kernel.pid").write_text(f"{os.getpid()}\n")
         log.info("kernel ready", endpoint=self.bus.endpoint, home=str(self.home),
                  drivers=[s.name for s in self.supervisor.slots.values()])
@@ -634,6 +709,8 @@ class Kernel:
         await self._stop.wait()
         log.info("kernel stopping; apps keep running")
         housekeeping.cancel()
+        if mailbox is not None:
+            mailbox.cancel()
         await self.supervisor.stop(kill_drivers=self.stop_drivers_on_exit)
         if self.stop_drivers_on_exit:
             await self.bus.say_bye("kernel stopping")
@@ -699,6 +776,8 @@ def _who(peer: Peer) -> str:
 
     if peer.role == "remote":
         return f"key:{peer.hello.name}"
+    if peer.identity == FORWARDED_PEER:  # already "who@host", as the asking host said
+        return peer.hello.name
     try:
         return pwd.getpwuid(peer.uid).pw_name
     except KeyError:

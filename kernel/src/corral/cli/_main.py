@@ -211,11 +211,15 @@ def cmd_down(ns: argparse.Namespace) -> int:
 
 
 def cmd_ps(ns: argparse.Namespace) -> int:
-    """Apps and their instances."""
+    """Apps and their instances (on several hosts: every host's, with a HOST column)."""
     res = _client().call("app.ps")
+    for miss in res.get("unanswered", []):
+        print(f"corral ps: host {miss['host']} did not answer: {miss['reason']}",
+              file=sys.stderr)
     if ns.json:
         print_json(res["apps"])
         return 0
+    several = len({app.get("host") for app in res["apps"]}) > 1 or bool(res.get("unanswered"))
     rows = []
     for app in res["apps"]:
         extra = []
@@ -229,10 +233,12 @@ def cmd_ps(ns: argparse.Namespace) -> int:
         for i in app["instances"] or [{"id": "-", "pid": "-", "state": "no instances",
                                        "address": "", "port": None}]:
             state = i["state"] + (" (waiting for a driver)" if i.get("waiting") else "")
-            rows.append([app["app"], i["id"], str(i["pid"]), state,
+            rows.append([*([str(app.get("host"))] if several else []), app["app"], i["id"],
+                         str(i["pid"]), state,
                          f"{i['address']}:{i['port']}" if i.get("port") else "-",
                          " ".join(extra)])
-    table(rows, ["APP", "INSTANCE", "PID", "STATE", "LISTEN", "DRIVERS"])
+    table(rows, [*(["HOST"] if several else []), "APP", "INSTANCE", "PID", "STATE", "LISTEN",
+                 "DRIVERS"])
     return 0
 
 
