@@ -3,7 +3,8 @@ network namespace, the cluster formed across the bridge; several live hosts on o
 each running its own apps, app names unique in the cluster and host ports per host; a host
 killed -9 is lost after its TTL while the others stay ready, and its kernel started again
 takes its place; a partitioned member leaves a quorum of two that still commits; with the
-quorum lost a claim is refused with the ledger's clear error; healed, claims work again."""
+quorum lost a claim and a deploy are refused with the ledger's clear error, nothing of them
+claimed, while a running app serves on; healed, claims work again."""
 
 from __future__ import annotations
 
@@ -179,6 +180,10 @@ def test_three_hosts_takeover_partition_and_quorum() -> None:
                                                + h1.address.replace(".", r"\.")):
             h3.kernel.start(timeout=15)
         h1.stop_kernel()
+        # an app on h2, to see it serve through the partition and the lost quorum
+        r = h2.cli("up", str(app_dir(c, "blog", "blog")), timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_for(lambda: fetch(h2) == "blog\n", timeout=20, what="blog serving on h2")
 
         # -- h3 partitioned: two members of three keep the quorum --------------------------
         t = time.monotonic()
@@ -216,6 +221,10 @@ def test_three_hosts_takeover_partition_and_quorum() -> None:
         assert err.value.reason.startswith("app.down refused: the ledger is unavailable"), \
             err.value.reason
         assert took < 8, took
+        # a deploy too, before anything is claimed; the running app serves on regardless
+        r = h2.cli("up", str(app_dir(c, "news", "news", port=8081)), timeout=60)
+        assert r.returncode != 0 and "the ledger is unavailable" in r.stderr, r.stderr
+        assert fetch(h2) == "blog\n" and fetch(h2, 8081) is None
 
         # -- healed: claims work again -------------------------------------------------------
         h3.heal()
@@ -235,6 +244,10 @@ def test_three_hosts_takeover_partition_and_quorum() -> None:
         note("claims again after heal", t)
         keys = probes(h2)
         assert {"during-cut", "after-heal"} <= keys, keys
+        # nothing of the refused deploy was claimed
+        held = h2.etcdctl("get", "--prefix", "--keys-only", "/corral/v1/r/").stdout
+        assert "news" not in held and "/corral/v1/r/app/blog" in held, held
+        assert fetch(h2) == "blog\n"
         if "nothing was written" in text:
             assert "without-quorum" not in keys, keys
         r = h3.etcdctl("endpoint", "health", "--cluster")
