@@ -19,6 +19,13 @@ hosts exists, and being able to write the ledger is the trust hosts already shar
   error as if it were its own; no answer by the deadline is ``UnavailableError`` naming the
   host.
 
+A request is run at least once and, within its deadline, usually once: a kernel killed
+while running one finds it again when it comes back before the deadline and runs it again
+(the forwarded operations are safe to repeat: a second `down` finds nothing, a second
+`restart` rolls the app once more). Only the kernel writes these records: drivers and
+clients reach the ledger through the host view (``HostView``), where ``host-mail`` is a
+per-host kind stored under ``@<host>/``, never in another host's mailbox.
+
 Only ``FORWARDED`` operations travel (``config set`` does not: config values, secrets among
 them, are never written to the ledger). An answer larger than ``MAX_ANSWER`` bytes (etcd
 keeps values under 1.5 MiB) is refused with an error saying so.
