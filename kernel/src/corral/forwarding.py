@@ -10,8 +10,8 @@ hosts exists, and being able to write the ledger is the trust hosts already shar
 - A request is the record ``host-mail/<to>/<id>``: the operation, its arguments (already
   validated), who asked (as the release history records it) and a deadline; it is held
   under the asking host's lease, so a host that dies leaves no request behind.
-- The host it is addressed to reads its mailbox (every ``MAILBOX_IDLE_POLL_S``, and every
-  ``MAILBOX_POLL_S`` while requests come), runs the operation
+- The host it is addressed to reads its mailbox whenever the ledger says it changed (an etcd
+  watch, ``Ledger.wait_for_change``; at least every ``MAILBOX_WAIT_S``), runs the operation
   as its own client would, and answers with ``host-reply/<from>/<id>`` under its own lease
   (the result, or the error's code and reason), then removes the request. A request past its
   deadline is dropped unanswered.
@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -58,9 +59,7 @@ FORWARDED = frozenset({
 READS = frozenset({"app.ps", "app.get", "app.releases", "app.config", "driver.query"})
 READ_TIMEOUT_S = 15.0  # a read's deadline; a change waits for the rollout it starts
 CHANGE_TIMEOUT_S = 300.0
-MAILBOX_POLL_S = 0.1  # while requests come (MAILBOX_BUSY_S after the last one)
-MAILBOX_IDLE_POLL_S = 0.5  # otherwise: an idle kernel reads the ledger twice a second
-MAILBOX_BUSY_S = 10.0
+MAILBOX_WAIT_S = 5.0  # one wait for new requests (an etcd watch) lasts at most this long
 ANSWER_POLL_S = 0.02
 MAX_ANSWER = 1 << 20
 
@@ -128,17 +127,17 @@ class Forwarder:
     async def serve(self) -> None:
         """Answer the requests addressed to this host, each in a task of its own, until
         cancelled."""
-        last_mail = -MAILBOX_BUSY_S
+        mailbox = f"{self.this}/"
         try:
             while True:
                 try:
+                    revision = await asyncio.to_thread(self.ledger.revision)
                     pending = await asyncio.to_thread(self.ledger.list, kind=MAIL,
-                                                      prefix=f"{self.this}/")
+                                                      prefix=mailbox)
                 except CorralError as exc:
                     log.warning("host mailbox not read", error=str(exc))
-                    pending = []
-                if pending:
-                    last_mail = time.monotonic()
+                    await asyncio.sleep(1.0)
+                    continue
                 for rec in pending:
                     if rec.key in self._running:
                         continue
@@ -146,8 +145,9 @@ class Forwarder:
                     task = asyncio.create_task(self._answer(rec.key, rec.owner, rec.value))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
-                busy = time.monotonic() - last_mail < MAILBOX_BUSY_S
-                await asyncio.sleep(MAILBOX_POLL_S if busy else MAILBOX_IDLE_POLL_S)
+                # until a request comes after what was just read (or a while passes)
+                await _in_daemon_thread(self.ledger.wait_for_change, MAIL, mailbox, revision,
+                                        MAILBOX_WAIT_S)
         finally:
             for task in list(self._tasks):
                 task.cancel()
@@ -187,6 +187,34 @@ class Forwarder:
             log.warning("host request not answered", key=key, error=str(exc))
         finally:
             self._running.discard(key)
+
+
+async def _in_daemon_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a daemon thread of its own: a wait that may block for seconds holds
+    none of the loop's worker threads and never delays the process's exit."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:
+            pass  # the loop is closed (the kernel stopped meanwhile): nobody waits
+
+    threading.Thread(target=run, name="corral-mailbox", daemon=True).start()
+    return await done
 
 
 def _result(value: dict[str, Any], host: str, op: str) -> dict[str, Any]:

@@ -625,6 +625,27 @@ def test_host_views_on_different_members(cluster: EtcdCluster, ledger: Ledger,
             v.close()
 
 
+def test_wait_for_change_is_a_watch(ledger: Ledger) -> None:
+    """etcd's ``wait_for_change``: a change after the revision given ends it (also one made
+    before the call), at once; nothing for the timeout returns False; other kinds and
+    prefixes do not end it."""
+    start = ledger.revision()
+    ledger.put("o", "mail", "h2/1")
+    ledger.put("o", "other", "h1/1")
+    began = time.monotonic()
+    assert ledger.wait_for_change("mail", "h1/", start, 0.5) is False
+    assert time.monotonic() - began >= 0.5
+    ledger.put("o", "mail", "h1/1")
+    assert ledger.wait_for_change("mail", "h1/", start, 5) is True
+    now = ledger.revision()
+    later = threading.Timer(0.3, lambda: ledger.put("o", "mail", "h1/2"))
+    later.start()
+    began = time.monotonic()
+    assert ledger.wait_for_change("mail", "h1/", now, 10) is True
+    assert time.monotonic() - began < 3
+    later.join()
+
+
 @dataclass
 class Op:
     host: int

@@ -173,3 +173,26 @@ def test_a_lost_host_is_forgotten_and_its_names_are_free(h1: HostView, h2: HostV
                                                                 ("port", "8080")]
     h2.claim("shop", [Claim("app", "shop")])  # the name is free now
     assert [r["name"] for r in list_hosts(shared, "h2")] == ["h2"]
+
+
+def test_wait_for_change_sees_only_its_kind_and_prefix(h1: HostView, h2: HostView) -> None:
+    """``wait_for_change`` (the polling default, through a host view): a change made after the
+    revision given counts, even before the call; other kinds, prefixes and hosts do not."""
+    import threading
+    import time as _time
+
+    start = h1.revision()
+    h2.put("blog", "mail", "x/1")  # h2's own key: not h1's "x/" prefix
+    h1.put("shop", "other", "x/1")
+    began = _time.monotonic()
+    assert h1.wait_for_change("mail", "x/", start, 0.3) is False
+    assert _time.monotonic() - began >= 0.3
+    h1.put("shop", "mail", "x/2")  # before the call, after ``start``: reported
+    assert h1.wait_for_change("mail", "x/", start, 5) is True
+    now = h1.revision()
+    later = threading.Timer(0.2, lambda: h1.put("shop", "mail", "x/3"))
+    later.start()
+    began = _time.monotonic()
+    assert h1.wait_for_change("mail", "x/", now, 5) is True
+    assert _time.monotonic() - began < 2
+    later.join()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import abc
 import builtins
 import json
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 from corral.errors import ConflictError, CorralError, ErrorCode
+
+WAIT_POLL_S = 0.1
+"""How often ``Ledger.wait_for_change`` reads the history on a backend that cannot watch."""
 
 
 @dataclass(frozen=True)
@@ -255,6 +259,28 @@ class Ledger(abc.ABC):
 
         Raises ``CompactedError`` when part of that range was compacted away.
         """
+
+    def wait_for_change(self, kind: str, prefix: str, after_revision: int,
+                        timeout_s: float) -> bool:
+        """Block until a record of ``kind`` whose key starts with ``prefix`` changes after
+        ``after_revision`` (True), or ``timeout_s`` passes (False). It may also return False
+        early (the history was compacted, the store did not answer): callers read again
+        either way. This default polls ``changes`` every ``WAIT_POLL_S``; a backend that can
+        be told of changes (etcd's watch) overrides it."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                found = self.changes(after_revision)
+            except CompactedError:
+                return False
+            if any(c.kind == kind and c.key.startswith(prefix) for c in found):
+                return True
+            if found:
+                after_revision = found[-1].revision
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(WAIT_POLL_S, left))
 
     @abc.abstractmethod
     def grant_lease(self, ttl_s: float, owner: str) -> str:

@@ -292,6 +292,36 @@ class EtcdLedger(Ledger):
             raise CompactedError(since_revision, self._compact_revision(first)) from None
         return list(self._watch_until_marker(since_revision + 1))
 
+    def wait_for_change(self, kind: str, prefix: str, after_revision: int,
+                        timeout_s: float) -> bool:
+        """See ``Ledger.wait_for_change``: one etcd watch of the key range from
+        ``after_revision + 1``, so a change between the caller's read and this call is
+        reported too; it ends at the first event, or when nothing came for ``timeout_s``.
+        A member that does not take the watch is not retried here: after a second's pause
+        this returns False and the caller reads again (through every member)."""
+        import requests
+
+        key = record_key(kind, prefix)
+        body = {"create_request": {"key": _b64(key), "range_end": _range_end(key),
+                                   "start_revision": after_revision + 1}}
+        client = self._client(self._preferred)
+        started = time.monotonic()
+        try:
+            with client.session.post(client.get_url("watch"), data=json.dumps(body),
+                                     stream=True, timeout=(REQUEST_TIMEOUT_S, timeout_s)
+                                     ) as resp:
+                for line in resp.iter_lines():
+                    result = json.loads(line or b"{}").get("result", {})
+                    if result.get("events"):
+                        return True
+                    if int(result.get("compact_revision", 0) or 0) or result.get("canceled"):
+                        return False
+        except (requests.RequestException, ValueError):
+            pass  # no answer for timeout_s (the normal end), or a member gone
+        if time.monotonic() - started < min(1.0, timeout_s):
+            time.sleep(min(1.0, timeout_s))  # a refused watch must not become a busy loop
+        return False
+
     def _compact_revision(self, start: int) -> int:
         """etcd's compaction revision, as a watch from ``start`` (compacted) reports it."""
         client = self._client(self._preferred)

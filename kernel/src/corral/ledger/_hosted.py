@@ -183,6 +183,12 @@ class HostView(Ledger):
                 out.append(replace(ch, key=key, owner=self._own_owner(ch.owner)))
         return out
 
+    def wait_for_change(self, kind: str, prefix: str, after_revision: int,
+                        timeout_s: float) -> bool:
+        """``inner.wait_for_change`` of this host's keys (``prefix`` as callers see it)."""
+        return self.inner.wait_for_change(kind, self._key(kind, prefix), after_revision,
+                                          timeout_s)
+
     def lease(self, lease_id: str) -> Lease | None:
         """``inner.lease``; the owner as this host's callers see it."""
         lease = self.inner.lease(lease_id)
