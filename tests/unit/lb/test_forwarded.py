@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from corral_lb.forwarded import Forwarding
+from corral_lb.http_framing import HOP_BY_HOP, without_hop_by_hop
 
 HEAD = (b"GET /a?b=c HTTP/1.1\r\nHost: shop.test\r\nX-Forwarded-For: 6.6.6.6\r\n"
         b"x-forwarded-proto: gopher\r\nForwarded: for=7.7.7.7\r\nAccept: */*\r\n\r\n")
@@ -41,6 +42,21 @@ def test_rfc7239_style_quotes_ipv6_and_keeps_a_trusted_chain() -> None:
     assert b"X-Forwarded-For" not in out and b"6.6.6.6" not in out
     trusted = fwd.rewrite(HEAD, client="::1", proto=b"http", host=b"")
     assert _fields(trusted)[-1] == b'Forwarded: for=7.7.7.7, for="[::1]";proto=http'
+
+
+def test_fields_named_in_drop_go_in_the_same_pass() -> None:
+    """drop=HOP_BY_HOP: the client's connection-management lines go too, as if the head had
+    been through without_hop_by_hop first; every other line stays as it was."""
+    head = (b"GET / HTTP/1.1\r\nHost: shop.test\r\nConnection: close, X-Keep\r\n"
+            b"X-Keep: 1\r\nkeep-alive: timeout=5\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n")
+    fwd = Forwarding()
+    out = fwd.rewrite(head, client="203.0.113.9", proto=b"https", host=b"shop.test",
+                      drop=HOP_BY_HOP)
+    assert out == fwd.rewrite(without_hop_by_hop(head), client="203.0.113.9",
+                              proto=b"https", host=b"shop.test")
+    assert _fields(out) == [b"Host: shop.test", b"X-Keep: 1",
+                            b"X-Forwarded-For: 203.0.113.9", b"X-Forwarded-Proto: https",
+                            b"X-Forwarded-Host: shop.test"]
 
 
 def test_ipv4_mapped_clients_match_ipv4_ranges() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import re
 
 import pytest
@@ -16,6 +17,7 @@ from corral_lb.http_framing import (
     FramingError,
     _bad_bytes,
     read_request_head,
+    read_response_head,
     without_hop_by_hop,
 )
 
@@ -114,3 +116,28 @@ def test_bad_bytes_agrees_with_the_look_around_expression(parts: list[bytes]) ->
     head = b"".join(parts) + b"\r\n\r\n"
     expected = _LOOKAROUND_CTL.search(head, 0, len(head) - 4) is not None
     assert _bad_bytes(head) is expected, head
+
+
+def test_parsing_a_head_leaves_nothing_to_the_garbage_collector() -> None:
+    """A head's parser and the reader whose callbacks it holds are freed by reference
+    counting when the head is done with, whether it passed or was refused: a reference cycle
+    between them would leave every head's parser to the cyclic collector, whose passes cost
+    the proxy more than the parsing itself."""
+    heads = [b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+             b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+             b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+             b"BREW / HTTP/1.1\r\nHost: x\r\n\r\n"]
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            for head in heads:
+                try:
+                    read_request_head(head)
+                except FramingError:
+                    pass
+            read_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+            read_response_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

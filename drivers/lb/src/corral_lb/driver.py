@@ -214,7 +214,7 @@ class LbDriver(Driver):
             await self._drop_certificate(app)
             return
         mode: Mode = ("auto" if cfg.tls == "auto" else
-                      ("files", cfg.tls.cert, cfg.tls.key))  # type: ignore[union-attr]
+                      ("files", cfg.tls.cert, cfg.tls.key))
         if isinstance(cfg.tls, TlsFiles):  # in service now; the manager reloads on change
             try:
                 cert_pem, key_pem = await asyncio.to_thread(_read_pair, cfg.tls)

@@ -13,7 +13,7 @@ byte for byte.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 STYLES = ("x-forwarded", "rfc7239")
 _XFF, _XFP, _XFH, _FWD = b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"
@@ -46,9 +46,11 @@ class Forwarding:
                 self._verdicts[client] = verdict
         return verdict
 
-    def rewrite(self, head: bytes, *, client: str, proto: bytes, host: bytes) -> bytes:
+    def rewrite(self, head: bytes, *, client: str, proto: bytes, host: bytes,
+                drop: Collection[bytes] = ()) -> bytes:
         """``head`` (a whole request head, ending with its empty line) with the client's
-        forwarding headers dropped (kept when it is trusted) and ours added."""
+        forwarding headers dropped (kept when it is trusted) and ours added; the fields named
+        in ``drop`` (lower case: the proxy's hop-by-hop fields) go too, in the same pass."""
         trusted = bool(self.trusted) and self.trusts(client)
         lines = head[:-4].split(b"\r\n")
         out = [lines[0]]
@@ -58,7 +60,8 @@ class Forwarding:
             colon = line.find(b":")
             name = line[:colon].lower()
             if name not in _OURS:
-                out.append(line)
+                if name not in drop:
+                    out.append(line)
                 continue
             if not trusted:
                 continue  # a client's own claims about where it comes from: dropped

@@ -77,6 +77,9 @@ class _Reader:
         self.complete = False
         self.keepalive = False
         self.messages = 0
+        # the parser, while it parses the head (for its keep-alive verdict): it holds this
+        # reader's callbacks, so keeping it after the head would make a reference cycle, left
+        # to the garbage collector on every request and response head
         self.parser: HttpRequestParser | HttpResponseParser | None = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -215,6 +218,8 @@ def read_request_head(head: bytes, max_body: int = 0) -> RequestHead:
         upgrade = True  # Upgrade or CONNECT: parsing stops after the head, as it should
     except HttpParserError as e:
         raise _llhttp_error(e, head, R400) from None
+    finally:
+        reader.parser = None  # see _Reader.parser
     if not reader.complete:
         raise FramingError(R400, "incomplete head")
     version = parser.get_http_version()
@@ -281,6 +286,8 @@ def read_response_head(head: bytes) -> ResponseHead:
         pass  # 101: the tunnel starts after the head
     except HttpParserError as e:
         raise _llhttp_error(e, head, R502) from None
+    finally:
+        reader.parser = None  # see _Reader.parser
     if not reader.complete:
         raise FramingError(R502, "incomplete response head")
     version = parser.get_http_version()

@@ -12,9 +12,11 @@ what a crash cuts is reported as ``cut_by_restart``.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import socket
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import structlog
@@ -25,6 +27,19 @@ log = structlog.get_logger("corral_lb")
 
 ACCEPTS_PER_TURN = 64  # then the event loop runs other work
 ACCEPT_RETRY_DELAY = 1.0  # seconds, after running out of file descriptors (as asyncio does)
+
+
+class AcceptedSocket(socket.socket):
+    """A client connection a ``Listener`` accepted.
+
+    ``family`` and ``type`` read as plain integers, as ``_socket.socket`` has them:
+    ``socket.socket`` makes an enum member of each on every read, and the event loop reads
+    them for every connection it takes over (``connect_accepted_socket``).
+    """
+
+    __slots__ = ()
+    family = _socket.socket.family  # type: ignore[assignment]
+    type = _socket.socket.type  # type: ignore[assignment]
 
 
 class Listener:
@@ -41,6 +56,8 @@ class Listener:
         self.active = 0  # connections open (taken by on_client, not yet released)
         self.limited = 0  # times accepting stopped because max_connections were open
         self._count: OpenCount | None = None  # kept sockets: `active`, left for the next process
+        # an accepted descriptor -> its socket object, of the listening socket's family
+        self._new_client: Callable[[int], AcceptedSocket] | None = None
         self._accepting = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._retry: asyncio.TimerHandle | None = None
@@ -50,6 +67,7 @@ class Listener:
         sock.setblocking(False)
         self.sock = sock
         self._count = sock.open_count if isinstance(sock, FrontendSocket) else None
+        self._new_client = partial(AcceptedSocket, sock.family, sock.type, sock.proto)
         host, port = sock.getsockname()[:2]
         self.listen = f"{host}:{port}"
         self._loop = asyncio.get_running_loop()
@@ -66,9 +84,12 @@ class Listener:
             self._loop.remove_reader(self.sock.fileno())
 
     def _accept(self) -> None:
-        sock, loop = self.sock, self._loop
-        if sock is None or loop is None:
+        sock, new_client, loop = self.sock, self._new_client, self._loop
+        if sock is None or new_client is None or loop is None:
             return
+        # accept(2) -> (descriptor, peer): socket.accept() without the socket object it makes
+        # with two enum lookups, which new_client makes without
+        accept = sock._accept  # type: ignore[attr-defined]
         count = self._count
         for _ in range(ACCEPTS_PER_TURN):
             if 0 < self.max_connections <= self.active:
@@ -80,7 +101,7 @@ class Listener:
             if count is not None:
                 count.set(self.active + 1)
             try:
-                client, peer = sock.accept()
+                fd, peer = accept()
             except (BlockingIOError, InterruptedError):
                 if count is not None:
                     count.set(self.active)
@@ -93,7 +114,7 @@ class Listener:
                 self._retry = loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
                 return
             self.accepted += 1
-            if self.on_client(client, peer):
+            if self.on_client(new_client(fd), peer):
                 self.active += 1
             elif count is not None:
                 count.set(self.active)
