@@ -100,10 +100,12 @@ class Forwarder:
                                 request, lease=self.lease())
         answer_key = f"{self.this}/{ident}"
         deadline = time.monotonic() + timeout
+        answered = False
         try:
             while True:
                 rec = await asyncio.to_thread(self.ledger.get, REPLY, answer_key)
                 if rec is not None:
+                    answered = True  # the answer's commit removed the request
                     await asyncio.to_thread(self.ledger.release, rec.owner,
                                             [(REPLY, answer_key)])
                     return _result(rec.value, host, op)
@@ -113,11 +115,12 @@ class Forwarder:
                         "running? `corral hosts`)")
                 await asyncio.sleep(ANSWER_POLL_S)
         finally:
-            # withdrawn if unanswered (a no-op once the other host has taken it)
-            try:
-                await asyncio.to_thread(self._withdraw, host, ident)
-            except CorralError as exc:
-                log.warning("host request not withdrawn", host=host, op=op, error=str(exc))
+            if not answered:  # withdrawn: past its deadline, or the caller gave up
+                try:
+                    await asyncio.to_thread(self._withdraw, host, ident)
+                except CorralError as exc:
+                    log.warning("host request not withdrawn", host=host, op=op,
+                                error=str(exc))
 
     def _withdraw(self, host: str, ident: str) -> None:
         rec = self.ledger.get(MAIL, f"{host}/{ident}")

@@ -82,9 +82,13 @@ class HostView(Ledger):
             return owner.endswith(self._suffix) or kind in SHARED_READS
         return key.startswith(self._prefix)
 
+    def _local_key(self, kind: str, key: str) -> str:
+        """A stored key of a visible record as callers see it (this host's prefix off)."""
+        return key if kind in CLUSTER_KINDS else key[len(self._prefix):]
+
     def _record(self, rec: Record) -> Record:
-        key = rec.key if rec.kind in CLUSTER_KINDS else rec.key[len(self._prefix):]
-        return replace(rec, key=key, owner=self._own_owner(rec.owner))
+        return replace(rec, key=self._local_key(rec.kind, rec.key),
+                       owner=self._own_owner(rec.owner))
 
     def _txn(self, txn: Txn) -> Txn:
         out = Txn()
@@ -159,12 +163,10 @@ class HostView(Ledger):
         self, *, owner: str | None = None, kind: str | None = None, prefix: str | None = None
     ) -> builtins.list[Record]:
         """This host's records matching the filters (and ``SHARED_READS`` of every host)."""
-        if kind is not None and prefix is not None:
-            found = self.inner.list(owner=None if owner is None else self._owner(owner),
-                                    kind=kind, prefix=self._key(kind, prefix))
-        else:
-            found = self.inner.list(owner=None if owner is None else self._owner(owner),
-                                    kind=kind)
+        # with a kind the prefix maps to the stored keys; without one it is applied after
+        stored = self._key(kind, prefix) if kind is not None and prefix is not None else None
+        found = self.inner.list(owner=None if owner is None else self._owner(owner),
+                                kind=kind, prefix=stored)
         out = [self._record(r) for r in found if self._visible(r.kind, r.key, r.owner)]
         if prefix is not None and kind is None:
             out = [r for r in out if r.key.startswith(prefix)]
@@ -179,8 +181,8 @@ class HostView(Ledger):
         out = []
         for ch in self.inner.changes(since_revision):
             if self._visible(ch.kind, ch.key, ch.owner):
-                key = ch.key if ch.kind in CLUSTER_KINDS else ch.key[len(self._prefix):]
-                out.append(replace(ch, key=key, owner=self._own_owner(ch.owner)))
+                out.append(replace(ch, key=self._local_key(ch.kind, ch.key),
+                                   owner=self._own_owner(ch.owner)))
         return out
 
     def wait_for_change(self, kind: str, prefix: str, after_revision: int,
