@@ -40,7 +40,8 @@ it, and always takes all of it down afterwards::
 - a kernel, when the test asks: ``start_kernel(extra_toml="")`` writes ``host.toml``
   (no drivers, ``unconfined``, ``ledger = "etcd://<own member>,<the others>"``,
   ``[host] name = "h<i>"``, ``address``, ``ttl_s`` = ``cluster.ttl_s``, 3 s by default;
-  ``extra_toml`` goes before ``[host]``), starts ``corrald --stop-drivers`` in the host's
+  ``extra_toml`` goes before ``[host]``; ``keyed=True`` adds the cluster key, one per run,
+  in ``<dir>/cluster.key``), starts ``corrald --stop-drivers`` in the host's
   namespaces and waits until it answers ``kernel.status`` (``RuntimeError`` with its log when
   it exits, e.g. refused because another host is alive on the ledger). ``kernel`` is a
   ``corral.testing.KernelProcess``; ``cli(*argv)`` runs the corral CLI in the host's
@@ -383,16 +384,27 @@ class Host:
 
     # -- kernel ----------------------------------------------------------------------------------
 
-    def host_toml(self, extra_toml: str = "") -> str:
-        """This host's host.toml: no drivers, the etcd ledger, ``[host]``."""
+    def host_toml(self, extra_toml: str = "", *, keyed: bool = False) -> str:
+        """This host's host.toml: no drivers, the etcd ledger, ``[host]`` (with ``keyed``,
+        the cluster's key: releases copied between hosts, lost hosts' apps re-placed)."""
         extra = extra_toml if not extra_toml or extra_toml.endswith("\n") else extra_toml + "\n"
+        key = f'cluster_key = "{self.key_file()}"\n' if keyed else ""
         return (BARE + f'ledger = "{self.cluster.url_from(self.index)}"\n' + extra
                 + f'\n[host]\nname = "{self.name}"\naddress = "{self.address}"\n'
-                f"ttl_s = {self.cluster.ttl_s}\n")
+                f"ttl_s = {self.cluster.ttl_s}\n" + key)
 
-    def start_kernel(self, extra_toml: str = "", *, timeout: float = 20.0) -> HostKernel:
+    def key_file(self) -> Path:
+        """``<dir>/cluster.key`` (0600): the cluster's key, the same on every host."""
+        path = self.dir / "cluster.key"
+        if not path.exists():
+            path.write_text(self.cluster.key)
+            path.chmod(0o600)
+        return path
+
+    def start_kernel(self, extra_toml: str = "", *, keyed: bool = False,
+                     timeout: float = 20.0) -> HostKernel:
         """Write host.toml and start this host's kernel; wait until it answers."""
-        self.kernel.config.write_text(self.host_toml(extra_toml))
+        self.kernel.config.write_text(self.host_toml(extra_toml, keyed=keyed))
         return self.kernel.start(timeout)
 
     def stop_kernel(self) -> None:
@@ -553,6 +565,9 @@ class Cluster:
         self.n = n
         self.ttl_s = ttl_s
         self.tag = secrets.token_hex(3)
+        from corral.replication import new_cluster_key
+
+        self.key = new_cluster_key()
         self.bridge = f"{PREFIX}{self.tag}"
         self.table = f"{PREFIX}{self.tag}"
         self.network = _pick_network()

@@ -53,7 +53,7 @@ MAIL = "host-mail"
 REPLY = "host-reply"
 FORWARDED = frozenset({
     "app.ps", "app.get", "app.down", "app.scale", "app.restart", "app.releases",
-    "app.rollback", "app.config", "app.config.unset", "driver.query",
+    "app.rollback", "app.config", "app.config.unset", "driver.query", "app.adopt",
 })
 """Operations that may be run on the host that holds their app."""
 READS = frozenset({"app.ps", "app.get", "app.releases", "app.config", "driver.query"})
@@ -149,7 +149,7 @@ class Forwarder:
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
                 # until a request comes after what was just read (or a while passes)
-                await _in_daemon_thread(self.ledger.wait_for_change, MAIL, mailbox, revision,
+                await in_daemon_thread(self.ledger.wait_for_change, MAIL, mailbox, revision,
                                         MAILBOX_WAIT_S)
         finally:
             for task in list(self._tasks):
@@ -192,7 +192,7 @@ class Forwarder:
             self._running.discard(key)
 
 
-async def _in_daemon_thread(fn: Callable[..., Any], *args: Any) -> Any:
+async def in_daemon_thread(fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` in a daemon thread of its own: a wait that may block for seconds holds
     none of the loop's worker threads and never delays the process's exit."""
     loop = asyncio.get_running_loop()

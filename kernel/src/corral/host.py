@@ -61,6 +61,13 @@ class HostIdentity(BaseModel):
                                 description="where other hosts reach this one")
     ttl_s: float = Field(default=10.0, ge=2.0, le=300.0,
                          description="the host's lease: gone this long after its kernel")
+    cluster_key: str | None = Field(
+        default=None, description="a root-only file with the cluster's key, the same on "
+        "every host (`corral hosts key`): releases are copied between hosts and a lost "
+        "host's apps re-placed only with it")
+    files_port: int = Field(default=7480, gt=0, lt=65536,
+                            description="where this host serves its releases to the others "
+                            "(on its address; sealed with the cluster key)")
 
 
 class SshConfig(BaseModel):

@@ -60,6 +60,9 @@ class HostRegistry:
     ttl_s: float
     lease: str | None = None
     token: str = ""
+    renewed_at: float = 0.0
+    """``time.monotonic()`` when the last successful renewal (or registration) was sent:
+    the lease runs at least ``ttl_s`` from then."""
 
     @property
     def owner(self) -> str:
@@ -90,6 +93,7 @@ class HostRegistry:
                 f"pid {alive.value.get('pid')}); give this host another [host] name",
                 kind=ALIVE, key=self.name, holder=alive.owner, since=alive.since)
         self.token = secrets.token_hex(8)
+        sent = time.monotonic()
         self.lease = self.ledger.grant_lease(self.ttl_s, self.owner)
         now = time.time()
         known = self.ledger.get(HOST, self.name)
@@ -99,6 +103,7 @@ class HostRegistry:
                                                 "last_seen": now})
         txn.claim(self.owner, ALIVE, self.name, self._figures(instances), lease=self.lease)
         self.ledger.commit(txn)
+        self.renewed_at = sent
         log.info("host registered", host=self.name, ttl_s=self.ttl_s)
 
     def _figures(self, instances: int) -> dict[str, Any]:
@@ -113,8 +118,10 @@ class HostRegistry:
         if self.lease is None:
             self.register(instances)
             return
+        sent = time.monotonic()
         try:
             self.ledger.keepalive(self.lease)
+            self.renewed_at = sent
         except NotFoundError:
             log.warning("host lease lost; registering again", host=self.name)
             self.register(instances)
@@ -150,6 +157,7 @@ def list_hosts(ledger: Ledger, this: str) -> list[dict[str, Any]]:
     life), address, the apps deployed on it, instances and free capacity. ``ledger``: the
     shared ledger itself, not a host's view; ``this``: the asking kernel's host."""
     alive = {r.key: r for r in ledger.list(kind=ALIVE)}
+    leading = ledger.get("leader", "cluster")
     apps: dict[str, list[str]] = {}
     for app in ledger.list(kind=APP):
         apps.setdefault(host_of(app.owner, this), []).append(app.key)
@@ -159,7 +167,9 @@ def list_hosts(ledger: Ledger, this: str) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"name": rec.key, "address": rec.value.get("address"),
                                "joined": rec.value.get("joined"),
                                "last_seen": rec.value.get("last_seen"),
-                               "apps": sorted(apps.get(rec.key, []))}
+                               "apps": sorted(apps.get(rec.key, [])),
+                               "leader": leading is not None
+                               and leading.owner == f"host:{rec.key}"}
         if live is not None:
             row.update(state="ready", **{k: live.value.get(k) for k in (
                 "pid", "instances", "cpus", "memory_total", "memory_available", "load1")})

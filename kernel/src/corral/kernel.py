@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -39,6 +39,7 @@ from corral.launch import become_subreaper, take_fd
 from corral.ledger import GroupCommit, HostView, Ledger, Txn, open_ledger
 from corral.protocol import KERNEL_OPS, PROTOCOL, QUERY_OP, Args, Hello, Request, Welcome
 from corral.protocol._ops import (
+    AppAdopt,
     AppName,
     Check,
     ConfigSet,
@@ -70,6 +71,9 @@ from corral.remote import Account, Branches, KeyStore, authorize, gateway_path, 
 from corral.socketstore import SocketStore
 from corral.supervisor import DriverSlot, Supervisor
 
+if TYPE_CHECKING:
+    from corral.cluster import ClusterMember
+
 log = structlog.get_logger("corral.kernel")
 
 PS_TIMEOUT_S = 5.0  # how long `corral ps` waits for each other host's apps
@@ -78,7 +82,7 @@ FORWARDED_PEER = b"forwarded"
 
 LEDGER_CHANGES = frozenset({
     "app.deploy", "app.down", "app.scale", "app.restart", "app.rollback", "app.config.set",
-    "app.config.unset", "app.run", "instance.spawn", "keys.add", "keys.remove"})
+    "app.config.unset", "app.run", "instance.spawn", "keys.add", "keys.remove", "app.adopt"})
 """Operations whose steps write the ledger from the kernel's loop: with a networked ledger
 they first check that it answers (``Kernel._ledger_answers``)."""
 LEDGER_PROBE_S = 3.0
@@ -146,6 +150,14 @@ class Kernel:
         # on a shared ledger, requests about another host's apps go to that host
         self.forwarder = (Forwarder(shared, this_host, lambda: self.hosts.lease,
                                     self._run_forwarded) if shared.remote else None)
+        # ... and the hosts copy each other's releases, fence, lead and adopt (cluster.py)
+        self.cluster: ClusterMember | None = None
+        if self.forwarder is not None:
+            from corral.cluster import ClusterMember
+
+            self.cluster = ClusterMember.build(shared, self.hosts, self.deployer,
+                                               self.forwarder, self.config, self.home,
+                                               self.bus.publish)
         self.handlers: dict[str, Handler] = {
             "app.deploy": self._deploy,
             "app.check": self._check,
@@ -170,6 +182,7 @@ class Kernel:
             "keys.whoami": self._keys_whoami,
             "hosts.list": self._hosts_list,
             "hosts.forget": self._hosts_forget,
+            "app.adopt": self._adopt,
             "drivers.list": self._drivers_list,
             "driver.restart": self._driver_restart,
             "driver.query": self._driver_query,
@@ -320,7 +333,8 @@ class Kernel:
             return None
         if isinstance(args, DriverQuery):
             app = args.args.get("app")
-        elif op.startswith("app.") and op not in ("app.ps", "app.deploy", "app.check"):
+        elif op.startswith("app.") and op not in ("app.ps", "app.deploy", "app.check",
+                                                  "app.adopt"):
             app = getattr(args, "name", None)  # every other app.* names its app
         else:
             return None
@@ -539,6 +553,12 @@ class Kernel:
         return await asyncio.to_thread(forget_host, self.hosts.ledger, args.name,
                                        self.hosts.name)
 
+    async def _adopt(self, peer: Peer, args: AppAdopt) -> dict[str, Any]:
+        if self.cluster is None:
+            raise CorralError("app.adopt is for hosts sharing an etcd ledger; this host's "
+                              "ledger is its own", code=ErrorCode.INVALID)
+        return await self.cluster.adopt(args, by=_who(peer))
+
     async def _drivers_list(self, peer: Peer, args: Any) -> dict[str, Any]:
         return {"drivers": [{**s.as_json(),
                              "kept_sockets": [k.key for k in self.sockets.list(s.name)]}
@@ -690,6 +710,8 @@ class Kernel:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         await asyncio.to_thread(self.hosts.register)
+        if self.cluster is not None:  # apps adopted elsewhere while this host was lost
+            await asyncio.to_thread(self.cluster.evict)
         await self.bus.start()
         await asyncio.to_thread(self.keys.sync)
         self._share_with_gateway()
@@ -700,6 +722,8 @@ class Kernel:
         housekeeping = asyncio.ensure_future(self._housekeeping())
         mailbox = (asyncio.ensure_future(self.forwarder.serve())
                    if self.forwarder is not None else None)
+        if self.cluster is not None:
+            self.cluster.start()
         (self.runtime / "kernel.pid").write_text(f"{os.getpid()}\n")
         log.info("kernel ready", endpoint=self.bus.endpoint, home=str(self.home),
                  drivers=[s.name for s in self.supervisor.slots.values()])
@@ -711,6 +735,8 @@ class Kernel:
         housekeeping.cancel()
         if mailbox is not None:
             mailbox.cancel()
+        if self.cluster is not None:
+            self.cluster.stop()
         await self.supervisor.stop(kill_drivers=self.stop_drivers_on_exit)
         if self.stop_drivers_on_exit:
             await self.bus.say_bye("kernel stopping")
@@ -727,7 +753,7 @@ class Kernel:
         while True:
             await asyncio.sleep(1.0)
             self.ledger.expire()
-            if time.monotonic() - last >= beat:
+            if self.cluster is None and time.monotonic() - last >= beat:
                 last = time.monotonic()
                 count = sum(len(a.instances) for a in self.deployer.apps.values())
                 try:

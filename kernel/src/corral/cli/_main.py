@@ -279,9 +279,15 @@ def cmd_drivers(ns: argparse.Namespace) -> int:
 
 def cmd_hosts(ns: argparse.Namespace) -> int:
     """The hosts of this kernel's ledger: ready, or lost since when; apps, instances, free
-    capacity. `corral hosts forget NAME`: release all a lost host holds in the ledger."""
+    capacity. `corral hosts forget NAME`: release all a lost host holds in the ledger.
+    `corral hosts key`: print a new cluster key (for [host] cluster_key on every host)."""
     import time as _time
 
+    if ns.action == "key":
+        from corral.replication import new_cluster_key
+
+        sys.stdout.write(new_cluster_key())
+        return 0
     if ns.action == "forget":
         if not ns.name:
             print("corral hosts forget: name the lost host (see `corral hosts`)",
@@ -308,6 +314,7 @@ def cmd_hosts(ns: argparse.Namespace) -> int:
         free = (f"{h['cpus']} cpu, {int(h['memory_available']) >> 20} MiB free"
                 if h["state"] == "ready" else "-")
         me = " (this host)" if h["name"] == res.get("this") else ""
+        me += " (leader)" if h.get("leader") else ""
         rows.append([h["name"] + me, state, h.get("address") or "-",
                      ",".join(h.get("apps") or []) or "-", str(h.get("instances", "-")), free])
     table(rows, ["HOST", "STATE", "ADDRESS", "APPS", "INSTANCES", "CAPACITY"])
@@ -420,7 +427,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("name", nargs="?", help="the driver to restart")
     s.add_argument("--json", action="store_true")
     s = sub.add_parser("hosts", help=cmd_hosts.__doc__)
-    s.add_argument("action", nargs="?", choices=["forget"], help="forget NAME")
+    s.add_argument("action", nargs="?", choices=["forget", "key"],
+                   help="forget NAME; key: print a new cluster key")
     s.add_argument("name", nargs="?", help="the lost host to forget")
     s.add_argument("--json", action="store_true")
     s = sub.add_parser("ledger", help=cmd_ledger.__doc__)

@@ -112,6 +112,23 @@ class Lifecycle:
         result["rolled_back_from"] = live
         return result
 
+    async def resume(self, name: str, *, by: str, wait_s: float | None = None
+                     ) -> dict[str, Any]:
+        """The app onto its current release again, with that release's config, no build
+        and no release phase: an app this host adopted from a lost one, or one it stopped
+        while it could not renew its lease and still holds (``corral.failover``)."""
+        started = time.monotonic()
+        async with self.releaser.lock(name):
+            current = self.d.current_release(name)
+            if current is None:
+                raise NotFoundError(f"app {name!r} has no current release here to start")
+            number = int(current["number"])
+            self.d.events.publish(f"app.{name}.resumed", {"release": number, "by": by})
+            deploy = Deploy(directory=str(self.store.directory(name, number)), wait_s=wait_s)
+            return await self.d._deploy_release(
+                name, current, started, deploy, run_phase=False,
+                config=AppConfig.from_json(current.get("config")))
+
     # ---- config ------------------------------------------------------------------------------
 
     def config(self, name: str) -> dict[str, Any]:

@@ -677,6 +677,30 @@ class Deployer:
                 return {"instance": instance_id}
         raise NotFoundError(f"no instance {instance_id!r}")
 
+    async def fence(self) -> list[str]:
+        """Stop every instance now, without the ledger or the drivers: this host could not
+        renew its lease and another host may start its apps (``corral.failover``). Each
+        instance's watcher is cancelled first (nothing restarts it), then its process group
+        is killed; the apps are forgotten here, their ledger records left for when the
+        ledger answers again (``Kernel`` resumes the apps it still holds, forgets the
+        others). Returns the apps' names."""
+        names = sorted(self.apps)
+        lives = [(state, live) for state in self.apps.values()
+                 for live in list(state.instances.values())]
+        for _state, live in lives:
+            live.stopping = True
+            if live.watcher is not None:
+                live.watcher.cancel()
+        for _state, live in lives:
+            rec = live.record
+            await asyncio.to_thread(self.launcher.terminate, rec.pid, rec.start_time, 0.0)
+            self.launcher.reap(rec.pid)
+            live.close_listen_fds()
+            self.events.publish(f"app.{rec.spec.app}.instance.fenced",
+                                {"instance": rec.spec.id, "pid": rec.pid})
+        self.apps.clear()
+        return names
+
     # ---- restore and views -------------------------------------------------------------------
 
     def restore(self) -> None:

@@ -306,6 +306,13 @@ class Ledger(abc.ABC):
         does not depend on it, since expired records are ignored by reads and claims.
         """
 
+    def members(self, timeout_s: float = 1.0) -> builtins.list[tuple[str, str]]:
+        """For a ledger served by several members (etcd): each member's endpoint and what it
+        says of itself right now: ``leader`` (it has one: it can commit), ``no-leader``,
+        ``down`` (it refused the connection) or ``unknown`` (no answer in ``timeout_s``). A
+        local ledger has none: ``[]``."""
+        return []
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release the backend's resources; the object is unusable afterwards."""

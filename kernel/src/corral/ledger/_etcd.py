@@ -443,6 +443,36 @@ class EtcdLedger(Ledger):
         """See ``Ledger.expire``: etcd expires leases and their records itself; nothing to do."""
         return 0
 
+    def members(self, timeout_s: float = 1.0) -> builtins.list[tuple[str, str]]:
+        """See ``Ledger.members``: each member's ``/health`` asked at once (etcd answers
+        ``{"health": "true"}`` only while it has a leader)."""
+        import requests
+
+        out: list[tuple[str, str]] = [("", "unknown")] * len(self.endpoints)
+
+        def probe(index: int) -> None:
+            host, port = self.endpoints[index]
+            endpoint = f"{host}:{port}"
+            try:
+                resp = requests.get(f"{self.protocol}://{endpoint}/health", timeout=timeout_s,
+                                    proxies={"http": "", "https": ""})
+                healthy = str(resp.json().get("health")) == "true"
+                out[index] = (endpoint, "leader" if healthy else "no-leader")
+            except requests.ConnectionError as exc:
+                refused = "refused" in str(exc).lower()
+                out[index] = (endpoint, "down" if refused else "unknown")
+            except (requests.RequestException, ValueError):
+                out[index] = (endpoint, "unknown")
+
+        threads = [threading.Thread(target=probe, args=(i,), daemon=True)
+                   for i in range(len(self.endpoints))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout_s + 1.0)
+        return [(e or "{}:{}".format(*self.endpoints[i]), state)
+                for i, (e, state) in enumerate(out)]
+
     def close(self) -> None:
         """Close the connections of the calling thread (others close with their threads)."""
         for client in self._local.__dict__.get("clients", {}).values():

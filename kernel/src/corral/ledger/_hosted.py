@@ -139,6 +139,10 @@ class HostView(Ledger):
         """``inner.expire``."""
         return self.inner.expire(now)
 
+    def members(self, timeout_s: float = 1.0) -> builtins.list[tuple[str, str]]:
+        """``inner.members``."""
+        return self.inner.members(timeout_s)
+
     def close(self) -> None:
         """Close ``inner``."""
         self.inner.close()

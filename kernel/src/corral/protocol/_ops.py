@@ -192,6 +192,15 @@ class DriverName(Args):
     name: str
 
 
+class AppAdopt(Args):
+    """``app.adopt``: start here an app of a lost host, from the copies of its releases."""
+
+    name: AppNameField
+    from_host: str = Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+                           description="the lost host that ran it")
+    wait_s: float | None = Field(default=None, gt=0, description="as for app.deploy")
+
+
 class HostName(Args):
     """``hosts.forget``: one host of the ledger by name."""
 
@@ -468,6 +477,8 @@ _CLIENT_OPS = _table(
               "free capacity"),
     Operation("hosts.forget", HostName, "release everything a lost host holds in the "
               "ledger (its apps' names, ports, records); refused while it is alive"),
+    Operation("app.adopt", AppAdopt, "start an app of a lost host here, from the copies of "
+              "its releases (what the cluster's leader asks of a live host)"),
     Operation("drivers.list", NoArgs, "drivers and their state"),
     Operation("driver.restart", DriverName, "start a driver again (also a failed one)"),
     Operation("driver.query", DriverQuery, "forward a query to a driver"),

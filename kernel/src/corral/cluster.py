@@ -1,0 +1,346 @@
+"""This kernel as a member of a cluster of hosts (an etcd ledger): the parts put together.
+
+``ClusterMember`` runs, beside the kernel's own work, everything a host does for the others
+(see ``corral.replication`` and ``corral.failover`` for the rules):
+
+- it serves its releases to the other hosts and keeps copies of theirs (with a cluster key);
+- it keeps its host lease alive five times per TTL, and fences (stops its instances)
+  when it cannot and the etcd members do not prove that nobody else can go on; once the
+  lease is back it forgets the apps adopted elsewhere meanwhile and starts the others again;
+- it takes leadership when free, and as leader has every app of a lost host adopted by a
+  live one; as any host it adopts the apps the leader places on it (``app.adopt``);
+- at start, before its apps are restored, it forgets those adopted elsewhere while it was
+  lost (eviction).
+
+Without ``[host] cluster_key`` a host copies no release and adopts nothing (a warning at
+start says so); leases, fencing and eviction work the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from corral import failover, replication
+from corral.deploy import Deployer
+from corral.errors import CorralError, ErrorCode, NotFoundError, UnavailableError
+from corral.forwarding import Forwarder, in_daemon_thread
+from corral.host import HostConfig
+from corral.hosts import ALIVE, HostRegistry
+from corral.ledger import Ledger, Record
+from corral.protocol._ops import AppAdopt
+
+log = structlog.get_logger("corral.cluster")
+
+FENCE_CHECK_S = 0.1
+PROBE_EVERY_S = 1.0
+BEATS = 5
+"""Lease renewals per TTL: a renewal is normally at most a fifth of the TTL old."""
+FENCE_AFTER = 0.6
+"""Fraction of the TTL without a renewal after which the members are asked whether to fence:
+late enough that a renewal delayed a little never fences, early enough that the probe (a
+tenth of the TTL) and the kill end well before the lease can expire (a full TTL after the
+last renewal was sent)."""
+Publish = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class ClusterMember:
+    """One kernel's part in the cluster (see the module)."""
+
+    shared: Ledger  # the shared ledger itself, not the host's view
+    hosts: HostRegistry
+    deployer: Deployer
+    forwarder: Forwarder
+    config: HostConfig
+    home: Path
+    publish: Publish
+    server: replication.ReplicaServer | None = None
+    replicator: replication.Replicator | None = None
+    leader: failover.Failover | None = None
+    fenced: list[str] | None = None
+    _fenced_at: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _adopting: set[str] = field(default_factory=set)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, shared: Ledger, hosts: HostRegistry, deployer: Deployer,
+              forwarder: Forwarder, config: HostConfig, home: Path, publish: Publish
+              ) -> ClusterMember:
+        """The member, its release server bound already (an error names the address)."""
+        member = cls(shared, hosts, deployer, forwarder, config, home, publish)
+        ident = config.host
+        if not ident.cluster_key or not ident.address:
+            log.warning("no [host] cluster_key and address: releases are not copied between "
+                        "hosts and a lost host's apps are not re-placed (docs/etcd.md)")
+            return member
+        channel = replication.Channel(replication.load_cluster_key(ident.cluster_key))
+        try:
+            member.server = replication.ReplicaServer(
+                (ident.address, ident.files_port), channel,
+                replication.ReleaseSource(shared, home, hosts.name))
+        except OSError as exc:
+            raise CorralError(f"host.toml [host]: cannot serve releases on "
+                              f"{ident.address}:{ident.files_port} ({exc.strerror}); set "
+                              "address and files_port to this host's", code=ErrorCode.INVALID
+                              ) from None
+        member.replicator = replication.Replicator(shared, home, hosts.name, channel,
+                                                   ident.files_port, lock=member._lock)
+        member.leader = failover.Failover(shared, hosts.name, lambda: hosts.lease,
+                                          member._ask)
+        return member
+
+    async def _ask(self, host: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        return await self.forwarder.call(host, op, args, f"leader@{self.hosts.name}")
+
+    # -- life --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Serve releases, copy the others', keep the lease, watch for fencing, lead."""
+        if self.server is not None:
+            self._threads.append(self.server.start())
+        if self.replicator is not None:
+            thread = threading.Thread(target=self.replicator.run, name="corral-replicator",
+                                      daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._tasks.append(asyncio.ensure_future(self._keep_lease()))
+        self._tasks.append(asyncio.ensure_future(self._watch_fence()))
+        if self.leader is not None:
+            self._tasks.append(asyncio.ensure_future(self._lead()))
+
+    def stop(self) -> None:
+        """Stop serving, copying and leading (the kernel then leaves: its lease revoked)."""
+        for task in self._tasks:
+            task.cancel()
+        if self.replicator is not None:
+            self.replicator.stop()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+    # -- the lease and fencing ---------------------------------------------------------------
+
+    async def _keep_lease(self) -> None:
+        beat = self.hosts.ttl_s / BEATS
+        while True:
+            count = sum(len(a.instances) for a in self.deployer.apps.values())
+            try:
+                await asyncio.to_thread(self.hosts.keepalive, count)
+            except CorralError as exc:
+                log.error("host keepalive failed", error=exc.reason)
+                await asyncio.sleep(min(beat, 0.5))
+                continue
+            await asyncio.sleep(beat)
+
+    async def _watch_fence(self) -> None:
+        ttl = self.hosts.ttl_s
+        probed = spared = 0.0
+        while True:
+            await asyncio.sleep(FENCE_CHECK_S)
+            if self.fenced is not None:
+                if self.hosts.renewed_at > self._fenced_at:
+                    await self._unfence()
+                continue
+            silent = time.monotonic() - self.hosts.renewed_at
+            if silent < ttl * FENCE_AFTER or not self.deployer.apps or \
+                    time.monotonic() - probed < PROBE_EVERY_S:
+                continue
+            probed = time.monotonic()
+            # a thread of its own: the pool's may all wait on a ledger that does not answer
+            members = await in_daemon_thread(self.shared.members, min(1.0, max(0.2, ttl / 10)))
+            own = self.config.host.address
+            members = [(e, "no-leader" if s == "unknown" and own and
+                        e.rpartition(":")[0] in (own, "127.0.0.1", "localhost") else s)
+                       for e, s in members]
+            if not failover.should_fence(members):
+                if spared < self.hosts.renewed_at:  # once per outage
+                    spared = time.monotonic()
+                    log.warning("lease not renewed, but no quorum can go on without this "
+                                "host, or it reaches one: apps keep running",
+                                silent_s=round(silent, 1), members=members)
+                continue
+            self._fenced_at = time.monotonic()
+            self.fenced = await self.deployer.fence()
+            log.error("lease not renewed, and the cluster may go on without this host: its "
+                      "instances were stopped (fenced)", silent_s=round(silent, 1),
+                      apps=self.fenced, members=members)
+            self.publish("host.fenced", {"host": self.hosts.name, "apps": self.fenced})
+
+    async def _unfence(self) -> None:
+        """The lease is back after a fence: forget what was adopted elsewhere, start again
+        what this host still holds."""
+        names, self.fenced = self.fenced or [], None
+        gone = await asyncio.to_thread(self.evict)
+        for name in names:
+            if name in gone:
+                continue
+            try:
+                await self._clear_instances(name)
+                await self.deployer.lifecycle.resume(name, by=f"host {self.hosts.name}")
+            except CorralError as exc:
+                log.error("a fenced app did not start again", app=name, error=exc.reason)
+        self.publish("host.unfenced", {"host": self.hosts.name, "evicted": gone})
+
+    async def _clear_instances(self, name: str) -> None:
+        """Release the instance records a fence left behind (their processes are gone)."""
+        ledger = self.deployer.ledger
+        stale = [r.key for r in await asyncio.to_thread(ledger.list, owner=name,
+                                                        kind="instance")]
+        if stale:
+            await asyncio.to_thread(ledger.release, name, [("instance", k) for k in stale])
+
+    # -- eviction ----------------------------------------------------------------------------
+
+    def evict(self) -> list[str]:
+        """Stop and forget this host's apps whose name another host holds now (adopted
+        while this host was lost): their processes killed, their records on this host
+        released, their files here removed. Returns their names."""
+        from corral.protocol import InstanceRecord
+
+        launcher = self.deployer.launcher
+        moved = failover.moved_away(self.shared, self.hosts.name)
+        for app, records in sorted(moved.items()):
+            for rec in records:
+                if rec.kind != "instance" or "record" not in rec.value:
+                    continue
+                with _quiet():
+                    irec = InstanceRecord.model_validate(rec.value["record"])
+                    launcher.terminate(irec.pid, irec.start_time, 0.0)
+                    launcher.reap(irec.pid)
+            self.shared.release(f"{app}@{self.hosts.name}")
+            self.deployer.apps.pop(app, None)
+            replication.remove_tree(self.home / "apps" / app / "releases")
+            (self.home / "apps" / app / "manifest.json").unlink(missing_ok=True)
+            log.warning("app adopted by another host while this one was lost: forgotten "
+                        "here", app=app, holder=_holder(self.shared, app))
+        return sorted(moved)
+
+    # -- leading and adopting ----------------------------------------------------------------
+
+    async def _lead(self) -> None:
+        assert self.leader is not None
+        leader = self.leader
+        wait = self.hosts.ttl_s / 3
+        while True:
+            try:
+                revision = await asyncio.to_thread(self.shared.revision)
+                if await asyncio.to_thread(leader.lead):
+                    for app, lost in await asyncio.to_thread(leader.orphans):
+                        if app not in leader.placing:
+                            leader.placing.add(app)
+                            self._tasks.append(asyncio.ensure_future(
+                                self._place(app, lost)))
+            except CorralError as exc:
+                log.warning("leadership not checked", error=exc.reason)
+                await asyncio.sleep(1.0)
+                continue
+            await in_daemon_thread(self.shared.wait_for_change, ALIVE, "", revision, wait)
+
+    async def _place(self, app: str, lost: str) -> None:
+        assert self.leader is not None
+        try:
+            host = await self.leader.place(app, lost)
+            if host is not None:
+                self.publish("app.replaced", {"app": app, "from": lost, "to": host})
+        finally:
+            self.leader.placing.discard(app)
+
+    async def adopt(self, args: AppAdopt, by: str) -> dict[str, Any]:
+        """``app.adopt``: take app ``args.name`` of lost host ``args.from_host`` and start
+        its current release here, or change nothing and say why (see the module)."""
+        name, lost, this = args.name, args.from_host, self.hosts.name
+        if self.replicator is None:
+            raise CorralError(f"host {this} has no cluster key: it keeps no copies of other "
+                              "hosts' releases and adopts no app", code=ErrorCode.FORBIDDEN)
+        if name in self._adopting:
+            raise CorralError(f"app {name!r} is being adopted here already",
+                              code=ErrorCode.CONFLICT)
+        if name in self.deployer.apps:
+            return {"app": name, "adopted": False, "note": f"it runs on host {this}"}
+        self._adopting.add(name)
+        try:
+            return await self._adopt(name, lost, this, args.wait_s, by)
+        finally:
+            self._adopting.discard(name)
+
+    async def _adopt(self, name: str, lost: str, this: str, wait_s: float | None, by: str
+                     ) -> dict[str, Any]:
+        started = time.monotonic()
+        app = await asyncio.to_thread(self.shared.get, "app", name)
+        number = app.value.get("release") if app is not None else None
+        if app is None or number is None:
+            raise NotFoundError(f"app {name!r} of host {lost} has no release to start")
+        rel = await asyncio.to_thread(self.shared.get, "release", f"{name}/v{number}")
+        files = str((rel.value if rel else {}).get("files") or f"v{number}")
+        refs = [str(r) for r in (((rel.value if rel else {}).get("config") or {})
+                                 .get("secrets") or {}).values()]
+        assert self.replicator is not None
+        if not self.replicator.has(name, files, refs):
+            raise UnavailableError(f"release v{number} of {name!r} is not copied to host "
+                                   f"{this} yet; nothing was changed")
+        await asyncio.to_thread(self._lock.acquire)
+        try:
+            moved = await asyncio.to_thread(failover.transfer, self.shared, name, lost, this)
+            if not moved:
+                return {"app": name, "adopted": False, "note": f"host {this} holds it"}
+            taken = await asyncio.to_thread(self._take_copies, name)
+        finally:
+            self._lock.release()
+        try:
+            result = await self.deployer.lifecycle.resume(name, by=by, wait_s=wait_s)
+        except BaseException as exc:
+            log.error("an adopted app did not start: given back", app=name, lost=lost,
+                      error=str(exc))
+            await asyncio.to_thread(self._give_back, name, moved, taken)
+            raise
+        took = time.monotonic() - started
+        self.publish(f"app.{name}.adopted", {"from": lost, "release": number,
+                                             "took_s": round(took, 3)})
+        return {**result, "adopted": True, "from": lost, "took_s": round(took, 3)}
+
+    def _take_copies(self, name: str) -> list[str]:
+        """Make the copies of ``name``'s releases this host's own; the names moved."""
+        assert self.replicator is not None
+        source = self.replicator.root(name)
+        store = self.deployer.releaser.store
+        root = store.prepare_root(name)
+        taken = []
+        for copy in sorted(source.iterdir()) if source.is_dir() else []:
+            if copy.name.startswith(".") or (root / copy.name).exists():
+                continue
+            os.replace(copy, root / copy.name)
+            taken.append(copy.name)
+        return taken
+
+    def _give_back(self, name: str, moved: list[Record], taken: list[str]) -> None:
+        with self._lock:
+            failover.give_back(self.shared, moved, self.hosts.name)
+            assert self.replicator is not None
+            source = self.replicator.root(name)
+            source.mkdir(mode=0o700, parents=True, exist_ok=True)
+            root = self.deployer.releaser.store.root(name)
+            for files in taken:
+                with _quiet():
+                    os.replace(root / files, source / files)
+
+
+def _holder(shared: Ledger, app: str) -> str | None:
+    rec = shared.get("app", app)
+    return None if rec is None else rec.owner
+
+
+def _quiet() -> contextlib.suppress:
+    """Suppress what a best-effort step of a clean-up may meet."""
+    return contextlib.suppress(OSError, CorralError, ValueError)

@@ -1,0 +1,232 @@
+"""A lost host's apps move to the others, for real, on three hosts (tests/multihost.py).
+
+Each host's kernel holds the cluster key: a release made on one host is copied to the others
+(files and secret values, sealed between network namespaces); when its host is lost (kill -9
+of the kernel and its apps, or cut off with nftables) the leader has a live host adopt the
+app, which serves again from the copy with its config; the names are never held twice; a
+host that comes back forgets what was adopted elsewhere and rejoins empty; a host cut off
+stops its instances before its lease can expire, so the app never runs on two hosts at once
+for longer than the lease TTL.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from corral.testing import wait_for
+from multihost import Cluster, Host, multihost, require_multihost
+
+pytestmark = pytest.mark.root
+
+SERVER = """import http.server, os, sys
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = f"{os.environ.get('APP', '?')} {os.environ.get('TOKEN', '-')}\\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+APP_TOML = """[app]
+name = "{name}"
+
+[processes]
+web = {{ command = "python3 server.py {port}", instances = 1 }}
+
+[ports]
+http = {port}
+"""
+SECRET = "s3cret-0f-the-shop"
+
+
+def app_dir(c: Cluster, name: str, port: int = 8080) -> Path:
+    d = c.base / name
+    d.mkdir(mode=0o755)
+    d.chmod(0o755)
+    (d / "corral.toml").write_text(APP_TOML.format(name=name, port=port))
+    (d / "server.py").write_text(SERVER)
+    for f in d.iterdir():
+        f.chmod(0o644)
+    return d
+
+
+def get(h: Host, port: int = 8080, timeout: float = 1.0) -> str | None:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://{h.address}:{port}/", timeout=timeout) as r:
+            return str(r.read().decode())
+    except OSError:
+        return None
+
+
+def hosts(h: Host) -> dict[str, dict[str, Any]]:
+    r = h.cli("hosts", "--json")
+    assert r.returncode == 0, r.stderr
+    return {row["name"]: row for row in json.loads(r.stdout)}
+
+
+def etcd_records(h: Host) -> dict[str, dict[str, Any]]:
+    """Every corral record in etcd: key -> {owner, value...} as stored."""
+    r = h.etcdctl("get", "--prefix", "/corral/v1/r/", "-w", "json")
+    assert r.returncode == 0, r.stderr
+    return {base64.b64decode(kv["key"]).decode(): json.loads(base64.b64decode(kv["value"]))
+            for kv in json.loads(r.stdout).get("kvs", [])}
+
+
+def copied(h: Host, app: str, files: str = "v1") -> bool:
+    return (h.kernel.home / "replicas" / app / files).is_dir()
+
+
+def instance_pid(h: Host, app: str) -> int:
+    r = h.cli("ps", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = [row for row in json.loads(r.stdout) if row["app"] == app]
+    assert len(rows) == 1 and len(rows[0]["instances"]) == 1, rows
+    return int(rows[0]["instances"][0]["pid"])
+
+
+def shop_on_h2(c: Cluster) -> tuple[Host, Host, Host]:
+    """Three keyed kernels; shop (a var and a secret) deployed on h2 and copied to h1, h3."""
+    h1, h2, h3 = c.host(1), c.host(2), c.host(3)
+    for h in (h1, h2, h3):
+        h.start_kernel(keyed=True)
+    deploy_shop(c, h2)
+    wait_for(lambda: copied(h1, "shop") and copied(h3, "shop"), timeout=20,
+             what="shop's release copied to h1 and h3")
+    return h1, h2, h3
+
+
+def deploy_shop(c: Cluster, on: Host) -> None:
+    d = app_dir(c, "shop")
+    for args in (["APP=shop"], [f"TOKEN={SECRET}", "--secret"]):
+        r = on.cli("config", "set", "shop", *args)
+        assert r.returncode == 0, r.stdout + r.stderr
+    r = on.cli("up", str(d), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    wait_for(lambda: get(on) == f"shop {SECRET}\n", timeout=20, what="shop serving")
+
+
+def test_a_lost_hosts_app_is_adopted_serves_again_and_the_host_rejoins_empty() -> None:
+    require_multihost()
+    with multihost(3) as c:
+        h1, h2, h3 = shop_on_h2(c)
+        # the release and its secret were copied to h1 and h3, sealed on the way
+        for h in (h1, h3):
+            secrets = list((h.kernel.home / "secrets" / "shop").iterdir())
+            assert [p.read_text() for p in secrets] == [SECRET]
+            assert all(p.stat().st_mode & 0o077 == 0 for p in secrets)
+            assert (h.kernel.home / "replicas" / "shop" / "v1" / "server.py").read_text() \
+                == SERVER
+        leader = [n for n, row in hosts(h1).items() if row.get("leader")]
+        assert len(leader) == 1, hosts(h1)
+
+        # h2 is lost: its kernel and its app killed -9
+        pid = instance_pid(h2, "shop")
+        h2.kill9()
+        lost = time.monotonic()
+        assert not psutil.pid_exists(pid)
+        served: dict[str, Host] = {}
+
+        def serving_elsewhere() -> bool:
+            for h in (h1, h3):
+                if get(h, timeout=0.3) == f"shop {SECRET}\n":
+                    served["by"] = h
+                    return True
+            return False
+
+        wait_for(serving_elsewhere, timeout=c.ttl_s + 20, step=0.05,
+                 what="shop serving on h1 or h3")
+        took = time.monotonic() - lost
+        new = served["by"]
+        print(f"host ttl_s {c.ttl_s}; shop served again on {new.name} {took:.2f} s after "
+              "the kill")
+        assert took < c.ttl_s + 10, took
+        records = etcd_records(h1)
+        assert records["/corral/v1/r/app/shop"]["owner"] == f"shop@{new.name}"
+        owners = {v["owner"] for k, v in records.items() if "/app/" in k or "/uid/" in k
+                  or "/release/" in k}
+        assert all(o.endswith(f"@{new.name}") for o in owners), owners
+        assert SECRET not in json.dumps(records)  # never in the ledger
+        r = h1.cli("ps", "--json")
+        assert [(row["app"], row["host"]) for row in json.loads(r.stdout)] == [
+            ("shop", new.name)], r.stdout
+        r = new.cli("releases", "shop", "--json")
+        assert r.returncode == 0 and [x["release"] for x in json.loads(r.stdout)[
+            "releases"]] == [1], r.stdout
+        assert "@h2/" in json.dumps(sorted(records))  # h2's own records wait for it
+
+        # h2 comes back: it forgets shop (adopted elsewhere) and rejoins empty
+        h2.start_kernel(keyed=True)
+        wait_for(lambda: hosts(h1)["h2"]["state"] == "ready", timeout=10, what="h2 back")
+        records = etcd_records(h1)
+        assert not [k for k in records if "/@h2/" in k], sorted(records)
+        assert hosts(h1)["h2"]["apps"] == []
+        assert not (h2.kernel.home / "apps" / "shop" / "releases").exists()
+        assert get(h2) is None and get(new) == f"shop {SECRET}\n"
+        # ... and keeps a copy of the adopted app's release, from its new host
+        wait_for(lambda: copied(h2, "shop"), timeout=20, what="h2 copying shop again")
+        # operations on shop from any host run on its new host
+        r = h2.cli("restart", "shop", timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_for(lambda: get(new) == f"shop {SECRET}\n", timeout=20, what="restarted")
+
+
+def test_a_cut_off_host_fences_and_its_app_runs_elsewhere_never_twice_for_long() -> None:
+    require_multihost()
+    with multihost(3) as c:
+        h1, h2, h3 = shop_on_h2(c)
+        pid = instance_pid(h2, "shop")
+        timeline: list[tuple[float, bool, bool]] = []
+        stop = threading.Event()
+
+        def watch() -> None:  # (time, h2's instance alive, served by h1 or h3)
+            while not stop.is_set():
+                elsewhere = any(get(h, timeout=0.2) is not None for h in (h1, h3))
+                timeline.append((time.monotonic(), psutil.pid_exists(pid), elsewhere))
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        h2.cut()
+        cut = time.monotonic()
+        try:
+            wait_for(lambda: not psutil.pid_exists(pid), timeout=c.ttl_s + 5, step=0.05,
+                     what="h2 fencing its instance")
+            fenced = time.monotonic() - cut
+            wait_for(lambda: any(get(h) == f"shop {SECRET}\n" for h in (h1, h3)),
+                     timeout=c.ttl_s + 20, step=0.1, what="shop adopted on h1 or h3")
+            adopted = time.monotonic() - cut
+        finally:
+            stop.set()
+            watcher.join(5)
+        both = [t for t, here, there in timeline if here and there]
+        print(f"ttl {c.ttl_s} s: h2 fenced {fenced:.2f} s after the cut, shop served "
+              f"elsewhere after {adopted:.2f} s; samples with both: {len(both)}")
+        assert fenced < c.ttl_s, fenced  # before its lease could expire
+        assert not both or both[-1] - both[0] < c.ttl_s, both
+        assert "fenced" in h2.kernel.log()
+
+        # healed: h2 gets a lease again, forgets shop, and shop runs once
+        h2.heal()
+        wait_for(lambda: hosts(h1)["h2"]["state"] == "ready", timeout=20, what="h2 back")
+        wait_for(lambda: not [k for k in etcd_records(h1) if "/@h2/" in k], timeout=15,
+                 what="h2's records of shop released")
+        serving = [h.name for h in (h1, h2, h3) if get(h) is not None]
+        assert len(serving) == 1 and serving != ["h2"], serving
+        assert hosts(h1)["h2"]["apps"] == []
