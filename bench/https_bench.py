@@ -39,6 +39,7 @@ whether the kernel could take TLS records over (kTLS).
 Needs root (apt-get for nginx-light haproxy wrk gcc when missing; perf). Prints one line per
 ratio: `name: value (goal ...)`; exits non-zero only if it could not measure.
 Usage: sudo .venv/bin/python bench/https_bench.py [--duration 3] [--rounds 4] [--no-profile]
+       [--only https,handshake]
 """
 
 from __future__ import annotations
@@ -187,10 +188,12 @@ def serve_edge(cert: Path, key: Path) -> None:
 
     from corral_lb.balancer import Balancer
     from corral_lb.config import load_lb_config
+    from corral_lb.driver import freeze_startup_heap
     from corral_lb.edge import Edge, EdgeSettings
     from corral_lb.tls import SniRouter, server_context
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    freeze_startup_heap()  # as the driver's main() does before it serves
 
     async def main() -> None:
         router = SniRouter()
@@ -615,6 +618,9 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=3)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--no-profile", action="store_true", help="skip the perf/py-spy runs")
+    ap.add_argument("--only", default="", metavar="KINDS",
+                    help="measure only these kinds (comma-separated: https, handshake, "
+                         "https-varied, http); the others' lines are left out")
     ap.add_argument("--serve", nargs=2, metavar=("CERT", "KEY"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -628,7 +634,12 @@ def main() -> int:
     d = Path(tempfile.mkdtemp(prefix="corral-https-bench-"))
     corral: Corral | None = None
     dur = args.duration
-    runs: dict[str, list[Run]] = {n: [] for n in CONTESTANTS}
+    kinds = {k.strip() for k in args.only.split(",") if k.strip()}
+    contestants = tuple(n for n in CONTESTANTS if not kinds or n.split("-", 1)[1] in kinds)
+    if not contestants:
+        print(f"https_bench: --only {args.only!r} names no kind", file=sys.stderr)
+        return 2
+    runs: dict[str, list[Run]] = {n: [] for n in contestants}
     handshakes = {"haproxy-handshake": [0, 0], "corral-handshake": [0, 0]}
     wrk_close: dict[str, tuple[int, int]] = {}
     tls_seen: dict[str, str] = {}
@@ -683,7 +694,7 @@ http {{ access_log off;
             return run_wrk(url, seconds, resolve, "-H", "Connection: close",
                            env={**os.environ, "LD_PRELOAD": str(no_resume)})
 
-        for name in CONTESTANTS:  # warm up: first connections, caches, page faults
+        for name in contestants:  # warm up: first connections, caches, page faults
             measure(name, 1)
         for side in ("haproxy", "corral"):  # what plain wrk does with "Connection: close"
             port = HA_HTTPS if side == "haproxy" else PX_HTTPS
@@ -693,8 +704,8 @@ http {{ access_log off;
             wrk_close[side] = (after[0] - before[0], after[1] - before[1])
 
         for r in range(args.rounds):
-            k = r % len(CONTESTANTS)
-            for name in CONTESTANTS[k:] + CONTESTANTS[:k]:
+            k = r % len(contestants)
+            for name in contestants[k:] + contestants[:k]:
                 side = name.split("-")[0]
                 pid = pids[side]
                 hs_before = counters[side]() if name.endswith("handshake") else (0, 0)
@@ -736,12 +747,14 @@ http {{ access_log off;
         return statistics.median(f(x) for x in runs[name])
 
     def ratio(a: str, b: str, f: Callable[[Run], float], label: str, goal: str) -> None:
-        """Median of the per-round ratios f(a)/f(b), with its spread."""
+        """Median of the per-round ratios f(a)/f(b), with its spread (nothing if not run)."""
+        if a not in runs:
+            return
         per_round = [f(x) / f(y) for x, y in zip(runs[a], runs[b], strict=True)]
         print(f"{label}: {statistics.median(per_round):.2f} (median of {len(per_round)} "
               f"rounds, min {min(per_round):.2f}, max {max(per_round):.2f}; goal {goal})")
 
-    for name in CONTESTANTS:
+    for name in contestants:
         p99 = "p99 after the handshake" if name.endswith("handshake") else "p99"
         print(f"{name}: median {med(name, lambda x: x.rps):.0f} req/s, {p99} "
               f"{med(name, lambda x: x.latency):.2f} ms; server CPU "
@@ -752,6 +765,8 @@ http {{ access_log off;
               f"({len(runs[name])} rounds)")
     print(f"TLS negotiated: haproxy {tls_seen.get('haproxy')}; corral {tls_seen.get('corral')}")
     for name, (new, resumed) in handshakes.items():
+        if name not in runs:
+            continue
         print(f"{name}: {new} TLS handshakes counted by the server over the rounds, "
               f"{resumed} resumed")
     for side, (new, resumed) in wrk_close.items():
@@ -773,7 +788,8 @@ http {{ access_log off;
           f"HTTPS keep-alive {per_cpu}, a new path per request, corral / HAProxy",
           "none: context")
     bound = ("; wrk was at >= 95% of a core: client-bound, see the CPU-second line"
-             if med("haproxy-handshake", lambda x: x.client) >= 95 else "")
+             if "haproxy-handshake" in runs
+             and med("haproxy-handshake", lambda x: x.client) >= 95 else "")
     ratio("corral-handshake", "haproxy-handshake", lambda x: x.rps,
           "new TLS handshakes/s (no resumption, 1 request each), corral / HAProxy",
           ">= 0.9" + bound)

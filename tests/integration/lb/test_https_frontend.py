@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import trustme
-import uvloop
 
 from corral.testing import wait_for_async
 from corral_lb import proxy_http
@@ -30,25 +29,12 @@ from integration.lb.recording_backend import RecordingBackend
 
 NAME = "svc.test"
 REQUEST = b"GET /x HTTP/1.1\r\nHost: svc.test\r\nConnection: close\r\n\r\n"
-ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n/x"
+# the backend's answer, saying what the proxy does next: close, as the client asked
+ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n/x"
 
 Main = Callable[[], Awaitable[None]]
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA(key_type=trustme.KeyType.ECDSA)
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Callable[[Main], None]:
-    """Runs a test's coroutine on the loop of the parameter."""
-    def runner(main: Main) -> None:
-        if request.param == "uvloop":
-            uvloop.run(main())
-        else:
-            asyncio.run(main())
-    return runner
 
 
 class Frontend:

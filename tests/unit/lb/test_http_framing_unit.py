@@ -12,12 +12,15 @@ from hypothesis import strategies as st
 from corral.errors import CorralError
 from corral_lb.config import MAX_BODY_SIZE, MAX_CONNECTIONS, proxy_limits
 from corral_lb.http_framing import (
+    CLOSE_LINE,
+    KEEP_ALIVE_LINE,
     R400,
     R413,
     FramingError,
     _bad_bytes,
     read_request_head,
     read_response_head,
+    with_connection,
     without_hop_by_hop,
 )
 
@@ -141,3 +144,28 @@ def test_parsing_a_head_leaves_nothing_to_the_garbage_collector() -> None:
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def test_with_connection_replaces_the_connection_lines_and_keeps_the_rest() -> None:
+    """A response head's Connection, Keep-Alive and Proxy-Connection lines (any case) give way
+    to the one line the proxy means, after the last field; every other line byte for byte,
+    in its order; a head without fields gets just the line."""
+    head = (b"HTTP/1.1 200 OK\r\nX-A: 1\r\nconnection: keep-alive\r\nKeep-Alive: timeout=5, "
+            b"max=100\r\nContent-Length: 2\r\nPROXY-CONNECTION: close\r\nX-Connection: 2\r\n"
+            b"\r\n")
+    resp = read_response_head(head)
+    assert resp.hop_by_hop and resp.length == 2
+    kept = b"HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 2\r\nX-Connection: 2\r\n"
+    assert with_connection(head, CLOSE_LINE) == kept + b"Connection: close\r\n\r\n"
+    assert with_connection(head, KEEP_ALIVE_LINE) == kept + b"Connection: keep-alive\r\n\r\n"
+    assert with_connection(head, b"") == kept + b"\r\n"
+    assert with_connection(b"HTTP/1.1 204 No Content\r\n\r\n", CLOSE_LINE) == (
+        b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+    assert not read_response_head(b"HTTP/1.1 200 OK\r\nX-Connection: 1\r\n"
+                                  b"Content-Length: 0\r\n\r\n").hop_by_hop
+
+
+def test_a_request_head_says_whether_it_is_http10() -> None:
+    """HTTP/1.0 requests persist only when told so (the proxy's answer says keep-alive)."""
+    assert read_request_head(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").http10
+    assert not read_request_head(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").http10

@@ -7,6 +7,7 @@ deploy transaction, before ``app.attach``; this driver claims nothing itself.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
 import socket
@@ -450,8 +451,23 @@ class LbDriver(Driver):
         return self.balancer.metrics(args.get("app"))
 
 
+def freeze_startup_heap() -> None:
+    """Take what the process holds before it serves (modules, classes, schemas: alive until
+    it exits) out of the garbage collector's passes, after collecting what is garbage already.
+
+    The collector's full passes walk every tracked object; under new-connection load they run
+    every few seconds (connections surviving the young passes pile up), and over the ~45,000
+    objects of the imports alone one took 30-55 ms on the bench machine: a pause every
+    client in flight waits out, and ~9 us per new TLS connection on average. Frozen objects
+    are never collected, so this runs once, before any app's state exists.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def main() -> None:
     """``python -m corral_lb``: run the lb driver under corrald."""
+    freeze_startup_heap()
     run(LbDriver, uvloop=True)
 
 

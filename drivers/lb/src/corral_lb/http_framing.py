@@ -103,13 +103,28 @@ class _Reader:
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
 
 
+# What a response the proxy forwards or makes says of the client connection it goes on (the
+# only connection-management line it carries; see with_connection): the proxy closes after it,
+# or keeps an HTTP/1.0 client's connection (HTTP/1.1 persists without saying so).
+CLOSE_LINE = b"Connection: close\r\n"
+KEEP_ALIVE_LINE = b"Connection: keep-alive\r\n"
+
+
 def without_hop_by_hop(head: bytes) -> bytes:
     """``head`` (a whole request head that passed ``read_request_head``, ending with its empty
     line) without its HOP_BY_HOP lines; every other line as it was."""
+    return with_connection(head, b"")
+
+
+def with_connection(head: bytes, line: bytes) -> bytes:
+    """``head`` (a whole message head that passed ``read_request_head`` or
+    ``read_response_head``, ending with its empty line) with its HOP_BY_HOP lines replaced by
+    ``line`` (b"", CLOSE_LINE or KEEP_ALIVE_LINE), put after the last field; every other line
+    as it was, in its order."""
     lines = head[:-4].split(b"\r\n")
-    kept = [lines[0], *(line for line in lines[1:]
-                        if line[:line.find(b":")].lower() not in HOP_BY_HOP)]
-    return b"\r\n".join(kept) + b"\r\n\r\n"
+    kept = [lines[0], *(field for field in lines[1:]
+                        if field[:field.find(b":")].lower() not in HOP_BY_HOP)]
+    return b"\r\n".join(kept) + b"\r\n" + line + b"\r\n"
 
 
 def _bad_bytes(head: bytes) -> bool:
@@ -172,14 +187,15 @@ def _llhttp_error(e: HttpParserError, head: bytes, refuse: bytes) -> FramingErro
 class RequestHead:
     """What the proxy needs of a request head that passed every check."""
 
-    __slots__ = ("body", "headers", "hop_by_hop", "host", "is_head", "keepalive", "length",
-                 "upgrade")
+    __slots__ = ("body", "headers", "hop_by_hop", "host", "http10", "is_head", "keepalive",
+                 "length", "upgrade")
 
     def __init__(self, reader: _Reader, parser: HttpRequestParser, host: bytes,
                  length: int, body: ChunkedBody | None, upgrade: bool,
-                 hop_by_hop: bool = False) -> None:
+                 hop_by_hop: bool = False, http10: bool = False) -> None:
         self.headers = reader.headers
         self.keepalive = reader.keepalive
+        self.http10 = http10  # an HTTP/1.0 request: its connection persists only if told so
         self.is_head = parser.get_method() == b"HEAD"
         self.host = host
         self.length = length  # Content-Length body bytes (0 without)
@@ -257,20 +273,21 @@ def read_request_head(head: bytes, max_body: int = 0) -> RequestHead:
         if 0 < max_body < length:
             raise FramingError(R413, "body larger than max_body_size")
     return RequestHead(reader, parser, hosts[0].lower() if hosts else b"", length, body, upgrade,
-                       hop_by_hop and not upgrade and version == "1.1")
+                       hop_by_hop and not upgrade and version == "1.1", version == "1.0")
 
 
 class ResponseHead:
     """What the proxy needs of a response head that passed every check."""
 
-    __slots__ = ("body", "keepalive", "length", "status")
+    __slots__ = ("body", "hop_by_hop", "keepalive", "length", "status")
 
     def __init__(self, status: int, keepalive: bool, length: int | None,
-                 body: ChunkedBody | None) -> None:
+                 body: ChunkedBody | None, hop_by_hop: bool = False) -> None:
         self.status = status
-        self.keepalive = keepalive
+        self.keepalive = keepalive  # the backend's connection persists after this response
         self.length = length  # Content-Length, or None (chunked, or delimited by close)
         self.body = body
+        self.hop_by_hop = hop_by_hop  # the head has HOP_BY_HOP lines (see with_connection)
 
 
 def read_response_head(head: bytes) -> ResponseHead:
@@ -294,16 +311,26 @@ def read_response_head(head: bytes) -> ResponseHead:
     status = parser.get_status_code()
     if version not in ("1.1", "1.0") or not 100 <= status <= 599:
         raise FramingError(R502, f"HTTP version {version}, status {status}")
-    te = [v for n, v in reader.headers if n == b"transfer-encoding"]
-    cl = [v for n, v in reader.headers if n == b"content-length"]
+    te: list[bytes] = []
+    cl: list[bytes] = []
+    hop_by_hop = False
+    for name, value in reader.headers:
+        if name == b"transfer-encoding":
+            te.append(value)
+        elif name == b"content-length":
+            cl.append(value)
+        elif name in HOP_BY_HOP:
+            hop_by_hop = True
     if te:
         if version == "1.0" or cl:
             raise FramingError(R502, "Transfer-Encoding in HTTP/1.0 or with Content-Length")
         _transfer_encoding(te, R502)
-        return ResponseHead(status, reader.keepalive, None, ChunkedBody(parser, reader, 0, R502))
+        return ResponseHead(status, reader.keepalive, None,
+                            ChunkedBody(parser, reader, 0, R502), hop_by_hop)
     if cl:
-        return ResponseHead(status, reader.keepalive, _content_length(cl, R502), None)
-    return ResponseHead(status, reader.keepalive, None, None)
+        return ResponseHead(status, reader.keepalive, _content_length(cl, R502), None,
+                            hop_by_hop)
+    return ResponseHead(status, reader.keepalive, None, None, hop_by_hop)
 
 
 # ChunkedBody states

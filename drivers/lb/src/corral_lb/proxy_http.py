@@ -16,8 +16,12 @@ HAProxy's ``maxconn`` does): further clients wait in the listen backlog until on
 
 What a backend learns of the client is written into each forwarded head by
 ``corral_lb.forwarded`` (X-Forwarded-* or Forwarded; a client's own claims dropped unless it is
-a trusted proxy); nothing else of a head is rewritten. On HTTPS (the shared frontend, TLS
-terminated here) responses may get a Strict-Transport-Security line.
+a trusted proxy). Connection management is each side's own: a request's Connection,
+Keep-Alive and Proxy-Connection lines are not forwarded (HTTP/1.1, not an upgrade), nor are
+a response's, whose place takes the one line that says what the proxy does with the
+client's connection (``HttpConnection.response_connection``: close, then the close, or
+HTTP/1.0 keep-alive). On HTTPS (the shared frontend, TLS terminated here) responses may get
+a Strict-Transport-Security line. Nothing else of a head is rewritten.
 
 Not done on purpose (documented in docs/drivers/lb.md): HTTP/2, request pipelining to backends
 (pipelined client requests are served one after the other).
@@ -38,7 +42,9 @@ import structlog
 from corral_lb.backend import Backend, BackendState
 from corral_lb.forwarded import Forwarding
 from corral_lb.http_framing import (
+    CLOSE_LINE,
     HOP_BY_HOP,
+    KEEP_ALIVE_LINE,
     MAX_HEAD,
     MAX_REQUEST_LINE,
     R400,
@@ -51,6 +57,7 @@ from corral_lb.http_framing import (
     FramingError,
     read_request_head,
     read_response_head,
+    with_connection,
     without_hop_by_hop,
 )
 from corral_lb.listener import Listener
@@ -74,8 +81,8 @@ class HttpUpstream(asyncio.Protocol):
 
     __slots__ = (
         "backend", "broken", "chunks", "client", "closed", "head_request", "keepalive",
-        "last_5xx", "last_head", "last_keepalive", "last_length", "pool", "rbuf", "remaining",
-        "sent_any", "state", "transport", "used",
+        "last_5xx", "last_head", "last_hop_by_hop", "last_keepalive", "last_length", "last_line",
+        "last_out", "pool", "rbuf", "remaining", "sent_any", "state", "transport", "used",
     )
 
     def __init__(self, backend: Backend, pool: UpstreamPool) -> None:
@@ -94,11 +101,15 @@ class HttpUpstream(asyncio.Protocol):
         self.broken = False  # the backend broke the framing: never retried, never reused
         self.used = False  # carried a request before (a failure on reuse may be retried)
         # the last Content-Length-framed response head and what it said: backends repeat
-        # their heads byte for byte, and a repeated head (already checked) needs no parsing
+        # their heads byte for byte, and a repeated head (already checked) needs no parsing;
+        # and what was forwarded for it, for the client connection line it was written with
         self.last_head = b""
         self.last_length = 0
         self.last_keepalive = True
         self.last_5xx = False
+        self.last_hop_by_hop = False
+        self.last_line = b""
+        self.last_out = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -146,8 +157,15 @@ class HttpUpstream(asyncio.Protocol):
                 data = data[:end] + hsts + data[end:]
             lh = self.last_head
             if lh and not self.rbuf and not self.head_request and data.startswith(lh):
+                line = client.response_connection(False)
+                if line != self.last_line:  # the last client kept alive, this one closes...
+                    self.last_line = line
+                    self.last_out = (with_connection(lh, line) if line or self.last_hop_by_hop
+                                     else lh)
+                out = self.last_out
+                n = len(lh)
                 length = self.last_length
-                have = len(data) - len(lh)
+                have = len(data) - n
                 if self.last_5xx:
                     self.backend.errors_5xx += 1
                 self.sent_any = True
@@ -155,13 +173,13 @@ class HttpUpstream(asyncio.Protocol):
                 if have >= length:
                     if have > length:
                         self.keepalive = False
-                        data = data[: len(lh) + length]
-                    client.transport.write(data)
+                        data = data[: n + length]
+                    client.transport.write(data if out is lh else out + data[n:])
                     self._finish()
                 else:
                     self.remaining = length - have
                     self.state = _LEN
-                    client.transport.write(data)
+                    client.transport.write(data if out is lh else out + data[n:])
                 return
             if self.rbuf:
                 self.rbuf += data
@@ -182,6 +200,10 @@ class HttpUpstream(asyncio.Protocol):
         client.transport.write(data)  # _CLOSE or _TUNNEL
 
     def _response_head(self, client: HttpConnection, data: bytes, body_at: int) -> None:
+        """Check and forward a response head (``data[:body_at]``, the body's first bytes
+        after it). Its connection-management lines are the proxy's (``with_connection``), as
+        ``client.response_connection`` says, except on interim (1xx) and 101 responses, which
+        go as they came (a 101 needs its ``Connection: upgrade``)."""
         try:
             head = read_response_head(data[:body_at])
         except FramingError as e:
@@ -206,40 +228,50 @@ class HttpUpstream(asyncio.Protocol):
             client.upgrade()
             client.transport.write(data)
             return
-        if self.head_request or status in (204, 304):
+        bodiless = self.head_request or status in (204, 304)
+        length = head.length
+        # a body delimited by the backend closing the connection ends the client's too
+        line = client.response_connection(length is None and head.body is None and not bodiless)
+        raw = data[:body_at]
+        out = with_connection(raw, line) if line or head.hop_by_hop else raw
+        if bodiless:
             if len(data) > body_at:  # a body where none can be: out of step
                 self.keepalive = False
-            client.transport.write(data[:body_at])
+            client.transport.write(out)
             self._finish()
             return
         if head.body is not None:
             self.chunks = head.body
-            self._chunked(client, data, body_at)
+            self._chunked(client, data, body_at, out)
             return
-        length = head.length
         if length is None:
-            self.state = _CLOSE  # delimited by the backend closing the connection
+            self.state = _CLOSE
             self.keepalive = False
-            client.transport.write(data)
+            client.transport.write(out + data[body_at:])
             return
         if 200 <= status:
-            self.last_head = data[:body_at]
+            self.last_head = raw
             self.last_length = length
             self.last_keepalive = self.keepalive
             self.last_5xx = status >= 500
+            self.last_hop_by_hop = head.hop_by_hop
+            self.last_line = line
+            self.last_out = out
         have = len(data) - body_at
+        if have > length:
+            self.keepalive = False
+            data = data[: body_at + length]
         if have >= length:
-            if have > length:
-                self.keepalive = False
-                data = data[: body_at + length]
-            client.transport.write(data)
+            client.transport.write(out + data[body_at:] if out is not raw else data)
             self._finish()
         else:
             self.remaining = length - have
             self.state = _LEN
-            client.transport.write(data)
+            client.transport.write(out + data[body_at:] if out is not raw else data)
 
-    def _chunked(self, client: HttpConnection, data: bytes, pos: int) -> None:
+    def _chunked(self, client: HttpConnection, data: bytes, pos: int, head: bytes = b"") -> None:
+        """Forward chunked body bytes from ``data[pos:]`` up to the body's end, after ``head``
+        (the response head as forwarded, when ``data[:pos]`` is the head as received)."""
         chunks = self.chunks
         assert chunks is not None
         try:
@@ -252,8 +284,7 @@ class HttpUpstream(asyncio.Protocol):
             return
         if end < len(data):
             self.keepalive = False
-            data = data[:end]
-        client.transport.write(data)
+        client.transport.write(head + data[pos:end])
         if chunks.done:
             self._finish()
         else:
@@ -375,7 +406,7 @@ class HttpConnection(asyncio.Protocol):
 
     __slots__ = (
         "backend", "body_remaining", "buf", "chunks", "client_eof", "frontend", "hsts",
-        "idle_since", "keepalive", "last_gen", "last_head", "last_key", "last_out",
+        "idle_since", "keep_line", "keepalive", "last_gen", "last_head", "last_key", "last_out",
         "method_head", "paused", "persistent", "req_head", "req_key", "req_sent_body",
         "retried", "service", "started", "state", "transport", "upstream",
     )
@@ -390,7 +421,10 @@ class HttpConnection(asyncio.Protocol):
         self.backend: Backend | None = None
         self.body_remaining = 0
         self.chunks: ChunkedBody | None = None
-        self.keepalive = True
+        self.keepalive = True  # the connection goes on after the response in flight
+        # what a response says when the connection goes on: nothing (HTTP/1.1), or
+        # KEEP_ALIVE_LINE (an HTTP/1.0 client's keep-alive request)
+        self.keep_line = b""
         # whether the request head as forwarded lets its upstream connection persist (its own
         # connection-management lines dropped, or an HTTP/1.0 keep-alive): only then may the
         # upstream serve another client once this one closes
@@ -512,6 +546,7 @@ class HttpConnection(asyncio.Protocol):
             return
         self.method_head = req.is_head
         self.keepalive = req.keepalive and not req.upgrade
+        self.keep_line = KEEP_ALIVE_LINE if req.http10 else b""
         self.persistent = (req.keepalive or req.hop_by_hop) and not req.upgrade
         self.chunks = req.body
         self.body_remaining = req.length
@@ -693,6 +728,20 @@ class HttpConnection(asyncio.Protocol):
 
     # -- upstream events ---------------------------------------------------------------------
 
+    def response_connection(self, must_close: bool) -> bytes:
+        """The connection line of the response about to go out (``with_connection``), which
+        this connection then keeps to: CLOSE_LINE, and closed after the response, when the
+        client asked to close (``Connection: close``, HTTP/1.0 without keep-alive, an upgrade
+        not taken), half-closed, is answered before its request body ended, or
+        ``must_close`` (a body delimited by the close, or one left unread); else its
+        ``keep_line``. One verdict per response: a response that said keep-alive is never
+        followed by a close the client did not cause, nor one that said close by another
+        request."""
+        if self.keepalive and not must_close and not self.client_eof and self.state != _C_BODY:
+            return self.keep_line
+        self.keepalive = False
+        return CLOSE_LINE
+
     def _request_over(self, b: Backend) -> None:
         b.outstanding -= 1
         b.active -= 1
@@ -772,11 +821,16 @@ class HttpConnection(asyncio.Protocol):
     # -- teardown ------------------------------------------------------------------------------
 
     def _answer(self, response: bytes) -> None:
-        """Answer the request here (whole response bytes); the connection stays open when
-        the client and the request allow it."""
+        """Answer the request here (a whole response without connection-management lines,
+        given the one ``response_connection`` says); the connection stays open when the
+        client and the request allow it (not with a request body, which is not read)."""
+        line = self.response_connection(self.chunks is not None or self.body_remaining > 0)
+        if line:
+            end = response.find(b"\r\n\r\n") + 4
+            response = with_connection(response[:end], line) + response[end:]
         self.transport.write(response)
-        if not self.keepalive or self.chunks is not None or self.body_remaining:
-            self._close()  # a body we do not read: the connection cannot go on
+        if not self.keepalive:
+            self._close()
             return
         self.idle_since = _now()
         if self.buf:
