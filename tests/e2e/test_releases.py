@@ -16,6 +16,7 @@ import pty
 import select
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -117,6 +118,13 @@ def test_python_requirements_app_is_built_and_served(kernel: KernelProcess,
         vdir = kernel.home / "apps" / "flask-pip" / "releases" / "v1"
         assert (vdir / ".venv" / "bin" / "gunicorn").exists()
         assert vdir.stat().st_uid == 0 and not vdir.stat().st_mode & 0o022
+        # sealed whole (alongside the sandbox's teardown, once the build's processes ended)
+        for p in [vdir, *vdir.rglob("*")]:
+            st = os.lstat(p)
+            assert st.st_uid == 0, p
+            assert stat.S_ISLNK(st.st_mode) or not st.st_mode & 0o7022, p
+        phases = rel["build"]["phases"]
+        assert phases["seal_s"] > 0 and phases["teardown_s"] >= 0, phases
         # editing the source after the deploy changes nothing that runs
         (d / "VERSION").write_text("edited\n")
         assert json.loads(get(port))["version"] == "1"

@@ -12,6 +12,7 @@ import pytest
 from netlab import Lab, host_connect
 
 from corral.testing import free_port
+from corral_net.config import instance_names
 from corral_net.host import HostNetwork
 from corral_net.model import policy_from_manifest
 
@@ -126,6 +127,36 @@ def test_sync_collects_what_nobody_wants(lab: Lab) -> None:
     assert lab.net.netlink.namespaces(lab.config.netns_prefix) == [
         lab.net.state.instances["keep.web.0"].netns]
     assert dropped.link not in lab.net.netlink.links(lab.config.link_prefix)
+
+
+@pytest.mark.root
+def test_links_made_ahead_of_the_address_are_kept_then_addressed(lab: Lab) -> None:
+    """The namespace and pair ``make_links`` makes while the driver claims the address are
+    not a crash's leftovers to a ``sync`` meanwhile; ``prepare_instance`` addresses and
+    routes them; ``drop_links`` removes those of an instance that was never prepared."""
+    lab.net.set_app(policy_from_manifest("ahead", {}))
+    ns_name, link = instance_names(lab.config, "ahead.web.0")
+    assert lab.net.make_links("ahead.web.0")
+    assert not lab.net.make_links("ahead.web.0")  # made already
+    report = lab.net.sync([policy_from_manifest("ahead", {})], [])
+    assert ns_name not in report["removed"]
+    assert lab.net.netlink.namespaces(lab.config.netns_prefix) == [ns_name]
+    assert link in lab.net.netlink.links(lab.config.link_prefix)
+    instance = lab.net.prepare_instance("ahead", "ahead.web.0")
+    assert (instance.netns, instance.link) == (ns_name, link)
+    inside = subprocess.run(["ip", "-n", ns_name, "-j", "route", "show", "default"],
+                            capture_output=True, text=True, check=True).stdout
+    assert str(instance.addresses.gateway4) in inside
+    assert {str(instance.addresses.gateway4), str(instance.addresses.gateway6)} <= set(
+        lab.net.netlink.links(lab.config.link_prefix)[link])
+    lab.net.drop_links("ahead.web.0")  # prepared: not the driver's to drop any more
+    assert ns_name in lab.net.netlink.namespaces(lab.config.netns_prefix)
+
+    assert lab.net.make_links("never.web.0")
+    never_ns, never_link = instance_names(lab.config, "never.web.0")
+    lab.net.drop_links("never.web.0")
+    assert never_ns not in lab.net.netlink.namespaces(lab.config.netns_prefix)
+    assert never_link not in lab.net.netlink.links(lab.config.link_prefix)
 
 
 @pytest.mark.root

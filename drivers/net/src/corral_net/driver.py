@@ -170,7 +170,9 @@ class NetDriver(Driver):
 
     @op("instance.prepare")
     async def prepare(self, args: Any) -> PlanFragment:
-        """Claim an address, create the instance's netns and veth pair, apply rules."""
+        """Claim an address, create the instance's netns and veth pair, apply rules. The
+        namespace and the pair need no address: they are made while the claim (a round trip
+        to the kernel's ledger) is under way, and addressed once it is granted."""
         app, spec = args.app, args.instance
         removing = self._removing.get(spec.id)
         if removing is not None:  # the same instance again (a restart): its old links first
@@ -178,17 +180,30 @@ class NetDriver(Driver):
         # an app not granted yet (a build, a one-off) gets its grant with the instance's rules
         policy = (policy_from_manifest(app.name, app.manifest)
                   if app.name not in self.net.state.apps else None)
-        slot = await self._claim_slot(app.name, spec.id)
+        linking = asyncio.ensure_future(asyncio.to_thread(self.net.make_links, spec.id))
         try:
+            slot = await self._claim_slot(app.name, spec.id)
+        except BaseException:
+            await self._drop_links(linking, spec.id)
+            raise
+        try:
+            await linking
             instance = await asyncio.to_thread(
                 self.net.prepare_instance, app.name, spec.id, port=spec.port, kind=spec.kind,
                 slot=slot, policy=policy)
         except BaseException:
             await self._release(app.name, [str(self.net.pool.addresses(slot).instance4)])
+            await self._drop_links(linking, spec.id)
             raise
         finally:
             self._claiming.pop(spec.id, None)
         return self.net.fragment(instance)
+
+    async def _drop_links(self, linking: asyncio.Future[bool], instance_id: str) -> None:
+        """Once ``linking`` is over (whatever its outcome), remove what it made for an
+        instance whose prepare failed."""
+        await asyncio.gather(linking, return_exceptions=True)
+        await asyncio.to_thread(self.net.drop_links, instance_id)
 
     @op("instance.stopped")
     async def stopped(self, args: Any) -> dict[str, Any]:

@@ -41,6 +41,8 @@ class HostNetwork:
         self._lock = threading.RLock()
         self._existing: dict[tuple[str, str], list[dict[str, Any]] | None] | None = None
         self.last_apply_seconds = 0.0
+        # instances whose namespace and links are made (make_links) but not addressed yet
+        self._linked: set[str] = set()
 
     # -- apps -------------------------------------------------------------------------------
     def set_app(self, policy: AppPolicy) -> None:
@@ -92,6 +94,26 @@ class HostNetwork:
                     self.state.apps.pop(policy.name, None)
                 raise
 
+    def make_links(self, instance_id: str) -> bool:
+        """Create the namespace and veth pair of ``instance_id`` ahead of its address, so
+        that the driver claims the address meanwhile; ``prepare_instance`` addresses them
+        (``drop_links`` removes them if it never comes). False when the instance has them
+        already. Until then ``sync`` keeps them: they are not a crash's leftovers."""
+        with self._lock:
+            if instance_id in self.state.instances or instance_id in self._linked:
+                return False
+            self.netlink.create_links(*instance_names(self.config, instance_id))
+            self._linked.add(instance_id)
+            return True
+
+    def drop_links(self, instance_id: str) -> None:
+        """Remove what ``make_links`` made for an instance that was not prepared after all;
+        nothing when there is nothing of it, or when it is prepared."""
+        with self._lock:
+            if instance_id in self._linked:
+                self._linked.discard(instance_id)
+                self.netlink.remove_instance(*instance_names(self.config, instance_id))
+
     def _prepare_instance(self, app: str, instance_id: str, *, port: int | None,
                           kind: str, slot: int | None) -> InstanceNet:
         with self._lock:
@@ -100,10 +122,19 @@ class HostNetwork:
                 slot = self.allocator.claim(instance_id)
             else:  # claimed elsewhere (the kernel's ledger): keep the local view in step
                 self.allocator.adopt(instance_id, slot)
+            linked = instance_id in self._linked
+            self._linked.discard(instance_id)
             try:
                 addrs = self.pool.addresses(slot)
                 self.netlink.enable_forwarding(ipv6=self.config.pool6 is not None)
-                self.netlink.create_instance(ns_name, link, addrs)
+                if linked:
+                    try:
+                        self.netlink.address_links(ns_name, link, addrs)
+                    except Exception:
+                        self.netlink.remove_instance(ns_name, link)
+                        raise
+                else:
+                    self.netlink.create_instance(ns_name, link, addrs)
                 instance = InstanceNet(instance_id, app, ns_name, link, addrs, port, kind)
                 self.state.instances[instance_id] = instance
                 try:
@@ -183,9 +214,11 @@ class HostNetwork:
             removed = [i for i in self.state.instances if i not in wanted]
             for instance_id in removed:
                 self._teardown_instance(instance_id)
-            # Leftovers of a crash: namespaces and links we own that nobody wants.
-            keep_ns = {i.netns for i in self.state.instances.values()}
-            keep_links = {i.link for i in self.state.instances.values()}
+            # Leftovers of a crash: namespaces and links we own that nobody wants (those made
+            # ahead of an address by a prepare in progress are wanted).
+            ahead = [instance_names(self.config, i) for i in self._linked]
+            keep_ns = {i.netns for i in self.state.instances.values()} | {n for n, _ in ahead}
+            keep_links = {i.link for i in self.state.instances.values()} | {k for _, k in ahead}
             for ns_name in self.netlink.namespaces(self.config.netns_prefix):
                 if ns_name not in keep_ns:
                     self.netlink.remove_instance(ns_name, "")

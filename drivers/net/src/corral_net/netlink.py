@@ -134,6 +134,17 @@ class Netlink:
 
     def create_instance(self, ns_name: str, link: str, addrs: SlotAddresses) -> None:
         """Make netns ``ns_name`` with ``eth0`` paired to host link ``link``, addressed, routed."""
+        self.create_links(ns_name, link)
+        try:
+            self.address_links(ns_name, link, addrs)
+        except CorralError:
+            self._undo([lambda: self._remove_link(link), lambda: self._remove_netns(ns_name)])
+            raise
+
+    def create_links(self, ns_name: str, link: str) -> None:
+        """Make netns ``ns_name`` and the veth pair ``link`` (host) / ``eth0`` (inside), down
+        and without addresses: what an instance's network needs before its address is known.
+        Nothing is left behind on failure."""
         undo: list[Callable[[], None]] = []
         step = "create netns"
         try:
@@ -143,9 +154,19 @@ class Netlink:
             with IPRoute() as ipr:
                 ipr.link("add", ifname=link, kind="veth",
                          peer={"ifname": "eth0", "net_ns_fd": ns_name})
-                undo.append(lambda: self._remove_link(link))
+        except (NetlinkError, OSError) as exc:
+            self._undo(undo)
+            raise CorralError(
+                f"net: {step} for {ns_name} (link {link}): {exc}", code=ErrorCode.INTERNAL
+            ) from exc
+
+    def address_links(self, ns_name: str, link: str, addrs: SlotAddresses) -> None:
+        """Address, raise and route the pair ``create_links`` made; the caller removes the
+        pair on failure."""
+        step = "address host side"
+        try:
+            with IPRoute() as ipr:
                 index = ipr.link_lookup(ifname=link)[0]
-                step = "address host side"
                 ipr.addr("add", index=index, address=str(addrs.gateway4),
                          prefixlen=addrs.prefixlen4)
                 if addrs.gateway6 is not None:
@@ -172,14 +193,17 @@ class Netlink:
 
             _in_netns(ns_name, configure)
         except (NetlinkError, OSError) as exc:
-            for action in reversed(undo):
-                try:
-                    action()
-                except (NetlinkError, OSError):
-                    pass  # best effort: report the original failure, not the cleanup's
             raise CorralError(
                 f"net: {step} for {ns_name} (link {link}): {exc}", code=ErrorCode.INTERNAL
             ) from exc
+
+    @staticmethod
+    def _undo(actions: list[Callable[[], None]]) -> None:
+        for action in reversed(actions):
+            try:
+                action()
+            except (NetlinkError, OSError):
+                pass  # best effort: report the original failure, not the cleanup's
 
     def remove_instance(self, ns_name: str, link: str) -> None:
         """Remove the host link (its peer goes with it) and the netns; absent parts are fine;

@@ -20,6 +20,7 @@ import secrets
 import signal
 import stat
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,10 +278,20 @@ class Releaser:
                              index=0, kind="job", argv=["/bin/sh", "-c", plan.script()],
                              env=dict(plan.env), cwd=str(directory))
         out = self.store.log(name, number, "build")
+        sealed: dict[str, float] = {}
+
+        async def seal_built(outcome: Outcome) -> None:
+            # nothing of the build runs any more: its pid namespace ended with its first
+            # process, and its group was killed; the sandbox's teardown goes on meanwhile
+            if outcome.ok and self.as_root:
+                t_seal = time.monotonic()
+                await asyncio.to_thread(seal, directory)
+                sealed["seal_s"] = round(time.monotonic() - t_seal, 3)
+
         try:
             outcome = await self.run(spec, ispec, output=out, timeout_s=timeout,
                                      topic=f"app.{name}.build.output", release=number,
-                                     record=(name, number))
+                                     record=(name, number), on_exit=seal_built)
         finally:
             # the build's own network policy goes after it, off the critical path (each
             # build is a pseudo-app of its own, so a next build never meets this teardown)
@@ -291,15 +302,12 @@ class Releaser:
                 f"the build of release v{number} {outcome.describe()}; nothing was deployed "
                 f"and what runs is untouched (its output: {out}). Its last lines:\n"
                 f"{outcome.last_lines()}", code=ErrorCode.INVALID)
-        t_seal = time.monotonic()
-        if self.as_root:
-            await asyncio.to_thread(seal, directory)
         seconds = round(time.monotonic() - started, 3)
         self.events.publish(f"app.{name}.build.finished",
                             {"release": number, "seconds": seconds})
         return {"kinds": plan.kinds, "python": plan.python, "seconds": seconds,
                 "steps": [s.label for s in plan.steps],
-                "phases": {**outcome.extra, "seal_s": round(time.monotonic() - t_seal, 3)}}
+                "phases": {**outcome.extra, "seal_s": sealed.get("seal_s", 0.0)}}
 
     def _build_spec(self, name: str, number: int, directory: Path, cache: Path,
                     plan: BuildPlan, uid: int | None, gid: int | None) -> AppSpec:
@@ -330,12 +338,14 @@ class Releaser:
                   timeout_s: float | None, topic: str | None = None,
                   release: int | None = None, secret_env: dict[str, str] | None = None,
                   stdio: list[str] | None = None, stdio_owner: int | None = None,
-                  tty: bool = False, record: tuple[str, int] | None = None) -> Outcome:
+                  tty: bool = False, record: tuple[str, int] | None = None,
+                  on_exit: Callable[[Outcome], Awaitable[None]] | None = None) -> Outcome:
         """Run one process of ``spec`` in its sandbox to its end. Its output goes to
         ``output`` (each line also published on ``topic``) or to the caller's ``stdio``.
         ``timeout_s``: then its process group is killed. ``record``: (app, release) whose
         record keeps the process's identity while it runs (for a restarted kernel to end
-        it)."""
+        it). ``on_exit``: awaited with the outcome once the process and its group are gone,
+        alongside the sandbox's teardown (which this waits for either way)."""
         t_plan = time.monotonic()
         plan = await self.instances.plan(spec, ispec, secret_env)
         if stdio is not None:
@@ -354,6 +364,7 @@ class Releaser:
         follower = (asyncio.ensure_future(self._follow(output, topic, release))
                     if output is not None and topic else None)
         outcome = Outcome(exit_code=None)
+        after: asyncio.Future[None] | None = None
         try:
             try:
                 await asyncio.wait_for(self.launcher.wait_exit(pid, start_time), timeout_s)
@@ -368,6 +379,8 @@ class Releaser:
                 outcome.exit_code = code
             # what it left in its process group ends with it
             self.launcher.signal_instance(pid, start_time, signal.SIGKILL, group=True)
+            if on_exit is not None:
+                after = asyncio.ensure_future(on_exit(outcome))
         finally:
             ended = time.monotonic()
             outcome.seconds = round(ended - started, 3)
@@ -376,6 +389,8 @@ class Releaser:
                 await asyncio.gather(follower, return_exceptions=True)
             await self.drivers.broadcast("instance.stopped", {
                 "app": spec.name, "instance_id": ispec.id}, strict=False)
+            if after is not None:
+                await after
             # where the time went: the sandbox's making, the process, its teardown
             outcome.extra = {"sandbox_s": round(started - t_plan, 3),
                              "process_s": outcome.seconds,
