@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 
@@ -139,6 +139,12 @@ class Releaser:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def settle(self) -> None:
+        """Wait for what runs in the background (the teardown of build sandboxes): before a
+        release directory one of them may still hold is removed."""
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     def lock(self, app: str) -> asyncio.Lock:
         """Serialises the making of an app's releases (two deploys never interleave)."""
         return self._locks.setdefault(app, asyncio.Lock())
@@ -233,6 +239,7 @@ class Releaser:
             self.events.publish(f"app.{name}.build.failed",
                                 {"release": number, "reason": _reason(exc)})
             await asyncio.to_thread(remove_tree, staging)
+            await self.settle()  # the build's sandbox may still hold its directory
             self.store.drop(name, number)
             raise
         return self.store.get(name, number), True
@@ -288,15 +295,12 @@ class Releaser:
                 await asyncio.to_thread(seal, directory)
                 sealed["seal_s"] = round(time.monotonic() - t_seal, 3)
 
-        try:
-            outcome = await self.run(spec, ispec, output=out, timeout_s=timeout,
-                                     topic=f"app.{name}.build.output", release=number,
-                                     record=(name, number), on_exit=seal_built)
-        finally:
-            # the build's own network policy goes after it, off the critical path (each
-            # build is a pseudo-app of its own, so a next build never meets this teardown)
-            self._background(self.drivers.broadcast("app.detach", {"app": spec.name},
-                                                    strict=False))
+        # the build's sandbox and its network policy go after it, off the critical path:
+        # each build is a pseudo-app of its own, so nothing that follows meets its teardown
+        outcome = await self.run(spec, ispec, output=out, timeout_s=timeout,
+                                 topic=f"app.{name}.build.output", release=number,
+                                 record=(name, number), on_exit=seal_built,
+                                 teardown="background")
         if not outcome.ok:
             raise CorralError(
                 f"the build of release v{number} {outcome.describe()}; nothing was deployed "
@@ -339,13 +343,16 @@ class Releaser:
                   release: int | None = None, secret_env: dict[str, str] | None = None,
                   stdio: list[str] | None = None, stdio_owner: int | None = None,
                   tty: bool = False, record: tuple[str, int] | None = None,
-                  on_exit: Callable[[Outcome], Awaitable[None]] | None = None) -> Outcome:
+                  on_exit: Callable[[Outcome], Awaitable[None]] | None = None,
+                  teardown: Literal["wait", "background"] = "wait") -> Outcome:
         """Run one process of ``spec`` in its sandbox to its end. Its output goes to
         ``output`` (each line also published on ``topic``) or to the caller's ``stdio``.
         ``timeout_s``: then its process group is killed. ``record``: (app, release) whose
         record keeps the process's identity while it runs (for a restarted kernel to end
         it). ``on_exit``: awaited with the outcome once the process and its group are gone,
-        alongside the sandbox's teardown (which this waits for either way)."""
+        alongside the sandbox's teardown. ``teardown``: ``wait`` for it (the drivers'
+        ``instance.stopped``), or ``background``: it goes on after this returns, followed by
+        ``app.detach`` of ``spec`` (a pseudo-app of its own, a build's)."""
         t_plan = time.monotonic()
         plan = await self.instances.plan(spec, ispec, secret_env)
         if stdio is not None:
@@ -387,8 +394,12 @@ class Releaser:
             if follower is not None:
                 follower.cancel()
                 await asyncio.gather(follower, return_exceptions=True)
-            await self.drivers.broadcast("instance.stopped", {
+            stopped = self.drivers.broadcast("instance.stopped", {
                 "app": spec.name, "instance_id": ispec.id}, strict=False)
+            if teardown == "background":
+                self._background(self._then_detach(stopped, spec.name))
+            else:
+                await stopped
             if after is not None:
                 await after
             # where the time went: the sandbox's making, the process, its teardown
@@ -398,6 +409,10 @@ class Releaser:
         if output is not None:
             outcome.tail = _tail(output)
         return outcome
+
+    async def _then_detach(self, stopped: Awaitable[Any], app: str) -> None:
+        await stopped
+        await self.drivers.broadcast("app.detach", {"app": app}, strict=False)
 
     async def _follow(self, output: Path, topic: str | None, release: int | None) -> None:
         """Publish each new line of ``output`` on ``topic`` as it is written; when cancelled

@@ -115,6 +115,7 @@ class Deployer:
                 if release is not None and created:
                     number = int(release["number"])
                     if self.releaser.store.get(name, number).get("status") == "built":
+                        await self.releaser.settle()  # its build's sandbox is gone first
                         self.releaser.store.drop(name, number)
                 if claimed_uid and self.ledger.get("app", name) is None:
                     self.ledger.release(name, [("uid", str(uid))])
