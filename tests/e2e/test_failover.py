@@ -112,6 +112,14 @@ def shop_on_h2(c: Cluster) -> tuple[Host, Host, Host]:
     return h1, h2, h3
 
 
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its parent does not)."""
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
 def deploy_shop(c: Cluster, on: Host) -> None:
     d = app_dir(c, "shop")
     for args in (["APP=shop"], [f"TOKEN={SECRET}", "--secret"]):
@@ -136,11 +144,21 @@ def test_a_lost_hosts_app_is_adopted_serves_again_and_the_host_rejoins_empty() -
         leader = [n for n, row in hosts(h1).items() if row.get("leader")]
         assert len(leader) == 1, hosts(h1)
 
+        # a clean restart of h2's kernel (an upgrade) moves nothing: its app runs on, and
+        # its lease is left to the next kernel rather than revoked
+        pid = instance_pid(h2, "shop")
+        h2.stop_kernel()
+        h2.start_kernel(keyed=True)
+        time.sleep(c.ttl_s + 1)
+        assert instance_pid(h2, "shop") == pid and get(h2) == f"shop {SECRET}\n"
+        assert etcd_records(h1)["/corral/v1/r/app/shop"]["owner"] == "shop@h2"
+        assert get(h1) is None and get(h3) is None
+
         # h2 is lost: its kernel and its app killed -9
         pid = instance_pid(h2, "shop")
         h2.kill9()
         lost = time.monotonic()
-        assert not psutil.pid_exists(pid)
+        assert not running(pid)
         served: dict[str, Host] = {}
 
         def serving_elsewhere() -> bool:
@@ -198,7 +216,7 @@ def test_a_cut_off_host_fences_and_its_app_runs_elsewhere_never_twice_for_long()
         def watch() -> None:  # (time, h2's instance alive, served by h1 or h3)
             while not stop.is_set():
                 elsewhere = any(get(h, timeout=0.2) is not None for h in (h1, h3))
-                timeline.append((time.monotonic(), psutil.pid_exists(pid), elsewhere))
+                timeline.append((time.monotonic(), running(pid), elsewhere))
                 time.sleep(0.05)
 
         watcher = threading.Thread(target=watch, daemon=True)
@@ -206,7 +224,7 @@ def test_a_cut_off_host_fences_and_its_app_runs_elsewhere_never_twice_for_long()
         h2.cut()
         cut = time.monotonic()
         try:
-            wait_for(lambda: not psutil.pid_exists(pid), timeout=c.ttl_s + 5, step=0.05,
+            wait_for(lambda: not running(pid), timeout=c.ttl_s + 5, step=0.05,
                      what="h2 fencing its instance")
             fenced = time.monotonic() - cut
             wait_for(lambda: any(get(h) == f"shop {SECRET}\n" for h in (h1, h3)),

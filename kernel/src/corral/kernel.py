@@ -743,7 +743,13 @@ class Kernel:
         serving.cancel()
         self.bus.close()
         self.sockets.close()
-        await asyncio.to_thread(self.hosts.leave)
+        if self.cluster is not None and self.cluster.leader is not None and self.deployer.apps:
+            # its apps run on: the host is not gone. The lease lapses after ttl_s unless a
+            # kernel started meanwhile (a restart) takes it over; only then are they re-placed
+            log.info("host lease left to lapse: apps keep running here",
+                     ttl_s=self.hosts.ttl_s, apps=sorted(self.deployer.apps))
+        else:
+            await asyncio.to_thread(self.hosts.leave)
         self.ledger.close()
         (self.runtime / "kernel.pid").unlink(missing_ok=True)
 

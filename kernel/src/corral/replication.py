@@ -66,6 +66,8 @@ KEY_BYTES = 32
 NONCE_BYTES = 12
 TAG_BYTES = 16
 MAX_REQUEST = 4096
+MAX_CONNECTIONS = 32
+FIRST_FRAME_S = 5.0  # a connection that sends no request within this is dropped
 CHUNK = 256 * 1024
 MAX_FRAME = CHUNK + NONCE_BYTES + TAG_BYTES + 1024
 CLOCK_SKEW_S = 60.0
@@ -313,7 +315,7 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         sock: socket.socket = self.request
-        sock.settimeout(IO_TIMEOUT_S)
+        sock.settimeout(FIRST_FRAME_S)
         peer = self.client_address[0] if self.client_address else "?"
         try:
             request = self.server.channel.open_request(read_frame(sock, MAX_REQUEST))
@@ -321,6 +323,7 @@ class _Handler(socketserver.BaseRequestHandler):
         except (ChannelError, OSError) as exc:
             log.warning("replica request refused", peer=peer, error=str(exc))
             return
+        sock.settimeout(IO_TIMEOUT_S)
         writer = _AnswerWriter(sock, self.server.channel, ident, 0)
         try:
             header, directory = self.server.source.header_and_files(
@@ -360,7 +363,27 @@ class ReplicaServer(socketserver.ThreadingTCPServer):
         self.source = source
         self._seen: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A thread for the connection, if fewer than ``MAX_CONNECTIONS`` are served: beyond
+        that (a flood from anyone who can reach the port) it is closed at once."""
+        if not self._slots.acquire(blocking=False):
+            log.warning("replica connection refused: too many at once", peer=client_address)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def admit(self, request: dict[str, Any]) -> str:
         """The id of an opened request this host answers; ``ChannelError`` otherwise."""

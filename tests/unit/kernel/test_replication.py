@@ -316,3 +316,33 @@ def test_replicator_backs_off_from_a_host_that_does_not_answer(
     tries, after = rep._failures["shop/v1"]
     assert tries == 1 and after > time.monotonic()
     assert rep.sync() == 0 and rep._failures["shop/v1"][0] == 1  # not retried at once
+
+
+def test_connections_beyond_the_cap_are_closed_at_once(
+        tmp_path: Path, shared: SqliteLedger, monkeypatch: pytest.MonkeyPatch) -> None:
+    from corral import replication
+
+    monkeypatch.setattr(replication, "MAX_CONNECTIONS", 2)
+    release_on(shared, tmp_path / "h1", "h1")
+    srv = ReplicaServer(("127.0.0.1", 0), Channel(KEY), ReleaseSource(shared, tmp_path / "h1",
+                                                                     "h1"))
+    srv.start()
+    try:
+        address = srv.server_address[:2]
+        idle = [socket.create_connection(address, timeout=5) for _ in range(2)]
+        time.sleep(0.2)  # both taken by their threads, waiting for a request
+        with socket.create_connection(address, timeout=5) as third:
+            started = time.monotonic()
+            assert third.recv(10) == b""  # closed at once, not after the first-frame wait
+            assert time.monotonic() - started < 2
+        for sock in idle:
+            sock.close()
+        time.sleep(0.2)
+        into = tmp_path / "in"
+        into.mkdir()
+        got = fetch_release(Channel(KEY), address, this="h2", to="h1", app="shop", number=1,
+                            with_files=False, into=into)
+        assert got.secrets == {REF: "s3cret-value"}
+    finally:
+        srv.shutdown()
+        srv.server_close()
