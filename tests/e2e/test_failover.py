@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import threading
 import time
 import urllib.request
@@ -248,3 +249,70 @@ def test_a_cut_off_host_fences_and_its_app_runs_elsewhere_never_twice_for_long()
         serving = [h.name for h in (h1, h2, h3) if get(h) is not None]
         assert len(serving) == 1 and serving != ["h2"], serving
         assert hosts(h1)["h2"]["apps"] == []
+
+
+CRON_TOML = """[app]
+name = "ticker"
+
+[processes]
+idle = {{ command = "sleep 3600" }}
+
+[cron.tick]
+schedule = "* * * * *"
+command = 'echo "$CORRAL_CRON_SLOT $(hostname)" >> {ticks}; sleep 30'
+timeout = "50s"
+"""
+
+
+def test_a_cron_slot_runs_once_in_the_cluster_when_its_host_dies_mid_run() -> None:
+    """The cron driver on each host; ticker's job (every minute, 30 s long) runs on h2; h2
+    killed -9 in the middle of a run: the app is adopted, the slot that was running is never
+    started again, the next slot runs on the new host, once; the slots are in the ledger."""
+    require_multihost()
+    with multihost(3) as c:
+        fire_at = time.time() + 25  # the cron clocks reach a minute boundary then
+        boundary = math.ceil(fire_at / 60) * 60
+        cron = f"[drivers.cron]\nconfig = {{ clock_offset_s = {boundary - fire_at:.3f} }}\n"
+        h1, h2, h3 = c.host(1), c.host(2), c.host(3)
+        for h in (h1, h2, h3):
+            h.start_kernel(cron, keyed=True, drivers=("cron",))
+        out = c.base / "ticks"
+        out.mkdir(mode=0o1777)
+        out.chmod(0o1777)
+        ticks = out / "ticks.log"
+        d = c.base / "ticker"
+        d.mkdir(mode=0o755)
+        (d / "corral.toml").write_text(CRON_TOML.format(ticks=ticks))
+        (d / "corral.toml").chmod(0o644)
+        r = h2.cli("up", str(d), timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_for(lambda: copied(h1, "ticker") and copied(h3, "ticker"), timeout=20,
+                 what="ticker copied")
+
+        def lines() -> list[str]:
+            return ticks.read_text().splitlines() if ticks.exists() else []
+
+        wait_for(lambda: len(lines()) == 1, timeout=60, step=0.2, what="the first slot on h2")
+        (first,) = lines()
+        slot, host = first.split()
+        assert host == "h2", first
+        time.sleep(2)  # the run is in its sleep 30
+        h2.kill9()
+        wait_for(lambda: etcd_records(h1)["/corral/v1/r/app/ticker"]["owner"] != "ticker@h2",
+                 timeout=c.ttl_s + 15, step=0.1, what="ticker adopted")
+        new = etcd_records(h1)["/corral/v1/r/app/ticker"]["owner"].rpartition("@")[2]
+        wait_for(lambda: len(lines()) >= 2, timeout=90, step=0.2, what="the next slot")
+        time.sleep(3)  # nothing else comes
+        got = lines()
+        print(f"ticks: {got}")
+        assert len(got) == 2, got
+        second_slot, second_host = got[1].split()
+        assert second_host == new and second_slot > slot, got
+        def stamp(iso_slot: str) -> str:
+            return iso_slot[:19].replace("-", "").replace(":", "") + "Z"
+
+        held = sorted(k.removeprefix("/corral/v1/r/cron-slot/") for k in etcd_records(h1)
+                      if k.startswith("/corral/v1/r/cron-slot/"))
+        assert held == [f"ticker.tick/{stamp(slot)}", f"ticker.tick/{stamp(second_slot)}"], held
+        owners = {v["owner"] for k, v in etcd_records(h1).items() if "/cron-slot/" in k}
+        assert owners == {f"ticker@{new}"}, owners

@@ -601,6 +601,7 @@ class Kernel:
         return {"pid": os.getpid(), "version": __version__, "protocol": PROTOCOL,
                 "uptime_s": round(time.time() - self.started, 3), "home": str(self.home),
                 "runtime_dir": str(self.runtime), "revision": revision, "ledger": ledger,
+                "host": self.hosts.name, "shared_ledger": self.ledger.remote,
                 "peers": len(self.bus.peers), "bus": dict(self.bus.stats),
                 "apps": len(self.deployer.apps),
                 "instances": sum(len(a.instances) for a in self.deployer.apps.values()),

@@ -14,6 +14,7 @@ from corral.protocol import DriverDescription
 if TYPE_CHECKING:  # type checkers see the real names; at run time they load on first use
     from corral_cron._alerts import Alert, check_heartbeat
     from corral_cron._clock import Clock, SystemClock
+    from corral_cron._cluster import ClusterSlots
     from corral_cron._job import CronJob, load_job, load_jobs
     from corral_cron._kernel_launcher import KernelLauncher
     from corral_cron._launcher import (
@@ -51,11 +52,13 @@ _EXPORTS = {
     "AppContext": "_scheduler", "Scheduler": "_scheduler",
     "iter_slots": "_slots", "next_slots": "_slots",
     "CronStore": "_store",
+    "ClusterSlots": "_cluster",
 }
 
 __all__ = [
-    "DRIVER", "Alert", "AppContext", "Clock", "CronJob", "CronStore", "ExitStatus", "JobKind",
-    "JobLauncher", "JobProcess", "KernelLauncher", "LaunchRequest", "LocalLauncher", "Schedule",
+    "DRIVER", "Alert", "AppContext", "Clock", "ClusterSlots", "CronJob", "CronStore",
+    "ExitStatus", "JobKind", "JobLauncher", "JobProcess", "KernelLauncher", "LaunchRequest",
+    "LocalLauncher", "Schedule",
     "ScheduleError", "Scheduler", "SystemClock", "check_heartbeat", "iter_slots", "load_job",
     "load_jobs", "next_slots", "parse_schedule", "preview",
 ]

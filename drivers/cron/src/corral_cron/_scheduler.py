@@ -4,6 +4,13 @@ The loop sleeps on the monotonic clock until the earliest entry (a job's next sl
 jitter, a heartbeat, a no-success deadline), re-reads the wall clock on waking, and decides
 every slot from the job's persisted cursor: a slot is decided exactly once (run, queued or
 skipped with a reason), in the same transaction that advances the cursor.
+
+With ``slots`` (a ``SlotLedger``: the kernel's ledger when several hosts share it), a slot is
+also claimed in the cluster before its run starts, so that it starts at most once in the
+cluster: a slot another host claimed is recorded as skipped, naming the holder, and a job
+that arrives on this host with claims of its own elsewhere (an app adopted from a lost host)
+goes on from the newest slot claimed there: the slots missed meanwhile are decided by its
+``missed`` policy, as after a restart.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import count, islice
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -37,6 +44,19 @@ MAX_SLEEP = 60.0
 CLOCK_JUMP = 1.0  # wall and monotonic elapsed differing by more than this is a clock jump
 MISSED_LISTED = 1000  # missed slots recorded one by one; beyond, one summary record
 ON_TIME = timedelta(seconds=60)  # a late wake-up is still "on time" within min(this, 1/2 period)
+
+
+class SlotLedger(Protocol):
+    """Slots claimed for the whole cluster (``corral_cron.ClusterSlots``)."""
+
+    async def claim(self, job: CronJob, slot: datetime) -> str | None:
+        """Claim ``slot`` of ``job`` for this host: None when it is this host's now (or was
+        already), else who holds it, in words. Raises when the claim cannot be decided."""
+        ...
+
+    async def newest(self, job: CronJob) -> datetime | None:
+        """The newest slot of ``job`` (same schedule) claimed for the app, on any host."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -76,7 +96,8 @@ class Scheduler:
     """Runs the jobs of every attached app on ``clock`` through ``launcher``."""
 
     def __init__(self, store: CronStore, launcher: JobLauncher, clock: Clock,
-                 alert: AlertSink | None = None) -> None:
+                 alert: AlertSink | None = None, slots: SlotLedger | None = None) -> None:
+        self.slots = slots
         self.store = store
         self.launcher = launcher
         self.clock = clock
@@ -98,10 +119,17 @@ class Scheduler:
         for key in [k for k, st in self._jobs.items() if st.job.app == ctx.app and k not in keys]:
             await self._drop(key)
             self.store.forget_job(key)
-        for stale in set(self.store.jobs(ctx.app)) - keys:
+        known = set(self.store.jobs(ctx.app))
+        for stale in known - keys:
             self.store.forget_job(stale)
         for job in jobs:
             cursor = self.store.attach(job.key, job.app, job.fingerprint, job.spec, now)
+            if job.key not in known and self.slots is not None:
+                # new here: claimed elsewhere already (adopted)? go on from there
+                newest = await self.slots.newest(job)
+                if newest is not None and newest < cursor:
+                    cursor = newest
+                    self.store.set_cursor(job.key, newest)
             st = self._jobs.get(job.key)
             if st is None:
                 st = self._jobs[job.key] = _JobState(job, ctx, cursor)
@@ -419,6 +447,11 @@ class Scheduler:
                                 ctx.directory)
         started = self.clock.now()
         try:
+            if run.slot is not None and self.slots is not None:
+                holder = await self._claim_in_cluster(st, run)
+                if holder is not None:
+                    self.store.finished(run.run_id, "skipped", self.clock.now(), note=holder)
+                    return
             try:
                 process = await self.launcher.start(request)
             except Exception as exc:
@@ -467,6 +500,23 @@ class Scheduler:
             run.done.set()
             if self._jobs.get(job.key) is st:
                 self._pump(st)
+
+    async def _claim_in_cluster(self, st: _JobState, run: _Run) -> str | None:
+        """Claim the run's slot in the cluster; why not to start it, or None to start it."""
+        assert self.slots is not None and run.slot is not None
+        try:
+            holder = await self.slots.claim(st.job, run.slot)
+        except Exception as exc:  # at most once: a slot nobody can vouch for does not run
+            note = (f"not started: the cluster's ledger did not record the slot ({exc}); "
+                    "at most once, so it is skipped")
+            await self._alert(st, "missed", self.clock.now(),
+                              f"slot {iso(run.slot)} skipped: {note}")
+            return note
+        if holder is None:
+            return None
+        log.info("slot claimed on another host, not started here", job=st.job.key,
+                 slot=iso(run.slot), holder=holder)
+        return f"not started here: the slot was claimed in the cluster ({holder})"
 
     async def _watchdog(self, run: _Run, process: JobProcess, job: CronJob) -> None:
         await self.clock.sleep(job.timeout.total_seconds())

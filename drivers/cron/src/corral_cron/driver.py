@@ -91,14 +91,29 @@ class CronDriver(Driver):
 
     async def _serve(self, scheduler: Scheduler) -> None:
         """Schedule the apps saved by the last run at once (a restart must not wait for the
-        kernel's state.sync, which corrects the list when it comes), then run."""
+        kernel's state.sync, which corrects the list when it comes), then run. On a ledger
+        several hosts share, slots are claimed there first (``ClusterSlots``)."""
         assert self.store is not None
+        if self.config.get("launcher") != "local" and await self._shared_ledger():
+            from corral_cron._cluster import ClusterSlots
+
+            scheduler.slots = ClusterSlots(self.kernel)
         for raw in self.store.saved_apps():
             try:
                 await self._apply(AppSpec.model_validate(raw))
             except Exception as exc:  # a saved app that no longer loads: state.sync decides
                 log.warning("saved app not rescheduled", app=raw.get("name"), error=str(exc))
         await scheduler.run()
+
+    async def _shared_ledger(self) -> bool:
+        """Whether the kernel's ledger is shared by several hosts (asked once, at start)."""
+        try:
+            status = await self.kernel.call("kernel.status")
+        except CorralError as exc:
+            log.warning("kernel status not read; slots claimed on this host only",
+                        error=exc.reason)
+            return False
+        return bool(status.get("shared_ledger"))
 
     async def stop(self) -> None:
         """Stop the loop (runs in progress keep going: they belong to the kernel)."""

@@ -4,8 +4,9 @@ Several kernels on one etcd ledger each claim their own things; what must be uni
 whole cluster is unique, what only means something on one host is per host:
 
 - **Cluster-wide kinds** (``CLUSTER_KINDS``: app names, lb names, domains, app uids,
-  releases, the hosts' own records) keep their keys. Two hosts claiming one of them meet in
-  the ledger and the second is refused, the error naming the holder and its host.
+  releases, cron slots, the hosts' own records) keep their keys. Two hosts claiming one of
+  them meet in the ledger and the second is refused, the error naming the holder and its
+  host.
 - **Every other kind** is per host (host ports, paths, instances, drivers, the net driver's
   address slots, and any kind a third-party driver claims): its key is stored as
   ``@<host>/<key>``, so port 8080 on h1 and port 8080 on h2 are two records.
@@ -46,7 +47,8 @@ from corral.ledger._base import (
     TxnOp,
 )
 
-CLUSTER_KINDS = frozenset({"app", "lbname", "domain", "uid", "release", "host", "host-alive"})
+CLUSTER_KINDS = frozenset({"app", "lbname", "domain", "uid", "release", "cron-slot", "host",
+                           "host-alive"})
 """Kinds whose keys are unique in the whole cluster; every other kind is per host."""
 
 SHARED_READS = frozenset({"uid", "host", "host-alive"})
