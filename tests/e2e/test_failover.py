@@ -102,11 +102,12 @@ def instance_pid(h: Host, app: str) -> int:
     return int(rows[0]["instances"][0]["pid"])
 
 
-def shop_on_h2(c: Cluster) -> tuple[Host, Host, Host]:
+def shop_on_h2(c: Cluster, extra_toml: str = "", drivers: tuple[str, ...] = ()
+               ) -> tuple[Host, Host, Host]:
     """Three keyed kernels; shop (a var and a secret) deployed on h2 and copied to h1, h3."""
     h1, h2, h3 = c.host(1), c.host(2), c.host(3)
     for h in (h1, h2, h3):
-        h.start_kernel(keyed=True)
+        h.start_kernel(extra_toml, keyed=True, drivers=drivers)
     deploy_shop(c, h2)
     wait_for(lambda: copied(h1, "shop") and copied(h3, "shop"), timeout=20,
              what="shop's release copied to h1 and h3")
@@ -206,10 +207,49 @@ def test_a_lost_hosts_app_is_adopted_serves_again_and_the_host_rejoins_empty() -
         wait_for(lambda: get(new) == f"shop {SECRET}\n", timeout=20, what="restarted")
 
 
+def cron_clock(lead_s: float) -> str:
+    """``[drivers.cron]`` whose clock reaches a minute boundary ``lead_s`` from now."""
+    fire_at = time.time() + lead_s
+    boundary = math.ceil(fire_at / 60) * 60
+    return f"[drivers.cron]\nconfig = {{ clock_offset_s = {boundary - fire_at:.3f} }}\n"
+
+
+def ticker_on(c: Cluster, h: Host, command: str) -> Path:
+    """App ticker (a job every minute running ``command``) deployed on ``h``; the file its
+    runs append to (``{ticks}`` in ``command``)."""
+    out = c.base / "ticks"
+    out.mkdir(mode=0o1777)
+    out.chmod(0o1777)
+    ticks = out / "ticks.log"
+    d = c.base / "ticker"
+    d.mkdir(mode=0o755)
+    (d / "corral.toml").write_text(CRON_TOML.format(command=command.format(ticks=ticks)))
+    (d / "corral.toml").chmod(0o644)
+    r = h.cli("up", str(d), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return ticks
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.mark.timeout(300)  # a cron slot a minute after the first
 def test_a_cut_off_host_fences_and_its_app_runs_elsewhere_never_twice_for_long() -> None:
+    """h2 runs shop and ticker (a cron job every minute); h2 cut off: it fences shop before
+    its lease could expire, shop is adopted elsewhere, never served by both; the next cron
+    slot runs once, on the adopting host (h2's own attempt cannot claim it without the
+    ledger); healed, h2 rejoins empty."""
     require_multihost()
     with multihost(3) as c:
-        h1, h2, h3 = shop_on_h2(c)
+        h1, h2, h3 = shop_on_h2(c, cron_clock(30), drivers=("cron",))
+        ticks = ticker_on(c, h2, TICK)
+        wait_for(lambda: copied(h1, "ticker") and copied(h3, "ticker"), timeout=20,
+                 what="ticker copied")
+        wait_for(lambda: len(lines(ticks)) == 1, timeout=60, step=0.2,
+                 what="ticker's first slot on h2")
+        first_slot, first_host = lines(ticks)[0].split()
+        assert first_host == "h2"
         pid = instance_pid(h2, "shop")
         timeline: list[tuple[float, bool, bool]] = []
         stop = threading.Event()
@@ -241,14 +281,33 @@ def test_a_cut_off_host_fences_and_its_app_runs_elsewhere_never_twice_for_long()
         assert not both or both[-1] - both[0] < c.ttl_s, both
         assert "fenced" in h2.kernel.log()
 
+        # the next cron slot comes while h2 is still cut off: it runs once, elsewhere
+        try:
+            wait_for(lambda: len(lines(ticks)) >= 2, timeout=90, step=0.2,
+                     what="the next slot")
+        except AssertionError:
+            for h in (h1, h3):
+                print(f"--- {h.name}\n{h.kernel.log()[-4000:]}")
+                for f in (h.kernel.home / "drivers").glob("cron*"):
+                    print(f"--- {f}\n{f.read_text()[-3000:]}")
+            raise
+        time.sleep(3)
+        got = lines(ticks)
+        print(f"ticks: {got}")
+        assert len(got) == 2, got
+        slot, host = got[1].split()
+        assert slot > first_slot and host in ("h1", "h3"), got
+
         # healed: h2 gets a lease again, forgets shop, and shop runs once
         h2.heal()
         wait_for(lambda: hosts(h1)["h2"]["state"] == "ready", timeout=20, what="h2 back")
-        wait_for(lambda: not [k for k in etcd_records(h1) if "/@h2/" in k], timeout=15,
-                 what="h2's records of shop released")
+        wait_for(lambda: not [k for k, v in etcd_records(h1).items()
+                              if v["owner"] in ("shop@h2", "ticker@h2")], timeout=15,
+                 what="h2's records of shop and ticker released")
         serving = [h.name for h in (h1, h2, h3) if get(h) is not None]
         assert len(serving) == 1 and serving != ["h2"], serving
         assert hosts(h1)["h2"]["apps"] == []
+        assert len(lines(ticks)) == 2, lines(ticks)
 
 
 CRON_TOML = """[app]
@@ -259,41 +318,29 @@ idle = {{ command = "sleep 3600" }}
 
 [cron.tick]
 schedule = "* * * * *"
-command = 'echo "$CORRAL_CRON_SLOT $(hostname)" >> {ticks}; sleep 30'
+command = '{command}'
 timeout = "50s"
 """
+TICK = 'echo "$CORRAL_CRON_SLOT $(hostname)" >> {ticks}'
 
 
+
+@pytest.mark.timeout(300)  # a cron slot a minute after the first
 def test_a_cron_slot_runs_once_in_the_cluster_when_its_host_dies_mid_run() -> None:
     """The cron driver on each host; ticker's job (every minute, 30 s long) runs on h2; h2
     killed -9 in the middle of a run: the app is adopted, the slot that was running is never
     started again, the next slot runs on the new host, once; the slots are in the ledger."""
     require_multihost()
     with multihost(3) as c:
-        fire_at = time.time() + 25  # the cron clocks reach a minute boundary then
-        boundary = math.ceil(fire_at / 60) * 60
-        cron = f"[drivers.cron]\nconfig = {{ clock_offset_s = {boundary - fire_at:.3f} }}\n"
         h1, h2, h3 = c.host(1), c.host(2), c.host(3)
         for h in (h1, h2, h3):
-            h.start_kernel(cron, keyed=True, drivers=("cron",))
-        out = c.base / "ticks"
-        out.mkdir(mode=0o1777)
-        out.chmod(0o1777)
-        ticks = out / "ticks.log"
-        d = c.base / "ticker"
-        d.mkdir(mode=0o755)
-        (d / "corral.toml").write_text(CRON_TOML.format(ticks=ticks))
-        (d / "corral.toml").chmod(0o644)
-        r = h2.cli("up", str(d), timeout=120)
-        assert r.returncode == 0, r.stdout + r.stderr
+            h.start_kernel(cron_clock(25), keyed=True, drivers=("cron",))
+        ticks = ticker_on(c, h2, TICK + "; sleep 30")
         wait_for(lambda: copied(h1, "ticker") and copied(h3, "ticker"), timeout=20,
                  what="ticker copied")
-
-        def lines() -> list[str]:
-            return ticks.read_text().splitlines() if ticks.exists() else []
-
-        wait_for(lambda: len(lines()) == 1, timeout=60, step=0.2, what="the first slot on h2")
-        (first,) = lines()
+        wait_for(lambda: len(lines(ticks)) == 1, timeout=60, step=0.2,
+                 what="the first slot on h2")
+        (first,) = lines(ticks)
         slot, host = first.split()
         assert host == "h2", first
         time.sleep(2)  # the run is in its sleep 30
@@ -301,9 +348,9 @@ def test_a_cron_slot_runs_once_in_the_cluster_when_its_host_dies_mid_run() -> No
         wait_for(lambda: etcd_records(h1)["/corral/v1/r/app/ticker"]["owner"] != "ticker@h2",
                  timeout=c.ttl_s + 15, step=0.1, what="ticker adopted")
         new = etcd_records(h1)["/corral/v1/r/app/ticker"]["owner"].rpartition("@")[2]
-        wait_for(lambda: len(lines()) >= 2, timeout=90, step=0.2, what="the next slot")
+        wait_for(lambda: len(lines(ticks)) >= 2, timeout=90, step=0.2, what="the next slot")
         time.sleep(3)  # nothing else comes
-        got = lines()
+        got = lines(ticks)
         print(f"ticks: {got}")
         assert len(got) == 2, got
         second_slot, second_host = got[1].split()

@@ -238,7 +238,7 @@ class ClusterMember:
                 revision = await asyncio.to_thread(self.shared.revision)
                 if await asyncio.to_thread(leader.lead):
                     for app, lost in await asyncio.to_thread(leader.orphans):
-                        if app not in leader.placing:
+                        if app not in leader.placing and leader.due(app):
                             leader.placing.add(app)
                             self._tasks.append(asyncio.ensure_future(
                                 self._place(app, lost)))

@@ -50,6 +50,7 @@ ALIVE = "host-alive"
 HOST = "host"
 APP = "app"
 RELEASE = "release"
+RETRY_MAX_S = 30.0
 MOVED = frozenset(CLUSTER_KINDS - {HOST, ALIVE})
 """The kinds an adoption moves: app names, lb names, domains, uids, releases."""
 
@@ -158,7 +159,8 @@ class Failover:
     lease: Callable[[], str | None]
     ask: Ask
     placing: set[str] = field(default_factory=set)
-    failed: dict[str, float] = field(default_factory=dict)
+    failed: dict[str, tuple[int, float]] = field(default_factory=dict)
+    """App -> (placements failed in a row, ``time.monotonic()`` before which it waits)."""
     placed: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -203,8 +205,23 @@ class Failover:
         return sorted((h for h in alive if h != lost),
                       key=lambda h: (load[h], int(alive[h].get("instances") or 0), h))
 
+    def due(self, app: str) -> bool:
+        """Whether ``app`` may be placed now (one that no host took waits, doubling up to
+        ``RETRY_MAX_S``)."""
+        return time.monotonic() >= self.failed.get(app, (0, 0.0))[1]
+
     async def place(self, app: str, lost: str) -> str | None:
-        """Ask the live hosts in turn to adopt ``app``; the one that did, or None."""
+        """Ask the live hosts in turn to adopt ``app``; the one that did, or None (then the
+        app waits before it is placed again)."""
+        host = await self._place(app, lost)
+        if host is None:
+            tries = self.failed.get(app, (0, 0.0))[0] + 1
+            self.failed[app] = (tries, time.monotonic() + min(RETRY_MAX_S, 0.5 * 2 ** tries))
+        else:
+            self.failed.pop(app, None)
+        return host
+
+    async def _place(self, app: str, lost: str) -> str | None:
         for host in self.candidates(lost):
             started = time.monotonic()
             try:

@@ -510,13 +510,11 @@ class Replicator:
         return path
 
     def wanted(self) -> Iterator[tuple[str, int, str, str, list[str]]]:
-        """(app, number, files, host, secret refs) of every kept release another live host
-        holds."""
-        alive = {r.key for r in self.ledger.list(kind=ALIVE)}
+        """(app, number, files, host, secret refs) of every kept release another host holds,
+        live or lost: a lost host's are what its apps are adopted from."""
         for rec in self.ledger.list(kind=RELEASE):
             base, at, host = rec.owner.rpartition("@")
-            if not at or host == self.this or host not in alive or \
-                    rec.value.get("status") not in STATUSES:
+            if not at or host == self.this or rec.value.get("status") not in STATUSES:
                 continue
             app = base.removeprefix("releases:")
             number = int(rec.value.get("number") or rec.key.rpartition("/v")[2])
@@ -536,10 +534,11 @@ class Replicator:
         copies no kept release uses; return how many releases were copied."""
         done = 0
         wanted = list(self.wanted())
+        alive = {r.key for r in self.ledger.list(kind=ALIVE)}
         addresses = {r.key: r.value.get("address") for r in self.ledger.list(kind=HOST)}
         for app, number, files, host, refs in wanted:
-            if self.has(app, files, refs):
-                continue
+            if host not in alive or self.has(app, files, refs):
+                continue  # a lost host's copies are kept, and none can be made
             tag = f"{app}/v{number}"
             tries, after = self._failures.get(tag, (0, 0.0))
             if time.monotonic() < after:
@@ -589,7 +588,7 @@ class Replicator:
                  files=need_files, secrets=len(refs))
 
     def prune(self, keep: set[tuple[str, str]]) -> None:
-        """Remove copies that no kept release of another host uses."""
+        """Remove copies that no kept release of another host (live or lost) uses."""
         top = self.home / "replicas"
         if not top.is_dir():
             return

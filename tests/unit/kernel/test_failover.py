@@ -178,3 +178,23 @@ def test_the_leader_places_orphans_on_the_least_loaded_host_and_skips_refusals(
     assert [h for h, _ in asked] == ["h3", "h1"]
     assert asked[0][1] == {"name": "shop", "from_host": "h2"}
     assert leader.placed[0]["to"] == "h1"
+
+
+def test_an_app_no_host_takes_waits_before_it_is_placed_again(shared: SqliteLedger) -> None:
+    leases = {h: live(shared, h) for h in ("h1", "h3")}
+    deploy(shared, "h2", "shop")
+    asked: list[str] = []
+
+    async def refuse(host: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        asked.append(host)
+        raise CorralError("release v1 of 'shop' is not copied here yet")
+
+    leader = Failover(shared, "h1", lambda: leases["h1"], refuse)
+    assert leader.due("shop")
+    assert asyncio.run(leader.place("shop", "h2")) is None
+    assert sorted(asked) == ["h1", "h3"]
+    assert not leader.due("shop") and leader.failed["shop"][0] == 1
+    leader.failed["shop"] = (1, 0.0)  # its wait is over
+    assert leader.due("shop")
+    assert asyncio.run(leader.place("shop", "h2")) is None
+    assert leader.failed["shop"][0] == 2

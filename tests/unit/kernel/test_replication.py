@@ -346,3 +346,18 @@ def test_connections_beyond_the_cap_are_closed_at_once(
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_copies_of_a_lost_hosts_releases_are_kept_for_its_apps_adoption(
+        tmp_path: Path, shared: SqliteLedger, server: ReplicaServer) -> None:
+    release_on(shared, tmp_path / "h1", "h1")
+    alive(shared, "h1")
+    home2 = tmp_path / "h2"
+    rep = Replicator(shared, home2, "h2", Channel(KEY), server.server_address[1])
+    assert rep.sync() == 1
+    shared.release("host:h1", [("host-alive", "h1")])  # h1 is lost
+    server.shutdown()
+    assert rep.sync() == 0  # nothing to copy from a lost host, and nothing tried
+    assert "shop/v1" not in rep._failures
+    assert (home2 / "replicas" / "shop" / "v1" / "app.py").is_file()
+    assert (home2 / "secrets" / "shop" / REF).is_file()
