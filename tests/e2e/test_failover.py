@@ -234,6 +234,37 @@ def lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+def test_a_paused_kernel_finds_its_app_adopted_and_stops_its_copy_at_once() -> None:
+    """h2's kernel frozen (SIGSTOP) longer than its lease: its app runs on without it, and is
+    adopted elsewhere meanwhile (a paused kernel cannot fence); resumed, the kernel finds its
+    lease gone, registers again and stops its copy within a lease renewal."""
+    require_multihost()
+    with multihost(3) as c:
+        h1, h2, h3 = shop_on_h2(c)
+        pid = instance_pid(h2, "shop")
+        assert h2.kernel.proc is not None
+        kernel = psutil.Process(h2.kernel.proc.pid)
+        kernel.suspend()
+        try:
+            wait_for(lambda: etcd_records(h1)["/corral/v1/r/app/shop"]["owner"] != "shop@h2",
+                     timeout=c.ttl_s + 15, step=0.1, what="shop adopted")
+            wait_for(lambda: any(get(h) == f"shop {SECRET}\n" for h in (h1, h3)),
+                     timeout=20, what="shop served elsewhere")
+            assert running(pid)  # its kernel frozen, h2's copy runs on
+        finally:
+            kernel.resume()
+        resumed = time.monotonic()
+        wait_for(lambda: not running(pid), timeout=c.ttl_s + 5, step=0.05,
+                 what="h2 stopping its copy")
+        took = time.monotonic() - resumed
+        print(f"h2's copy of shop stopped {took:.2f} s after its kernel resumed")
+        assert took < c.ttl_s, took
+        wait_for(lambda: not [k for k, v in etcd_records(h1).items() if v["owner"] == "shop@h2"],
+                 timeout=10, what="h2's records of shop released")
+        assert hosts(h1)["h2"]["state"] == "ready" and hosts(h1)["h2"]["apps"] == []
+        assert [h.name for h in (h1, h2, h3) if get(h) is not None] != ["h2"]
+
+
 @pytest.mark.timeout(300)  # a cron slot a minute after the first
 def test_a_cut_off_host_fences_and_its_app_runs_elsewhere_never_twice_for_long() -> None:
     """h2 runs shop and ticker (a cron job every minute); h2 cut off: it fences shop before

@@ -133,15 +133,23 @@ class ClusterMember:
     # -- the lease and fencing ---------------------------------------------------------------
 
     async def _keep_lease(self) -> None:
+        """Renew the lease every ``ttl_s / BEATS``; when it had expired (the host was lost:
+        its kernel paused or cut off without fencing, say) and is registered anew, forget
+        the apps adopted elsewhere meanwhile at once (``evict``)."""
         beat = self.hosts.ttl_s / BEATS
         while True:
             count = sum(len(a.instances) for a in self.deployer.apps.values())
+            before = self.hosts.lease
             try:
                 await asyncio.to_thread(self.hosts.keepalive, count)
             except CorralError as exc:
                 log.error("host keepalive failed", error=exc.reason)
                 await asyncio.sleep(min(beat, 0.5))
                 continue
+            if before is not None and self.hosts.lease != before and self.fenced is None:
+                gone = await asyncio.to_thread(self.evict)
+                if gone:
+                    self.publish("host.rejoined", {"host": self.hosts.name, "evicted": gone})
             await asyncio.sleep(beat)
 
     async def _watch_fence(self) -> None:
