@@ -41,7 +41,8 @@ it, and always takes all of it down afterwards::
   (no drivers, ``unconfined``, ``ledger = "etcd://<own member>,<the others>"``,
   ``[host] name = "h<i>"``, ``address``, ``ttl_s`` = ``cluster.ttl_s``, 3 s by default;
   ``extra_toml`` goes before ``[host]``; ``keyed=True`` adds the cluster key, one per run,
-  in ``<dir>/cluster.key``; ``drivers=("cron",)`` runs the cron driver), starts
+  in ``<dir>/cluster.key``; ``drivers=("cron",)`` runs the cron driver; ``labels`` are the
+  host's ``[host] labels``), starts
   ``corrald --stop-drivers`` in the host's namespaces and waits until it answers
   ``kernel.status`` (``RuntimeError`` with its log when it exits, e.g. refused because
   another host is alive on the ledger). ``kernel`` is a
@@ -393,12 +394,14 @@ class Host:
     # -- kernel ----------------------------------------------------------------------------------
 
     def host_toml(self, extra_toml: str = "", *, keyed: bool = False,
-                  drivers: Sequence[str] = ()) -> str:
+                  drivers: Sequence[str] = (), labels: Sequence[str] = ()) -> str:
         """This host's host.toml: no drivers (but ``drivers``), the etcd ledger, ``[host]``
         (with ``keyed``, the cluster's key: releases copied between hosts, lost hosts' apps
         re-placed)."""
         extra = extra_toml if not extra_toml or extra_toml.endswith("\n") else extra_toml + "\n"
         key = f'cluster_key = "{self.key_file()}"\n' if keyed else ""
+        if labels:
+            key += f"labels = {json.dumps(list(labels))}\n"
         return (bare(drivers) + f'ledger = "{self.cluster.url_from(self.index)}"\n' + extra
                 + f'\n[host]\nname = "{self.name}"\naddress = "{self.address}"\n'
                 f"ttl_s = {self.cluster.ttl_s}\n" + key)
@@ -412,9 +415,11 @@ class Host:
         return path
 
     def start_kernel(self, extra_toml: str = "", *, keyed: bool = False,
-                     drivers: Sequence[str] = (), timeout: float = 20.0) -> HostKernel:
+                     drivers: Sequence[str] = (), labels: Sequence[str] = (),
+                     timeout: float = 20.0) -> HostKernel:
         """Write host.toml and start this host's kernel; wait until it answers."""
-        self.kernel.config.write_text(self.host_toml(extra_toml, keyed=keyed, drivers=drivers))
+        self.kernel.config.write_text(self.host_toml(extra_toml, keyed=keyed, drivers=drivers,
+                                                     labels=labels))
         return self.kernel.start(timeout)
 
     def stop_kernel(self) -> None:

@@ -234,6 +234,38 @@ def lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+def test_placement_chooses_where_an_app_is_deployed_and_re_placed() -> None:
+    """Hosts h1 and h2 have the label ssd, h3 none; an app needing ssd is refused on h3
+    (naming h1 and h2, nothing built or claimed), deployed on h2, and when h2 is lost it is
+    adopted by h1 although h3 runs fewer apps."""
+    require_multihost()
+    with multihost(3) as c:
+        h1, h2, h3 = c.host(1), c.host(2), c.host(3)
+        for h, labels in ((h1, ["ssd"]), (h2, ["ssd"]), (h3, [])):
+            h.start_kernel(keyed=True, labels=labels)
+        assert [hosts(h3)[n]["labels"] for n in ("h1", "h2", "h3")] == [["ssd"], ["ssd"], []]
+        assert "LABELS" in h3.cli("hosts").stdout
+        other = app_dir(c, "other", port=8090)
+        assert h1.cli("up", str(other), timeout=120).returncode == 0  # h1 is busier than h3
+        d = app_dir(c, "fast")
+        with (d / "corral.toml").open("a") as f:
+            f.write('\n[placement]\nlabels = ["ssd"]\n')
+        r = h3.cli("up", str(d), timeout=120)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "[placement] of 'fast' (labels ssd) does not allow host h3 (labels: none); " \
+               "nothing was built or claimed; deploy it from h1, h2" in r.stderr, r.stderr
+        assert not [k for k in etcd_records(h1) if "fast" in k]
+        r = h2.cli("up", str(d), timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_for(lambda: copied(h1, "fast") and copied(h3, "fast"), timeout=20,
+                 what="fast copied")
+        h2.kill9()
+        wait_for(lambda: etcd_records(h1)["/corral/v1/r/app/fast"]["owner"] != "fast@h2",
+                 timeout=c.ttl_s + 15, step=0.1, what="fast adopted")
+        assert etcd_records(h1)["/corral/v1/r/app/fast"]["owner"] == "fast@h1"
+        wait_for(lambda: get(h1) is not None, timeout=20, what="fast serving on h1")
+
+
 def test_a_paused_kernel_finds_its_app_adopted_and_stops_its_copy_at_once() -> None:
     """h2's kernel frozen (SIGSTOP) longer than its lease: its app runs on without it, and is
     adopted elsewhere meanwhile (a paused kernel cannot fence); resumed, the kernel finds its

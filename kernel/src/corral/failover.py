@@ -7,7 +7,8 @@ lease expired: ``host-alive/<name>`` gone), its apps move to the hosts still ali
   lease (compare-and-create, so a leader that dies frees it with its lease and the next
   kernel to look takes it). Every kernel watches the hosts' lease records (an etcd watch)
   and tries to lead whenever one changes; the leader then places each app of every lost
-  host on a live one (the host with the fewest apps first), by asking that host to adopt it
+  host on a live one its ``[placement]`` allows (the host with the fewest apps first; host
+  names and labels, ``[host] labels``), by asking that host to adopt it
   (``app.adopt`` through the host mail, ``corral.forwarding``). One that refuses (it lacks
   the release: not copied yet) is skipped for the next.
 - **Adoption** (``transfer``, run by the adopting host): in one ledger transaction, only
@@ -194,9 +195,18 @@ class Failover:
                 out.append((rec.key, host))
         return sorted(out)
 
-    def candidates(self, lost: str) -> list[str]:
-        """Live hosts to place an app on, the least loaded first (apps, then instances)."""
+    def candidates(self, lost: str, app: str | None = None) -> list[str]:
+        """Live hosts to place ``app`` on, those its ``[placement]`` allows, the least
+        loaded first (apps, then instances)."""
+        from corral.manifest import PlacementSection
+
         alive = {r.key: r.value for r in self.shared.list(kind=ALIVE)}
+        rec = self.shared.get(APP, app) if app is not None else None
+        raw = ((rec.value.get("spec") or {}).get("manifest") or {}).get("placement") \
+            if rec is not None else None
+        placement = PlacementSection.model_validate(raw or {})
+        alive = {h: v for h, v in alive.items()
+                 if placement.allows(h, list(v.get("labels") or []))}
         load: dict[str, int] = dict.fromkeys(alive, 0)
         for rec in self.shared.list(kind=APP):
             _base, host = _split(rec.owner)
@@ -222,7 +232,11 @@ class Failover:
         return host
 
     async def _place(self, app: str, lost: str) -> str | None:
-        for host in self.candidates(lost):
+        hosts = self.candidates(lost, app)
+        if not hosts:
+            log.warning("app not adopted: no live host its [placement] allows", app=app,
+                        lost=lost)
+        for host in hosts:
             started = time.monotonic()
             try:
                 await self.ask(host, "app.adopt", {"name": app, "from_host": lost})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -65,6 +65,9 @@ class HostIdentity(BaseModel):
         default=None, description="a root-only file with the cluster's key, the same on "
         "every host (`corral hosts key`): releases are copied between hosts and a lost "
         "host's apps re-placed only with it")
+    labels: list[Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]] = Field(
+        default_factory=list, description="what this host offers, for [placement] in "
+        "corral.toml (e.g. ssd, eu-west): DNS-label words")
     files_port: int = Field(default=7480, gt=0, lt=65536,
                             description="where this host serves its releases to the others "
                             "(on its address; sealed with the cluster key)")

@@ -58,6 +58,7 @@ class HostRegistry:
     name: str
     address: str | None
     ttl_s: float
+    labels: tuple[str, ...] = ()
     lease: str | None = None
     token: str = ""
     renewed_at: float = 0.0
@@ -109,6 +110,7 @@ class HostRegistry:
     def _figures(self, instances: int) -> dict[str, Any]:
         mem = psutil.virtual_memory()
         return {"pid": os.getpid(), "token": self.token, "address": self.address,
+                "labels": list(self.labels),
                 "instances": instances, "cpus": os.cpu_count() or 1,
                 "memory_total": int(mem.total), "memory_available": int(mem.available),
                 "load1": round(os.getloadavg()[0], 2), "seen": time.time()}
@@ -172,7 +174,8 @@ def list_hosts(ledger: Ledger, this: str) -> list[dict[str, Any]]:
                                and leading.owner == f"host:{rec.key}"}
         if live is not None:
             row.update(state="ready", **{k: live.value.get(k) for k in (
-                "pid", "instances", "cpus", "memory_total", "memory_available", "load1")})
+                "pid", "instances", "cpus", "memory_total", "memory_available", "load1")},
+                labels=list(live.value.get("labels") or []))
         else:
             row.update(state="lost", lost_since=rec.value.get("last_seen"))
         out.append(row)

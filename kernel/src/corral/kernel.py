@@ -145,8 +145,8 @@ class Kernel:
             bus=f"ipc://{self.gateway_dir / 'bus.sock'}",
             events=f"ipc://{self.gateway_dir / 'events.sock'}"))
         self.branches = Branches(self.home / "git-branches.json")
-        self.hosts = HostRegistry(shared, this_host,
-                                  self.config.host.address, self.config.host.ttl_s)
+        self.hosts = HostRegistry(shared, this_host, self.config.host.address,
+                                  self.config.host.ttl_s, tuple(self.config.host.labels))
         # on a shared ledger, requests about another host's apps go to that host
         self.forwarder = (Forwarder(shared, this_host, lambda: self.hosts.lease,
                                     self._run_forwarded) if shared.remote else None)

@@ -198,3 +198,42 @@ def test_an_app_no_host_takes_waits_before_it_is_placed_again(shared: SqliteLedg
     assert leader.due("shop")
     assert asyncio.run(leader.place("shop", "h2")) is None
     assert leader.failed["shop"][0] == 2
+
+
+def test_placement_allows_by_name_labels_and_avoided_labels() -> None:
+    from corral.manifest import PlacementSection
+
+    anywhere = PlacementSection()
+    assert anywhere.allows("h1", []) and anywhere.describe() == "any host"
+    p = PlacementSection(hosts=["h1", "h2"], labels=["ssd"], avoid=["edge"])
+    assert p.allows("h1", ["ssd", "eu"])
+    assert not p.allows("h3", ["ssd"])  # not one of its hosts
+    assert not p.allows("h1", ["eu"])  # lacks ssd
+    assert not p.allows("h2", ["ssd", "edge"])  # avoided
+    assert p.describe() == "hosts h1, h2; labels ssd; avoiding edge"
+
+
+def test_the_leader_places_an_app_only_where_its_placement_allows(
+        shared: SqliteLedger) -> None:
+    leases = {}
+    for host, labels in (("h1", ["ssd"]), ("h3", [])):
+        lease = shared.grant_lease(60, f"host:{host}")
+        txn = Txn().claim(f"host:{host}", "host", host, {"address": host})
+        txn.claim(f"host:{host}", "host-alive", host, {"labels": labels}, lease=lease)
+        shared.commit(txn)
+        leases[host] = lease
+    deploy(shared, "h1", "a1")  # h1 has more apps than h3
+    view = HostView(shared, "h2")
+    view.claim("shop", [Claim("app", "shop", {"release": 1, "spec": {"manifest": {
+        "placement": {"labels": ["ssd"]}}}})])
+    view.claim("blog", [Claim("app", "blog", {"release": 1, "spec": {"manifest": {
+        "placement": {"avoid": ["ssd"], "hosts": ["h9"]}}}})])
+    leader = Failover(shared, "h1", lambda: leases["h1"], never_asked)
+    assert leader.candidates("h2") == ["h3", "h1"]
+    assert leader.candidates("h2", "shop") == ["h1"]
+    assert leader.candidates("h2", "blog") == []
+    assert asyncio.run(leader.place("blog", "h2")) is None  # waits: no host fits
+
+
+async def never_asked(host: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
+    raise AssertionError(f"{host} asked")

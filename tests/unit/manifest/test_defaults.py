@@ -76,7 +76,8 @@ def test_procfile_alone_loads_with_the_defaults(tmp_path: Path) -> None:
     assert data["processes"]["worker"]["port"] is None
     assert data["build"] == {"command": None, "timeout": None}
     assert data["release"] == {"command": "python manage.py migrate", "timeout": 600.0}
-    assert set(data) == {"app", "processes", "ports", "paths", "build", "release", "resolved"}
+    assert set(data) == {"app", "processes", "ports", "paths", "build", "release", "placement",
+                         "resolved"}
     assert resolved.instances() == [
         ("web", 1, "gunicorn app:app --bind 0.0.0.0:$PORT", 5000),
         ("worker", 1, "python worker.py", None),

@@ -175,6 +175,7 @@ def test_schema() -> None:
         "paths",
         "build",
         "release",
+        "placement",
         "network",
         "logs",
         "limits",

@@ -18,10 +18,10 @@ WEB = MINIMAL + '[ports]\nhttp = 8000\n[processes]\nweb = { command = "x", port 
 
 
 def test_the_kernel_model_has_only_its_own_sections() -> None:
-    """[app], [processes], [ports], [paths], [build], [release] are the kernel's; nothing else
-    is modelled there."""
+    """[app], [processes], [ports], [paths], [build], [release], [placement] are the
+    kernel's; nothing else is modelled there."""
     assert set(Manifest.model_fields) == {"app", "processes", "ports", "paths", "build",
-                                          "release"}
+                                          "release", "placement"}
 
 
 def test_installed_drivers_own_the_other_sections() -> None:

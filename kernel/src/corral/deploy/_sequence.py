@@ -89,6 +89,7 @@ class Deployer:
                 f"deploy is of {args.name!r} (the app pushed to); make them agree",
                 code=ErrorCode.INVALID)
         self._refuse_another_hosts(name)
+        self._refuse_placement(name, doc, Path(args.directory))
         async with self.releaser.lock(name):  # two deploys of one app never interleave
             uid, gid = self._app_ids(name)
             claimed_uid = self._hold_uid(name, uid)
@@ -134,6 +135,27 @@ class Deployer:
                 f"{describe_owner(holder)}; nothing was built or claimed here (deploy it from "
                 "that host, or give this app another [app] name)",
                 kind="app", key=name, holder=holder)
+
+    def _refuse_placement(self, name: str, doc: dict[str, Any], directory: Path) -> None:
+        """On a ledger several hosts share: refuse at once, before anything is built or
+        claimed, an app whose ``[placement]`` this host does not match, naming the ready
+        hosts that do (a ledger of one host has no choice to make: it is not checked)."""
+        from corral.manifest import PlacementSection
+
+        if not isinstance(self.ledger, HostView):
+            return
+        placement = PlacementSection.model_validate(doc.get("placement") or {})
+        this, labels = self.ledger.host, self.config.host.labels
+        if placement.allows(this, labels):
+            return
+        fits = sorted(r.key for r in self.ledger.list(kind="host-alive")
+                      if placement.allows(r.key, list(r.value.get("labels") or [])))
+        where = (f"deploy it from {', '.join(fits)}" if fits
+                 else "no ready host matches it (`corral hosts` lists their labels)")
+        raise CorralError(
+            f"{directory / 'corral.toml'}: [placement] of {name!r} ({placement.describe()}) "
+            f"does not allow host {this} (labels: {', '.join(labels) or 'none'}); nothing was "
+            f"built or claimed; {where}", code=ErrorCode.INVALID)
 
     async def _deploy_release(self, name: str, release: dict[str, Any], started: float,
                               args: Deploy, *, run_phase: bool, unchanged: bool = False,

@@ -6,7 +6,7 @@ from typing import Any
 
 from corral.manifest._environment import app_environment
 from corral.manifest._load import Draft, InstanceSlot, ResolvedManifest, load, read
-from corral.manifest._model import Manifest
+from corral.manifest._model import Manifest, PlacementSection
 from corral.manifest._owners import LocalOwners
 
 
@@ -27,6 +27,7 @@ __all__ = [
     "InstanceSlot",
     "LocalOwners",
     "Manifest",
+    "PlacementSection",
     "ResolvedManifest",
     "app_environment",
     "load",

@@ -1,4 +1,5 @@
-"""The kernel's part of ``corral.toml``: [app], [processes], [ports], [paths], [build], [release].
+"""The kernel's part of ``corral.toml``: [app], [processes], [ports], [paths], [build], [release],
+[placement].
 
 Every other section belongs to the driver that acts on it (its schema lives in that driver's
 distribution, see ``corral.sdk.sections``); the kernel passes such sections through as data.
@@ -29,6 +30,7 @@ __all__ = [
     "BuildSection",
     "Manifest",
     "PathGrant",
+    "PlacementSection",
     "Process",
     "ReleaseSection",
     "render",
@@ -49,6 +51,19 @@ def _app_name(value: object) -> str:
 
 AppName = Annotated[
     str, BeforeValidator(_app_name), json_schema(type="string", pattern=_LABEL.pattern)
+]
+_HOST = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def _host_label(value: object) -> str:
+    if not isinstance(value, str) or not _HOST.fullmatch(value):
+        fail("a host name or label like a DNS label: 1-63 lowercase letters, digits and '-', "
+             "not starting or ending with '-'", value)
+    return value
+
+
+HostLabel = Annotated[
+    str, BeforeValidator(_host_label), json_schema(type="string", pattern=_HOST.pattern)
 ]
 # 0 is allowed: a process that is declared but not running (Heroku's formation of 0)
 Instances = Annotated[int, BeforeValidator(count(0)), json_schema(type="integer", minimum=0)]
@@ -127,6 +142,31 @@ class ReleaseSection(_Section):
     )
 
 
+class PlacementSection(_Section):
+    """``[placement]``: which hosts of a cluster may run the app (docs/etcd.md). Empty: any.
+    Checked where the app is deployed, and where a lost host's apps are re-placed."""
+
+    hosts: list[HostLabel] = Field(
+        default_factory=list, description="only these hosts (by [host] name); empty: any")
+    labels: list[HostLabel] = Field(
+        default_factory=list, description="only hosts with every one of these [host] labels")
+    avoid: list[HostLabel] = Field(
+        default_factory=list, description="never hosts with any of these [host] labels")
+
+    def allows(self, host: str, labels: list[str] | set[str]) -> bool:
+        """Whether host ``host`` with ``labels`` may run the app."""
+        have = set(labels)
+        return ((not self.hosts or host in self.hosts) and have.issuperset(self.labels)
+                and not have.intersection(self.avoid))
+
+    def describe(self) -> str:
+        """The constraints in words ("hosts h1, h2; labels ssd; avoiding gpu")."""
+        parts = [f"hosts {', '.join(self.hosts)}" if self.hosts else "",
+                 f"labels {', '.join(self.labels)}" if self.labels else "",
+                 f"avoiding {', '.join(self.avoid)}" if self.avoid else ""]
+        return "; ".join(p for p in parts if p) or "any host"
+
+
 class Manifest(_Section):
     """The kernel's sections of a ``corral.toml`` (plus Procfile), after overrides."""
 
@@ -136,3 +176,4 @@ class Manifest(_Section):
     paths: dict[Name, PathGrant] = Field(default_factory=dict)
     build: BuildSection = Field(default_factory=BuildSection)
     release: ReleaseSection = Field(default_factory=ReleaseSection)
+    placement: PlacementSection = Field(default_factory=PlacementSection)

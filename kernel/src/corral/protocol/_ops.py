@@ -556,7 +556,8 @@ class Capability:
     confinement: bool = False
 
 
-KERNEL_SECTIONS: tuple[str, ...] = ("app", "processes", "ports", "paths", "build", "release")
+KERNEL_SECTIONS: tuple[str, ...] = ("app", "processes", "ports", "paths", "build", "release",
+                                    "placement")
 """The manifest sections the kernel owns; every other one belongs to the driver declaring it."""
 
 FEATURES: dict[str, str] = {
