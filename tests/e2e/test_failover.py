@@ -266,6 +266,54 @@ def test_placement_chooses_where_an_app_is_deployed_and_re_placed() -> None:
         wait_for(lambda: get(h1) is not None, timeout=20, what="fast serving on h1")
 
 
+def test_a_drained_host_hands_its_apps_over_without_a_gap() -> None:
+    """`corral hosts drain h2`, asked on h1: each of h2's apps starts on another host before
+    it stops on h2 (a thread sampling every 50 ms sees shop served throughout), its records
+    and secret go with it, h2 stays ready with no app and keeps the releases as copies."""
+    require_multihost()
+    with multihost(3) as c:
+        h1, h2, h3 = shop_on_h2(c)
+        r = h2.cli("up", str(app_dir(c, "blog", port=8081)), timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_for(lambda: copied(h1, "blog") and copied(h3, "blog"), timeout=20,
+                 what="blog copied")
+        gaps: list[float] = []
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                if not any(get(h, timeout=0.3) == f"shop {SECRET}\n" for h in (h1, h2, h3)):
+                    gaps.append(time.monotonic())
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            r = h1.cli("hosts", "drain", "h2", "--json", timeout=300)
+        finally:
+            time.sleep(0.5)
+            stop.set()
+            watcher.join(5)
+        assert r.returncode == 0, r.stdout + r.stderr
+        res = json.loads(r.stdout)
+        assert res["host"] == "h2" and res["kept"] == [], res
+        assert sorted(m["app"] for m in res["moved"]) == ["blog", "shop"], res
+        assert not gaps, f"shop not served for {len(gaps)} samples"
+        to = {m["app"]: m["to"] for m in res["moved"]}
+        records = etcd_records(h1)
+        for app in ("shop", "blog"):
+            assert records[f"/corral/v1/r/app/{app}"]["owner"] == f"{app}@{to[app]}"
+        assert not [k for k, v in records.items() if v["owner"] in ("shop@h2", "blog@h2")]
+        assert get(h2) is None and get(h2, 8081) is None
+        by_name = {h.name: h for h in (h1, h3)}
+        assert get(by_name[to["shop"]]) == f"shop {SECRET}\n"
+        assert get(by_name[to["blog"]], 8081) is not None
+        assert hosts(h1)["h2"]["state"] == "ready" and hosts(h1)["h2"]["apps"] == []
+        assert copied(h2, "shop") and copied(h2, "blog")  # kept as copies
+        r = h1.cli("hosts", "drain", "h9")
+        assert r.returncode != 0 and "not a live host" in r.stderr, r.stderr
+
+
 def test_a_paused_kernel_finds_its_app_adopted_and_stops_its_copy_at_once() -> None:
     """h2's kernel frozen (SIGSTOP) longer than its lease: its app runs on without it, and is
     adopted elsewhere meanwhile (a paused kernel cannot fence); resumed, the kernel finds its

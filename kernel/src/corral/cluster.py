@@ -279,12 +279,12 @@ class ClusterMember:
             return {"app": name, "adopted": False, "note": f"it runs on host {this}"}
         self._adopting.add(name)
         try:
-            return await self._adopt(name, lost, this, args.wait_s, by)
+            return await self._adopt(name, lost, this, args.wait_s, by, args.handover)
         finally:
             self._adopting.discard(name)
 
-    async def _adopt(self, name: str, lost: str, this: str, wait_s: float | None, by: str
-                     ) -> dict[str, Any]:
+    async def _adopt(self, name: str, lost: str, this: str, wait_s: float | None, by: str,
+                     handover: bool) -> dict[str, Any]:
         started = time.monotonic()
         app = await asyncio.to_thread(self.shared.get, "app", name)
         number = app.value.get("release") if app is not None else None
@@ -300,7 +300,8 @@ class ClusterMember:
                                    f"{this} yet; nothing was changed")
         await asyncio.to_thread(self._lock.acquire)
         try:
-            moved = await asyncio.to_thread(failover.transfer, self.shared, name, lost, this)
+            moved = await asyncio.to_thread(failover.transfer, self.shared, name, lost, this,
+                                            handover=handover)
             if not moved:
                 return {"app": name, "adopted": False, "note": f"host {this} holds it"}
             taken = await asyncio.to_thread(self._take_copies, name)
@@ -317,6 +318,60 @@ class ClusterMember:
         self.publish(f"app.{name}.adopted", {"from": lost, "release": number,
                                              "took_s": round(took, 3)})
         return {**result, "adopted": True, "from": lost, "took_s": round(took, 3)}
+
+    async def drain(self, by: str) -> dict[str, Any]:
+        """``hosts.drain`` on this host: hand each app to the least loaded other live host
+        its placement allows (that host starts it from its copies), then stop it here; one
+        that no host takes stays here, and is listed with why."""
+        if self.leader is None:
+            raise CorralError(f"host {self.hosts.name} has no cluster key: no other host has "
+                              "its releases to take its apps", code=ErrorCode.FORBIDDEN)
+        this, moved, kept = self.hosts.name, [], []
+        for name in sorted(self.deployer.apps):
+            to, why = await self._hand_over(name, this, by)
+            if to is None:
+                kept.append({"app": name, "reason": why})
+            else:
+                moved.append({"app": name, "to": to})
+        self.publish("host.drained", {"host": this, "moved": moved, "kept": kept, "by": by})
+        return {"host": this, "moved": moved, "kept": kept}
+
+    async def _hand_over(self, name: str, this: str, by: str) -> tuple[str | None, str]:
+        """Hand app ``name`` to another host: (the host, "") or (None, why not)."""
+        assert self.leader is not None
+        why = "no other live host its [placement] allows"
+        for host in await asyncio.to_thread(self.leader.candidates, this, name):
+            await asyncio.to_thread(self.shared.put, f"host:{this}", failover.HANDOVER,
+                                    name, {"to": host, "by": by}, lease=self.hosts.lease)
+            try:
+                await self.forwarder.call(host, "app.adopt", {
+                    "name": name, "from_host": this, "handover": True}, f"{by}@{this}")
+            except CorralError as exc:
+                why = exc.reason
+                continue
+            finally:
+                await asyncio.to_thread(self.shared.release, f"host:{this}",
+                                        [(failover.HANDOVER, name)])
+            await self._let_go(name)
+            return host, ""
+        return None, why
+
+    async def _let_go(self, name: str) -> None:
+        """After another host took app ``name`` (it serves there): stop it here, release what
+        this host holds of it, and keep its releases as copies of the other host's."""
+        await self.deployer.down(name)
+        await asyncio.to_thread(self._keep_as_copies, name)
+
+    def _keep_as_copies(self, name: str) -> None:
+        assert self.replicator is not None
+        with self.replicator.lock:
+            root = self.deployer.releaser.store.root(name)
+            copies = self.replicator.root(name)
+            copies.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for files in sorted(root.iterdir()) if root.is_dir() else []:
+                if files.name != "logs" and not (copies / files.name).exists():
+                    os.replace(files, copies / files.name)
+            replication.remove_tree(root)
 
     def _take_copies(self, name: str) -> list[str]:
         """Make the copies of ``name``'s releases this host's own; the names moved."""

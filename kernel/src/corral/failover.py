@@ -17,6 +17,10 @@ lease expired: ``host-alive/<name>`` gone), its apps move to the hosts still ali
   ``<app>@<this>``; the release copies (``corral.replication``) become the host's own
   releases; the current release starts with its config, as a rollback would. A start that
   fails gives everything back (``give_back``) and the leader tries another host.
+- **Drain** (``corral hosts drain NAME``): a live host hands each of its apps to another the
+  same way, one at a time; it writes ``handover/<app>`` (naming the receiving host) under
+  its own lease first, which is what lets the receiving host take the records of a host
+  that is alive; once the app serves there, the host stops its own instances.
 - **Eviction** (``moved_away``): a kernel that starts, or gets its lease back, stops and
   forgets every app of its own whose name another host holds now: it was lost meanwhile and
   its apps were adopted. It rejoins with the apps it still holds.
@@ -46,6 +50,7 @@ from corral.ledger._hosted import CLUSTER_KINDS
 log = structlog.get_logger("corral.failover")
 
 LEADER = "leader"
+HANDOVER = "handover"
 LEADER_KEY = "cluster"
 ALIVE = "host-alive"
 HOST = "host"
@@ -70,13 +75,26 @@ def app_records(shared: Ledger, app: str, host: str) -> list[Record]:
     return [r for r in found if r.kind in MOVED]
 
 
-def transfer(shared: Ledger, app: str, lost: str, this: str) -> list[Record]:
-    """Move app ``app``'s cluster-wide records from lost host ``lost`` to host ``this``, all
-    at once, only while ``lost`` is lost and nothing of them changed meanwhile; return what
-    was moved (the records as they were). ``ConflictError`` names what stood in the way."""
-    if shared.get(ALIVE, lost) is not None:
+def transfer(shared: Ledger, app: str, lost: str, this: str, *, handover: bool = False
+             ) -> list[Record]:
+    """Move app ``app``'s cluster-wide records from host ``lost`` to host ``this``, all at
+    once, only while ``lost`` is lost (or, with ``handover``, while ``lost`` hands the app to
+    ``this``: its ``handover/<app>`` record, held under its lease, says so) and nothing of
+    them changed meanwhile; return what was moved (the records as they were).
+    ``ConflictError`` names what stood in the way."""
+    txn = Txn()
+    if handover:
+        given = shared.get(HANDOVER, app)
+        if given is None or given.owner != f"host:{lost}" or given.value.get("to") != this:
+            raise ConflictError(f"host {lost!r} is not handing app {app!r} over to host "
+                                f"{this!r}", kind=HANDOVER, key=app,
+                                holder=given.owner if given else "")
+        txn.expect_held(HANDOVER, app, given.owner, revision=given.revision)
+    elif shared.get(ALIVE, lost) is not None:
         raise ConflictError(f"host {lost!r} is alive: its app {app!r} stays there",
                             kind=ALIVE, key=lost, holder=f"host:{lost}")
+    else:
+        txn.expect_free(ALIVE, lost)
     records = app_records(shared, app, lost)
     if not any(r.kind == APP and r.key == app for r in records):
         holder = shared.get(APP, app)
@@ -84,14 +102,14 @@ def transfer(shared: Ledger, app: str, lost: str, this: str) -> list[Record]:
             return []
         raise NotFoundError(f"host {lost!r} holds no app {app!r}"
                             + (f" (it is held by {holder.owner})" if holder else ""))
-    txn = Txn().expect_free(ALIVE, lost)
     for rec in records:
         base, _host = _split(rec.owner)
         txn.expect_held(rec.kind, rec.key, rec.owner, revision=rec.revision)
         txn.release(rec.owner, rec.kind, rec.key)
         txn.claim(f"{base}@{this}", rec.kind, rec.key, rec.value)
     shared.commit(txn)
-    log.warning("app adopted from a lost host", app=app, lost=lost, records=len(records))
+    log.warning("app handed over" if handover else "app adopted from a lost host", app=app,
+                source=lost, records=len(records))
     return records
 
 

@@ -54,6 +54,7 @@ REPLY = "host-reply"
 FORWARDED = frozenset({
     "app.ps", "app.get", "app.down", "app.scale", "app.restart", "app.releases",
     "app.rollback", "app.config", "app.config.unset", "driver.query", "app.adopt",
+    "hosts.drain",
 })
 """Operations that may be run on the host that holds their app."""
 READS = frozenset({"app.ps", "app.get", "app.releases", "app.config", "driver.query"})

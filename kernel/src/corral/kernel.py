@@ -82,7 +82,8 @@ FORWARDED_PEER = b"forwarded"
 
 LEDGER_CHANGES = frozenset({
     "app.deploy", "app.down", "app.scale", "app.restart", "app.rollback", "app.config.set",
-    "app.config.unset", "app.run", "instance.spawn", "keys.add", "keys.remove", "app.adopt"})
+    "app.config.unset", "app.run", "instance.spawn", "keys.add", "keys.remove", "app.adopt",
+    "hosts.drain"})
 """Operations whose steps write the ledger from the kernel's loop: with a networked ledger
 they first check that it answers (``Kernel._ledger_answers``)."""
 LEDGER_PROBE_S = 3.0
@@ -183,6 +184,7 @@ class Kernel:
             "hosts.list": self._hosts_list,
             "hosts.forget": self._hosts_forget,
             "app.adopt": self._adopt,
+            "hosts.drain": self._hosts_drain,
             "drivers.list": self._drivers_list,
             "driver.restart": self._driver_restart,
             "driver.query": self._driver_query,
@@ -558,6 +560,19 @@ class Kernel:
             raise CorralError("app.adopt is for hosts sharing an etcd ledger; this host's "
                               "ledger is its own", code=ErrorCode.INVALID)
         return await self.cluster.adopt(args, by=_who(peer))
+
+    async def _hosts_drain(self, peer: Peer, args: HostName) -> dict[str, Any]:
+        """``hosts.drain``: run on the host drained (asked of any host: forwarded there)."""
+        if self.cluster is None or self.forwarder is None:
+            raise CorralError("hosts.drain is for hosts sharing an etcd ledger; this host's "
+                              "ledger is its own", code=ErrorCode.INVALID)
+        if args.name != self.hosts.name:
+            if await asyncio.to_thread(self.hosts.ledger.get, ALIVE, args.name) is None:
+                raise NotFoundError(f"host {args.name!r} is not a live host of this ledger "
+                                    "(`corral hosts`)")
+            return await self.forwarder.call(args.name, "hosts.drain", {"name": args.name},
+                                             f"{_who(peer)}@{self.hosts.name}")
+        return await self.cluster.drain(by=_who(peer))
 
     async def _drivers_list(self, peer: Peer, args: Any) -> dict[str, Any]:
         return {"drivers": [{**s.as_json(),

@@ -237,3 +237,23 @@ def test_the_leader_places_an_app_only_where_its_placement_allows(
 
 async def never_asked(host: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
     raise AssertionError(f"{host} asked")
+
+
+def test_a_handover_needs_the_live_hosts_record_naming_the_receiver(
+        shared: SqliteLedger) -> None:
+    lease = live(shared, "h2")
+    live(shared, "h1")
+    deploy(shared, "h2", "shop")
+    with pytest.raises(ConflictError, match="host 'h2' is not handing app 'shop' over to "
+                                            "host 'h1'"):
+        transfer(shared, "shop", "h2", "h1", handover=True)
+    shared.put("host:h2", "handover", "shop", {"to": "h3"}, lease=lease)
+    with pytest.raises(ConflictError, match="not handing app 'shop' over to host 'h1'"):
+        transfer(shared, "shop", "h2", "h1", handover=True)
+    shared.put("host:h2", "handover", "shop", {"to": "h1"}, lease=lease)
+    shared.put("host:h1", "handover", "blog", {"to": "h1"})  # not h2's word
+    moved = transfer(shared, "shop", "h2", "h1", handover=True)
+    assert {r.kind for r in moved} == {"app", "uid", "lbname", "release"}
+    assert shared.get("app", "shop").owner == "shop@h1"  # type: ignore[union-attr]
+    with pytest.raises(ConflictError, match="host 'h2' is alive"):  # no handover: refused
+        transfer(shared, "shop", "h2", "h3")

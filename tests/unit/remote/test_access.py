@@ -47,6 +47,7 @@ _ARGS: dict[str, dict[str, Any]] = {
     "kernel.status": {},
     "hosts.list": {},
     "hosts.forget": {"name": "h2"},
+    "hosts.drain": {"name": "h2"},
 }
 
 
@@ -101,7 +102,7 @@ def test_the_rules_are_the_documented_ones() -> None:
     """The scope of each operation, as the module's docstring and `corral keys` explain."""
     assert {op for op, r in RULES.items() if r == ADMIN} == {
         "keys.add", "keys.list", "keys.remove", "ledger.list", "drivers.list",
-        "driver.restart", "kernel.status", "hosts.list", "hosts.forget"}
+        "driver.restart", "kernel.status", "hosts.list", "hosts.forget", "hosts.drain"}
     assert {op for op, r in RULES.items() if r == ANY} == {"app.ps", "keys.whoami",
                                                            "driver.query"}
 

@@ -280,7 +280,8 @@ def cmd_drivers(ns: argparse.Namespace) -> int:
 def cmd_hosts(ns: argparse.Namespace) -> int:
     """The hosts of this kernel's ledger: ready, or lost since when; apps, instances, free
     capacity. `corral hosts forget NAME`: release all a lost host holds in the ledger.
-    `corral hosts key`: print a new cluster key (for [host] cluster_key on every host)."""
+    `corral hosts key`: print a new cluster key (for [host] cluster_key on every host).
+    `corral hosts drain NAME`: move every app of a host to the others."""
     import time as _time
 
     if ns.action == "key":
@@ -288,6 +289,21 @@ def cmd_hosts(ns: argparse.Namespace) -> int:
 
         sys.stdout.write(new_cluster_key())
         return 0
+    if ns.action == "drain":
+        if not ns.name:
+            print("corral hosts drain: name the host (see `corral hosts`)", file=sys.stderr)
+            return EXIT_INPUT
+        res = _client().call("hosts.drain", {"name": ns.name}, timeout=600.0)
+        if ns.json:
+            print_json(res)
+            return 0
+        for m in res["moved"]:
+            print(f"{m['app']}: moved to host {m['to']}")
+        for k in res["kept"]:
+            print(f"{k['app']}: stays on host {res['host']}: {k['reason']}", file=sys.stderr)
+        print(f"host {res['host']} drained: {len(res['moved'])} app(s) moved, "
+              f"{len(res['kept'])} kept")
+        return 1 if res["kept"] else 0
     if ns.action == "forget":
         if not ns.name:
             print("corral hosts forget: name the lost host (see `corral hosts`)",
@@ -428,9 +444,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("name", nargs="?", help="the driver to restart")
     s.add_argument("--json", action="store_true")
     s = sub.add_parser("hosts", help=cmd_hosts.__doc__)
-    s.add_argument("action", nargs="?", choices=["forget", "key"],
-                   help="forget NAME; key: print a new cluster key")
-    s.add_argument("name", nargs="?", help="the lost host to forget")
+    s.add_argument("action", nargs="?", choices=["forget", "key", "drain"],
+                   help="forget NAME; drain NAME; key: print a new cluster key")
+    s.add_argument("name", nargs="?", help="the host to forget (lost) or drain")
     s.add_argument("--json", action="store_true")
     s = sub.add_parser("ledger", help=cmd_ledger.__doc__)
     s.add_argument("--owner")

@@ -198,6 +198,8 @@ class AppAdopt(Args):
     name: AppNameField
     from_host: str = Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
                            description="the lost host that ran it")
+    handover: bool = Field(default=False, description="from_host is alive and hands the app "
+                           "over (a drain): its handover record names this host")
     wait_s: float | None = Field(default=None, gt=0, description="as for app.deploy")
 
 
@@ -477,6 +479,8 @@ _CLIENT_OPS = _table(
               "free capacity"),
     Operation("hosts.forget", HostName, "release everything a lost host holds in the "
               "ledger (its apps' names, ports, records); refused while it is alive"),
+    Operation("hosts.drain", HostName, "move every app of a host to the other hosts (each "
+              "started there before it stops here); asked of any host"),
     Operation("app.adopt", AppAdopt, "start an app of a lost host here, from the copies of "
               "its releases (what the cluster's leader asks of a live host)"),
     Operation("drivers.list", NoArgs, "drivers and their state"),
@@ -509,7 +513,7 @@ _REMOTE_OPS = _table(*(_CLIENT_OPS[name] for name in (
     "app.rollback", "app.config", "app.config.set", "app.config.unset", "app.run",
     "app.branch", "keys.add", "keys.list", "keys.remove", "keys.whoami", "ledger.list",
     "drivers.list", "driver.restart", "driver.query", "kernel.status", "hosts.list",
-    "hosts.forget")))
+    "hosts.forget", "hosts.drain")))
 """What a remote peer (an SSH key, through the gateway) may ask at all; each request is then
 checked against the key's scope (``corral.remote.Access``)."""
 

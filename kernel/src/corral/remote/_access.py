@@ -32,7 +32,7 @@ RULES: dict[str, str] = {
     "app.ps": ANY, "keys.whoami": ANY, "driver.query": ANY,
     "keys.add": ADMIN, "keys.list": ADMIN, "keys.remove": ADMIN, "ledger.list": ADMIN,
     "drivers.list": ADMIN, "driver.restart": ADMIN, "kernel.status": ADMIN,
-    "hosts.list": ADMIN, "hosts.forget": ADMIN,
+    "hosts.list": ADMIN, "hosts.forget": ADMIN, "hosts.drain": ADMIN,
 }
 
 
