@@ -361,6 +361,8 @@ class ClusterMember:
         this host holds of it, and keep its releases as copies of the other host's."""
         await self.deployer.down(name)
         await asyncio.to_thread(self._keep_as_copies, name)
+        # its desired config is the other host's now (its secret values stay as copies)
+        (self.home / "config" / f"{name}.json").unlink(missing_ok=True)
 
     def _keep_as_copies(self, name: str) -> None:
         assert self.replicator is not None

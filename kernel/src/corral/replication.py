@@ -555,7 +555,10 @@ class Replicator:
                 self._failures[tag] = (tries + 1, time.monotonic() + delay)
                 log.warning("release not copied", app=app, release=number, host=host,
                             error=str(exc), retry_in_s=delay)
-        self.prune({(a, f) for a, _n, f, _h, _r in wanted})
+        referenced: dict[str, set[str]] = {}
+        for a, _n, _f, _h, r in wanted:
+            referenced.setdefault(a, set()).update(r)
+        self.prune({(a, f) for a, _n, f, _h, _r in wanted}, referenced)
         self.copied += done
         return done
 
@@ -587,8 +590,11 @@ class Replicator:
         log.info("release copied", app=app, release=number, host=host,
                  files=need_files, secrets=len(refs))
 
-    def prune(self, keep: set[tuple[str, str]]) -> None:
-        """Remove copies that no kept release of another host (live or lost) uses."""
+    def prune(self, keep: set[tuple[str, str]], refs: dict[str, set[str]] | None = None
+              ) -> None:
+        """Remove copies that no kept release of another host (live or lost) uses, and, of
+        an app this host does not run, the secret values none of them references (a rotated
+        secret's old value is not kept on every host)."""
         top = self.home / "replicas"
         if not top.is_dir():
             return
@@ -597,6 +603,15 @@ class Replicator:
                 if copy.name.startswith(".incoming-") or (app_dir.name, copy.name) not in keep:
                     with contextlib.suppress(OSError):
                         remove_tree(copy)
+            store = self.home / "secrets" / app_dir.name
+            if refs is not None and store.is_dir() and \
+                    not (self.home / "apps" / app_dir.name / "releases").is_dir():
+                wanted = refs.get(app_dir.name, set())
+                for value in store.iterdir():
+                    if value.name not in wanted:
+                        value.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    store.rmdir()
             with contextlib.suppress(OSError):
                 app_dir.rmdir()
 

@@ -361,3 +361,27 @@ def test_copies_of_a_lost_hosts_releases_are_kept_for_its_apps_adoption(
     assert "shop/v1" not in rep._failures
     assert (home2 / "replicas" / "shop" / "v1" / "app.py").is_file()
     assert (home2 / "secrets" / "shop" / REF).is_file()
+
+
+def test_a_rotated_secrets_old_value_is_not_kept_on_other_hosts(
+        tmp_path: Path, shared: SqliteLedger, server: ReplicaServer) -> None:
+    release_on(shared, tmp_path / "h1", "h1")
+    alive(shared, "h1")
+    home2 = tmp_path / "h2"
+    rep = Replicator(shared, home2, "h2", Channel(KEY), server.server_address[1])
+    assert rep.sync() == 1 and (home2 / "secrets" / "shop" / REF).is_file()
+    ref2 = "e" * 32  # the secret set again: v2 references the new value only, v1 is gone
+    (tmp_path / "h1" / "secrets" / "shop" / ref2).write_text("new value")
+    shared.put("releases:shop@h1", "release", "shop/v2",
+               {"number": 2, "status": "deployed", "files": "v1",
+                "config": {"vars": {}, "secrets": {"TOKEN": ref2}}})
+    shared.release("releases:shop@h1", [("release", "shop/v1")])
+    rep.sync()
+    assert sorted(p.name for p in (home2 / "secrets" / "shop").iterdir()) == [ref2]
+    # an app this host runs itself keeps its own store as it is
+    (home2 / "apps" / "mine" / "releases").mkdir(parents=True)
+    (home2 / "replicas" / "mine" / "v9").mkdir(parents=True)
+    (home2 / "secrets" / "mine").mkdir(parents=True)
+    (home2 / "secrets" / "mine" / REF).write_text("desired, not released yet")
+    rep.sync()
+    assert (home2 / "secrets" / "mine" / REF).is_file()
