@@ -72,7 +72,6 @@ class ClusterMember:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _adopting: set[str] = field(default_factory=set)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _threads: list[threading.Thread] = field(default_factory=list)
 
     @classmethod
     def build(cls, shared: Ledger, hosts: HostRegistry, deployer: Deployer,
@@ -109,12 +108,11 @@ class ClusterMember:
     def start(self) -> None:
         """Serve releases, copy the others', keep the lease, watch for fencing, lead."""
         if self.server is not None:
-            self._threads.append(self.server.start())
+            self.server.start()
         if self.replicator is not None:
             thread = threading.Thread(target=self.replicator.run, name="corral-replicator",
                                       daemon=True)
             thread.start()
-            self._threads.append(thread)
         self._tasks.append(asyncio.ensure_future(self._keep_lease()))
         self._tasks.append(asyncio.ensure_future(self._watch_fence()))
         if self.leader is not None:

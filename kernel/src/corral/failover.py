@@ -55,7 +55,6 @@ LEADER_KEY = "cluster"
 ALIVE = "host-alive"
 HOST = "host"
 APP = "app"
-RELEASE = "release"
 RETRY_MAX_S = 30.0
 MOVED = frozenset(CLUSTER_KINDS - {HOST, ALIVE})
 """The kinds an adoption moves: app names, lb names, domains, uids, releases."""

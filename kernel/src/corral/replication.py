@@ -49,7 +49,7 @@ import tarfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, cast
@@ -498,7 +498,6 @@ class Replicator:
     """Held while copies change (a sync, an adoption taking copies as its own)."""
     _failures: dict[str, tuple[int, float]] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
-    copied: int = 0
 
     def root(self, app: str) -> Path:
         """``<home>/replicas/<app>``."""
@@ -559,7 +558,6 @@ class Replicator:
         for a, _n, _f, _h, r in wanted:
             referenced.setdefault(a, set()).update(r)
         self.prune({(a, f) for a, _n, f, _h, _r in wanted}, referenced)
-        self.copied += done
         return done
 
     def copy(self, app: str, number: int, files: str, host: str, address: str,
@@ -615,7 +613,7 @@ class Replicator:
             with contextlib.suppress(OSError):
                 app_dir.rmdir()
 
-    def run(self, wake: Callable[[], None] | None = None) -> None:
+    def run(self) -> None:
         """Sync, then again whenever a release record changes (or ``WAIT_S`` passes), until
         ``stop``. Runs in a thread of its own."""
         while not self._stop.is_set():
@@ -623,8 +621,6 @@ class Replicator:
                 revision = self.ledger.revision()
                 with self.lock:
                     self.sync()
-                if wake is not None:
-                    wake()
                 self.ledger.wait_for_change(RELEASE, "", revision, WAIT_S)
             except CorralError as exc:
                 log.warning("replicas not synced", error=str(exc))
