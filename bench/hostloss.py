@@ -42,20 +42,8 @@ from multihost import Cluster, Host, multihost
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 TTL_S = float(os.environ.get("BENCH_TTL", "3"))
 POLL_S = 0.01
-SERVER = """import http.server, sys
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", "3")
-        self.end_headers()
-        self.wfile.write(b"ok\\n")
-
-    def log_message(self, *args):
-        pass
-
-http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Handler).serve_forever()
-"""
+SERVER = (Path(__file__).resolve().parents[1] / "tests" / "apps" / "env-echo"
+          / "server.py").read_text()
 TOML = """[app]
 name = "{name}"
 
@@ -75,7 +63,7 @@ def serving(h: Host, port: int) -> bool:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(f"http://{h.address}:{port}/", timeout=0.2) as r:
-            return bool(r.read() == b"ok\n")
+            return bool(r.status == 200 and r.read() == b"? -\n")
     except OSError:
         return False
 

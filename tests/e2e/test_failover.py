@@ -28,21 +28,7 @@ from multihost import Cluster, Host, multihost, require_multihost
 
 pytestmark = pytest.mark.root
 
-SERVER = """import http.server, os, sys
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = f"{os.environ.get('APP', '?')} {os.environ.get('TOKEN', '-')}\\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Handler).serve_forever()
-"""
+SERVER = (Path(__file__).parents[1] / "apps" / "env-echo" / "server.py").read_text()
 
 APP_TOML = """[app]
 name = "{name}"

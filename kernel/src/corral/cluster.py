@@ -38,6 +38,7 @@ from corral.host import HostConfig
 from corral.hosts import ALIVE, HostRegistry
 from corral.ledger import Ledger, Record
 from corral.protocol._ops import AppAdopt
+from corral.release import remove_tree
 
 log = structlog.get_logger("corral.cluster")
 
@@ -227,7 +228,7 @@ class ClusterMember:
                     launcher.reap(irec.pid)
             self.shared.release(f"{app}@{self.hosts.name}")
             self.deployer.apps.pop(app, None)
-            replication.remove_tree(self.home / "apps" / app / "releases")
+            remove_tree(self.home / "apps" / app / "releases")
             (self.home / "apps" / app / "manifest.json").unlink(missing_ok=True)
             log.warning("app adopted by another host while this one was lost: forgotten "
                         "here", app=app, holder=_holder(self.shared, app))
@@ -371,7 +372,7 @@ class ClusterMember:
             for files in sorted(root.iterdir()) if root.is_dir() else []:
                 if files.name != "logs" and not (copies / files.name).exists():
                     os.replace(files, copies / files.name)
-            replication.remove_tree(root)
+            remove_tree(root)
 
     def _take_copies(self, name: str) -> list[str]:
         """Make the copies of ``name``'s releases this host's own; the names moved."""

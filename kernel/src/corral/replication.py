@@ -58,6 +58,7 @@ import structlog
 
 from corral.errors import CorralError, ErrorCode, NotFoundError
 from corral.ledger import Ledger
+from corral.release import AppConfig, ConfigStore, remove_tree
 
 log = structlog.get_logger("corral.replication")
 
@@ -299,13 +300,9 @@ class ReleaseSource:
         directory = self.home / "apps" / app / "releases" / files
         if with_files and not directory.is_dir():
             raise NotFoundError(f"host {self.this} has no files for v{number} of {app!r}")
-        refs = (rec.value.get("config") or {}).get("secrets") or {}
-        values: dict[str, str] = {}
-        for ref in refs.values():
-            ref = str(ref)
-            if _is_ref(ref):
-                with contextlib.suppress(FileNotFoundError):
-                    values[ref] = (self.home / "secrets" / app / ref).read_text()
+        config = AppConfig.from_json(rec.value.get("config"))
+        by_name = ConfigStore(self.home).secret_values(app, config)  # all, or an error
+        values = {config.secrets[name]: value for name, value in by_name.items()}
         return {"ok": True, "files": files, "secrets": values}, (
             directory if with_files else None)
 
@@ -474,13 +471,6 @@ def fetch_release(channel: Channel, address: tuple[str, int], *, this: str, to: 
         return Fetched(files, directory, values)
 
 
-def remove_tree(path: Path) -> None:
-    """Remove a copy (never following links out of it)."""
-    from corral.release._source import remove_tree as remove
-
-    remove(path)
-
-
 def _is_ref(text: str) -> bool:
     return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
@@ -526,7 +516,7 @@ class Replicator:
         """Whether this host has the release's files (a copy, or its own) and secrets."""
         present = (self.root(app) / files).is_dir() or \
             (self.home / "apps" / app / "releases" / files).is_dir()
-        return present and all((self.home / "secrets" / app / r).is_file() for r in refs)
+        return present and ConfigStore(self.home).has_secrets(app, refs)
 
     def sync(self) -> int:
         """Copy what is missing (each release at most once per back-off period) and remove
@@ -575,11 +565,9 @@ class Replicator:
                 remove_tree(got.directory)
             raise NotFoundError(f"host {host} lacks {len(missing)} secret value(s) of "
                               f"{app}/v{number}")
-        store = self._private(self._private(self.home / "secrets") / app)
-        from corral.release._config import _write_private
-
+        store = ConfigStore(self.home)
         for ref in refs:
-            _write_private(store / ref, got.secrets[ref])
+            store.keep_secret(app, ref, got.secrets[ref])
         if got.directory is not None:
             if got.files != files:
                 remove_tree(got.directory)
@@ -601,15 +589,9 @@ class Replicator:
                 if copy.name.startswith(".incoming-") or (app_dir.name, copy.name) not in keep:
                     with contextlib.suppress(OSError):
                         remove_tree(copy)
-            store = self.home / "secrets" / app_dir.name
-            if refs is not None and store.is_dir() and \
+            if refs is not None and \
                     not (self.home / "apps" / app_dir.name / "releases").is_dir():
-                wanted = refs.get(app_dir.name, set())
-                for value in store.iterdir():
-                    if value.name not in wanted:
-                        value.unlink(missing_ok=True)
-                with contextlib.suppress(OSError):
-                    store.rmdir()
+                ConfigStore(self.home).prune(app_dir.name, refs.get(app_dir.name, set()))
             with contextlib.suppress(OSError):
                 app_dir.rmdir()
 

@@ -348,13 +348,20 @@ def test_connections_beyond_the_cap_are_closed_at_once(
         srv.server_close()
 
 
-def test_copies_of_a_lost_hosts_releases_are_kept_for_its_apps_adoption(
-        tmp_path: Path, shared: SqliteLedger, server: ReplicaServer) -> None:
+def copied_to_h2(tmp_path: Path, shared: SqliteLedger, server: ReplicaServer
+                 ) -> tuple[Path, Replicator]:
+    """shop's release on live h1, copied once to h2: h2's home and replicator."""
     release_on(shared, tmp_path / "h1", "h1")
     alive(shared, "h1")
     home2 = tmp_path / "h2"
     rep = Replicator(shared, home2, "h2", Channel(KEY), server.server_address[1])
-    assert rep.sync() == 1
+    assert rep.sync() == 1 and (home2 / "secrets" / "shop" / REF).is_file()
+    return home2, rep
+
+
+def test_copies_of_a_lost_hosts_releases_are_kept_for_its_apps_adoption(
+        tmp_path: Path, shared: SqliteLedger, server: ReplicaServer) -> None:
+    home2, rep = copied_to_h2(tmp_path, shared, server)
     shared.release("host:h1", [("host-alive", "h1")])  # h1 is lost
     server.shutdown()
     assert rep.sync() == 0  # nothing to copy from a lost host, and nothing tried
@@ -365,11 +372,7 @@ def test_copies_of_a_lost_hosts_releases_are_kept_for_its_apps_adoption(
 
 def test_a_rotated_secrets_old_value_is_not_kept_on_other_hosts(
         tmp_path: Path, shared: SqliteLedger, server: ReplicaServer) -> None:
-    release_on(shared, tmp_path / "h1", "h1")
-    alive(shared, "h1")
-    home2 = tmp_path / "h2"
-    rep = Replicator(shared, home2, "h2", Channel(KEY), server.server_address[1])
-    assert rep.sync() == 1 and (home2 / "secrets" / "shop" / REF).is_file()
+    home2, rep = copied_to_h2(tmp_path, shared, server)
     ref2 = "e" * 32  # the secret set again: v2 references the new value only, v1 is gone
     (tmp_path / "h1" / "secrets" / "shop" / ref2).write_text("new value")
     shared.put("releases:shop@h1", "release", "shop/v2",

@@ -156,6 +156,17 @@ class ConfigStore:
                                   code=ErrorCode.INTERNAL) from None
         return out
 
+    def keep_secret(self, app: str, ref: str, value: str) -> None:
+        """Store a secret's value under its reference as another host holds it (a copy of
+        that host's release, ``corral.replication``): 0600 root, as ``with_set`` does."""
+        if not re.fullmatch(r"[0-9a-f]{32}", ref):
+            raise CorralError("bad secret reference", code=ErrorCode.INVALID)
+        _write_private(self._secrets(app) / ref, value)
+
+    def has_secrets(self, app: str, refs: list[str]) -> bool:
+        """Whether every referenced value is in the app's store."""
+        return all((self.home / "secrets" / app / ref).is_file() for ref in refs)
+
     def prune(self, app: str, keep: set[str]) -> int:
         """Remove the secret values no kept release nor the desired config references."""
         keep = keep | set(self.current(app).secrets.values())
