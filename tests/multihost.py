@@ -27,7 +27,8 @@ it, and always takes all of it down afterwards::
   on the machine). The bridge holds ``10.A.B.254`` so that the test itself (in the root
   namespace) reaches the members, as an operator's machine would;
 - its own mount namespace with a private tmpfs on ``/run`` (a host's processes see only
-  their own ``/run``; ``run_dir`` is that /run seen from outside) and its own UTS namespace
+  their own ``/run``; ``run_dir`` is that /run seen from outside), a sysfs of its own on
+  ``/sys`` with the machine's cgroup hierarchies under it, and its own UTS namespace
   (``hostname`` says ``h<i>``). A long-lived holder process (``sleep infinity``) keeps the
   namespaces; everything of the host runs through ``nsenter`` into its net, mount and UTS
   namespaces (``host.run(*argv)`` runs any command there);
@@ -41,8 +42,10 @@ it, and always takes all of it down afterwards::
   (no drivers, ``unconfined``, ``ledger = "etcd://<own member>,<the others>"``,
   ``[host] name = "h<i>"``, ``address``, ``ttl_s`` = ``cluster.ttl_s``, 3 s by default;
   ``extra_toml`` goes before ``[host]``; ``keyed=True`` adds the cluster key, one per run,
-  in ``<dir>/cluster.key``; ``drivers=("cron",)`` runs the cron driver; ``labels`` are the
-  host's ``[host] labels``), starts
+  in ``<dir>/cluster.key``; ``drivers`` names the drivers it runs, none by default,
+  ``DRIVERS`` for all five: with net and fs the host's apps are confined, in the host's
+  own nftables, network namespaces and cgroups; ``labels`` are the host's
+  ``[host] labels``), starts
   ``corrald --stop-drivers`` in the host's namespaces and waits until it answers
   ``kernel.status`` (``RuntimeError`` with its log when it exits, e.g. refused because
   another host is alive on the ledger). ``kernel`` is a
@@ -116,11 +119,11 @@ MARKER = "corral-multihost"
 DRIVERS = ("net", "fs", "log", "lb", "cron")
 
 
-def bare(drivers: Sequence[str] = ()) -> str:
-    """host.toml's start: unconfined, every driver disabled but ``drivers`` (only cron runs
-    in a test host so far: the others are not host-scoped yet)."""
+def bare(drivers: Sequence[str] = (), *, confined: bool = False) -> str:
+    """host.toml's start: every driver disabled but ``drivers``; ``unconfined`` unless
+    ``confined`` (which needs the net and fs drivers)."""
     off = ", ".join(f'"{d}"' for d in DRIVERS if d not in drivers)
-    return f"disabled = [{off}]\nunconfined = true\n"
+    return f"disabled = [{off}]\n" + ("" if confined else "unconfined = true\n")
 
 AVOID = tuple(ipaddress.IPv4Network(n) for n in ("10.231.0.0/16", "10.150.0.0/15",
                                                  "10.152.0.0/13", "10.160.0.0/11",
@@ -351,10 +354,17 @@ class Host:
               "dev", IFACE])
         _run(["ip", "-n", self.netns, "link", "set", IFACE, "up"])
         _run(["ip", "-n", self.netns, "link", "set", "lo", "up"])
-        script = ('mount -t tmpfs -o mode=0755,size=64m "$1" /run && hostname "$2" && '
+        # A sysfs of the host's own netns on /sys (as ``ip netns exec`` gives), with the
+        # machine's cgroup hierarchies moved back under it: the fs driver confines the
+        # host's instances in cgroups (under a base named after the kernel's runtime dir,
+        # so hosts never share one).
+        script = ('mount -t tmpfs -o mode=0755,size=64m "$1" /run && mkdir /run/.cgroup && '
+                  'mount --rbind /sys/fs/cgroup /run/.cgroup && '
+                  'mount -t sysfs "$1-sys" /sys && mount --move /run/.cgroup /sys/fs/cgroup && '
+                  'rmdir /run/.cgroup 2>/dev/null; hostname "$2" && '
                   f'printf %s "$2" > /run/{MARKER} && exec sleep infinity')
         self.holder = subprocess.Popen(
-            ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--uts",
+            ["nsenter", f"--net=/run/netns/{self.netns}", "unshare", "--mount", "--uts",
              "--propagation", "private", "--", "sh", "-c", script, "sh",
              f"{self.netns}-run", self.name],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -402,7 +412,8 @@ class Host:
         key = f'cluster_key = "{self.key_file()}"\n' if keyed else ""
         if labels:
             key += f"labels = {json.dumps(list(labels))}\n"
-        return (bare(drivers) + f'ledger = "{self.cluster.url_from(self.index)}"\n' + extra
+        return (bare(drivers, confined="net" in drivers and "fs" in drivers)
+                + f'ledger = "{self.cluster.url_from(self.index)}"\n' + extra
                 + f'\n[host]\nname = "{self.name}"\naddress = "{self.address}"\n'
                 f"ttl_s = {self.cluster.ttl_s}\n" + key)
 

@@ -56,8 +56,9 @@ ALIVE = "host-alive"
 HOST = "host"
 APP = "app"
 RETRY_MAX_S = 30.0
-MOVED = frozenset(CLUSTER_KINDS - {HOST, ALIVE})
-"""The kinds an adoption moves: app names, lb names, domains, uids, releases."""
+MOVED = frozenset(CLUSTER_KINDS - {HOST, ALIVE, "subnet", "backend"})
+"""The kinds an adoption moves: app names, lb names, domains, uids, releases, cron slots (a
+lost host's subnet stays its own; its lb backends are dead instances, left to lapse)."""
 
 Ask = Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any]]]
 """Runs an operation on another host: (host, operation, arguments) -> its result."""

@@ -18,7 +18,8 @@ whole cluster is unique, what only means something on one host is per host:
 Callers see the ledger as if it were theirs alone: keys and owners come back without the
 host, and reads show this host's records only (a kernel restoring its apps after a restart
 must never adopt another host's), except the kinds in ``SHARED_READS`` (app uids, which a
-host allocates from one range, and the host records), which are listed for every host,
+host allocates from one range, the host records, the hosts' instance subnets and the lb
+backends), which are listed for every host,
 their owners keeping ``@<host>``. ``holder`` tells who holds a cluster-wide key, whichever
 host it is. ``@`` appears in no app, driver or host name, so the mapping is one to one.
 
@@ -48,10 +49,12 @@ from corral.ledger._base import (
 )
 
 CLUSTER_KINDS = frozenset({"app", "lbname", "domain", "uid", "release", "cron-slot", "host",
-                           "host-alive"})
-"""Kinds whose keys are unique in the whole cluster; every other kind is per host."""
+                           "host-alive", "subnet", "backend"})
+"""Kinds whose keys are unique in the whole cluster; every other kind is per host. ``subnet``:
+a host's instance subnet (the net driver's, routed to by the others); ``backend``: an
+instance an lb balances over (the lb driver's, so that every host's lb finds every host's)."""
 
-SHARED_READS = frozenset({"uid", "host", "host-alive"})
+SHARED_READS = frozenset({"uid", "host", "host-alive", "subnet", "backend"})
 """Cluster-wide kinds whose records every host lists, whoever holds them."""
 
 
