@@ -36,6 +36,7 @@ log = structlog.get_logger("corral.hosts")
 HOST = "host"
 ALIVE = "host-alive"
 APP = "app"
+SUBNET = "subnet"
 FORGET_BATCH = 64  # records released per transaction (etcd allows 128 operations in one)
 
 
@@ -156,13 +157,17 @@ def host_of(owner: str, this: str) -> str:
 
 def list_hosts(ledger: Ledger, this: str) -> list[dict[str, Any]]:
     """Every host the ledger knows: its state (``ready``, or ``lost`` since its last sign of
-    life), address, the apps deployed on it, instances and free capacity. ``ledger``: the
+    life), address, the apps deployed on it, its instance subnets (the net driver's, routed
+    to by the other hosts), instances and free capacity. ``ledger``: the
     shared ledger itself, not a host's view; ``this``: the asking kernel's host."""
     alive = {r.key: r for r in ledger.list(kind=ALIVE)}
     leading = ledger.get("leader", "cluster")
     apps: dict[str, list[str]] = {}
     for app in ledger.list(kind=APP):
         apps.setdefault(host_of(app.owner, this), []).append(app.key)
+    subnets: dict[str, list[str]] = {}  # the net driver's instance subnets, one per host
+    for sub in ledger.list(kind=SUBNET):
+        subnets.setdefault(host_of(sub.owner, this), []).append(sub.key)
     out = []
     for rec in ledger.list(kind=HOST):
         live = alive.get(rec.key)
@@ -170,6 +175,7 @@ def list_hosts(ledger: Ledger, this: str) -> list[dict[str, Any]]:
                                "joined": rec.value.get("joined"),
                                "last_seen": rec.value.get("last_seen"),
                                "apps": sorted(apps.get(rec.key, [])),
+                               "subnets": sorted(subnets.get(rec.key, [])),
                                "leader": leading is not None
                                and leading.owner == f"host:{rec.key}"}
         if live is not None:

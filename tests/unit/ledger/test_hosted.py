@@ -148,12 +148,18 @@ def test_a_lost_host_is_forgotten_and_its_names_are_free(h1: HostView, h2: HostV
     h1.claim("shop", [Claim("app", "shop"), Claim("port", "8080"), Claim("uid", "61000"),
                       Claim("release", "shop/1"), Claim("instance", "shop.web.1")])
     h2.claim("blog", [Claim("app", "blog"), Claim("port", "8080")])
+    h1.claim("net", [Claim("subnet", "10.231.0.0/22", {"host": "h1"})])
+    h2.claim("net", [Claim("subnet", "10.231.4.0/22", {"host": "h2"})])
+    assert [(r.key, r.owner) for r in h2.list(kind="subnet")] == [
+        ("10.231.0.0/22", "net@h1"), ("10.231.4.0/22", "net")]  # every host lists them all
     shared.put("host:h1", HOST, "h1", {"address": "10.0.0.1"})
     shared.put("host:h2", HOST, "h2", {"address": "10.0.0.2"})
     lease = shared.grant_lease(30, "host:h1")
     shared.put("host:h1", ALIVE, "h1", {"pid": 7, "seen": 0}, lease=lease)
     rows = {r["name"]: r for r in list_hosts(shared, "h2")}
     assert rows["h1"]["apps"] == ["shop"] and rows["h2"]["apps"] == ["blog"]
+    assert rows["h1"]["subnets"] == ["10.231.0.0/22"]
+    assert rows["h2"]["subnets"] == ["10.231.4.0/22"]
     assert rows["h1"]["state"] == "ready" and rows["h2"]["state"] == "lost"
 
     with pytest.raises(ConflictError, match="host 'h1' is alive"):
@@ -166,11 +172,13 @@ def test_a_lost_host_is_forgotten_and_its_names_are_free(h1: HostView, h2: HostV
 
     shared.revoke(lease)  # h1 lost
     done = forget_host(shared, "h1", "h2")
-    assert done["released"] == {"app": 1, "port": 1, "uid": 1, "release": 1, "instance": 1}
+    assert done["released"] == {"app": 1, "port": 1, "uid": 1, "release": 1, "instance": 1,
+                                "subnet": 1}
     assert not [r for r in shared.list() if "h1" in r.owner or r.key.startswith("@h1/")]
     assert shared.get(HOST, "h1") is None
     assert [(r.kind, r.key) for r in h2.list(owner="blog")] == [("app", "blog"),
                                                                 ("port", "8080")]
+    assert [r.key for r in h2.list(kind="subnet")] == ["10.231.4.0/22"]  # h2's stays
     h2.claim("shop", [Claim("app", "shop")])  # the name is free now
     assert [r["name"] for r in list_hosts(shared, "h2")] == ["h2"]
 

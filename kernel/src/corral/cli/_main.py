@@ -332,9 +332,11 @@ def cmd_hosts(ns: argparse.Namespace) -> int:
         me = " (this host)" if h["name"] == res.get("this") else ""
         me += " (leader)" if h.get("leader") else ""
         rows.append([h["name"] + me, state, h.get("address") or "-",
+                     ",".join(h.get("subnets") or []) or "-",
                      ",".join(h.get("labels") or []) or "-",
                      ",".join(h.get("apps") or []) or "-", str(h.get("instances", "-")), free])
-    table(rows, ["HOST", "STATE", "ADDRESS", "LABELS", "APPS", "INSTANCES", "CAPACITY"])
+    table(rows, ["HOST", "STATE", "ADDRESS", "SUBNET", "LABELS", "APPS", "INSTANCES",
+                 "CAPACITY"])
     return 0
 
 
