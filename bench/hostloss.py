@@ -42,8 +42,6 @@ from multihost import Cluster, Host, multihost
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 TTL_S = float(os.environ.get("BENCH_TTL", "3"))
 POLL_S = 0.01
-SERVER = (Path(__file__).resolve().parents[1] / "tests" / "apps" / "env-echo"
-          / "server.py").read_text()
 TOML = """[app]
 name = "{name}"
 
@@ -69,13 +67,7 @@ def serving(h: Host, port: int) -> bool:
 
 
 def app_dir(c: Cluster, name: str, port: int) -> Path:
-    d = c.base / name
-    d.mkdir(mode=0o755)
-    (d / "corral.toml").write_text(TOML.format(name=name, port=port))
-    (d / "server.py").write_text(SERVER)
-    for f in (d, *d.iterdir()):
-        f.chmod(0o755 if f.is_dir() else 0o644)
-    return d
+    return c.env_echo_app(name, TOML.format(name=name, port=port))
 
 
 def wait(cond: object, timeout: float, what: str) -> None:

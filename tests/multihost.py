@@ -54,7 +54,8 @@ it, and always takes all of it down afterwards::
   unix socket under ``dir``), e.g. ``ledger.claim``, which the CLI does not offer.
 
 **Faults.** ``kill9()``: SIGKILL the kernel, every process it started (drivers, apps) and
-anything else of corral in the host's network namespace (not the holder, not the member);
+anything else of corral in the host's network namespace and in its instances' (the
+namespaces its net driver made; not the holder, not the member);
 ``stop_kernel()``: SIGTERM (drivers stopped too). ``stop_member()`` (SIGTERM),
 ``kill_member()`` (SIGKILL) and ``start_member()`` (with its data, state ``existing``).
 ``cut()``: an nftables table ``inet crlmh<tag>`` in the host's namespace drops every packet
@@ -65,8 +66,9 @@ leader); ``host.etcdctl(...)`` runs etcdctl inside the host against every member
 
 **Clean-up.** ``multihost()`` tears everything down in ``finally``, whatever happened, each
 step on its own: kernels and their children (-9), members, every process left in each
-namespace, the nft tables, the namespaces, the veths, the bridge, and the run's directories;
-then checks that no namespace or link of the run is left (and raises if the test passed).
+namespace (instances' included), the hosts' cgroups, the nft tables, the namespaces, the
+veths, the bridge, and the run's directories; then checks that no namespace or link of the
+run is left (and raises if the test passed).
 The bridge's alias records the owning pid and directories: a run killed before it could
 clean up (SIGKILL of pytest) is swept by the next ``multihost()`` (``sweep_stale()``, also
 ``python tests/multihost.py sweep``), which removes what belongs to runs whose pid is gone.
@@ -132,6 +134,17 @@ AVOID = tuple(ipaddress.IPv4Network(n) for n in ("10.231.0.0/16", "10.150.0.0/15
 is in 10.32-149 anyway)."""
 TOOLS = ("ip", "nft", "nsenter", "unshare")
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+ENV_ECHO = Path(__file__).resolve().parent / "apps" / "env-echo" / "server.py"
+
+
+def env_echo_toml(name: str, *, port: int = 8080, frontend: int = 8081, instances: int = 1,
+                  extra: str = "") -> str:
+    """corral.toml of an env-echo app ``name``: its ``web`` process on ``port`` behind the
+    lb name ``<name>.corral.test`` on ``frontend``; ``extra`` ends the ``[lb]`` section (or
+    adds sections)."""
+    return (f'[app]\nname = "{name}"\n[processes]\nweb = {{ command = "python3 server.py '
+            f'{port}", instances = {instances}, port = "http" }}\n[ports]\nhttp = {port}\n'
+            f'[lb]\nname = "{name}.corral.test"\nfrontend = {frontend}\n{extra}')
 
 
 def require_multihost() -> None:
@@ -190,11 +203,32 @@ def _netns_pids(netns: str) -> list[int]:
     return [int(p) for p in out.split() if p.isdigit()]
 
 
-def _kill_netns_processes(netns: str, keep: Sequence[int] = (), timeout: float = 5.0) -> None:
-    """SIGKILL every process in ``netns`` except ``keep``; wait until they are gone."""
+def _netns_inode(path: Path | str) -> int | None:
+    """The inode of the network namespace a ``/run/netns`` file (or ``/proc/PID/ns/net``)
+    is, or None."""
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def _pids_in(inodes: set[int]) -> list[int]:
+    """Every process whose network namespace is one of ``inodes``."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and _netns_inode(f"/proc/{entry.name}/ns/net") in inodes:
+            out.append(int(entry.name))
+    return out
+
+
+def _kill_netns_processes(netns: str, keep: Sequence[int] = (), timeout: float = 5.0,
+                          also: Sequence[Path] = ()) -> None:
+    """SIGKILL every process in ``netns`` (and in the namespaces of ``also``: netns files,
+    e.g. a test host's instances') except ``keep``; wait until they are gone."""
     deadline = time.monotonic() + timeout
     while True:
-        pids = [p for p in _netns_pids(netns) if p not in keep]
+        inodes = {i for i in (_netns_inode(p) for p in also) if i is not None}
+        pids = [p for p in [*_netns_pids(netns), *_pids_in(inodes)] if p not in keep]
         pids = [p for p in pids if _alive(p)]
         if not pids:
             return
@@ -315,7 +349,8 @@ class HostKernel(KernelProcess):
                 child.kill()
         proc.wait(10)
         psutil.wait_procs(below, timeout=5)
-        _kill_netns_processes(self.host.netns, keep=self.host.spared())
+        _kill_netns_processes(self.host.netns, keep=self.host.spared(),
+                              also=self.host.instance_netns())
 
 
 class Host:
@@ -396,6 +431,16 @@ class Host:
         """Run a command inside the host (its output captured; the caller checks it)."""
         return subprocess.run(self.enter(argv), input=input, capture_output=True, text=True,
                               timeout=timeout, check=False, env=_no_proxy(dict(os.environ)))
+
+    def instance_netns(self) -> list[Path]:
+        """The network namespaces the host's net driver made for its instances (their files
+        in the host's own /run/netns): a host's loss kills its instances too, wherever
+        they run."""
+        d = self.run_dir / "netns"
+        try:
+            return sorted(d.iterdir())
+        except OSError:
+            return []
 
     def spared(self) -> list[int]:
         """The host's own processes that a kill of its kernel leaves: holder and member."""
@@ -558,13 +603,29 @@ class Host:
         step("kill the member", self.kill_member)
         if self.is_cut:
             step("heal", self.heal)
-        step("kill what is left", _kill_netns_processes, self.netns)
+        step("kill what is left", lambda: _kill_netns_processes(
+            self.netns, also=self.instance_netns()))
+        step("remove the cgroups", self._remove_cgroups)
         if self.holder is not None:
             step("reap the holder", self._reap_holder)
         if _link_exists(self.veth):  # both ends go at once (a netns is deleted lazily)
             step("delete the veth", _run, ["ip", "link", "del", self.veth])
         if self.netns in _netns_names():
             step("delete the netns", _run, ["ip", "netns", "del", self.netns])
+
+    def _remove_cgroups(self) -> None:
+        """The cgroups the host's fs driver made for its instances (under a base named
+        after its kernel's runtime dir), their processes killed first."""
+        from corral_fs._cgroups import detect
+        from corral_fs.sandbox import cgroup_base
+
+        try:
+            tree = detect(cgroup_base(self.kernel.runtime))
+        except RuntimeError:
+            return  # no cgroup hierarchy here: nothing was made
+        for name in sorted(tree.names()):
+            tree.remove(name)
+        tree.release_base()
 
     def _reap_holder(self) -> None:
         holder = self.holder
@@ -603,6 +664,20 @@ class Cluster:
         self.data = Path(tempfile.mkdtemp(prefix=f"corral-mh-{self.tag}-etcd-",
                                           dir=_data_parent()))
         self.hosts = [Host(self, i) for i in range(1, n + 1)]
+
+    def env_echo_app(self, directory: str, corral_toml: str) -> Path:
+        """An app directory ``<base>/<directory>`` (0755; files 0644, readable by an app's
+        uid) with ``corral_toml`` and the env-echo server (tests/apps/env-echo: ``python3
+        server.py PORT`` answers "$APP $TOKEN" and its instance in X-Instance); made again
+        (the toml rewritten) when it exists."""
+        d = self.base / directory
+        d.mkdir(mode=0o755, exist_ok=True)
+        d.chmod(0o755)
+        (d / "corral.toml").write_text(corral_toml)
+        (d / "server.py").write_text(ENV_ECHO.read_text())
+        for f in d.iterdir():
+            f.chmod(0o644)
+        return d
 
     def host(self, i: int) -> Host:
         """Host ``h<i>`` (1-based)."""

@@ -1,8 +1,10 @@
 """A dependency-free HTTP server for the several-hosts tests and bench: `python3 server.py PORT`
-answers every GET with "$APP $TOKEN" ("?" and "-" when unset), one line."""
+answers every GET with "$APP $TOKEN" ("?" and "-" when unset), one line, and says which
+instance it is in an X-Instance header ($CORRAL_INSTANCE)."""
 
 import http.server
 import os
+import socketserver
 import sys
 
 
@@ -11,6 +13,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         body = f"{os.environ.get('APP', '?')} {os.environ.get('TOKEN', '-')}\n".encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Instance", os.environ.get("CORRAL_INSTANCE", "?"))
         self.end_headers()
         self.wfile.write(body)
 
@@ -18,4 +21,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Handler).serve_forever()
+class Server(http.server.ThreadingHTTPServer):
+    def server_bind(self) -> None:
+        # HTTPServer's own asks the resolver for its name (getfqdn): seconds where no
+        # resolver answers, as in the test hosts' sandboxes
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = "env-echo", int(self.server_address[1])
+
+
+Server(("0.0.0.0", int(sys.argv[1])), Handler).serve_forever()
