@@ -57,12 +57,19 @@ class KernelLink:
     def __init__(self) -> None:
         self._conn: Connection | None = None
 
+    @property
+    def welcomed(self) -> bool:
+        """Whether the current connection has had the kernel's WELCOME (requests may go)."""
+        return self._conn is not None and self._conn.welcome is not None
+
     async def call(
         self, op: str, args: dict[str, Any] | None = None, *, timeout: float = 30.0
     ) -> dict[str, Any]:
-        """Ask the kernel (ledger.claim, instance.spawn, ...); raises CorralError."""
-        if self._conn is None:
-            raise CorralError("kernel not connected", code=ErrorCode.UNAVAILABLE)
+        """Ask the kernel (ledger.claim, instance.spawn, ...); raises CorralError,
+        ``UNAVAILABLE`` (retry) while not connected or before the kernel's WELCOME (a request
+        sent ahead of it would make the kernel refuse the driver: HELLO first)."""
+        if self._conn is None or self._conn.welcome is None:
+            raise CorralError("kernel not connected", code=ErrorCode.UNAVAILABLE, retry=True)
         return await self._conn.call(op, args, timeout=timeout)
 
     async def publish(self, topic: str, data: dict[str, Any]) -> None:
