@@ -7,6 +7,11 @@ would silently destroy each other's state. Before touching the host a driver cla
 names in ``/run/corral-net/<table>.claim`` (an exclusive ``flock``, released by the kernel
 when the process dies, so a crash leaves nothing stale) and refuses, naming the other
 driver, when a live claim overlaps.
+
+On a ledger several hosts share, the driver hands out addresses from its host's slice of the
+pools only (``corral_net.subnets``), but it claims the whole configured pools here: it also
+keeps the routes to the other hosts' slices (``corral_net.routes``), which a second driver on
+the same pools would fight over.
 """
 
 from __future__ import annotations

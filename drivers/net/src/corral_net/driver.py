@@ -3,11 +3,19 @@
 Addresses are claimed in the kernel's ledger (kind ``address``, key the instance's IPv4
 address, owner the app), so they survive driver restarts and never go to two instances.
 Host ports are claimed by the kernel in the deploy transaction; this driver only DNATs them.
+
+On a ledger several hosts share (``kernel.status``: ``shared_ledger``), the driver first
+claims this host's slice of the pools (``corral_net.subnets``) and hands out addresses from
+it alone; every 2 s it lists the hosts' subnets, keeps a route to each other host's
+(``corral_net.routes``) and lets those hosts reach the instances' granted ports (the rules'
+peers). On a host of its own nothing of this happens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -18,12 +26,40 @@ from corral.sdk import Driver, op, run
 from corral_net import DRIVER
 from corral_net.claim import HostClaim
 from corral_net.config import NetConfig
+from corral_net.egress import IPNetwork
 from corral_net.host import HostNetwork
 from corral_net.model import AppPolicy, InstanceNet, policy_from_manifest
+from corral_net.netlink import Netlink
+from corral_net.routes import RouteKeeper, wanted_routes
+from corral_net.subnets import (
+    SUBNET,
+    HostIdentity,
+    HostSlices,
+    SubnetRecord,
+    address6_beside,
+    claim_record,
+    claim_subnet,
+    host_address,
+    local_config,
+    parse_records,
+    peer_addresses,
+)
 
 log = structlog.get_logger("corral.net")
 ADDRESS = "address"
 REMOVAL_WAIT_S = 10.0  # at stop: how long stopped instances' networks may take to go
+CLUSTER_REFRESH_S = 2.0  # how often the hosts' subnets are listed (routes, peers)
+
+
+@dataclass
+class _Cluster:
+    """This host's part in a cluster: its name and subnet, the cluster's (uncut) pools, the
+    routes kept to the other hosts' subnets."""
+
+    host: str
+    subnet: SubnetRecord
+    pools: tuple[IPNetwork, ...]
+    routes: RouteKeeper
 
 
 class NetDriver(Driver):
@@ -39,8 +75,12 @@ class NetDriver(Driver):
         super().__init__()
         self._net: HostNetwork | None = None
         self._refresher: asyncio.Task[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None
         self._claim: HostClaim | None = None
         self._welcome_seen = asyncio.Event()
+        self._building = asyncio.Lock()
+        self._shared: tuple[bool, str] | None = None  # (shared ledger?, this host's name)
+        self._cluster: _Cluster | None = None  # on a shared ledger, once the subnet is held
         # instance -> address slot claimed in the ledger, its netns not made yet (this loop's)
         self._claiming: dict[str, int] = {}
         # instance -> (its slot, the task removing its namespace and links after its stop)
@@ -54,28 +94,92 @@ class NetDriver(Driver):
 
     @property
     def net(self) -> HostNetwork:
-        """The library, built from the config handed over at WELCOME, once this driver holds
-        the host-wide claim on its table, prefixes and pools (``corral_net.claim``)."""
+        """The library, once ``_network`` built it (every operation awaits that first)."""
         if self._net is None:
-            if not self._welcome_seen.is_set():  # never the defaults in place of the host's
-                raise CorralError("net: no host config yet (not welcomed)",
-                                  code=ErrorCode.UNAVAILABLE, retry=True)
-            config = NetConfig.from_mapping(self.config)
+            raise CorralError("net: the host network is not set up yet",
+                              code=ErrorCode.UNAVAILABLE, retry=True)
+        return self._net
+
+    async def _network(self) -> HostNetwork:
+        """The library, built once from the config handed over at WELCOME, once this driver
+        holds the host-wide claim on its table, prefixes and pools (``corral_net.claim``)
+        and, on a shared ledger, this host's subnet (its pools are then that slice). A
+        failure is raised to the operation that waits; the next one tries again."""
+        if self._net is not None:
+            return self._net
+        if not self._welcome_seen.is_set():  # never the defaults in place of the host's
+            raise CorralError("net: no host config yet (not welcomed)",
+                              code=ErrorCode.UNAVAILABLE, retry=True)
+        async with self._building:
+            if self._net is None:
+                self._net = await self._build()
+        return self._net
+
+    async def _build(self) -> HostNetwork:
+        """Claim what ``_network`` needs and make the library: on a host of its own from
+        the config as it is; on a shared ledger from this host's slices, with routes to the
+        other hosts' subnets and those hosts as the rules' peers from the start (a driver
+        restarted under running instances keeps letting the others' lbs in)."""
+        config = NetConfig.from_mapping(self.config)
+        shared, host = await self._ledger_shared()
+        if self._claim is None:
+            # The whole pools, not this host's slices: the routes to the other slices are
+            # this driver's too, so two drivers on one host must not share them either.
             claim = HostClaim(config)
             claim.acquire()
             self._claim = claim
-            self._net = HostNetwork(config)
-        return self._net
+        if not shared:
+            return HostNetwork(config)
+        slices = HostSlices.of(config)
+        addresses = await asyncio.to_thread(self._addresses)
+        address = await host_address(self.kernel, host)
+        me = HostIdentity(host, address, address6_beside(addresses, address))
+        subnet, records = await claim_subnet(self.kernel, slices, me)
+        local = local_config(config, subnet)
+        peers = [r for r in records if not r.mine and r.host != host]
+        net = HostNetwork(local, peers=peer_addresses(peers, host))
+        pools: tuple[IPNetwork, ...] = (config.pool4,) if config.pool6 is None else (
+            config.pool4, config.pool6)
+        cluster = _Cluster(host, subnet, pools, RouteKeeper(net.netlink, pools))
+        # This host forwards what the others send to its instances (and their answers).
+        await asyncio.to_thread(net.netlink.enable_forwarding, ipv6=local.pool6 is not None)
+        await asyncio.to_thread(self._keep_routes, cluster, net, peers, addresses)
+        self._cluster = cluster
+        log.info("host subnet held", host=host, pool4=str(local.pool4),
+                 pool6=str(local.pool6) if local.pool6 else None, address=address,
+                 peers=sorted(r.host for r in peers))
+        return net
+
+    async def _ledger_shared(self) -> tuple[bool, str]:
+        """(Whether the kernel's ledger is shared by several hosts, this host's name), asked
+        once. A kernel without ``kernel.status`` (a conformance stand-in) has a ledger of
+        its own; any other failure is raised (the next operation asks again)."""
+        if self._shared is None:
+            try:
+                status = await self.kernel.call("kernel.status", {})
+            except CorralError as exc:
+                if exc.code != ErrorCode.UNKNOWN_OPERATION:
+                    raise
+                status = {}
+            self._shared = (bool(status.get("shared_ledger")), str(status.get("host") or ""))
+        return self._shared
+
+    @staticmethod
+    def _addresses() -> dict[str, list[str]]:
+        return Netlink().global_addresses()
 
     async def start(self) -> None:
-        """Start refreshing egress names when their DNS TTLs run out."""
+        """Start refreshing egress names when their DNS TTLs run out, and (on a shared
+        ledger) keeping the routes to the other hosts' subnets."""
         self._refresher = asyncio.create_task(self._refresh_names())
+        self._keeper = asyncio.create_task(self._keep_cluster())
 
     async def stop(self) -> None:
-        """Stop the refresher and finish removing stopped instances' networks; rules and
-        namespaces of running instances stay (apps keep running)."""
-        if self._refresher is not None:
-            self._refresher.cancel()
+        """Stop the refreshers and finish removing stopped instances' networks; rules,
+        routes and namespaces of running instances stay (apps keep running)."""
+        for task in (self._refresher, self._keeper):
+            if task is not None:
+                task.cancel()
         pending = [task for _, task in self._removing.values()]
         if pending:
             await asyncio.wait(pending, timeout=REMOVAL_WAIT_S)
@@ -91,6 +195,65 @@ class NetDriver(Driver):
                 except CorralError as exc:
                     log.warning("egress name refresh failed", reason=exc.reason)
             await asyncio.sleep(min(delay, 60.0))
+
+    # -- several hosts -----------------------------------------------------------------------
+    async def _keep_cluster(self) -> None:
+        """Once welcomed, on a shared ledger: hold this host's subnet (without waiting for a
+        request: a host with no apps still routes to the others'), then every
+        ``CLUSTER_REFRESH_S`` refresh routes and peers (``_refresh_cluster``). On a host of
+        its own it ends at once. A failure is logged (once per reason) and retried."""
+        await self._welcome_seen.wait()
+        last = ""
+        while True:
+            try:
+                shared, _host = await self._ledger_shared()
+                if not shared:
+                    return
+                await self._refresh_cluster()
+                last = ""
+            except CorralError as exc:
+                if exc.reason != last:
+                    log.warning("host subnets not kept", reason=exc.reason)
+                last = exc.reason
+            await asyncio.sleep(CLUSTER_REFRESH_S)
+
+    async def _refresh_cluster(self) -> None:
+        """One round on a shared ledger: list the hosts' subnets, claim ours again if its
+        record went, keep a route to each other host's and let exactly those hosts in."""
+        net = await self._network()
+        cluster = self._cluster
+        if cluster is None:
+            raise CorralError("net: this host's ledger is its own; it holds no subnet",
+                              code=ErrorCode.INVALID)
+        listed = await self.kernel.call("ledger.list", {"kind": SUBNET})
+        records = parse_records(listed.get("records", []))
+        await self._keep_own(cluster, records)
+        peers = [r for r in records if not r.mine and r.host != cluster.host]
+        addresses = await asyncio.to_thread(self._addresses)
+        await asyncio.to_thread(self._keep_routes, cluster, net, peers, addresses)
+
+    async def _keep_own(self, cluster: _Cluster, records: list[SubnetRecord]) -> None:
+        """Claim this host's subnet again if its record went (the host was forgotten while
+        its driver ran): its instances hold addresses in it."""
+        if any(r.mine and r.cidr == cluster.subnet.cidr for r in records):
+            return
+        log.warning("this host's subnet record is gone; claiming it again",
+                    subnet=cluster.subnet.cidr)
+        await claim_record(self.kernel, cluster.subnet)
+
+    @staticmethod
+    def _keep_routes(cluster: _Cluster, net: HostNetwork, peers: list[SubnetRecord],
+                     addresses: dict[str, list[str]]) -> None:
+        """Routes to the ``peers``' subnets (from this host's own address, when it holds it),
+        and the rules' peers: the hosts let in."""
+        held = {a for found in addresses.values() for a in found}
+        own = [ipaddress.ip_address(a) for a in (cluster.subnet.address,
+                                                 cluster.subnet.address6) if a and a in held]
+        source4 = next((a for a in own if isinstance(a, ipaddress.IPv4Address)), None)
+        source6 = next((a for a in own if isinstance(a, ipaddress.IPv6Address)), None)
+        cluster.routes.sync(wanted_routes(peers, ipv6=net.config.pool6 is not None,
+                                          source4=source4, source6=source6))
+        net.set_peers(peer_addresses(peers, cluster.host))
 
     # -- ledger ------------------------------------------------------------------------------
     async def _claim_slot(self, app: str, instance_id: str) -> int:
@@ -164,6 +327,7 @@ class NetDriver(Driver):
     @op("app.attach")
     async def attach(self, args: Any) -> dict[str, Any]:
         """Grant the app its ports and egress (rules apply as instances appear)."""
+        await self._network()
         policy = policy_from_manifest(args.app.name, args.app.manifest)
         await asyncio.to_thread(self.net.set_app, policy)
         return {"ports": list(policy.ports), "egress": [e.text for e in policy.egress]}
@@ -173,6 +337,7 @@ class NetDriver(Driver):
         """Claim an address, create the instance's netns and veth pair, apply rules. The
         namespace and the pair need no address: they are made while the claim (a round trip
         to the kernel's ledger) is under way, and addressed once it is granted."""
+        await self._network()
         app, spec = args.app, args.instance
         removing = self._removing.get(spec.id)
         if removing is not None:  # the same instance again (a restart): its old links first
@@ -210,6 +375,7 @@ class NetDriver(Driver):
         """Take the instance's rules out and answer; then remove its namespace and links and
         release its address, off the caller's path (a restart of the same instance, and
         every claim of an address, wait for that)."""
+        await self._network()
         instance_id = args.instance_id
         known = self.net.state.instances.get(instance_id)
         try:
@@ -241,6 +407,7 @@ class NetDriver(Driver):
     @op("app.detach")
     async def detach(self, args: Any) -> dict[str, Any]:
         """Undo everything of the app: instances' networks, rules, address claims."""
+        await self._network()
         addresses = [str(i.addresses.instance4) for i in self.net.state.instances.values()
                      if i.app == args.app]
         gone = await asyncio.to_thread(self.net.remove_app, args.app)
@@ -250,6 +417,7 @@ class NetDriver(Driver):
     @op("state.sync")
     async def sync(self, args: Any) -> dict[str, Any]:
         """Re-apply the desired state in one transaction, adopt live instances, GC the rest."""
+        await self._network()
         policies: list[AppPolicy] = [policy_from_manifest(a.name, a.manifest) for a in args.apps]
         live = [{"id": r.spec.id, "app": r.spec.app, "port": r.spec.port, "kind": r.spec.kind}
                 for r in args.instances if r.state != "exited"]
@@ -266,6 +434,7 @@ class NetDriver(Driver):
     @op("query.net.stats")
     async def stats(self, args: Any) -> dict[str, Any]:
         """Refused attempts per app (egress and ingress), and the last apply time."""
+        await self._network()
         apps = await asyncio.to_thread(self.net.stats)
         return {"apps": apps, "shown": ["refused", "refused_in"],
                 "instances": len(self.net.state.instances),

@@ -7,9 +7,10 @@ thread-safe; the driver calls it from a worker thread.
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from corral.errors import CorralError, ErrorCode
@@ -28,7 +29,9 @@ class HostNetwork:
 
     def __init__(self, config: NetConfig, *, allocator: SlotAllocator | None = None,
                  resolver: NameResolver | None = None, nft: Nftables | None = None,
-                 netlink: Netlink | None = None) -> None:
+                 netlink: Netlink | None = None, peers: Sequence[str] | None = None) -> None:
+        """``peers``: None on a host of its own; on a shared ledger, the other hosts'
+        addresses (``set_peers``), ``()`` while none is known."""
         self.config = config
         self.pool = AddressPool(config)
         self.allocator: SlotAllocator = allocator or LocalSlotAllocator(self.pool)
@@ -36,7 +39,7 @@ class HostNetwork:
             config.resolvers, fallback_ttl=config.dns_fallback_ttl, min_ttl=config.dns_min_ttl)
         self.nft = nft or Nftables()
         self.netlink = netlink or Netlink()
-        self.state = DesiredState()
+        self.state = DesiredState(peers=None if peers is None else _peer_set(peers))
         self._expiry: dict[str, float] = {}  # name -> monotonic time its answer runs out
         self._lock = threading.RLock()
         self._existing: dict[tuple[str, str], list[dict[str, Any]] | None] | None = None
@@ -69,6 +72,29 @@ class HostNetwork:
             self.state.apps.pop(name, None)
             self.apply()
             return gone
+
+    def set_peers(self, peers: Sequence[str]) -> bool:
+        """On a shared ledger: let the hosts at ``peers`` reach the instances' addresses (on
+        their granted ports), and no other host; re-apply the rules when that changed and
+        instances are known (with none, there are no rules to change, and a driver restarted
+        under running instances must not apply before ``sync`` adopted them: the batch would
+        delete their rules). Returns whether the peers changed. Refused (CorralError) on a
+        host of its own."""
+        with self._lock:
+            if self.state.peers is None:
+                raise CorralError("net: peer hosts on a host whose ledger is its own",
+                                  code=ErrorCode.INVALID)
+            wanted = _peer_set(peers)
+            if wanted == self.state.peers:
+                return False
+            previous, self.state.peers = self.state.peers, wanted
+            if self.state.instances:
+                try:
+                    self.apply()
+                except Exception:
+                    self.state.peers = previous
+                    raise
+            return True
 
     # -- instances --------------------------------------------------------------------------
     def prepare_instance(self, app: str, instance_id: str, *, port: int | None = None,
@@ -306,6 +332,16 @@ class HostNetwork:
             raise CorralError(f"net: instance {instance_id!r} has no network here",
                               code=ErrorCode.UNKNOWN_OPERATION)
         return instance.addresses
+
+
+def _peer_set(peers: Iterable[str]) -> tuple[str, ...]:
+    """Peer addresses, each once, in a stable order (the rules do not change with the
+    order the ledger lists them in); CorralError naming one that is no address."""
+    try:
+        found = {ipaddress.ip_address(p) for p in peers}
+    except ValueError as exc:
+        raise CorralError(f"net: peer host address: {exc}", code=ErrorCode.INVALID) from exc
+    return tuple(str(a) for a in sorted(found, key=lambda a: (a.version, int(a))))
 
 
 def _objects_after(commands: list[dict[str, Any]], tables: list[tuple[str, str]]

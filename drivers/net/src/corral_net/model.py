@@ -81,8 +81,13 @@ def policy_from_manifest(name: str, manifest: Mapping[str, Any]) -> AppPolicy:
 
 @dataclass
 class DesiredState:
-    """The whole picture the rules are built from: apps, instances, resolved names."""
+    """The whole picture the rules are built from: apps, instances, resolved names, and on
+    a shared ledger the other hosts' addresses."""
 
     apps: dict[str, AppPolicy] = field(default_factory=dict)
     instances: dict[str, InstanceNet] = field(default_factory=dict)
     resolved: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # name -> networks
+    # None: a host of its own. On a shared ledger: the addresses of the other hosts holding
+    # subnets, the only senders from outside this host that reach an instance's address
+    # directly (on its granted ports, as this host does); routed there by corral_net.routes.
+    peers: tuple[str, ...] | None = None

@@ -1,4 +1,5 @@
-"""The ONE module that speaks netlink (pyroute2): namespaces, veth links, addresses, routes.
+"""The ONE module that speaks netlink (pyroute2): namespaces, veth links, addresses, routes
+(the instances' own, and the host's routes to other hosts' subnets, ``corral_net.routes``).
 
 Also writes the few per-link sysctls those links need. Every multi-step action undoes its
 completed steps when a later one fails.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import ipaddress
 import os
 import threading
 from collections.abc import Callable
@@ -24,10 +26,14 @@ from pyroute2 import IPRoute, NetlinkError, netns
 
 from corral.errors import CorralError, ErrorCode
 from corral_net.pool import SlotAddresses
+from corral_net.routes import ROUTE_PROTOCOL, Route
 
 NETNS_DIR = Path("/run/netns")
 IFA_F_NODAD = 0x02  # the address needs no duplicate detection: a point-to-point pair
-AF_INET6 = 10
+AF_INET, AF_INET6 = 2, 10
+MAIN_TABLE = 254
+RTN_UNICAST = 1
+RT_SCOPE_UNIVERSE = 0
 
 
 CLONE_NEWNET = 0x40000000
@@ -266,3 +272,79 @@ class Netlink:
             _sysctl("net/ipv4/ip_forward", "1")
         if ipv6 and _sysctl_read("net/ipv6/conf/all/forwarding") != "1":
             _sysctl("net/ipv6/conf/all/forwarding", "1")
+
+    # -- the host's routes to other hosts' subnets (corral_net.routes) -------------------------
+    def routes(self) -> list[Route]:
+        """Every unicast route of the main table that has a destination (not the default
+        route), v4 and v6, whoever made it."""
+        found: list[Route] = []
+        with IPRoute() as ipr:
+            for family in (AF_INET, AF_INET6):
+                for msg in ipr.get_routes(family=family, table=MAIN_TABLE):
+                    dst = msg.get_attr("RTA_DST")
+                    if msg["type"] != RTN_UNICAST or dst is None:
+                        continue
+                    if (msg.get_attr("RTA_TABLE") or msg["table"]) != MAIN_TABLE:
+                        continue
+                    gateway = msg.get_attr("RTA_GATEWAY")
+                    prefsrc = msg.get_attr("RTA_PREFSRC")
+                    found.append(Route(
+                        ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False),
+                        ipaddress.ip_address(gateway) if gateway else None,
+                        ipaddress.ip_address(prefsrc) if prefsrc else None,
+                        proto=int(msg["proto"]), metric=msg.get_attr("RTA_PRIORITY")))
+        return found
+
+    def add_route(self, route: Route) -> None:
+        """Add ``route`` to the main table with corral's protocol; CorralError naming it when
+        the kernel refuses (another route to it exists, the gateway is not on a link...)."""
+        self._route("add", route)
+
+    def replace_route(self, route: Route) -> None:
+        """Replace the main table's route to ``route.dst`` of metric ``route.metric`` (ours:
+        the caller checked) with ``route``."""
+        self._route("replace", route)
+
+    def remove_route(self, route: Route) -> None:
+        """Remove ``route`` from the main table if corral's protocol made it (the kernel
+        matches the protocol); absent is fine."""
+        try:
+            self._route("del", route)
+        except CorralError as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, NetlinkError)
+                    and cause.code in (errno.ESRCH, errno.ENOENT)):
+                raise
+
+    @staticmethod
+    def _route(command: str, route: Route) -> None:
+        spec: dict[str, object] = {
+            "dst": str(route.dst), "table": MAIN_TABLE, "proto": ROUTE_PROTOCOL,
+            "family": AF_INET if route.dst.version == 4 else AF_INET6}
+        if route.gateway is not None:
+            spec["gateway"] = str(route.gateway)
+        if route.prefsrc is not None and command != "del":
+            spec["prefsrc"] = str(route.prefsrc)
+        if route.metric is not None:
+            spec["priority"] = route.metric
+        try:
+            with IPRoute() as ipr:
+                ipr.route(command, **spec)
+        except (NetlinkError, OSError) as exc:
+            hint = ""
+            if isinstance(exc, NetlinkError) and exc.code == errno.ENETUNREACH:
+                hint = " (the other host's address is on none of this host's links: hosts " \
+                       "must share one, or route the subnets elsewhere)"
+            raise CorralError(f"net: route {command} {route}: {exc}{hint}",
+                              code=ErrorCode.INTERNAL) from exc
+
+    def global_addresses(self) -> dict[str, list[str]]:
+        """The host's addresses of global scope (v4 and v6), by link name."""
+        found: dict[str, list[str]] = {}
+        with IPRoute() as ipr:
+            names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+            for addr in ipr.get_addr():
+                name = names.get(addr["index"])
+                if name and addr["scope"] == RT_SCOPE_UNIVERSE:
+                    found.setdefault(name, []).append(str(addr.get_attr("IFA_ADDRESS")))
+        return found

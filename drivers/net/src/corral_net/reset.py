@@ -2,7 +2,8 @@
 
 Finds, by the names of the host config's ``[drivers.net]`` section alone (no ledger): network
 namespaces ``/run/netns/<netns_prefix>*``, host links ``<link_prefix>*`` (their peers go with
-them) and the nft tables ``inet <table>``, ``ip <table>_nat``, ``ip6 <table>_nat``. It first
+them), the nft tables ``inet <table>``, ``ip <table>_nat``, ``ip6 <table>_nat``, and the routes
+to other hosts' subnets it made (protocol 231, inside ``pool4``/``pool6``). It first
 takes the host-wide claim on those names (``corral_net.claim``), exactly as a starting net
 driver does: a live net driver using them makes the reset refuse, naming its pid, instead of
 pulling the network from under it.
@@ -16,8 +17,10 @@ from corral.errors import CorralError
 from corral.sdk import ResetReport, ResetRequest, serve_reset
 from corral_net.claim import HostClaim
 from corral_net.config import NetConfig
+from corral_net.egress import IPNetwork
 from corral_net.netlink import Netlink
 from corral_net.nft import Nftables
+from corral_net.routes import plan_routes
 from corral_net.ruleset import table_names
 
 
@@ -48,6 +51,12 @@ def reset(request: ResetRequest, report: ResetReport) -> None:
                 report.item(f"nftables table {family} {name}",
                             partial(nft.apply, [command], what="host reset"),
                             apply=request.apply)
+        pools: list[IPNetwork] = [config.pool4]
+        if config.pool6 is not None:
+            pools.append(config.pool6)
+        for route in plan_routes([], netlink.routes(), pools).remove:
+            report.item(f"route {route}", partial(netlink.remove_route, route),
+                        apply=request.apply)
     finally:
         claim.release()
 

@@ -5,6 +5,9 @@ Tables owned (``T`` = config.table): ``inet T`` (filter: ingress, egress, counte
 its named counters, flushes its rules, re-adds every chain and rule and deletes chains and
 counters no longer wanted, all in the same transaction: the kernel swaps old for new at
 commit, so running apps never see a gap and refused-attempt counters keep counting.
+
+On a shared ledger (``DesiredState.peers`` set), a chain ``outside`` lets into the instances,
+of what comes from outside the host, only replies, DNAT'd host ports and the other hosts.
 """
 
 from __future__ import annotations
@@ -160,11 +163,41 @@ def refused_in_counter(app: AppPolicy) -> str:
     return f"refused_in_{app.key}"
 
 
+REFUSED_OUTSIDE = "refused_outside"
+"""Name of the counter of refused attempts from outside the host (shared ledger only)."""
+
+
+def _outside_rules(table: _Table, forward: str, peers: Sequence[str], links: list[str]) -> None:
+    """On a shared ledger, the instances' subnets are routed between hosts: add the chain
+    ``outside``, which returns, of what is forwarded into an instance from outside this
+    host, only replies, host ports (DNAT'd, as on a host of its own) and packets from the
+    other hosts (``peers``, whose lbs reach an instance's address; the instance's ``in_``
+    chain then checks its granted ports, as for this host), and counts (``refused_outside``)
+    and rejects the rest; and the rule of ``forward`` that jumps to it for packets to one of
+    ``links`` (the instances') that did not come in through one (an instance of this host
+    reaching another is its egress rules' business, as on a host of its own)."""
+    chain = table.chain("outside")
+    table.counters.append(REFUSED_OUTSIDE)
+    table.rule(chain, _established(), {"return": None})
+    table.rule(chain, _match({"ct": {"key": "status"}}, "dnat", "in"), {"return": None})
+    for version, nets in _by_family(ipaddress.ip_network(p) for p in peers).items():
+        if nets:
+            proto = "ip" if version == 4 else "ip6"
+            table.rule(chain, _match(_payload(proto, "saddr"), _set([_net(n) for n in nets])),
+                       {"return": None})
+    _reject(table, chain, REFUSED_OUTSIDE)
+    table.rule(forward, _match(_meta("oifname"), _set(links)),
+               _match(_meta("iifname"), _set(links), "!="), {"jump": {"target": chain}})
+
+
 def _filter_table(config: NetConfig, state: DesiredState) -> _Table:
     table = _Table("inet", config.table)
     forward = table.chain("forward", hook="forward")
     input_ = table.chain("input", hook="input")
     output = table.chain("output", hook="output")
+    if state.peers is not None and state.instances:
+        links = sorted(i.link for i in state.instances.values())
+        _outside_rules(table, forward, state.peers, links)
     out_map: list[Any] = []
     host_map: list[Any] = []
     in_map: list[Any] = []
