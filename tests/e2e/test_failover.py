@@ -24,11 +24,19 @@ import psutil
 import pytest
 
 from corral.testing import wait_for
-from multihost import Cluster, Host, multihost, require_multihost
+from multihost import (
+    DRIVERS,
+    ENV_ECHO,
+    Cluster,
+    Host,
+    env_echo_toml,
+    multihost,
+    require_multihost,
+)
 
 pytestmark = pytest.mark.root
 
-SERVER = (Path(__file__).parents[1] / "apps" / "env-echo" / "server.py").read_text()
+SERVER = ENV_ECHO.read_text()
 
 APP_TOML = """[app]
 name = "{name}"
@@ -43,14 +51,7 @@ SECRET = "s3cret-0f-the-shop"
 
 
 def app_dir(c: Cluster, name: str, port: int = 8080) -> Path:
-    d = c.base / name
-    d.mkdir(mode=0o755)
-    d.chmod(0o755)
-    (d / "corral.toml").write_text(APP_TOML.format(name=name, port=port))
-    (d / "server.py").write_text(SERVER)
-    for f in d.iterdir():
-        f.chmod(0o644)
-    return d
+    return c.env_echo_app(name, APP_TOML.format(name=name, port=port))
 
 
 def get(h: Host, port: int = 8080, timeout: float = 1.0) -> str | None:
@@ -460,3 +461,65 @@ def test_a_cron_slot_runs_once_in_the_cluster_when_its_host_dies_mid_run() -> No
         assert held == [f"ticker.tick/{stamp(slot)}", f"ticker.tick/{stamp(second_slot)}"], held
         owners = {v["owner"] for k, v in etcd_records(h1).items() if "/cron-slot/" in k}
         assert owners == {f"ticker@{new}"}, owners
+
+
+def via_lb(h: Host, app: str, timeout: float = 1.0) -> str | None:
+    """The answer of ``app`` through the lb on ``h`` (its name in Host), or None."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    req = urllib.request.Request(f"http://{h.address}:8081/",
+                                 headers={"Host": f"{app}.corral.test"})
+    try:
+        with opener.open(req, timeout=timeout) as r:
+            return str(r.read().decode())
+    except OSError:
+        return None
+
+
+@pytest.mark.timeout(300)
+def test_every_hosts_lb_serves_an_app_wherever_it_runs_also_once_its_host_is_lost() -> None:
+    """All drivers, confined: the lb on every host serves shop from h2's instance (routed to
+    h2's subnet); h2 lost, the lbs of h1 and h3 serve it from its new host; h2 back, empty,
+    serves it too. Clients pointed at any host keep working across the loss."""
+    require_multihost()
+    with multihost(3) as c:
+        h1, h2, h3 = c.host(1), c.host(2), c.host(3)
+        for h in (h1, h2, h3):
+            h.start_kernel(keyed=True, drivers=DRIVERS)
+        d = c.env_echo_app("shop", env_echo_toml("shop"))
+        for args in (["APP=shop"], [f"TOKEN={SECRET}", "--secret"]):
+            r = h2.cli("config", "set", "shop", *args)
+            assert r.returncode == 0, r.stdout + r.stderr
+        r = h2.cli("up", str(d), timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        answer = f"shop {SECRET}\n"
+        for h in (h1, h2, h3):
+            wait_for(lambda h=h: via_lb(h, "shop") == answer, timeout=20,  # type: ignore[misc]
+                     what=f"shop served by the lb on {h.name}")
+        wait_for(lambda: copied(h1, "shop") and copied(h3, "shop"), timeout=20,
+                 what="shop's release copied")
+
+        h2.kill9()
+        lost = time.monotonic()
+        took: dict[str, float] = {}
+
+        def both_serve() -> bool:
+            for h in (h1, h3):
+                if h.name not in took and via_lb(h, "shop", timeout=0.3) == answer:
+                    took[h.name] = time.monotonic() - lost
+            return len(took) == 2
+
+        wait_for(both_serve, timeout=c.ttl_s + 20, step=0.05,
+                 what="shop served again by the lbs of h1 and h3")
+        print(f"ttl_s {c.ttl_s}; served again through h1 after {took['h1']:.2f} s, "
+              f"through h3 after {took['h3']:.2f} s")
+        assert max(took.values()) < c.ttl_s + 10, took
+        owner = etcd_records(h1)["/corral/v1/r/app/shop"]["owner"]
+        assert owner in {"shop@h1", "shop@h3"}, owner
+
+        h2.start_kernel(keyed=True, drivers=DRIVERS)
+        wait_for(lambda: hosts(h1)["h2"]["state"] == "ready", timeout=10, what="h2 back")
+        assert hosts(h1)["h2"]["apps"] == []
+        wait_for(lambda: via_lb(h2, "shop") == answer, timeout=20,
+                 what="shop served by the lb on h2, back and empty")
+        for h in (h1, h3):
+            assert via_lb(h, "shop") == answer

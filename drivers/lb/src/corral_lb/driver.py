@@ -1,7 +1,10 @@
 """The lb driver process: CDP/1 operations mapped onto a ``Balancer``.
 
 The kernel claims the lb name (kind ``lbname``) and the frontend port (kind ``port``) in the
-deploy transaction, before ``app.attach``; this driver claims nothing itself.
+deploy transaction, before ``app.attach``; this driver claims nothing itself for the apps of
+its host. On hosts sharing a ledger the routing mesh (``corral_lb.mesh``) records this host's
+backends there (kind ``backend``) and serves the other hosts' apps (recording the ports it
+serves them on, kind ``lb-frontend``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from corral_lb.balancer import Balancer
 from corral_lb.certs import CertManager, CertStore, Mode
 from corral_lb.config import LbConfig, load_lb_config, proxy_limits, proxy_timeouts
 from corral_lb.edge import Edge, EdgeSettings
+from corral_lb.mesh import LocalBackend, Mesh, is_remote
 from corral_lb.nft import TABLE as NFT_TABLE
 from corral_lb.proxy_http import HttpFrontend
 from corral_lb.sections import TlsFiles
@@ -88,6 +92,16 @@ class LbDriver(Driver):
         self.sni = SniRouter()
         self.edge_settings = EdgeSettings()
         self.certs: CertManager | None = None
+        # other hosts' instances and apps, on hosts sharing a ledger (idle on one host)
+        self.mesh = Mesh(lambda: self.kernel, self.balancer, self._configs,
+                         default_plane=lambda: str(self.config.get("plane", "proxy")),
+                         ready=self._welcomed_link)
+
+    def _welcomed_link(self) -> bool:
+        """Whether the kernel link may carry requests (its WELCOME is in); the mesh's rounds
+        (not started by a request of the kernel's) wait for it. Another link (a test's fake
+        kernel) is taken as welcomed."""
+        return not isinstance(self.kernel, KernelLink) or self.kernel.welcomed
 
     def _activator(self, app: str, config: LbConfig) -> KernelActivator:
         return KernelActivator(self.kernel, app, config.process or "web")
@@ -152,6 +166,7 @@ class LbDriver(Driver):
         self.sockets = KeptSockets(self.kernel, rd / "connections",
                                    inherited=inherited_sockets())
         self.balancer.sockets = self.sockets
+        self.mesh.start()
 
     async def _start_frontend(self, frontend: HttpFrontend, key: str, host: str, port: int
                               ) -> None:
@@ -240,6 +255,7 @@ class LbDriver(Driver):
 
     async def stop(self) -> None:
         """Close the proxies; the nft table stays, so kernel-plane traffic keeps flowing."""
+        await self.mesh.close()
         for app in list(self.balancer.services):
             s = self.balancer.services[app]
             if s.config.plane == "nft":
@@ -264,7 +280,9 @@ class LbDriver(Driver):
         # the HTTPS frontend never accepts a handshake it cannot finish
         self._configs[app.name] = cfg
         await self._want_certificate(app.name, cfg)
-        await self.balancer.attach(app.name, cfg, directory=app.directory)
+        async with self.mesh.lock:  # served for another host until now: this host's own now
+            await self.mesh.attaching_local(app.name, cfg)
+            await self.balancer.attach(app.name, cfg, directory=app.directory)
         self._secure_if_serving(app.name)
         return {"lb": True, "name": cfg.name, "frontend": "{}:{}".format(*cfg.listen),
                 "domains": cfg.domains, "plane": cfg.plane}
@@ -300,14 +318,18 @@ class LbDriver(Driver):
         service = self.balancer.services.get(app.name)
         backend = service.backends.get(rec.spec.id) if service is not None else None
         last = backend.last_health if backend is not None else "removed meanwhile"
+        if backend is not None:  # the other hosts' lbs balance over it too
+            await self.mesh.started(_published(app, rec, found[1]))
         return {"backend": True, "healthy": healthy, "health": last or "no check finished"}
 
     @op("instance.stopping")
     async def stopping(self, args: Any) -> dict[str, Any]:
         """Drain the instance's backend (no new work, wait for active work) and remove it.
 
-        The kernel calls this before it signals the instance, so no request is cut."""
+        The kernel calls this before it signals the instance, so no request is cut; the other
+        hosts' lbs are told first (its record released), so they drain it too."""
         self._forget_on_demand(args.app, args.instance_id)
+        await self.mesh.stopped(args.app, args.instance_id)
         clean = await self.balancer.remove_backend(args.app, args.instance_id)
         return {"drained": clean}
 
@@ -315,6 +337,7 @@ class LbDriver(Driver):
     async def stopped(self, args: Any) -> dict[str, Any]:
         """Forget the instance if it went away without `instance.stopping` (it crashed)."""
         self._forget_on_demand(args.app, args.instance_id)
+        await self.mesh.stopped(args.app, args.instance_id)
         clean = await self.balancer.remove_backend(args.app, args.instance_id, drain=0)
         return {"drained": clean}
 
@@ -325,15 +348,28 @@ class LbDriver(Driver):
 
     @op("app.detach")
     async def detach(self, args: Any) -> dict[str, Any]:
-        """Close the app's frontend and forget its backends (and its certificate)."""
+        """Close the app's frontend and forget its backends (and its certificate), and
+        release the records that published its instances to the other hosts."""
         await self._drop_certificate(args.app)
-        await self.balancer.detach(args.app)
-        self._configs.pop(args.app, None)
+        async with self.mesh.lock:
+            if args.app in self._configs or not self.mesh.serves(args.app):
+                await self.balancer.detach(args.app)
+            self._configs.pop(args.app, None)
+        await self.mesh.detached(args.app)
         return {}
 
     @op("state.sync")
     async def sync(self, args: Any) -> dict[str, Any]:
-        """Re-apply every app's service and backends; drop services and nft leftovers."""
+        """Re-apply every app's service and backends; drop services and nft leftovers (the
+        services and backends the routing mesh holds for other hosts stay its own)."""
+        async with self.mesh.lock:
+            result = await self._sync(args)
+        await self.mesh.synced_local(result.pop("published"))
+        if self.sockets is not None:  # the kernel keeps what is open now (it may have restarted)
+            await self.sockets.sync()
+        return result
+
+    async def _sync(self, args: Any) -> dict[str, Any]:
         wanted: dict[str, AppSpec] = {}
         for app in args.apps:
             cfg = self._config(app)
@@ -344,14 +380,16 @@ class LbDriver(Driver):
                     await self._want_certificate(app.name, cfg)
                 except CorralError as exc:
                     log.error("certificate not wanted", app=app.name, error=exc.reason)
+                await self.mesh.attaching_local(app.name, cfg)
                 await self.balancer.attach(app.name, cfg, directory=app.directory)
                 self._secure_if_serving(app.name)
         for name in list(self.balancer.services):
-            if name not in wanted:
+            if name not in wanted and not self.mesh.serves(name):
                 await self._drop_certificate(name)
                 await self.balancer.detach(name)
                 self._configs.pop(name, None)
         live: dict[str, set[str]] = {}
+        published: list[LocalBackend] = []
         adds = []
         for rec in args.instances:
             app = wanted.get(rec.spec.app)
@@ -371,23 +409,25 @@ class LbDriver(Driver):
                     live.setdefault(app.name, set()).add(rec.spec.id)
                 continue
             live.setdefault(app.name, set()).add(rec.spec.id)
+            published.append(_published(app, rec, found[1]))
             adds.append(self.balancer.add_backend(app.name, rec.spec.id, rec.address, found[1]))
         await asyncio.gather(*adds)
         removed = 0
         for name, service in self.balancer.services.items():
             for bid in list(service.backends):
-                if bid not in live.get(name, set()) and service.activation is None:
+                if (bid not in live.get(name, set()) and service.activation is None
+                        and not is_remote(bid)):  # another host's: the mesh keeps it
                     service.remove(bid)
                     removed += 1
-        if os.geteuid() == 0 and any(c.plane == "nft" for c in self._configs.values()):
+        configs = [*self._configs.values(), *self.mesh.serving.values()]
+        if os.geteuid() == 0 and any(c.plane == "nft" for c in configs):
             from corral_lb.nft import service_key
 
-            keep = {service_key(c.name) for c in self._configs.values() if c.plane == "nft"}
+            keep = {service_key(c.name) for c in configs if c.plane == "nft"}
             for key in self.balancer.nft.installed(mine=True) - keep:
                 self.balancer.nft.uninstall_key(key)
-        if self.sockets is not None:  # the kernel keeps what is open now (it may have restarted)
-            await self.sockets.sync()
-        return {"services": len(self.balancer.services), "removed_backends": removed}
+        return {"services": len(self.balancer.services), "removed_backends": removed,
+                "published": published}
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
@@ -403,8 +443,10 @@ class LbDriver(Driver):
 
     @op("query.lb.status")
     async def status(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Services with their backends and health (``{"app": name}`` for one)."""
-        return self.balancer.status(args.get("app"))
+        """Services with their backends and health (``{"app": name}`` for one); on hosts
+        sharing a ledger each backend's ``host``, ``remote`` on the services served for other
+        hosts, and ``unserved``: the other hosts' apps not served here, and why."""
+        return self.mesh.annotate(self.balancer.status(args.get("app")))
 
     @op("query.lb.stats")
     async def stats(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -418,12 +460,16 @@ class LbDriver(Driver):
                 "backends_healthy": healthy, "backends_unhealthy": len(backends) - healthy,
                 "backends": {b["id"]: b["state"] for b in backends},
             }
+            remote = sum(1 for b in backends if is_remote(b["id"]))
+            if remote:  # other hosts' instances (ids <instance>@<host>), counted above too
+                apps[svc["app"]]["backends_remote"] = remote
             cert = self.certs.state(svc["app"]) if self.certs is not None else None
             if cert is not None:  # valid until ... / pending / failing (served over HTTP)
                 apps[svc["app"]]["tls"] = (
                     f"valid-until-{str(cert.get('not_after') or '')[:10]}"
                     if cert.get("state") == "valid" else str(cert.get("state")))
-        return {"apps": apps, "shown": ["backends_healthy", "backends_unhealthy", "tls"]}
+        return {"apps": apps,
+                "shown": ["backends_healthy", "backends_unhealthy", "backends_remote", "tls"]}
 
     @op("query.lb.certs")
     async def certs_status(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -469,6 +515,13 @@ def main() -> None:
     """``python -m corral_lb``: run the lb driver under corrald."""
     freeze_startup_heap()
     run(LbDriver, uvloop=True)
+
+
+def _published(app: AppSpec, rec: InstanceRecord, port: int) -> LocalBackend:
+    """A local backend as the mesh publishes it: with the app's resolved ``[lb]`` section
+    (what the other hosts' lbs serve it from; never its config vars)."""
+    return LocalBackend(app=app.name, instance=rec.spec.id, address=rec.address, port=port,
+                        process=rec.spec.process, lb=dict(app.manifest.get("lb") or {}))
 
 
 def _read_pair(tls: TlsFiles) -> tuple[bytes, bytes]:
