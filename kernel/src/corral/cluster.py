@@ -9,6 +9,8 @@
   lease is back it forgets the apps adopted elsewhere meanwhile and starts the others again;
 - it takes leadership when free, and as leader has every app of a lost host adopted by a
   live one; as any host it adopts the apps the leader places on it (``app.adopt``);
+- it runs the shares of spread apps their homes place on it, and deals again the shares
+  its own spread apps had on a host that is lost (``corral.deploy._spread``);
 - at start, before its apps are restored, it forgets those adopted elsewhere while it was
   lost (eviction).
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -32,10 +35,11 @@ import structlog
 
 from corral import failover, replication
 from corral.deploy import Deployer
+from corral.deploy._spread import PLACEMENT, SATELLITE, split_placement_key
 from corral.errors import CorralError, ErrorCode, NotFoundError, UnavailableError
 from corral.forwarding import Forwarder, in_daemon_thread
 from corral.host import HostConfig
-from corral.hosts import ALIVE, HostRegistry
+from corral.hosts import ALIVE, HostRegistry, host_of
 from corral.ledger import Ledger, Record
 from corral.protocol._ops import AppAdopt
 from corral.release import remove_tree
@@ -43,6 +47,8 @@ from corral.release import remove_tree
 log = structlog.get_logger("corral.cluster")
 
 FENCE_CHECK_S = 0.1
+FOLLOW_WAIT_S = 1.0
+"""Placements are read again at least this often (and whenever one changes)."""
 PROBE_EVERY_S = 1.0
 BEATS = 5
 """Lease renewals per TTL: a renewal is normally at most a fifth of the TTL old."""
@@ -72,6 +78,7 @@ class ClusterMember:
     _fenced_at: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _adopting: set[str] = field(default_factory=set)
+    _following: set[str] = field(default_factory=set)  # shares being started/rolled/stopped
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -118,6 +125,7 @@ class ClusterMember:
         self._tasks.append(asyncio.ensure_future(self._watch_fence()))
         if self.leader is not None:
             self._tasks.append(asyncio.ensure_future(self._lead()))
+            self._tasks.append(asyncio.ensure_future(self._follow()))
 
     def stop(self) -> None:
         """Stop serving, copying and leading (the kernel then leaves: its lease revoked)."""
@@ -191,8 +199,9 @@ class ClusterMember:
         names, self.fenced = self.fenced or [], None
         gone = await asyncio.to_thread(self.evict)
         for name in names:
-            if name in gone:
-                continue
+            if name in gone or await asyncio.to_thread(self.deployer.ledger.get, SATELLITE,
+                                                       name) is not None:
+                continue  # a spread app's share: started again by _follow, if still placed
             try:
                 await self._clear_instances(name)
                 await self.deployer.lifecycle.resume(name, by=f"host {self.hosts.name}")
@@ -274,10 +283,13 @@ class ClusterMember:
         if name in self._adopting:
             raise CorralError(f"app {name!r} is being adopted here already",
                               code=ErrorCode.CONFLICT)
-        if name in self.deployer.apps:
+        state = self.deployer.apps.get(name)
+        if state is not None and state.home is None:
             return {"app": name, "adopted": False, "note": f"it runs on host {this}"}
         self._adopting.add(name)
         try:
+            if state is not None:  # this host ran a share of it: it becomes the app's home
+                await self._unfollow(name)
             return await self._adopt(name, lost, this, args.wait_s, by, args.handover)
         finally:
             self._adopting.discard(name)
@@ -317,6 +329,133 @@ class ClusterMember:
         self.publish(f"app.{name}.adopted", {"from": lost, "release": number,
                                              "took_s": round(took, 3)})
         return {**result, "adopted": True, "from": lost, "took_s": round(took, 3)}
+
+    # -- spread apps -------------------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        """Run the shares placed on this host, stop those no longer placed, and deal again
+        the shares a lost host had of the apps homed here; whenever a placement changes,
+        and at least every ``FOLLOW_WAIT_S``."""
+        while True:
+            try:
+                revision = await asyncio.to_thread(self.shared.revision)
+                if self.fenced is None:
+                    await self._follow_once()
+            except CorralError as exc:
+                log.warning("placements not read", error=exc.reason)
+                await asyncio.sleep(FOLLOW_WAIT_S)
+                continue
+            await in_daemon_thread(self.shared.wait_for_change, PLACEMENT, "", revision,
+                                   FOLLOW_WAIT_S)
+
+    async def _follow_once(self) -> None:
+        this = self.hosts.name
+        records = await asyncio.to_thread(self.shared.list, kind=PLACEMENT)
+        alive = {r.key for r in await asyncio.to_thread(self.shared.list, kind=ALIVE)}
+        placed: dict[str, Record] = {}
+        redeal: set[str] = set()
+        for rec in records:
+            app, host = split_placement_key(rec.key)
+            home = host_of(rec.owner, this)
+            if host == this and home != this:
+                placed[app] = rec
+            elif home == this and host not in alive:
+                redeal.add(app)  # a host running a share is lost
+        for rec in await asyncio.to_thread(self.deployer.ledger.list, kind="app"):
+            if set(rec.value.get("holes") or ()) & alive:
+                redeal.add(rec.key)  # a lost host whose place was kept is back
+        busy = self._following | self._adopting
+        for app, rec in sorted(placed.items()):
+            state = self.deployer.apps.get(app)
+            if app in busy or (state is not None and state.home is None):
+                continue  # homed here (an adoption is making it so)
+            from corral.deploy._spread import followed
+
+            if state is None or state.follows != followed(rec.value):
+                self._start(app, self._follow_share(app, host_of(rec.owner, this), rec.value))
+        for app, state in sorted(self.deployer.apps.items()):
+            if state.home is not None and app not in placed and app not in busy:
+                self._start(app, self._unfollow(app))
+        for app in sorted(redeal - busy):
+            state = self.deployer.apps.get(app)
+            if state is not None and state.home is None and not state.deploying:
+                self._start(app, self._redeal(app))
+
+    def _start(self, app: str, work: Any) -> None:
+        self._following.add(app)
+
+        async def run() -> None:
+            try:
+                await work
+            except CorralError as exc:
+                log.error("a spread app's share not changed", app=app, error=exc.reason)
+            finally:
+                self._following.discard(app)
+        self._tasks.append(asyncio.ensure_future(run()))
+
+    async def _follow_share(self, app: str, home: str, placement: dict[str, Any]) -> None:
+        """Start or roll this host's share of ``app`` (its release copied here first)."""
+        number = int(placement["release"])
+        rel = await asyncio.to_thread(self.shared.get, "release", f"{app}/v{number}")
+        if rel is None:
+            raise NotFoundError(f"release v{number} of {app!r} is not in the ledger")
+        files = str(rel.value.get("files") or f"v{number}")
+        refs = [str(r) for r in ((rel.value.get("config") or {}).get("secrets") or {})
+                .values()]
+        if self.replicator is None or not self.replicator.has(app, files, refs):
+            log.info("a share waits for its release's copy", app=app, release=number)
+            return  # the next round finds it copied
+        directory = await asyncio.to_thread(self._share_files, app, files)
+        result = await self.deployer.follow(app, home, placement, dict(rel.value), directory)
+        await asyncio.to_thread(self._prune_share_files, app, {files})
+        log.info("share of a spread app running", app=app, home=home, release=number,
+                 instances=[i["id"] for i in result["instances"]])
+        self.publish(f"app.{app}.share", {"home": home, "release": number,
+                                          "instances": [i["id"] for i in result["instances"]]})
+
+    async def _unfollow(self, app: str) -> None:
+        """Stop this host's share of ``app`` and release what it held here."""
+        await self.deployer.down(app)
+        await asyncio.to_thread(self._prune_share_files, app, set())
+        log.info("share of a spread app stopped", app=app)
+
+    async def _redeal(self, app: str) -> None:
+        """Deal again the instances of ``app`` (homed here) after a host it spread to was
+        lost: the live hosts take the lost one's place (a rollout of the current release)."""
+        log.warning("a spread app's host is lost: dealing its share again", app=app)
+        await self.deployer.lifecycle.resume(app, by=f"host {self.hosts.name}")
+
+    def _share_files(self, app: str, files: str) -> Path:
+        """``<home>/apps/<app>/share/<files>``: the release's files for this host's share,
+        hard links to its copy (or to this host's own release), reachable by the app's uid
+        as its releases are (``0711`` above)."""
+        assert self.replicator is not None
+        top = self.home / "apps" / app / "share"
+        target = top / files
+        if not target.is_dir():
+            source = self.replicator.root(app) / files
+            if not source.is_dir():
+                source = self.deployer.releaser.store.directory(app, int(files[1:])) \
+                    if files[1:].isdigit() else source
+            top.mkdir(mode=0o711, parents=True, exist_ok=True)
+            incoming = top / f".incoming-{files}"
+            remove_tree(incoming)
+            with self.replicator.lock:
+                shutil.copytree(source, incoming, symlinks=True, copy_function=os.link)
+            os.replace(incoming, target)
+        for path in (self.home / "apps", self.home / "apps" / app, top):
+            os.chmod(path, 0o711)
+        return target
+
+    def _prune_share_files(self, app: str, keep: set[str]) -> None:
+        top = self.home / "apps" / app / "share"
+        for path in sorted(top.iterdir()) if top.is_dir() else []:
+            if path.name not in keep:
+                with _quiet():
+                    remove_tree(path)
+        if not keep:
+            with _quiet():
+                top.rmdir()
 
     async def drain(self, by: str) -> dict[str, Any]:
         """``hosts.drain`` on this host: hand each app to the least loaded other live host

@@ -55,6 +55,7 @@ LEADER_KEY = "cluster"
 ALIVE = "host-alive"
 HOST = "host"
 APP = "app"
+PLACEMENT = "placement"  # corral.deploy._spread's (a spread app's share on another host)
 RETRY_MAX_S = 30.0
 MOVED = frozenset(CLUSTER_KINDS - {HOST, ALIVE, "subnet", "backend"})
 """The kinds an adoption moves: app names, lb names, domains, uids, releases, cron slots (a
@@ -136,7 +137,8 @@ def give_back(shared: Ledger, moved: list[Record], this: str) -> None:
 
 def moved_away(shared: Ledger, this: str) -> dict[str, list[Record]]:
     """This host's own records of apps whose name another host holds now (adopted while
-    this host was lost), by app: what a returning host stops and forgets."""
+    this host was lost), by app: what a returning host stops and forgets; not those of a
+    spread app's share that the app's holder placed on this host."""
     prefix = f"@{this}/"
     mine: dict[str, list[Record]] = {}
     for rec in shared.list():
@@ -147,6 +149,9 @@ def moved_away(shared: Ledger, this: str) -> dict[str, list[Record]]:
     for app, records in mine.items():
         holder = shared.get(APP, app)
         if holder is not None and holder.owner != f"{app}@{this}":
+            share = shared.get(PLACEMENT, f"{app}/{this}")
+            if share is not None and share.owner == holder.owner:
+                continue  # a share of a spread app its home placed here: not moved away
             out[app] = records
     return out
 

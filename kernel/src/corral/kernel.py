@@ -340,7 +340,12 @@ class Kernel:
             app = getattr(args, "name", None)  # every other app.* names its app
         else:
             return None
-        if not isinstance(app, str) or app in self.deployer.apps:
+        if not isinstance(app, str):
+            return None
+        state = self.deployer.apps.get(app)
+        # an app homed here is answered here; a spread app's share this host runs for its
+        # home answers only for itself to the drivers' queries (its instances' logs...)
+        if state is not None and (state.home is None or isinstance(args, DriverQuery)):
             return None
         holder = await asyncio.to_thread(self.ledger.holder, "app", app)
         host = host_of(holder, self.hosts.name) if holder is not None else None

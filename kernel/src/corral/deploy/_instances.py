@@ -21,6 +21,7 @@ import structlog
 
 from corral import launch as _launch_module
 from corral.deploy._drivers import Drivers
+from corral.deploy._spread import SATELLITE
 from corral.deploy._state import AppState, Live, spec_hash
 from corral.errors import CorralError, DriverUnavailableError, ErrorCode, LaunchError
 from corral.host import HostConfig
@@ -406,9 +407,11 @@ class Instances:
         """
         find = find or find_by_env
         ledger = self.ledger
-        for rec in ledger.list(kind="app"):
+        for rec in [*ledger.list(kind="app"), *ledger.list(kind=SATELLITE)]:
             spec = AppSpec.model_validate(rec.value["spec"])
-            self.apps[spec.name] = AppState(spec)
+            home = rec.value.get("home") if rec.kind == SATELLITE else None
+            self.apps[spec.name] = AppState(spec, home=str(home) if home else None,
+                                            follows=rec.value.get("follows") if home else None)
         for rec in ledger.list(kind="instance"):
             state = self.apps.get(rec.owner)
             value = rec.value

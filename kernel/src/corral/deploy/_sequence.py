@@ -31,10 +31,19 @@ from corral.deploy._instances import LAUNCHER, Events, Instances, Launcher
 from corral.deploy._jobs import Jobs
 from corral.deploy._lifecycle import Lifecycle
 from corral.deploy._release import Releaser
+from corral.deploy._spread import (
+    PLACEMENT,
+    SATELLITE,
+    choose_hosts,
+    deal,
+    followed,
+    placement_key,
+    spread_of,
+)
 from corral.deploy._state import AppState, Live, spec_hash
 from corral.errors import ConflictError, CorralError, ErrorCode, NotFoundError
 from corral.host import HostConfig
-from corral.ledger import Claim, HostView, Ledger, Record, Txn, describe_owner
+from corral.ledger import CLUSTER_KINDS, Claim, HostView, Ledger, Record, Txn, describe_owner
 from corral.protocol import AppSpec, InstanceSpec
 from corral.protocol._ops import Check, Deploy, Restart, Scale, Spawn
 from corral.release import AppConfig
@@ -183,10 +192,17 @@ class Deployer:
         result["unchanged"] = unchanged
         return result
 
+    def _record(self, name: str) -> Record | None:
+        """The app's record on this host: its ``app`` record (homed here), or the
+        ``satellite`` record of the share it runs for its home (``corral.deploy._spread``)."""
+        return self.ledger.get("app", name) or self.ledger.get(SATELLITE, name)
+
     def current_release(self, name: str) -> dict[str, Any] | None:
         """The record of the release the app runs (None: not deployed, or deployed before
-        releases existed)."""
-        rec = self.ledger.get("app", name)
+        releases existed); a satellite's is the home's, kept in its satellite record."""
+        rec = self._record(name)
+        if rec is not None and rec.kind == SATELLITE:
+            return dict(rec.value.get("release_record") or {}) or None
         number = rec.value.get("release") if rec is not None else None
         if number is None:
             return None
@@ -196,7 +212,7 @@ class Deployer:
             return None
 
     def _overrides(self, name: str) -> dict[str, Any]:
-        rec = self.ledger.get("app", name)
+        rec = self._record(name)
         kept = rec.value.get("overrides") if rec is not None else None
         return dict(kept or {"set": [], "env": [], "offset": 0})
 
@@ -229,7 +245,7 @@ class Deployer:
 
     def formation(self, name: str) -> dict[str, int]:
         """The instance counts `corral scale` set for the app (kept across deploys)."""
-        rec = self.ledger.get("app", name)
+        rec = self._record(name)
         raw = rec.value.get("formation") if rec is not None else None
         return {str(k): int(v) for k, v in (raw or {}).items()}
 
@@ -309,14 +325,19 @@ class Deployer:
                       started: float, force: set[str] | None = None,
                       formation: dict[str, int] | None = None,
                       release: dict[str, Any] | None = None, run_phase: bool = False,
-                      overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                      overrides: dict[str, Any] | None = None,
+                      follows: tuple[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         """The sequence; ``force`` names processes whose instances are replaced even when
         their spec did not change (a restart). ``release``: the release deployed (its config
-        reaches the instances; ``run_phase``: its release phase runs first, once)."""
+        reaches the instances; ``run_phase``: its release phase runs first, once).
+        ``follows``: (home host, placement) when this host runs a spread app's share for its
+        home (``corral.deploy._spread``): only that share, holding only this host's records;
+        otherwise, for an app with ``[placement] spread``, the other hosts' shares are
+        placed when this host's is live."""
         inst = self.instances
         previous = self.apps.get(name)  # the same AppState this deploy updates in place
         previous_spec = previous.spec if previous is not None else None
-        old_rec = self.ledger.get("app", name)
+        old_rec = self._record(name)
         generation = int(old_rec.value.get("generation", 0)) + 1 if old_rec else 1
         uid, gid = self._app_ids(name)
         if uid is not None:
@@ -336,7 +357,8 @@ class Deployer:
         live_release = self.apps[name].release if name in self.apps else None
         try:
             self.ledger.commit(self._claims(spec, manifest_path, release, overrides,
-                                            running=(previous_spec, live_release)))
+                                            running=(previous_spec, live_release),
+                                            follows=follows))
         except BaseException:
             if previous_spec is not None:
                 self._write_manifest(previous_spec)
@@ -345,6 +367,7 @@ class Deployer:
         launched: list[Live] = []
         replaced: list[Live] = []  # previous instances stopped before their replacement started
         state = self.apps.setdefault(name, AppState(spec))
+        state.home = follows[0] if follows is not None else None
         before = (state.release, state.secrets)
         state.spec = spec
         state.release, state.secrets = release, secret_values
@@ -370,6 +393,14 @@ class Deployer:
             lazy = on_demand_processes(doc)
             wanted = [w for w in self._instance_specs(spec, resolved, manifest_path, release)
                       if w.process not in lazy]
+            # a spread app: this host runs its share (dealt here, or by the home)
+            hosts, shares, holes = self._spread(name, doc, wanted, old_rec, follows, release)
+            mine = shares.get(self._this) if shares is not None else None
+            if follows is not None:
+                mine = {str(p): [int(i) for i in ix]
+                        for p, ix in (follows[1].get("share") or {}).items()}
+            if mine is not None:
+                wanted = [w for w in wanted if w.index in mine.get(w.process, ())]
             # With instance addresses (a driver declares the feature) new instances start
             # beside the old ones (Heroku's preboot, Kamal's rollout), and only once every
             # one of them is ready and healthy are the old ones drained and stopped; one that
@@ -412,12 +443,20 @@ class Deployer:
             for live in [lv for lv in state.instances.values() if lv.slot not in slots]:
                 await inst.stop(state, live)
             kept = formation if formation is not None else self.formation(name)
-            txn = Txn().claim(name, "app", name, _app_value(spec, manifest_path, "running",
-                                                            kept, release, overrides))
-            if release is not None:
-                self.releaser.store.update(name, int(release["number"]), txn,
-                                           status="deployed", deployed=_now())
+            value = _app_value(spec, manifest_path, "running", kept, release, overrides)
+            if follows is not None:
+                txn = Txn().claim(name, SATELLITE, name, {
+                    **value, "home": follows[0], "follows": followed(follows[1]),
+                    "release_record": release})
+            else:
+                txn = Txn().claim(name, "app", name, {**value, "spread": hosts,
+                                                      "holes": holes})
+                self._place(txn, name, shares, release, generation, overrides, force)
+                if release is not None:
+                    self.releaser.store.update(name, int(release["number"]), txn,
+                                               status="deployed", deployed=_now())
             self.ledger.commit(txn)
+            state.follows = followed(follows[1]) if follows is not None else None
         except BaseException as exc:
             log.error("deploy failed, undoing", app=name, step=step, error=str(exc))
             state.release, state.secrets = before
@@ -438,7 +477,7 @@ class Deployer:
         self.events.publish(f"app.{name}.deployed", {
             "generation": generation,
             "release": int(release["number"]) if release is not None else None})
-        if release is not None:
+        if release is not None and follows is None:
             removed = self.releaser.store.prune(name, int(release["number"]))
             self.releaser.configs.prune(name, self.releaser.store.referenced_secrets(name))
             if removed:
@@ -450,6 +489,7 @@ class Deployer:
             "instances": [live.view() for live in state.instances.values()],
             "seconds": round(time.monotonic() - started, 3),
             "confined": self.drivers.confined(),
+            **({"hosts": sorted(shares)} if shares else {}),
         }
 
     async def _undo(self, state: AppState, previous_spec: AppSpec | None,
@@ -494,7 +534,7 @@ class Deployer:
         the drivers that attached the new spec attach the previous one.
         """
         name = spec.name
-        kept = _HELD_KINDS | {"app"}
+        kept = _HELD_KINDS | {"app", SATELLITE}
         before = {(r.kind, r.key): r for r in held if r.kind in kept}
         txn = Txn()
         for rec in self.ledger.list(owner=name):
@@ -531,7 +571,8 @@ class Deployer:
     def _claims(self, spec: AppSpec, manifest_path: str,
                 release: dict[str, Any] | None = None,
                 overrides: dict[str, Any] | None = None,
-                running: tuple[AppSpec | None, dict[str, Any] | None] = (None, None)) -> Txn:
+                running: tuple[AppSpec | None, dict[str, Any] | None] = (None, None),
+                follows: tuple[str, dict[str, Any]] | None = None) -> Txn:
         doc = spec.manifest
         name = spec.name
         shown_spec = running[0] or spec
@@ -540,7 +581,14 @@ class Deployer:
         record["generation"] = spec.generation  # generations only grow, also across a crash
         record["deploying"] = {"generation": spec.generation,
                                "release": int(release["number"]) if release else None}
-        claims: list[Claim] = [Claim("app", name, record)]
+        old = self._record(name)
+        if follows is not None:  # a share run for the home: what it ran until now
+            record.update(home=follows[0], follows=(old.value.get("follows") if old else None),
+                          release_record=running[1] if running[0] is not None else None)
+        elif old is not None and old.value.get("spread"):
+            record["spread"] = old.value["spread"]
+        claims: list[Claim] = [Claim(SATELLITE if follows is not None else "app", name,
+                                     record)]
         for pname, port in sorted((doc.get("ports") or {}).items()):
             claims.append(Claim("port", str(port), {"app": name, "name": pname}))
         for pname, p in sorted((doc.get("paths") or {}).items()):
@@ -548,6 +596,8 @@ class Deployer:
                 claims.append(Claim("path", str(p["path"]), {"app": name, "name": pname}))
         # what the sections' owners asked for (an lb's name and frontend port)
         for item in (doc.get("resolved") or {}).get("claims") or []:
+            if follows is not None and str(item["kind"]) in CLUSTER_KINDS:
+                continue  # the app's lb names and domains: its home holds them
             claims.append(Claim(str(item["kind"]), str(item["key"]), dict(item.get("value") or {})))
         if spec.uid is not None:
             claims.append(Claim("uid", str(spec.uid), {"app": name}))
@@ -559,6 +609,91 @@ class Deployer:
         for c in claims:
             txn.claim(name, c.kind, c.key, c.value)
         return txn
+
+    @property
+    def _this(self) -> str:
+        """This host's name on a shared ledger ("" on a ledger of its own)."""
+        return self.ledger.host if isinstance(self.ledger, HostView) else ""
+
+    def _spread(self, name: str, doc: dict[str, Any], wanted: list[InstanceSpec],
+                old: Record | None, follows: tuple[str, dict[str, Any]] | None,
+                release: dict[str, Any] | None
+                ) -> tuple[list[str], dict[str, dict[str, list[int]]] | None, list[str]]:
+        """The places a spread app is dealt to (``choose_hosts``: holes included, hosts
+        that are lost) and each live host's instances (``deal``), or ([], None): not
+        spread (``spread`` 1, a ledger of one host, an app without releases, or this host
+        following a home); and the holes (places whose host is not live now)."""
+        from corral.manifest import PlacementSection
+
+        want = spread_of(doc)
+        if follows is not None or want <= 1 or release is None or not self._this:
+            return [], None, []
+        placement = PlacementSection.model_validate(doc.get("placement") or {})
+        fits = {r.key: int(r.value.get("instances") or 0)
+                for r in self.ledger.list(kind="host-alive")
+                if r.key != self._this
+                and placement.allows(r.key, list(r.value.get("labels") or []))}
+        previous = [str(h) for h in (old.value.get("spread") or [])] if old else []
+        places = choose_hosts(self._this, want, fits, previous)
+        counts: dict[str, int] = {}
+        for w in wanted:
+            counts[w.process] = max(counts.get(w.process, 0), w.index)
+        live = {self._this, *fits}
+        return places, deal(counts, places, live), [p for p in places if p not in live]
+
+    def _place(self, txn: Txn, name: str, shares: dict[str, dict[str, list[int]]] | None,
+               release: dict[str, Any] | None, generation: int, overrides: dict[str, Any] | None,
+               force: set[str] | None) -> None:
+        """Add to ``txn`` the placement of every other host's share (and the release of
+        placements no longer wanted: all of them when ``shares`` is None)."""
+        wanted: dict[str, dict[str, Any]] = {}
+        for host, share in sorted((shares or {}).items()):
+            if host == self._this or release is None:
+                continue
+            wanted[placement_key(name, host)] = {
+                "home": self._this, "release": int(release["number"]),
+                "files": str(release.get("files") or f"v{release['number']}"),
+                "generation": generation, "share": share, "force": sorted(force or ()),
+                "overrides": overrides or {"set": [], "env": [], "offset": 0}}
+        for rec in self.ledger.list(owner=name, kind=PLACEMENT):
+            if rec.key not in wanted:
+                txn.release(name, PLACEMENT, rec.key)
+        for key, value in wanted.items():
+            txn.claim(name, PLACEMENT, key, value)
+
+    async def follow(self, name: str, home: str, placement: dict[str, Any],
+                     release: dict[str, Any], directory: Path) -> dict[str, Any]:
+        """Run this host's share of spread app ``name`` as ``home`` placed it
+        (``corral.deploy._spread``): ``release`` (the home's record of it) from the copy of
+        its files in ``directory``, only the instances of ``placement["share"]``; a share
+        run already is rolled like a deploy (kept where unchanged; replaced where the home
+        restarted its process). Refused for an app homed here."""
+        from corral import manifest as manifests
+
+        started = time.monotonic()
+        async with self.releaser.lock(name):
+            state = self.apps.get(name)
+            if state is not None and state.home is None:
+                raise ConflictError(f"app {name!r} is homed on this host: it follows no "
+                                    "other", kind=SATELLITE, key=name, holder=name)
+            share = {str(p): [int(i) for i in ix]
+                     for p, ix in (placement.get("share") or {}).items()}
+            doc = copy.deepcopy(release["manifest"])
+            doc["resolved"]["directory"] = str(directory)
+            counts = {p: max(share.get(p) or [0]) for p in (doc.get("processes") or {})}
+            for process, count in counts.items():
+                doc["processes"][process]["instances"] = count
+            resolved = manifests.ResolvedManifest.from_json(doc)
+            force = None
+            if state is not None and state.follows is not None and \
+                    state.follows.get("generation") != placement.get("generation"):
+                force = {str(p) for p in placement.get("force") or ()}
+            async with self.instances.lock(name):
+                return await self._deploy(
+                    name, resolved, resolved.as_json(), Deploy(directory=str(directory)),
+                    started, force=force, formation=counts, release=release,
+                    overrides=dict(placement.get("overrides") or {}),
+                    follows=(home, placement))
 
     def _write_manifest(self, spec: AppSpec) -> str:
         """Write the resolved manifest where the app can read it (CORRAL_MANIFEST)."""
@@ -598,7 +733,7 @@ class Deployer:
         which forgets them too (and its build cache)."""
         async with self.releaser.lock(name), self.instances.lock(name):
             state = self.apps.get(name)
-            if state is None and self.ledger.get("app", name) is None:
+            if state is None and self._record(name) is None:
                 if purge and self.releaser.purge(name):
                     self.events.publish(f"app.{name}.purged", {})
                     return {"app": name, "stopped": 0, "revision": self.ledger.revision(),
@@ -760,7 +895,8 @@ class Deployer:
                  "directory": state.spec.directory,
                  "release": int(state.release["number"]) if state.release else None,
                  "ports": state.spec.manifest.get("ports") or {},
-                 "instances": [lv.view() for lv in state.instances.values()]}
+                 "instances": [lv.view() for lv in state.instances.values()],
+                 **({"home": state.home} if state.home is not None else {})}
                 for name, state in sorted(self.apps.items())]
 
 

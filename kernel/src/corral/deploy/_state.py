@@ -77,6 +77,10 @@ class AppState:
     # processes only through their launch plans; None/empty for an app deployed before releases
     release: dict[str, Any] | None = None
     secrets: dict[str, str] = field(default_factory=dict, repr=False)
+    # a spread app's share run here for its home host (corral.deploy._spread): the home's
+    # name, and what of its placement this share follows; None for an app homed here
+    home: str | None = None
+    follows: dict[str, Any] | None = None
 
 
 def spec_hash(spec: InstanceSpec) -> str:

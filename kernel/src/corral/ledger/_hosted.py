@@ -49,12 +49,13 @@ from corral.ledger._base import (
 )
 
 CLUSTER_KINDS = frozenset({"app", "lbname", "domain", "uid", "release", "cron-slot", "host",
-                           "host-alive", "subnet", "backend"})
+                           "host-alive", "subnet", "backend", "placement"})
 """Kinds whose keys are unique in the whole cluster; every other kind is per host. ``subnet``:
 a host's instance subnet (the net driver's, routed to by the others); ``backend``: an
-instance an lb balances over (the lb driver's, so that every host's lb finds every host's)."""
+instance an lb balances over (the lb driver's, so that every host's lb finds every host's);
+``placement``: the share of a spread app another host runs (``corral.deploy._spread``)."""
 
-SHARED_READS = frozenset({"uid", "host", "host-alive", "subnet", "backend"})
+SHARED_READS = frozenset({"uid", "host", "host-alive", "subnet", "backend", "placement"})
 """Cluster-wide kinds whose records every host lists, whoever holds them."""
 
 

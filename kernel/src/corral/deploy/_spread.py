@@ -1,0 +1,103 @@
+"""One app's instances on several hosts at once: ``[placement] spread = N`` (docs/etcd.md).
+
+On a shared ledger, the host an app is deployed on is its **home**: it holds the app's
+cluster-wide records (name, lb names, domains, releases) and decides where each instance
+runs. With ``spread = N`` it picks N hosts (itself first, then the live hosts the app's
+``[placement]`` allows, those it placed on before kept in their places, then the least
+loaded) and deals each process's instances round-robin over them: with three hosts,
+``web`` 1, 4, 7 run on the first, 2, 5, 8 on the second and so on. Its own share it runs
+as any deploy does; for each other host it writes a **placement** record (kind
+``placement``, key ``<app>/<host>``, cluster-wide, every host lists them) in the same
+transaction as its app record: the release, the instances that host runs, the generation.
+
+A host that finds a placement naming it (``corral.cluster``) runs that share as a
+**satellite** of the app: from its copy of the release (files and secret values copied by
+``corral.replication``), holding only its own host's records (ports, paths, instances, an
+app uid of its own) and a ``satellite`` record (per host) saying what it follows. When the
+placement changes (a deploy, scale, restart, rollback or config change at home) it rolls
+its share likewise; when the placement goes (``corral down`` at home, or the home moved the
+share elsewhere) it takes its share down. When a satellite's host is lost, the home deals
+its share to another host; when the home is lost, the host adopting the app becomes the
+new home (a satellite of it there stops first) and deals the instances again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+PLACEMENT = "placement"
+"""A home's record of what another host runs of an app (cluster-wide: every host lists it)."""
+SATELLITE = "satellite"
+"""A host's record of the app share it runs for the app's home (per host)."""
+
+
+def spread_of(manifest: Mapping[str, Any]) -> int:
+    """How many hosts the app asks to run on at once (``[placement] spread``, default 1)."""
+    return int(((manifest.get("placement") or {}).get("spread")) or 1)
+
+
+def choose_hosts(home: str, spread: int, fits: Mapping[str, int], previous: Iterable[str]
+                 ) -> list[str]:
+    """The places an app's instances are dealt to, in order: ``home`` first, then up to
+    ``spread - 1`` others among ``fits`` (the live hosts its placement allows -> their
+    load). The hosts of ``previous`` (the places of its last deal) keep their places, so
+    that a redeploy moves no share. A place whose host no longer fits (or the new home's
+    old place: a new home takes the first) goes to the least loaded spare host; with no
+    spare the place stays its host's, a **hole** (``deal`` gives its instances to the
+    others until it comes back), so that the loss of one host moves only its share. Then
+    the least loaded fill up."""
+    before = list(previous)[1:]  # the first place is the home's, whichever host it is
+    spare = sorted((h for h in fits if h != home and h not in before),
+                   key=lambda h: (fits[h], h))
+    chosen = [home]
+    for host in before:
+        if len(chosen) >= spread:
+            break
+        if host in chosen:
+            continue
+        if host != home and host in fits:
+            chosen.append(host)
+        elif spare:  # lost, no longer allowed, or the new home's old place
+            chosen.append(spare.pop(0))
+        elif host != home:
+            chosen.append(host)  # a hole, until its host is back or a spare comes
+    while len(chosen) < spread and spare:
+        chosen.append(spare.pop(0))
+    return chosen
+
+
+def deal(formation: Mapping[str, int], places: list[str], live: Iterable[str] | None = None
+         ) -> dict[str, dict[str, list[int]]]:
+    """Each host's instances: instance ``i`` (1-based) of every process goes to place
+    ``(i - 1) mod len(places)``; one dealt to a hole (a place whose host is not ``live``;
+    all are when ``live`` is None) goes to the live places in turn. Hosts left with none
+    are absent."""
+    up = set(places) if live is None else set(live)
+    serving = [h for h in places if h in up] or places[:1]
+    out: dict[str, dict[str, list[int]]] = {}
+    for process, count in sorted(formation.items()):
+        extra = 0
+        for index in range(1, int(count) + 1):
+            host = places[(index - 1) % len(places)]
+            if host not in up:
+                host = serving[extra % len(serving)]
+                extra += 1
+            out.setdefault(host, {}).setdefault(process, []).append(index)
+    return out
+
+
+def followed(placement: Mapping[str, Any]) -> dict[str, Any]:
+    """What of a placement a satellite's share follows: a change of any of it is rolled."""
+    return {k: placement.get(k) for k in ("release", "generation", "share")}
+
+
+def placement_key(app: str, host: str) -> str:
+    """The key of ``host``'s placement of ``app``."""
+    return f"{app}/{host}"
+
+
+def split_placement_key(key: str) -> tuple[str, str]:
+    """(app, host) of a placement key."""
+    app, _, host = key.rpartition("/")
+    return app, host

@@ -1,0 +1,184 @@
+"""One app's instances on several hosts at once (``[placement] spread``), for real, on the
+three-host harness (tests/multihost.py) with every driver: the home deals the instances,
+every host runs its share from its copy of the release, each host's lb balances over all of
+them, and the shares follow the home's deploys, scales, restarts and `down`; a lost host's
+share is dealt to the others and comes back with its host; a lost home is adopted by a host
+running a share, which becomes the home.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+
+from corral.testing import wait_for
+from multihost import DRIVERS, Cluster, Host, env_echo_toml, multihost, require_multihost
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
+
+
+def deploy(c: Cluster, on: Host, instances: int = 3) -> None:
+    d = c.env_echo_app("shop", env_echo_toml("shop", instances=instances,
+                                             extra="[placement]\nspread = 3\n"))
+    r = on.cli("config", "set", "shop", "APP=shop")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = on.cli("up", str(d), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def where(h: Host) -> dict[str, tuple[str, int, str]]:
+    """Every instance of shop in the cluster, as `corral ps` on ``h`` shows them: slot
+    (its id without the ``-gN`` of a replacement) -> (host, pid, address)."""
+    r = h.cli("ps", "--json")
+    assert r.returncode == 0, r.stderr
+    out = {}
+    for row in json.loads(r.stdout):
+        if row["app"] == "shop":
+            for i in row["instances"]:
+                if i["state"] == "ready":
+                    slot = str(i["id"]).partition("-g")[0]
+                    out[slot] = (row["host"], int(i["pid"]), str(i["address"]))
+    return out
+
+
+def placed(h: Host) -> dict[str, str]:
+    """id -> host of every ready instance of shop."""
+    return {i: v[0] for i, v in where(h).items()}
+
+
+def instance_via_lb(h: Host, timeout: float = 1.0) -> str | None:
+    """Which instance (slot) answered a request to shop through the lb on ``h``."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    req = urllib.request.Request(f"http://{h.address}:8081/",
+                                 headers={"Host": "shop.corral.test"})
+    try:
+        with opener.open(req, timeout=timeout) as r:
+            body = r.read().decode()
+            return r.headers.get("X-Instance") if body == "shop -\n" else None
+    except OSError:
+        return None
+
+
+def served_by(h: Host, want: set[str], within: float = 20.0) -> set[str]:
+    """The instances seen answering through ``h``'s lb, until all of ``want`` were or
+    ``within`` seconds passed (the lbs learn the other hosts' instances within a second or
+    two, then check their health)."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + within
+    while not want <= seen and time.monotonic() < deadline:
+        got = instance_via_lb(h)
+        if got:
+            seen.add(got)
+        time.sleep(0.02)
+    return seen
+
+
+def records(h: Host, kind: str) -> dict[str, dict[str, Any]]:
+    r = h.etcdctl("get", "--prefix", f"/corral/v1/r/{kind}/", "-w", "json")
+    assert r.returncode == 0, r.stderr
+    return {base64.b64decode(kv["key"]).decode(): json.loads(base64.b64decode(kv["value"]))
+            for kv in json.loads(r.stdout).get("kvs", [])}
+
+
+def three(c: Cluster) -> tuple[Host, Host, Host]:
+    hs = (c.host(1), c.host(2), c.host(3))
+    for h in hs:
+        h.start_kernel(keyed=True, drivers=DRIVERS)
+    return hs
+
+
+def test_a_spread_app_runs_a_share_on_every_host_and_follows_its_home() -> None:
+    require_multihost()
+    with multihost(3) as c:
+        h1, h2, h3 = three(c)
+        deploy(c, h1)
+        want = {"shop.web.1": "h1", "shop.web.2": "h2", "shop.web.3": "h3"}
+        wait_for(lambda: placed(h2) == want, timeout=30, what="a share on every host")
+        # each host's own subnet; the lb of every host balances over all three
+        r = h3.cli("hosts", "--json")
+        subnets = {row["name"]: ipaddress.ip_network(row["subnets"][0])
+                   for row in json.loads(r.stdout)}
+        for host, _pid, address in where(h3).values():
+            assert ipaddress.ip_address(address) in subnets[host], (address, subnets)
+        for h in (h1, h2, h3):
+            assert served_by(h, set(want)) == set(want), h.name
+        # the placements are the home's records; the shares hold only their hosts' records
+        assert {k.rsplit("/", 1)[1]: v["owner"] for k, v in records(h1, "placement").items()
+                } == {"h2": "shop@h1", "h3": "shop@h1"}
+        assert records(h1, "app")["/corral/v1/r/app/shop"]["owner"] == "shop@h1"
+
+        # scaled from h3 (run by the home): web.4 dealt to h1
+        r = h3.cli("scale", "shop", "web=4", timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_for(lambda: placed(h2) == {**want, "shop.web.4": "h1"}, timeout=30,
+                 what="web.4 on h1")
+
+        # restarted from h2: every share's instances replaced, not only the home's
+        before = {i: v[1] for i, v in where(h1).items()}
+        r = h2.cli("restart", "shop", timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+        def all_replaced() -> bool:
+            now = where(h1)
+            return set(now) == set(before) and all(now[i][1] != before[i] for i in now)
+
+        wait_for(all_replaced, timeout=30, what="every instance replaced")
+
+        # down from h3: nothing of shop left anywhere
+        r = h3.cli("down", "shop", timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_for(lambda: not where(h1), timeout=30, what="no instance left")
+        for kind in ("placement", "satellite", "instance", "app", "backend"):
+            left = [k for k in records(h1, kind) if "shop" in k]
+            assert not left, (kind, left)
+
+
+def test_a_lost_hosts_share_goes_to_the_others_and_comes_back_with_it() -> None:
+    require_multihost()
+    with multihost(3) as c:
+        h1, h2, h3 = three(c)
+        deploy(c, h1, instances=6)
+        want = {f"shop.web.{i}": f"h{(i - 1) % 3 + 1}" for i in range(1, 7)}
+        wait_for(lambda: placed(h1) == want, timeout=30, what="two instances per host")
+        kept = {i: v for i, v in where(h1).items() if v[0] != "h3"}
+
+        h3.kill9()
+        lost = time.monotonic()
+        wait_for(lambda: len(placed(h1)) == 6 and "h3" not in placed(h1).values(),
+                 timeout=c.ttl_s + 30, what="h3's share dealt to h1 and h2")
+        took = time.monotonic() - lost
+        print(f"ttl_s {c.ttl_s}; h3's share running on h1 and h2 {took:.2f} s after the kill")
+        now = where(h1)
+        assert all(now[i] == v for i, v in kept.items()), (kept, now)  # nothing else moved
+        assert served_by(h2, set(want)) == set(want)
+
+        # h3 comes back: its place was kept, its share goes back to it
+        h3.start_kernel(keyed=True, drivers=DRIVERS)
+        wait_for(lambda: placed(h1) == want, timeout=60, what="h3's share back on h3")
+        now = where(h1)
+        assert all(now[i] == v for i, v in kept.items()), (kept, now)
+
+
+def test_a_lost_home_is_adopted_by_a_host_running_a_share() -> None:
+    require_multihost()
+    with multihost(3) as c:
+        h1, h2, h3 = three(c)
+        deploy(c, h1)
+        wait_for(lambda: len(placed(h2)) == 3, timeout=30, what="a share on every host")
+        h1.kill9()
+        wait_for(lambda: len(placed(h2)) == 3 and "h1" not in placed(h2).values(),
+                 timeout=c.ttl_s + 30, what="shop whole again on h2 and h3")
+        owner = records(h2, "app")["/corral/v1/r/app/shop"]["owner"]
+        home = owner.split("@")[1]
+        assert home in {"h2", "h3"}
+        other = "h3" if home == "h2" else "h2"
+        assert {k.rsplit("/", 1)[1] for k in records(h2, "placement")} == {other}
+        ids = set(placed(h2))
+        for h in (h2, h3):
+            assert served_by(h, ids) == ids
