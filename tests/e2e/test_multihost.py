@@ -299,6 +299,17 @@ def test_hosts_run_their_own_apps_with_names_unique_in_the_cluster() -> None:
         assert "shop@h2" not in owners and "shop@h1" in owners, owners
         assert apps(h2) == both and fetch(h1) == "shop\n"
 
+        # spreading an app needs the cluster key (the other hosts run it from copies)
+        wide = app_dir(c, "wide", "wide", port=8082)
+        with (wide / "corral.toml").open("a") as f:
+            f.write("\n[placement]\nspread = 2\n")
+        r = h2.cli("up", str(wide), timeout=120)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "[placement] spread = 2 needs host h2's [host] cluster_key" in r.stderr, r.stderr
+        assert "nothing was built or claimed" in r.stderr, r.stderr
+        held = h2.etcdctl("get", "--prefix", "--keys-only", "/corral/v1/r/").stdout
+        assert "wide" not in held, held
+
         # asked on h2 about h1's app: run on h1 and answered through the ledger
         r = h2.cli("releases", "shop", "--json")
         assert r.returncode == 0, r.stderr

@@ -1,9 +1,9 @@
-"""One app's instances on several hosts at once (``[placement] spread``), for real, on the
-three-host harness (tests/multihost.py) with every driver: the home deals the instances,
-every host runs its share from its copy of the release, each host's lb balances over all of
-them, and the shares follow the home's deploys, scales, restarts and `down`; a lost host's
-share is dealt to the others and comes back with its host; a lost home is adopted by a host
-running a share, which becomes the home.
+"""One app's instances on several hosts at once (``[placement] spread``, by default every
+host), for real, on the three-host harness (tests/multihost.py) with every driver: the home
+deals the instances, every host runs its share from its copy of the release, each host's lb
+balances over all of them, and the shares follow the home's deploys, scales, restarts and
+`down`; a lost host's share is dealt to the others and comes back with its host; a lost
+home is adopted by a host running a share, which becomes the home.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from multihost import DRIVERS, Cluster, Host, env_echo_toml, multihost, require_
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
 
-def deploy(c: Cluster, on: Host, instances: int = 3) -> None:
-    d = c.env_echo_app("shop", env_echo_toml("shop", instances=instances,
-                                             extra="[placement]\nspread = 3\n"))
+def deploy(c: Cluster, on: Host, instances: int = 3, spread: int | None = 3) -> None:
+    """shop with ``instances`` web instances (``[placement] spread``, unset if None)."""
+    extra = f"[placement]\nspread = {spread}\n" if spread is not None else ""
+    d = c.env_echo_app("shop", env_echo_toml("shop", instances=instances, extra=extra))
     r = on.cli("config", "set", "shop", "APP=shop")
     assert r.returncode == 0, r.stdout + r.stderr
     r = on.cli("up", str(d), timeout=120)
@@ -94,10 +95,11 @@ def three(c: Cluster) -> tuple[Host, Host, Host]:
 
 
 def test_a_spread_app_runs_a_share_on_every_host_and_follows_its_home() -> None:
+    """No ``spread`` in the manifest: with a cluster key, every host runs a share."""
     require_multihost()
     with multihost(3) as c:
         h1, h2, h3 = three(c)
-        deploy(c, h1)
+        deploy(c, h1, spread=None)
         want = {"shop.web.1": "h1", "shop.web.2": "h2", "shop.web.3": "h3"}
         wait_for(lambda: placed(h2) == want, timeout=30, what="a share on every host")
         # each host's own subnet; the lb of every host balances over all three

@@ -64,4 +64,5 @@ def test_placement_keys_and_what_a_share_follows() -> None:
     assert split_placement_key("shop/h2") == ("shop", "h2")
     p = {"release": 3, "generation": 7, "share": {"web": [2]}, "force": ["web"], "home": "h1"}
     assert followed(p) == {"release": 3, "generation": 7, "share": {"web": [2]}}
-    assert spread_of({"placement": {"spread": 3}}) == 3 and spread_of({}) == 1
+    assert spread_of({"placement": {"spread": 3}}) == 3
+    assert spread_of({}) is None and spread_of({"placement": {}}) is None  # every host

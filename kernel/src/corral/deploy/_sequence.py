@@ -51,6 +51,7 @@ from corral.release import AppConfig
 log = structlog.get_logger("corral.deploy")
 
 _HELD_KINDS = frozenset({"port", "path", "lbname", "uid"})  # what a redeploy may release
+MAX_SPREAD = 64  # [placement] spread's bound: an unset spread is every allowed host
 
 
 class Deployer:
@@ -148,13 +149,20 @@ class Deployer:
     def _refuse_placement(self, name: str, doc: dict[str, Any], directory: Path) -> None:
         """On a ledger several hosts share: refuse at once, before anything is built or
         claimed, an app whose ``[placement]`` this host does not match, naming the ready
-        hosts that do (a ledger of one host has no choice to make: it is not checked)."""
+        hosts that do, or whose ``spread`` needs the cluster key this host lacks (a ledger
+        of one host has no choice to make: it is not checked)."""
         from corral.manifest import PlacementSection
 
         if not isinstance(self.ledger, HostView):
             return
         placement = PlacementSection.model_validate(doc.get("placement") or {})
         this, labels = self.ledger.host, self.config.host.labels
+        if (placement.spread or 1) > 1 and not self.config.host.cluster_key:
+            raise CorralError(
+                f"{directory / 'corral.toml'}: [placement] spread = {placement.spread} needs "
+                f"host {this}'s [host] cluster_key (the other hosts run the app from their "
+                "copies of its releases; `corral hosts key`, docs/etcd.md); nothing was built "
+                "or claimed", code=ErrorCode.INVALID)
         if placement.allows(this, labels):
             return
         fits = sorted(r.key for r in self.ledger.list(kind="host-alive")
@@ -621,11 +629,14 @@ class Deployer:
                 ) -> tuple[list[str], dict[str, dict[str, list[int]]] | None, list[str]]:
         """The places a spread app is dealt to (``choose_hosts``: holes included, hosts
         that are lost) and each live host's instances (``deal``), or ([], None): not
-        spread (``spread`` 1, a ledger of one host, an app without releases, or this host
-        following a home); and the holes (places whose host is not live now)."""
+        spread (``spread`` 1, or unset without a cluster key; a ledger of one host, an app
+        without releases, or this host following a home); and the holes (places whose host
+        is not live now)."""
         from corral.manifest import PlacementSection
 
         want = spread_of(doc)
+        if want is None:  # every allowed host, where they run from copies of the releases
+            want = MAX_SPREAD if self.config.host.cluster_key else 1
         if follows is not None or want <= 1 or release is None or not self._this:
             return [], None, []
         placement = PlacementSection.model_validate(doc.get("placement") or {})

@@ -2,7 +2,8 @@
 
 On a shared ledger, the host an app is deployed on is its **home**: it holds the app's
 cluster-wide records (name, lb names, domains, releases) and decides where each instance
-runs. With ``spread = N`` it picks N hosts (itself first, then the live hosts the app's
+runs. With ``spread = N`` (by default, with a cluster key, every host the app's placement
+allows; without one, one host) it picks N hosts (itself first, then the live hosts the app's
 ``[placement]`` allows, those it placed on before kept in their places, then the least
 loaded) and deals each process's instances round-robin over them: with three hosts,
 ``web`` 1, 4, 7 run on the first, 2, 5, 8 on the second and so on. Its own share it runs
@@ -32,9 +33,12 @@ SATELLITE = "satellite"
 """A host's record of the app share it runs for the app's home (per host)."""
 
 
-def spread_of(manifest: Mapping[str, Any]) -> int:
-    """How many hosts the app asks to run on at once (``[placement] spread``, default 1)."""
-    return int(((manifest.get("placement") or {}).get("spread")) or 1)
+def spread_of(manifest: Mapping[str, Any]) -> int | None:
+    """How many hosts the app asks to run on at once (``[placement] spread``); None when it
+    does not say: every host its placement allows, where releases are copied between hosts
+    (a cluster key), else one."""
+    raw = (manifest.get("placement") or {}).get("spread")
+    return int(raw) if raw else None
 
 
 def choose_hosts(home: str, spread: int, fits: Mapping[str, int], previous: Iterable[str]

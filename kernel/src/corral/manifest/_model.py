@@ -153,10 +153,10 @@ class PlacementSection(_Section):
         default_factory=list, description="only hosts with every one of these [host] labels")
     avoid: list[HostLabel] = Field(
         default_factory=list, description="never hosts with any of these [host] labels")
-    spread: int = Field(
-        default=1, ge=1, le=64, description="run the app on this many hosts at once (of those "
-        "allowed): its instances dealt round-robin over them, the lb of every host "
-        "balancing over all; 1: one host")
+    spread: int | None = Field(
+        default=None, ge=1, le=64, description="on how many hosts (of those allowed) the "
+        "app runs at once: its instances dealt round-robin over them, the lb of every host "
+        "balancing over all; unset: every allowed host (with a cluster key); 1: one host")
 
     def allows(self, host: str, labels: list[str] | set[str]) -> bool:
         """Whether host ``host`` with ``labels`` may run the app."""
@@ -167,7 +167,7 @@ class PlacementSection(_Section):
     def describe(self) -> str:
         """The constraints in words ("hosts h1, h2; labels ssd; avoiding gpu")."""
         parts = [f"hosts {', '.join(self.hosts)}" if self.hosts else "",
-                 f"spread over {self.spread}" if self.spread > 1 else "",
+                 f"spread over {self.spread}" if self.spread else "",
                  f"labels {', '.join(self.labels)}" if self.labels else "",
                  f"avoiding {', '.join(self.avoid)}" if self.avoid else ""]
         return "; ".join(p for p in parts if p) or "any host"
