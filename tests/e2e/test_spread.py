@@ -80,6 +80,18 @@ def served_by(h: Host, want: set[str], within: float = 20.0) -> set[str]:
     return seen
 
 
+def ready_in_ledger(h: Host) -> set[tuple[str, str]]:
+    """(slot, host) of every instance of shop whose ledger record says ready (a lost
+    host's records stay until it is back or forgotten)."""
+    out = set()
+    for key, rec in records(h, "instance").items():
+        state = ((rec.get("value") or {}).get("record") or {}).get("state")
+        if "/shop." in key and state == "ready":
+            out.add((key.rsplit("/", 1)[1].partition("-g")[0],
+                     str(rec["owner"]).rpartition("@")[2]))
+    return out
+
+
 def records(h: Host, kind: str) -> dict[str, dict[str, Any]]:
     r = h.etcdctl("get", "--prefix", f"/corral/v1/r/{kind}/", "-w", "json")
     assert r.returncode == 0, r.stderr
@@ -152,9 +164,13 @@ def test_a_lost_hosts_share_goes_to_the_others_and_comes_back_with_it() -> None:
 
         h3.kill9()
         lost = time.monotonic()
-        wait_for(lambda: len(placed(h1)) == 6 and "h3" not in placed(h1).values(),
-                 timeout=c.ttl_s + 30, what="h3's share dealt to h1 and h2")
+        # timed on the ledger's instance records (a `corral ps` asked while h3's lease
+        # lives waits up to 5 s for h3's answer)
+        wait_for(lambda: len({i for i, h in ready_in_ledger(h1) if h != "h3"}) == 6,
+                 timeout=c.ttl_s + 30, step=0.05, what="h3's share dealt to h1 and h2")
         took = time.monotonic() - lost
+        wait_for(lambda: len(placed(h1)) == 6 and "h3" not in placed(h1).values(),
+                 timeout=30, what="`corral ps`: h3's share on h1 and h2")
         print(f"ttl_s {c.ttl_s}; h3's share running on h1 and h2 {took:.2f} s after the kill")
         now = where(h1)
         assert all(now[i] == v for i, v in kept.items()), (kept, now)  # nothing else moved
@@ -165,6 +181,14 @@ def test_a_lost_hosts_share_goes_to_the_others_and_comes_back_with_it() -> None:
         wait_for(lambda: placed(h1) == want, timeout=60, what="h3's share back on h3")
         now = where(h1)
         assert all(now[i] == v for i, v in kept.items()), (kept, now)
+
+        # h3 drained, asked on h1: its share dealt to h1 and h2 by the home, nothing on h3
+        r = h1.cli("hosts", "drain", "h3", timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "shop: its share here dealt to other hosts by its home, host h1" in r.stdout
+        assert len(placed(h1)) == 6 and "h3" not in placed(h1).values(), where(h1)
+        assert "ready (drained)" in h1.cli("hosts").stdout
+        assert served_by(h3, set(want)) == set(want)  # its lb still serves the app
 
 
 def test_a_lost_home_is_adopted_by_a_host_running_a_share() -> None:

@@ -47,6 +47,8 @@ from corral.release import remove_tree
 log = structlog.get_logger("corral.cluster")
 
 FENCE_CHECK_S = 0.1
+DRAIN_SHARES_S = 60.0
+"""How long a drain waits for the homes of its shares to deal them elsewhere."""
 FOLLOW_WAIT_S = 1.0
 """Placements are read again at least this often (and whenever one changes)."""
 PROBE_EVERY_S = 1.0
@@ -351,7 +353,8 @@ class ClusterMember:
     async def _follow_once(self) -> None:
         this = self.hosts.name
         records = await asyncio.to_thread(self.shared.list, kind=PLACEMENT)
-        alive = {r.key for r in await asyncio.to_thread(self.shared.list, kind=ALIVE)}
+        alive = await asyncio.to_thread(self.shared.list, kind=ALIVE)
+        usable = {r.key for r in alive if not r.value.get("cordoned")}  # live, not drained
         placed: dict[str, Record] = {}
         redeal: set[str] = set()
         for rec in records:
@@ -359,10 +362,10 @@ class ClusterMember:
             home = host_of(rec.owner, this)
             if host == this and home != this:
                 placed[app] = rec
-            elif home == this and host not in alive:
-                redeal.add(app)  # a host running a share is lost
+            elif home == this and host not in usable:
+                redeal.add(app)  # a host running a share is lost, or drained
         for rec in await asyncio.to_thread(self.deployer.ledger.list, kind="app"):
-            if set(rec.value.get("holes") or ()) & alive:
+            if set(rec.value.get("holes") or ()) & usable:
                 redeal.add(rec.key)  # a lost host whose place was kept is back
         busy = self._following | self._adopting
         for app, rec in sorted(placed.items()):
@@ -458,19 +461,35 @@ class ClusterMember:
                 top.rmdir()
 
     async def drain(self, by: str) -> dict[str, Any]:
-        """``hosts.drain`` on this host: hand each app to the least loaded other live host
-        its placement allows (that host starts it from its copies), then stop it here; one
-        that no host takes stays here, and is listed with why."""
+        """``hosts.drain`` on this host: mark it drained (``cordon``: nothing is placed
+        here any more); hand each app homed here to the least loaded other live host its
+        placement allows (that host starts it from its copies), then stop it here; and wait
+        (``DRAIN_SHARES_S``) for the homes of the shares it runs to deal them to other
+        hosts (their placements go, ``_follow`` stops them here). An app no host takes, or a
+        share its home did not deal away in time, stays here and is listed with why."""
         if self.leader is None:
             raise CorralError(f"host {self.hosts.name} has no cluster key: no other host has "
                               "its releases to take its apps", code=ErrorCode.FORBIDDEN)
-        this, moved, kept = self.hosts.name, [], []
-        for name in sorted(self.deployer.apps):
+        this = self.hosts.name
+        moved: list[dict[str, Any]] = []
+        kept: list[dict[str, Any]] = []
+        await asyncio.to_thread(self.hosts.cordon)
+        shares = {n: s.home for n, s in self.deployer.apps.items() if s.home is not None}
+        for name in sorted(set(self.deployer.apps) - set(shares)):
             to, why = await self._hand_over(name, this, by)
             if to is None:
                 kept.append({"app": name, "reason": why})
             else:
                 moved.append({"app": name, "to": to})
+        deadline = time.monotonic() + DRAIN_SHARES_S
+        while any(n in self.deployer.apps for n in shares) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        for name, home in sorted(shares.items()):
+            if name in self.deployer.apps:
+                kept.append({"app": name, "reason": f"its home, host {home}, did not deal its "
+                             f"share to other hosts within {DRAIN_SHARES_S:.0f} s"})
+            else:
+                moved.append({"app": name, "to": home, "share": True})
         self.publish("host.drained", {"host": this, "moved": moved, "kept": kept, "by": by})
         return {"host": this, "moved": moved, "kept": kept}
 

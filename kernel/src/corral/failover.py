@@ -219,8 +219,8 @@ class Failover:
         return sorted(out)
 
     def candidates(self, lost: str, app: str | None = None) -> list[str]:
-        """Live hosts to place ``app`` on, those its ``[placement]`` allows, the least
-        loaded first (apps, then instances)."""
+        """Live hosts to place ``app`` on, those its ``[placement]`` allows and not drained
+        (``cordoned``), the least loaded first (apps, then instances)."""
         from corral.manifest import PlacementSection
 
         alive = {r.key: r.value for r in self.shared.list(kind=ALIVE)}
@@ -228,8 +228,8 @@ class Failover:
         raw = ((rec.value.get("spec") or {}).get("manifest") or {}).get("placement") \
             if rec is not None else None
         placement = PlacementSection.model_validate(raw or {})
-        alive = {h: v for h, v in alive.items()
-                 if placement.allows(h, list(v.get("labels") or []))}
+        alive = {h: v for h, v in alive.items() if not v.get("cordoned")
+                 and placement.allows(h, list(v.get("labels") or []))}
         load: dict[str, int] = dict.fromkeys(alive, 0)
         for rec in self.shared.list(kind=APP):
             _base, host = _split(rec.owner)

@@ -65,6 +65,10 @@ class HostRegistry:
     renewed_at: float = 0.0
     """``time.monotonic()`` when the last successful renewal (or registration) was sent:
     the lease runs at least ``ttl_s`` from then."""
+    cordoned: bool = False
+    """Drained (``corral hosts drain``): no app, share or adoption is placed here any more,
+    until the kernel restarts; its alive record says so (``cordoned``)."""
+    _instances: int = 0
 
     @property
     def owner(self) -> str:
@@ -110,8 +114,9 @@ class HostRegistry:
 
     def _figures(self, instances: int) -> dict[str, Any]:
         mem = psutil.virtual_memory()
+        self._instances = instances
         return {"pid": os.getpid(), "token": self.token, "address": self.address,
-                "labels": list(self.labels),
+                "labels": list(self.labels), "cordoned": self.cordoned,
                 "instances": instances, "cpus": os.cpu_count() or 1,
                 "memory_total": int(mem.total), "memory_available": int(mem.available),
                 "load1": round(os.getloadavg()[0], 2), "seen": time.time()}
@@ -137,6 +142,14 @@ class HostRegistry:
         value["last_seen"] = time.time()
         txn.claim(self.owner, HOST, self.name, value)
         self.ledger.commit(txn)
+
+    def cordon(self) -> None:
+        """Mark this host drained now, in its alive record (``cordoned``): the hosts deal
+        it no share and adopt nothing onto it any more (a new lease keeps the mark)."""
+        self.cordoned = True
+        if self.lease is not None:
+            self.ledger.commit(Txn().claim(self.owner, ALIVE, self.name,
+                                           self._figures(self._instances), lease=self.lease))
 
     def leave(self) -> None:
         """Revoke the lease: the host is gone at once (a clean stop)."""
@@ -181,6 +194,7 @@ def list_hosts(ledger: Ledger, this: str) -> list[dict[str, Any]]:
         if live is not None:
             row.update(state="ready", **{k: live.value.get(k) for k in (
                 "pid", "instances", "cpus", "memory_total", "memory_available", "load1")},
+                cordoned=bool(live.value.get("cordoned")),
                 labels=list(live.value.get("labels") or []))
         else:
             row.update(state="lost", lost_since=rec.value.get("last_seen"))

@@ -298,7 +298,11 @@ def cmd_hosts(ns: argparse.Namespace) -> int:
             print_json(res)
             return 0
         for m in res["moved"]:
-            print(f"{m['app']}: moved to host {m['to']}")
+            if m.get("share"):
+                print(f"{m['app']}: its share here dealt to other hosts by its home, host "
+                      f"{m['to']}")
+            else:
+                print(f"{m['app']}: moved to host {m['to']}")
         for k in res["kept"]:
             print(f"{k['app']}: stays on host {res['host']}: {k['reason']}", file=sys.stderr)
         print(f"host {res['host']} drained: {len(res['moved'])} app(s) moved, "
@@ -327,6 +331,7 @@ def cmd_hosts(ns: argparse.Namespace) -> int:
     rows = []
     for h in res["hosts"]:
         state = "ready" if h["state"] == "ready" else f"lost since {when(h.get('lost_since'))}"
+        state += " (drained)" if h.get("cordoned") else ""
         free = (f"{h['cpus']} cpu, {int(h['memory_available']) >> 20} MiB free"
                 if h["state"] == "ready" else "-")
         me = " (this host)" if h["name"] == res.get("this") else ""

@@ -363,10 +363,28 @@ class Deployer:
         # Until the rollout is done the app record names what runs (the previous spec and
         # release): a kernel killed meanwhile comes back to that, and a rerun completes it.
         live_release = self.apps[name].release if name in self.apps else None
+        # The instances this host runs: of a spread app, its share (dealt here or by the
+        # home); an on-demand process has none until its driver asks (instance.spawn).
+        lazy = on_demand_processes(doc)
+        wanted = [w for w in self._instance_specs(spec, resolved, manifest_path, release)
+                  if w.process not in lazy]
+        hosts, shares, holes = self._spread(name, doc, wanted, old_rec, follows, release)
+        mine = shares.get(self._this) if shares is not None else None
+        if follows is not None:
+            mine = {str(p): [int(i) for i in ix]
+                    for p, ix in (follows[1].get("share") or {}).items()}
+        if mine is not None:
+            wanted = [w for w in wanted if w.index in mine.get(w.process, ())]
+        txn = self._claims(spec, manifest_path, release, overrides,
+                           running=(previous_spec, live_release), follows=follows)
+        if shares is not None and release is not None and live_release is not None and \
+                int(live_release["number"]) == int(release["number"]):
+            # the release that runs already (a scale, a restart, a lost host's share dealt
+            # again): the other hosts' shares start at once, beside this one's; a new release
+            # reaches them only once it is live here
+            self._place(txn, name, shares, release, generation, overrides, force)
         try:
-            self.ledger.commit(self._claims(spec, manifest_path, release, overrides,
-                                            running=(previous_spec, live_release),
-                                            follows=follows))
+            self.ledger.commit(txn)
         except BaseException:
             if previous_spec is not None:
                 self._write_manifest(previous_spec)
@@ -396,19 +414,6 @@ class Deployer:
                 await self.lifecycle.release_phase(state, resolved, manifest_path)
             # 4.-5. instances: keep unchanged live ones, launch the rest
             step = "launch"
-            # An on-demand process has no instance until its driver asks for one
-            # (instance.spawn).
-            lazy = on_demand_processes(doc)
-            wanted = [w for w in self._instance_specs(spec, resolved, manifest_path, release)
-                      if w.process not in lazy]
-            # a spread app: this host runs its share (dealt here, or by the home)
-            hosts, shares, holes = self._spread(name, doc, wanted, old_rec, follows, release)
-            mine = shares.get(self._this) if shares is not None else None
-            if follows is not None:
-                mine = {str(p): [int(i) for i in ix]
-                        for p, ix in (follows[1].get("share") or {}).items()}
-            if mine is not None:
-                wanted = [w for w in wanted if w.index in mine.get(w.process, ())]
             # With instance addresses (a driver declares the feature) new instances start
             # beside the old ones (Heroku's preboot, Kamal's rollout), and only once every
             # one of them is ready and healthy are the old ones drained and stopped; one that
@@ -542,7 +547,7 @@ class Deployer:
         the drivers that attached the new spec attach the previous one.
         """
         name = spec.name
-        kept = _HELD_KINDS | {"app", SATELLITE}
+        kept = _HELD_KINDS | {"app", SATELLITE, PLACEMENT}
         before = {(r.kind, r.key): r for r in held if r.kind in kept}
         txn = Txn()
         for rec in self.ledger.list(owner=name):
@@ -642,7 +647,7 @@ class Deployer:
         placement = PlacementSection.model_validate(doc.get("placement") or {})
         fits = {r.key: int(r.value.get("instances") or 0)
                 for r in self.ledger.list(kind="host-alive")
-                if r.key != self._this
+                if r.key != self._this and not r.value.get("cordoned")
                 and placement.allows(r.key, list(r.value.get("labels") or []))}
         previous = [str(h) for h in (old.value.get("spread") or [])] if old else []
         places = choose_hosts(self._this, want, fits, previous)
