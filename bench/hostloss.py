@@ -14,9 +14,18 @@ to h1 and h3, then kills h2's kernel and app with SIGKILL and times, from the ki
 - **start**: the app answering HTTP on that host's address (the adopting host started the
   current release from its copy).
 
-Between rounds h2's kernel is started again (it rejoins empty: its app was adopted). Timing
-is done from the root namespace by polling etcd and HTTP every 10 ms (so each figure is
-late by up to 10 ms). Prints each round on stderr, then the medians and the goal line.
+Between rounds h2's kernel is started again (it rejoins empty: its app was adopted).
+
+Then the same for a **share** of a spread app (``[placement] spread = 3``, one ``web``
+instance per host, homed on h1): h3 killed -9, and from the kill:
+
+- **detection**: ``host-alive/h3`` gone;
+- **placement**: the home dealt h3's instance again (h3's placement record gone);
+- **start**: the web instance h3 ran ready on h1 or h2 (its ledger instance record says so).
+
+h3 is then started again and gets its share back before the next round. Timing is done from
+the root namespace by polling etcd and HTTP every 10 ms (so each figure is late by up to
+10 ms). Prints each round on stderr, then the medians and the goal line.
 ``BENCH_ROUNDS`` (default 5) and ``BENCH_TTL`` (default 3 s, the harness's) set the run.
 Needs root, iproute2, nftables, util-linux and etcd-server (as the tests do).
 """
@@ -37,7 +46,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from _kernel import exit_on_sigterm
 
 from corral.ledger import open_ledger
-from multihost import Cluster, Host, multihost
+from multihost import DRIVERS, Cluster, Host, multihost
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 TTL_S = float(os.environ.get("BENCH_TTL", "3"))
@@ -46,7 +55,7 @@ TOML = """[app]
 name = "{name}"
 
 [processes]
-web = {{ command = "python3 server.py {port}", instances = 1 }}
+web = {{ command = "python3 server.py {port}", instances = 1, port = "http" }}
 
 [ports]
 http = {port}
@@ -67,7 +76,7 @@ def serving(h: Host, port: int) -> bool:
 
 
 def app_dir(c: Cluster, name: str, port: int) -> Path:
-    return c.env_echo_app(name, TOML.format(name=name, port=port))
+    return Path(c.env_echo_app(name, TOML.format(name=name, port=port)))
 
 
 def wait(cond: object, timeout: float, what: str) -> None:
@@ -117,22 +126,64 @@ def one_round(c: Cluster, i: int) -> dict[str, float]:
     return marks
 
 
-def main() -> int:
-    exit_on_sigterm()
-    if os.geteuid() != 0:
-        print("hostloss: needs root (network namespaces, nftables)", file=sys.stderr)
-        return 2
-    rows: list[dict[str, float]] = []
-    with multihost(3, ttl_s=TTL_S) as c:
-        for h in c.hosts:
-            h.start_kernel(keyed=True)
-        for i in range(1, ROUNDS + 1):
-            m = one_round(c, i)
-            rows.append(m)
-            print(f"round {i}: detection {m['detection']:.2f} s, placement +"
-                  f"{m['placement'] - m['detection']:.2f} s, start +"
-                  f"{m['serving'] - m['placement']:.2f} s, serving again after "
-                  f"{m['serving']:.2f} s (on h{int(m['host'])})", file=sys.stderr, flush=True)
+def share_round(c: Cluster, i: int) -> dict[str, float]:
+    """One round of a spread app's share lost with its host (see the module)."""
+    h1, h3 = c.host(1), c.host(3)
+    name, port = f"wide{i}", 8200 + i
+    toml = TOML.format(name=name, port=port).replace("instances = 1", "instances = 3")
+    r = h1.cli("up", str(c.env_echo_app(name, toml + "\n[placement]\nspread = 3\n")),
+               timeout=120)
+    if r.returncode != 0:
+        raise CannotMeasure(f"deploy on h1 failed: {r.stderr[-1000:]}")
+    ledger = open_ledger(c.url, c.base)
+
+    def ready_on() -> dict[str, str]:
+        """web instance slot -> host of those whose record says ready (not h3's)."""
+        out = {}
+        for rec in ledger.list(kind="instance"):
+            host = rec.owner.rpartition("@")[2]
+            state = (rec.value.get("record") or {}).get("state")
+            slot = rec.key.rpartition("/")[2]
+            if slot.startswith(f"{name}.") and state == "ready" and host != "h3":
+                out[slot.partition("-g")[0]] = host
+        return out
+
+    def on_h3() -> str | None:
+        """The slot of the web instance h3 runs (the home deals by load: any of the three)."""
+        mine = [r.key.rpartition("/")[2] for r in ledger.list(kind="instance")
+                if r.key.startswith(f"@h3/{name}.")]
+        return mine[0].partition("-g")[0] if mine else None
+
+    try:
+        wait(lambda: on_h3() is not None and len(ready_on()) == 2, 30,
+             f"{name}: a share on each host")
+        slot = on_h3()
+        marks: dict[str, float] = {}
+        killed = time.monotonic()
+        h3.kill9()
+        while time.monotonic() - killed < 60:
+            now = time.monotonic() - killed
+            if "detection" not in marks and ledger.get("host-alive", "h3") is None:
+                marks["detection"] = now
+            if "detection" in marks and "placement" not in marks and \
+                    ledger.get("placement", f"{name}/h3") is None:
+                marks["placement"] = now
+            if "placement" in marks and slot in ready_on():
+                marks["serving"] = time.monotonic() - killed
+                marks["host"] = float(ready_on()[str(slot)][1:])
+                break
+            time.sleep(POLL_S)
+        if "serving" not in marks:
+            raise CannotMeasure(f"{slot} not running again within 60 s: {marks}")
+        h3.start_kernel(keyed=True, drivers=DRIVERS)  # it rejoins, gets its share back
+        wait(lambda: on_h3() is not None, 60, f"{name}: h3's share back")
+    finally:
+        ledger.close()
+    return marks
+
+
+def report(what: str, rows: list[dict[str, float]]) -> None:
+    """The medians of ``rows`` and the goal line, each figure named ``hostloss_<what>...``."""
 
     def med(key: str) -> float:
         return statistics.median(r[key] for r in rows)
@@ -142,12 +193,41 @@ def main() -> int:
     start = statistics.median(r["serving"] - r["placement"] for r in rows)
     total = med("serving")
     worst = max(r["serving"] for r in rows)
-    print(f"hostloss_lease_ttl: {TTL_S:g} s")
-    print(f"hostloss_detection_median: {detection:.2f} s (the lease expiring after the kill)")
-    print(f"hostloss_placement_median: {placement:.2f} s (after detection: leader, adoption)")
-    print(f"hostloss_start_median: {start:.2f} s (after placement: the app answering)")
-    print(f"hostloss_serving_again_median: {total:.2f} s, max {worst:.2f} s "
+    print(f"hostloss{what}_lease_ttl: {TTL_S:g} s")
+    print(f"hostloss{what}_detection_median: {detection:.2f} s (the lease expiring after the "
+          "kill)")
+    print(f"hostloss{what}_placement_median: {placement:.2f} s (after detection: "
+          f"{'leader, adoption' if not what else 'the home dealing the share again'})")
+    print(f"hostloss{what}_start_median: {start:.2f} s (after placement: "
+          f"{'the app answering' if not what else 'the instance ready'})")
+    print(f"hostloss{what}_serving_again_median: {total:.2f} s, max {worst:.2f} s "
           f"(goal <= {TTL_S + 2:g} s, TTL + 2 s; {len(rows)} rounds)")
+
+
+def main() -> int:
+    exit_on_sigterm()
+    if os.geteuid() != 0:
+        print("hostloss: needs root (network namespaces, nftables)", file=sys.stderr)
+        return 2
+    rows: list[dict[str, float]] = []
+    shares: list[dict[str, float]] = []
+    # apps: kernels without drivers; shares: every driver (two web instances on one host
+    # need instance addresses, the net driver's)
+    for kind, run, into, drivers in (("app", one_round, rows, ()),
+                                     ("share", share_round, shares, DRIVERS)):
+        with multihost(3, ttl_s=TTL_S) as c:
+            for h in c.hosts:
+                h.start_kernel(keyed=True, drivers=drivers)
+            for i in range(1, ROUNDS + 1):
+                m = run(c, i)
+                into.append(m)
+                print(f"{kind} round {i}: detection {m['detection']:.2f} s, placement +"
+                      f"{m['placement'] - m['detection']:.2f} s, start +"
+                      f"{m['serving'] - m['placement']:.2f} s, serving again after "
+                      f"{m['serving']:.2f} s (on h{int(m['host'])})", file=sys.stderr,
+                      flush=True)
+    report("", rows)
+    report("_share", shares)
     return 0
 
 

@@ -50,7 +50,8 @@ FENCE_CHECK_S = 0.1
 DRAIN_SHARES_S = 60.0
 """How long a drain waits for the homes of its shares to deal them elsewhere."""
 FOLLOW_WAIT_S = 1.0
-"""Placements are read again at least this often (and whenever one changes)."""
+"""Placements are read again at least this often, and every tenth of the host TTL (a lost
+host's share is dealt again that soon after its lease expires), and whenever one changes."""
 PROBE_EVERY_S = 1.0
 BEATS = 5
 """Lease renewals per TTL: a renewal is normally at most a fifth of the TTL old."""
@@ -348,7 +349,7 @@ class ClusterMember:
                 await asyncio.sleep(FOLLOW_WAIT_S)
                 continue
             await in_daemon_thread(self.shared.wait_for_change, PLACEMENT, "", revision,
-                                   FOLLOW_WAIT_S)
+                                   min(FOLLOW_WAIT_S, self.hosts.ttl_s / 10))
 
     async def _follow_once(self) -> None:
         this = self.hosts.name

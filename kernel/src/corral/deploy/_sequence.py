@@ -687,6 +687,7 @@ class Deployer:
         from corral import manifest as manifests
 
         started = time.monotonic()
+        await self.drivers.require(release.get("manifest"), doing=f"share of {name!r}")
         async with self.releaser.lock(name):
             state = self.apps.get(name)
             if state is not None and state.home is None:
