@@ -26,7 +26,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ import structlog
 
 from corral import failover, replication
 from corral.deploy import Deployer
-from corral.deploy._spread import PLACEMENT, SATELLITE, split_placement_key
+from corral.deploy._spread import PLACEMENT, SATELLITE, followed, split_placement_key
 from corral.errors import CorralError, ErrorCode, NotFoundError, UnavailableError
 from corral.forwarding import Forwarder, in_daemon_thread
 from corral.host import HostConfig
@@ -82,6 +82,7 @@ class ClusterMember:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _adopting: set[str] = field(default_factory=set)
     _following: set[str] = field(default_factory=set)  # shares being started/rolled/stopped
+    _waiting: set[tuple[str, int]] = field(default_factory=set)  # (app, release) not copied
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -373,8 +374,6 @@ class ClusterMember:
             state = self.deployer.apps.get(app)
             if app in busy or (state is not None and state.home is None):
                 continue  # homed here (an adoption is making it so)
-            from corral.deploy._spread import followed
-
             if state is None or state.follows != followed(rec.value):
                 self._start(app, self._follow_share(app, host_of(rec.owner, this), rec.value))
         for app, state in sorted(self.deployer.apps.items()):
@@ -385,7 +384,8 @@ class ClusterMember:
             if state is not None and state.home is None and not state.deploying:
                 self._start(app, self._redeal(app))
 
-    def _start(self, app: str, work: Any) -> None:
+    def _start(self, app: str, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` on ``app``'s share in the background; one at a time per app."""
         self._following.add(app)
 
         async def run() -> None:
@@ -407,8 +407,11 @@ class ClusterMember:
         refs = [str(r) for r in ((rel.value.get("config") or {}).get("secrets") or {})
                 .values()]
         if self.replicator is None or not self.replicator.has(app, files, refs):
-            log.info("a share waits for its release's copy", app=app, release=number)
+            if (app, number) not in self._waiting:
+                self._waiting.add((app, number))
+                log.info("a share waits for its release's copy", app=app, release=number)
             return  # the next round finds it copied
+        self._waiting.discard((app, number))
         directory = await asyncio.to_thread(self._share_files, app, files)
         result = await self.deployer.follow(app, home, placement, dict(rel.value), directory)
         await asyncio.to_thread(self._prune_share_files, app, {files})
@@ -438,9 +441,8 @@ class ClusterMember:
         target = top / files
         if not target.is_dir():
             source = self.replicator.root(app) / files
-            if not source.is_dir():
-                source = self.deployer.releaser.store.directory(app, int(files[1:])) \
-                    if files[1:].isdigit() else source
+            if not source.is_dir():  # this host's own release (it was the app's home)
+                source = self.deployer.releaser.store.root(app) / files
             top.mkdir(mode=0o711, parents=True, exist_ok=True)
             incoming = top / f".incoming-{files}"
             remove_tree(incoming)
