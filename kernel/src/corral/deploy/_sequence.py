@@ -38,6 +38,7 @@ from corral.deploy._spread import (
     deal,
     followed,
     placement_key,
+    share_of,
     spread_of,
 )
 from corral.deploy._state import AppState, Live, spec_hash
@@ -369,10 +370,8 @@ class Deployer:
         wanted = [w for w in self._instance_specs(spec, resolved, manifest_path, release)
                   if w.process not in lazy]
         hosts, shares, holes = self._spread(name, doc, wanted, old_rec, follows, release)
-        mine = shares.get(self._this) if shares is not None else None
-        if follows is not None:
-            mine = {str(p): [int(i) for i in ix]
-                    for p, ix in (follows[1].get("share") or {}).items()}
+        mine = share_of(follows[1]) if follows is not None else \
+            shares.get(self._this) if shares is not None else None
         if mine is not None:
             wanted = [w for w in wanted if w.index in mine.get(w.process, ())]
         txn = self._claims(spec, manifest_path, release, overrides,
@@ -693,8 +692,7 @@ class Deployer:
             if state is not None and state.home is None:
                 raise ConflictError(f"app {name!r} is homed on this host: it follows no "
                                     "other", kind=SATELLITE, key=name, holder=name)
-            share = {str(p): [int(i) for i in ix]
-                     for p, ix in (placement.get("share") or {}).items()}
+            share = share_of(placement)
             doc = copy.deepcopy(release["manifest"])
             doc["resolved"]["directory"] = str(directory)
             counts = {p: max(share.get(p) or [0]) for p in (doc.get("processes") or {})}

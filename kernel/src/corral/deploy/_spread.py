@@ -91,6 +91,11 @@ def deal(formation: Mapping[str, int], places: list[str], live: Iterable[str] | 
     return out
 
 
+def share_of(placement: Mapping[str, Any]) -> dict[str, list[int]]:
+    """The instances a placement gives its host: process -> instance numbers."""
+    return {str(p): [int(i) for i in ix] for p, ix in (placement.get("share") or {}).items()}
+
+
 def followed(placement: Mapping[str, Any]) -> dict[str, Any]:
     """What of a placement a satellite's share follows: a change of any of it is rolled."""
     return {k: placement.get(k) for k in ("release", "generation", "share")}
