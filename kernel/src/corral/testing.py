@@ -198,15 +198,24 @@ async def wait_for_async(cond: Callable[[], Any], timeout: float = 20.0, step: f
         await asyncio.sleep(step)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` now, picked by the kernel (bind to port 0 and close).
+    """A TCP port free on ``host`` now, picked by the kernel (bind to port 0 and close),
+    never one this process was given before (the kernel may pick a port it just freed
+    again: two calls in a row could give one port twice).
 
     ``"::"`` checks IPv4 and IPv6 at once (a dual-stack socket). Another process may take
     the port before the caller binds it; tests accept that small race."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def mounts_below(path: Path) -> list[str]:
