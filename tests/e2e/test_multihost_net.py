@@ -73,10 +73,10 @@ def subnets(h: Host) -> dict[str, dict[str, Any]]:
 
 
 def by_host(records: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """host name -> its subnet, from the records (the owner says whose: net@<host>)."""
+    """host name -> its subnet, from the records (the owner says whose: driver:net@<host>)."""
     out: dict[str, str] = {}
     for cidr, rec in records.items():
-        host = str(rec["owner"]).removeprefix("net@")
+        host = str(rec["owner"]).removeprefix("driver:net@")
         assert host not in out, records  # one subnet per host
         out[host] = cidr
     return out

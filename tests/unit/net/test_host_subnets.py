@@ -1,23 +1,29 @@
 """The net driver on a shared ledger: one subnet per host, routes and peers, without root.
 
-The ledger is a fake that behaves as the kernel's ``HostView`` of one shared store (this
-host's records come back with owner ``net``, the others' as ``net@<host>``; a claim of a key
-another owner holds is a conflict); the routing table and nftables are fakes of the same
-contracts as ``Netlink`` and ``Nftables``.
+The kernel is the lb tests' ``ClusterKernel`` (``unit.lb._cluster``): each host's kernel
+serves ``ledger.list``/``claim``/``release`` through the real ``HostView`` of its host over
+one SQLite ledger, so this host's records come back with owner ``driver:net``, the others'
+as ``driver:net@<host>``, and a claim of a key another owner holds is the ledger's own
+conflict, as on etcd. The other hosts' records are written as their kernels write them
+(their net drivers' through their own ``HostView``, the host records through the shared
+ledger itself, a host forgotten by ``corral.hosts.forget_host``). The routing table and
+nftables are fakes of the same contracts as ``Netlink`` and ``Nftables``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import corral_net.driver as driver_module
-from corral.errors import ConflictError, CorralError, ErrorCode
+from corral.errors import CorralError, ErrorCode
+from corral.hosts import forget_host
+from corral.ledger import Claim, HostView, SqliteLedger
 from corral.protocol import Welcome
 from corral_net.claim import HostClaim
 from corral_net.config import NetConfig
@@ -37,79 +43,64 @@ from corral_net.subnets import (
     parse_records,
     peer_addresses,
 )
+from unit.lb._cluster import ClusterKernel
 
 DEFAULT = NetConfig(resolvers=("10.0.0.53",))
 net = ipaddress.ip_network
 addr = ipaddress.ip_address
 
 
-# -- the fakes -----------------------------------------------------------------------------------
+# -- the shared ledger and the fakes -------------------------------------------------------------
 
-class Store:
-    """The shared ledger: (kind, key) -> (stored owner ``<owner>@<host>``, value)."""
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[SqliteLedger]:
+    """The ledger every host shares (etcd's stand-in)."""
+    shared = SqliteLedger(tmp_path / "ledger.sqlite3")
+    yield shared
+    shared.close()
 
-    def __init__(self) -> None:
-        self.records: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
-        self.writes: list[tuple[str, str, str]] = []  # (op, key, stored owner)
 
+class RacingKernel(ClusterKernel):
+    """A ``ClusterKernel`` whose ``before_claim`` runs before each key of a ``ledger.claim``
+    is claimed: another host's claim landing between this host's list and its claim."""
 
-class FakeKernel:
-    """Host ``host``'s kernel on ``store``: ``ledger.list``/``claim``/``release`` as the
-    kernel's HostView answers them (cluster-wide kinds only), and ``kernel.status``."""
-
-    def __init__(self, store: Store, host: str, *, shared: bool = True,
-                 before_claim: Callable[[str], None] | None = None) -> None:
-        self.store, self.host, self.shared = store, host, shared
+    def __init__(self, ledger: SqliteLedger, host: str,
+                 before_claim: Callable[[str], None]) -> None:
+        super().__init__(ledger, host)
         self.before_claim = before_claim
-        self.calls: list[str] = []
-
-    def _own(self, owner: str) -> str:
-        suffix = f"@{self.host}"
-        return owner[: -len(suffix)] if owner.endswith(suffix) else owner
 
     async def call(self, op: str, args: dict[str, Any] | None = None, *,
                    timeout: float = 30.0) -> dict[str, Any]:
-        args = args or {}
-        self.calls.append(op)
-        if op == "kernel.status":
-            return {"host": self.host, "shared_ledger": self.shared}
-        if op == "ledger.list":
-            return {"revision": 1, "records": [
-                {"kind": kind, "key": key, "owner": self._own(owner), "value": value}
-                for (kind, key), (owner, value) in sorted(self.store.records.items())
-                if kind == args["kind"]]}
-        owner = f"{args['owner']}@{self.host}"
-        if op == "ledger.claim":
+        if op == "ledger.claim" and args is not None:
             for claim in args["claims"]:
-                key = (claim["kind"], claim["key"])
-                if self.before_claim is not None:
-                    self.before_claim(claim["key"])
-                held = self.store.records.get(key)
-                if held is not None and held[0] != owner:
-                    raise ConflictError(f"{key} is held by {held[0]}", kind=key[0],
-                                        key=key[1], holder=held[0])
-                self.store.records[key] = (owner, dict(claim["value"]))
-                self.store.writes.append(("claim", claim["key"], owner))
-            return {"revision": 2}
-        if op == "ledger.release":
-            for kind, key in args["keys"]:
-                if self.store.records.get((kind, key), (owner,))[0] == owner:
-                    self.store.records.pop((kind, key), None)
-                    self.store.writes.append(("release", key, owner))
-            return {"revision": 3}
-        raise CorralError(f"{op}: not in this fake", code=ErrorCode.UNKNOWN_OPERATION)
+                self.before_claim(claim["key"])
+        return await super().call(op, args, timeout=timeout)
 
 
-def hold(store: Store, cidr: str, host: str, address: str | None = None,
+def hold(ledger: SqliteLedger, cidr: str, host: str, address: str | None = None,
          pool6: str | None = None) -> None:
-    """Host ``host``'s net driver holds subnet ``cidr``."""
-    store.records[("subnet", cidr)] = (f"net@{host}", {
-        "host": host, "address": address, "address6": None, "pool6": pool6})
+    """Host ``host``'s net driver holds subnet ``cidr`` (claimed through its host's view)."""
+    HostView(ledger, host).claim("driver:net", [Claim("subnet", cidr, {
+        "host": host, "address": address, "address6": None, "pool6": pool6})])
 
 
-def register(store: Store, host: str, address: str | None) -> None:
-    """The kernel's host record of ``host``."""
-    store.records[("host", host)] = (f"host:{host}", {"address": address})
+def register(ledger: SqliteLedger, host: str, address: str | None) -> None:
+    """The kernel's host record of ``host``, written as ``corral.hosts`` writes it: owner
+    ``host:<host>``, through the shared ledger itself."""
+    ledger.put(f"host:{host}", "host", host, {"address": address})
+
+
+def stored(ledger: SqliteLedger, cidr: str) -> tuple[str, dict[str, Any]] | None:
+    """Subnet record ``cidr`` as the shared ledger stores it: (owner ``<owner>@<host>``,
+    value), None when no host holds it."""
+    record = ledger.get("subnet", cidr)
+    return None if record is None else (record.owner, record.value)
+
+
+def writes(ledger: SqliteLedger) -> list[tuple[str, str, str]]:
+    """Every change of a subnet record so far, oldest first: (``put``/``delete``, key,
+    stored owner). An unchanged re-claim writes nothing, as on etcd."""
+    return [(c.type, c.key, c.owner) for c in ledger.changes(0) if c.kind == "subnet"]
 
 
 class FakeTable:
@@ -220,7 +211,7 @@ def test_slices_cut_both_pools_alike() -> None:
 
 def test_a_slice_holds_as_many_instances_in_v4_and_v6() -> None:
     """The driver's pools replaced by a slice: 256 slots of /30 and /126, within it."""
-    record = SubnetRecord("10.231.4.0/22", "net", "h1", "10.9.0.1", None,
+    record = SubnetRecord("10.231.4.0/22", "driver:net", "h1", "10.9.0.1", None,
                           "fd63:6f72:7261:1:400::/70", True)
     local = local_config(DEFAULT, record)
     pool = AddressPool(local)
@@ -242,98 +233,109 @@ def test_covered_counts_subnets_cut_with_another_host_prefix() -> None:
 
 # -- the claim -----------------------------------------------------------------------------------
 
-def claim(kernel: FakeKernel, address: str | None = "10.9.0.1",
+def claim(kernel: ClusterKernel, address: str | None = "10.9.0.1",
           config: NetConfig = DEFAULT) -> tuple[SubnetRecord, list[SubnetRecord]]:
     return asyncio.run(claim_subnet(kernel, HostSlices.of(config),
                                     HostIdentity(kernel.host, address)))
 
 
-def test_hosts_claim_the_lowest_free_slices_and_record_what_routes_to_them() -> None:
-    """h1 then h2: slices 0 and 1, each recorded under net@<host> with the host's address
+def test_hosts_claim_the_lowest_free_slices_and_record_what_routes_to_them(
+        ledger: SqliteLedger) -> None:
+    """h1 then h2: slices 0 and 1, each recorded under driver:net@<host> with the host's address
     and its v6 slice; each sees the other's record."""
-    store = Store()
-    mine1, _ = claim(FakeKernel(store, "h1"), "10.9.0.1")
-    mine2, seen = claim(FakeKernel(store, "h2"), "10.9.0.2")
+    mine1, _ = claim(ClusterKernel(ledger, "h1"), "10.9.0.1")
+    mine2, seen = claim(ClusterKernel(ledger, "h2"), "10.9.0.2")
     assert (mine1.cidr, mine2.cidr) == ("10.231.0.0/22", "10.231.4.0/22")
-    assert store.records[("subnet", "10.231.4.0/22")] == ("net@h2", {
+    assert stored(ledger, "10.231.0.0/22") == ("driver:net@h1", {
+        "host": "h1", "address": "10.9.0.1", "address6": None,
+        "pool6": "fd63:6f72:7261:1::/70"})
+    assert stored(ledger, "10.231.4.0/22") == ("driver:net@h2", {
         "host": "h2", "address": "10.9.0.2", "address6": None,
         "pool6": "fd63:6f72:7261:1:400::/70"})
     assert {(r.cidr, r.mine, r.host) for r in seen} == {("10.231.0.0/22", False, "h1"),
                                                         ("10.231.4.0/22", True, "h2")}
 
 
-def test_a_restarted_driver_keeps_its_slice_and_updates_its_address() -> None:
+def test_a_restarted_driver_keeps_its_slice_and_updates_its_address(
+        ledger: SqliteLedger) -> None:
     """The record held already is kept (no new claim while nothing changed); a changed
     address is written into it, on the same key."""
-    store = Store()
-    hold(store, "10.231.0.0/22", "h9", "10.9.0.9")
-    first, _ = claim(FakeKernel(store, "h1"))
-    writes = len(store.writes)
-    again, _ = claim(FakeKernel(store, "h1"))
-    assert again == first and len(store.writes) == writes
-    moved, _ = claim(FakeKernel(store, "h1"), "10.9.0.77")
+    hold(ledger, "10.231.0.0/22", "h9", "10.9.0.9")
+    first, _ = claim(ClusterKernel(ledger, "h1"))
+    written = len(writes(ledger))
+    restarted = ClusterKernel(ledger, "h1")
+    again, _ = claim(restarted)
+    assert again == first and restarted.calls == ["ledger.list"]
+    assert len(writes(ledger)) == written
+    moved, _ = claim(ClusterKernel(ledger, "h1"), "10.9.0.77")
     assert moved.cidr == first.cidr == "10.231.4.0/22"
-    assert store.records[("subnet", first.cidr)][1]["address"] == "10.9.0.77"
-    assert store.writes[-1] == ("claim", first.cidr, "net@h1")
+    assert stored(ledger, first.cidr) == ("driver:net@h1", {
+        "host": "h1", "address": "10.9.0.77", "address6": None,
+        "pool6": "fd63:6f72:7261:1:400::/70"})
+    assert writes(ledger)[written:] == [("put", first.cidr, "driver:net@h1")]
 
 
-def test_a_host_racing_for_the_same_slice_makes_the_loser_take_the_next() -> None:
+def test_a_host_racing_for_the_same_slice_makes_the_loser_take_the_next(
+        ledger: SqliteLedger) -> None:
     """h7 claims slice 0 between h1's list and its claim: h1's claim conflicts and it claims
     slice 1 instead."""
-    store = Store()
-
     def race(key: str) -> None:
-        if ("subnet", key) not in store.records and key == "10.231.0.0/22":
-            hold(store, key, "h7", "10.9.0.7")
+        if ledger.get("subnet", key) is None and key == "10.231.0.0/22":
+            hold(ledger, key, "h7", "10.9.0.7")
 
-    mine, records = claim(FakeKernel(store, "h1", before_claim=race))
+    kernel = RacingKernel(ledger, "h1", race)
+    mine, records = claim(kernel)
     assert mine.cidr == "10.231.4.0/22"
     assert {(r.host, r.cidr) for r in records} == {("h7", "10.231.0.0/22"),
                                                    ("h1", "10.231.4.0/22")}
-    assert store.records[("subnet", "10.231.0.0/22")][0] == "net@h7"
-    assert [w for w in store.writes if w[2] == "net@h1"] == [("claim", "10.231.4.0/22",
-                                                              "net@h1")]
+    assert kernel.calls.count("ledger.claim") == 2  # slice 0 refused, then slice 1
+    assert stored(ledger, "10.231.0.0/22") == ("driver:net@h7", {
+        "host": "h7", "address": "10.9.0.7", "address6": None, "pool6": None})
+    assert [w for w in writes(ledger) if w[2] == "driver:net@h1"] == [
+        ("put", "10.231.4.0/22", "driver:net@h1")]
 
 
-def test_subnets_of_another_size_and_our_stale_ones() -> None:
+def test_subnets_of_another_size_and_our_stale_ones(ledger: SqliteLedger) -> None:
     """Another host's /21 covers slices 0 and 1; our own record of an older layout (a /24) is
     released and the lowest free /22 claimed."""
-    store = Store()
-    hold(store, "10.231.0.0/21", "h5", "10.9.0.5")
-    store.records[("subnet", "10.231.200.0/24")] = ("net@h1", {"host": "h1"})
-    mine, records = claim(FakeKernel(store, "h1"))
+    hold(ledger, "10.231.0.0/21", "h5", "10.9.0.5")
+    HostView(ledger, "h1").claim("driver:net", [
+        Claim("subnet", "10.231.200.0/24", {"host": "h1"})])
+    mine, records = claim(ClusterKernel(ledger, "h1"))
     assert mine.cidr == "10.231.8.0/22"
-    assert ("subnet", "10.231.200.0/24") not in store.records
-    assert ("release", "10.231.200.0/24", "net@h1") in store.writes
+    assert stored(ledger, "10.231.200.0/24") is None
+    assert ("delete", "10.231.200.0/24", "driver:net@h1") in writes(ledger)
     assert sorted(r.cidr for r in records) == ["10.231.0.0/21", "10.231.8.0/22"]
+    assert stored(ledger, "10.231.0.0/21") is not None  # the other host's kept
 
 
-def test_a_full_pool_names_the_pool_the_prefix_and_the_holders() -> None:
+def test_a_full_pool_names_the_pool_the_prefix_and_the_holders(ledger: SqliteLedger) -> None:
     """pool4 /22 cut in /23: two slices, both held by other hosts: a conflict that says so."""
-    store = Store()
-    hold(store, "10.231.0.0/23", "h2", "10.9.0.2")
-    hold(store, "10.231.2.0/23", "h3", "10.9.0.3")
+    hold(ledger, "10.231.0.0/23", "h2", "10.9.0.2")
+    hold(ledger, "10.231.2.0/23", "h3", "10.9.0.3")
     config = NetConfig.from_mapping({"pool4": "10.231.0.0/22", "host_prefix": 23})
+    kernel = ClusterKernel(ledger, "h1")
     with pytest.raises(CorralError) as info:
-        claim(FakeKernel(store, "h1"), config=config)
+        claim(kernel, config=config)
     assert info.value.code == ErrorCode.CONFLICT
     for part in ("pool4 10.231.0.0/22", "host_prefix /23", "h2 (10.231.0.0/23)",
                  "h3 (10.231.2.0/23)"):
         assert part in info.value.reason
+    assert "ledger.claim" not in kernel.calls  # nothing tried that every host would refuse
 
 
 def test_records_parse_into_routes_ways() -> None:
     """A record's v4 next hop is its v4 address; the v6 one its address if v6, else its
     address6; malformed records are left out."""
     records = parse_records([
-        {"key": "10.231.4.0/22", "owner": "net@h2", "value": {
+        {"key": "10.231.4.0/22", "owner": "driver:net@h2", "value": {
             "host": "h2", "address": "10.9.0.2", "address6": "2001:db8::2",
             "pool6": "fd63:6f72:7261:1:400::/70"}},
-        {"key": "10.231.8.0/22", "owner": "net@h3", "value": {
+        {"key": "10.231.8.0/22", "owner": "driver:net@h3", "value": {
             "host": "h3", "address": "2001:db8::3", "pool6": None}},
-        {"key": "not-a-net", "owner": "net@h4", "value": {}},
-        {"key": "10.231.12.0/22", "owner": "net@h5", "value": "text"},
-        {"key": "10.231.0.0/22", "owner": "net", "value": {"host": "h1"}},
+        {"key": "not-a-net", "owner": "driver:net@h4", "value": {}},
+        {"key": "10.231.12.0/22", "owner": "driver:net@h5", "value": "text"},
+        {"key": "10.231.0.0/22", "owner": "driver:net", "value": {"host": "h1"}},
     ])
     assert [(r.cidr, r.mine) for r in records] == [("10.231.4.0/22", False),
                                                    ("10.231.8.0/22", False),
@@ -360,12 +362,13 @@ def test_address6_is_the_v6_address_beside_the_hosts_address() -> None:
 # -- routes --------------------------------------------------------------------------------------
 
 PEERS = [
-    SubnetRecord("10.231.0.0/22", "net", "h1", "10.9.0.1", None, "fd63:6f72:7261:1::/70", True),
-    SubnetRecord("10.231.4.0/22", "net@h2", "h2", "10.9.0.2", "2001:db8::2",
+    SubnetRecord("10.231.0.0/22", "driver:net", "h1", "10.9.0.1", None,
+                 "fd63:6f72:7261:1::/70", True),
+    SubnetRecord("10.231.4.0/22", "driver:net@h2", "h2", "10.9.0.2", "2001:db8::2",
                  "fd63:6f72:7261:1:400::/70", False),
-    SubnetRecord("10.231.8.0/22", "net@h3", "h3", "10.9.0.3", None,
+    SubnetRecord("10.231.8.0/22", "driver:net@h3", "h3", "10.9.0.3", None,
                  "fd63:6f72:7261:1:800::/70", False),
-    SubnetRecord("10.231.12.0/22", "net@h4", "h4", None, None, None, False),
+    SubnetRecord("10.231.12.0/22", "driver:net@h4", "h4", None, None, None, False),
 ]
 POOLS = (DEFAULT.pool4, DEFAULT.pool6)
 
@@ -531,9 +534,10 @@ def test_set_peers_reapplies_only_when_the_set_changes() -> None:
 
 @pytest.fixture
 def welcomed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-             ) -> Callable[[FakeKernel, dict[str, Any]], tuple[NetDriver, FakeNetlink]]:
-    """A NetDriver welcomed with a config, on a fake kernel; its host claim under tmp_path,
-    netlink and nftables faked (nothing of this machine's network is touched)."""
+             ) -> Callable[[ClusterKernel, dict[str, Any]], tuple[NetDriver, FakeNetlink]]:
+    """A NetDriver welcomed with a config, on a kernel of the shared ledger; its host claim
+    under tmp_path, netlink and nftables faked (nothing of this machine's network is
+    touched)."""
     table = FakeNetlink()
     monkeypatch.setattr(driver_module, "HostClaim",
                         lambda config: HostClaim(config, tmp_path / "claims"))
@@ -541,7 +545,7 @@ def welcomed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr("corral_net.host.Netlink", lambda: table)
     monkeypatch.setattr("corral_net.host.Nftables", FakeNft)
 
-    def make(kernel: FakeKernel, config: dict[str, Any]) -> tuple[NetDriver, FakeNetlink]:
+    def make(kernel: ClusterKernel, config: dict[str, Any]) -> tuple[NetDriver, FakeNetlink]:
         driver = NetDriver()
         driver.kernel = kernel  # type: ignore[assignment]
         driver.welcomed(Welcome(peer_id="p", heartbeat_ms=1000, config=config))
@@ -550,53 +554,56 @@ def welcomed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     return make
 
 
-def test_a_host_of_its_own_keeps_the_whole_pool(welcomed: Any) -> None:
+def test_a_host_of_its_own_keeps_the_whole_pool(welcomed: Any, ledger: SqliteLedger) -> None:
     """Not shared: the pools as configured, no subnet claimed, no route, no peers."""
-    store = Store()
-    kernel = FakeKernel(store, "h1", shared=False)
+    kernel = ClusterKernel(ledger, "h1", shared=False)
     driver, table = welcomed(kernel, {"pool4": "10.150.3.0/24", "table": "zt1"})
     network = asyncio.run(driver._network())
     assert str(network.pool.pool4) == "10.150.3.0/24" and network.state.peers is None
-    assert kernel.calls == ["kernel.status"] and store.records == {}
+    assert kernel.calls == ["kernel.status"] and ledger.revision() == 0
     assert table.log == []
 
 
-def test_a_kernel_without_status_is_a_host_of_its_own(welcomed: Any) -> None:
+def test_a_kernel_without_status_is_a_host_of_its_own(welcomed: Any,
+                                                      ledger: SqliteLedger) -> None:
     """A kernel that does not serve kernel.status (the conformance stand-in) owns its ledger;
     any other failure of it is the operation's."""
-    class Old(FakeKernel):
+    class Old(ClusterKernel):
         async def call(self, op: str, args: dict[str, Any] | None = None, *,
                        timeout: float = 30.0) -> dict[str, Any]:
             if op == "kernel.status":
+                self.calls.append(op)
                 raise CorralError("no", code=ErrorCode.UNKNOWN_OPERATION)
             return await super().call(op, args, timeout=timeout)
 
-    driver, _ = welcomed(Old(Store(), "h1"), {"table": "zt2"})
+    old = Old(ledger, "h1")
+    driver, _ = welcomed(old, {"table": "zt2"})
     assert str(asyncio.run(driver._network()).pool.pool4) == "10.231.0.0/16"
+    assert old.calls == ["kernel.status"] and ledger.revision() == 0
 
-    class Down(FakeKernel):
+    class Down(ClusterKernel):
         async def call(self, op: str, args: dict[str, Any] | None = None, *,
                        timeout: float = 30.0) -> dict[str, Any]:
             raise CorralError("kernel lost", code=ErrorCode.UNAVAILABLE, retry=True)
 
-    driver, _ = welcomed(Down(Store(), "h1"), {"table": "zt3"})
+    driver, _ = welcomed(Down(ledger, "h1"), {"table": "zt3"})
     with pytest.raises(CorralError, match="kernel lost"):
         asyncio.run(driver._network())
 
 
-def test_a_shared_ledger_gives_the_driver_its_slice_routes_and_peers(welcomed: Any) -> None:
+def test_a_shared_ledger_gives_the_driver_its_slice_routes_and_peers(
+        welcomed: Any, ledger: SqliteLedger) -> None:
     """Shared: the subnet claimed with the host's address from its host record, the pools
     replaced by the slice, a route to the other host's subnet from our own address, that
     host let in, forwarding on."""
-    store = Store()
-    register(store, "h1", "10.9.0.1")
-    register(store, "h2", "10.9.0.2")
-    hold(store, "10.231.0.0/22", "h2", "10.9.0.2", "fd63:6f72:7261:1::/70")
-    driver, table = welcomed(FakeKernel(store, "h1"), {"table": "zt4"})
+    register(ledger, "h1", "10.9.0.1")
+    register(ledger, "h2", "10.9.0.2")
+    hold(ledger, "10.231.0.0/22", "h2", "10.9.0.2", "fd63:6f72:7261:1::/70")
+    driver, table = welcomed(ClusterKernel(ledger, "h1"), {"table": "zt4"})
     network = asyncio.run(driver._network())
     assert (str(network.pool.pool4), str(network.pool.pool6)) == (
         "10.231.4.0/22", "fd63:6f72:7261:1:400::/70")
-    assert store.records[("subnet", "10.231.4.0/22")] == ("net@h1", {
+    assert stored(ledger, "10.231.4.0/22") == ("driver:net@h1", {
         "host": "h1", "address": "10.9.0.1", "address6": "2001:db8::1",
         "pool6": "fd63:6f72:7261:1:400::/70"})
     assert [str(r) for r in table.present] == ["10.231.0.0/22 via 10.9.0.2 src 10.9.0.1 "
@@ -605,27 +612,47 @@ def test_a_shared_ledger_gives_the_driver_its_slice_routes_and_peers(welcomed: A
     assert "forwarding ipv6=True" in table.log
 
 
-def test_each_refresh_follows_the_hosts_that_come_and_go(welcomed: Any) -> None:
+def test_each_refresh_follows_the_hosts_that_come_and_go(welcomed: Any,
+                                                         ledger: SqliteLedger) -> None:
     """A host joining gets a route and is let in; a host forgotten (its record gone) loses
     both; a lost host's record (still there) keeps them; our own record, gone, is claimed
     again on the same key."""
-    store = Store()
-    register(store, "h1", "10.9.0.1")
-    driver, table = welcomed(FakeKernel(store, "h1"), {"table": "zt5", "pool6": ""})
+    register(ledger, "h1", "10.9.0.1")
+    driver, table = welcomed(ClusterKernel(ledger, "h1"), {"table": "zt5", "pool6": ""})
     network = asyncio.run(driver._network())
     assert network.state.peers == () and table.present == []
-    hold(store, "10.231.4.0/22", "h2", "10.9.0.2")
-    hold(store, "10.231.8.0/22", "h3", "10.9.0.3")
+    for host, address, cidr in (("h2", "10.9.0.2", "10.231.4.0/22"),
+                                ("h3", "10.9.0.3", "10.231.8.0/22")):
+        register(ledger, host, address)  # joined, never alive since: lost
+        hold(ledger, cidr, host, address)
     asyncio.run(driver._refresh_cluster())
     assert sorted(str(r) for r in table.present) == [
         "10.231.4.0/22 via 10.9.0.2 src 10.9.0.1 proto 231",
         "10.231.8.0/22 via 10.9.0.3 src 10.9.0.1 proto 231"]
     assert network.state.peers == ("10.9.0.2", "10.9.0.3")
-    del store.records[("subnet", "10.231.8.0/22")]  # h3 forgotten
-    hold(store, "10.231.4.0/22", "h2", "10.9.0.22")  # h2 came back on another address
-    del store.records[("subnet", "10.231.0.0/22")]  # ours, released under us
+    assert forget_host(ledger, "h3", "h1")["released"] == {"subnet": 1}
+    hold(ledger, "10.231.4.0/22", "h2", "10.9.0.22")  # h2 came back on another address
+    forget_host(ledger, "h1", "h2")  # ours, released under us (h1 forgotten while it ran)
+    assert stored(ledger, "10.231.0.0/22") is None
     asyncio.run(driver._refresh_cluster())
     assert [str(r) for r in table.present] == [
         "10.231.4.0/22 via 10.9.0.22 src 10.9.0.1 proto 231"]
     assert network.state.peers == ("10.9.0.22",)
-    assert store.records[("subnet", "10.231.0.0/22")][0] == "net@h1"
+    assert stored(ledger, "10.231.0.0/22") == ("driver:net@h1", {
+        "host": "h1", "address": "10.9.0.1", "address6": "2001:db8::1", "pool6": None})
+
+
+def test_a_slice_held_under_the_legacy_owner_is_kept_and_moved_to_the_driver_s(
+        ledger: SqliteLedger) -> None:
+    """Before, the driver's records were owned by ``net``, which is also an app's possible
+    name (its ``down`` released the host's subnet): the slice is kept, now owned by
+    ``driver:net``, and the kernel releasing an app named ``net`` leaves it alone."""
+    HostView(ledger, "h1").claim("net", [Claim("subnet", "10.231.4.0/22", {
+        "host": "h1", "address": "10.9.0.1", "address6": None, "pool6": None})])
+    mine, _ = claim(ClusterKernel(ledger, "h1"))
+    assert mine.cidr == "10.231.4.0/22"
+    assert stored(ledger, "10.231.4.0/22") == ("driver:net@h1", {
+        "host": "h1", "address": "10.9.0.1", "address6": None,
+        "pool6": "fd63:6f72:7261:1:400::/70"})
+    HostView(ledger, "h1").release("net")  # an app named net taken down on h1
+    assert stored(ledger, "10.231.4.0/22") is not None

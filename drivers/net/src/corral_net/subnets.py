@@ -5,7 +5,8 @@ kernel's ledger is shared (``kernel.status`` says ``shared_ledger``) every host'
 would hand out the same addresses, so each takes a slice instead: pool4 is cut into
 /``host_prefix`` slices (``HostSlices``) and pool6 into as many, slice N of one going with
 slice N of the other. A slice is claimed in the ledger as kind ``subnet`` (a cluster-wide
-kind every host lists), key the v4 slice's CIDR, owner ``net`` (stored as ``net@<host>``),
+kind every host lists), key the v4 slice's CIDR, owner ``driver:net`` (stored as
+``driver:net@<host>``; no app can be named so, so an app's ``down`` never releases it),
 value ``{"host", "address", "address6", "pool6"}``: who holds it, the addresses the other
 hosts route it through (``corral_net.routes``), and the v6 slice that goes with it.
 
@@ -30,7 +31,10 @@ from corral_net.config import NetConfig
 log = structlog.get_logger("corral.net")
 SUBNET = "subnet"
 HOST = "host"
-OWNER = "net"  # this driver's records; another host's come back as net@<host>
+OWNER = "driver:net"  # this driver's records; another host's come back as driver:net@<host>
+LEGACY_OWNER = "net"
+"""The owner of subnet records before 0.x (an app could be named so): such a record of this
+host is claimed again under ``OWNER``."""
 CLAIM_ATTEMPTS = 8
 
 
@@ -172,7 +176,8 @@ def parse_records(listed: Iterable[Mapping[str, Any]], owner: str = OWNER) -> li
         out.append(SubnetRecord(
             cidr=key, owner=str(raw.get("owner", "")), host=str(value.get("host") or ""),
             address=_text(value.get("address")), address6=_text(value.get("address6")),
-            pool6=str(pool6) if pool6 else None, mine=raw.get("owner") == owner))
+            pool6=str(pool6) if pool6 else None,
+            mine=raw.get("owner") in {owner, LEGACY_OWNER if owner == OWNER else owner}))
     return out
 
 
@@ -219,14 +224,19 @@ async def claim_subnet(kernel: KernelCalls, slices: HostSlices, me: HostIdentity
             log.warning("subnets of another pool layout released",
                         subnets=[r.cidr for r in stale], pool4=str(slices.pool4),
                         host_prefix=slices.host_prefix)
-            await kernel.call("ledger.release", {
-                "owner": owner, "keys": [[SUBNET, r.cidr] for r in stale]})
+            for holder in sorted({r.owner for r in stale}):
+                await kernel.call("ledger.release", {"owner": holder, "keys": [
+                    [SUBNET, r.cidr] for r in stale if r.owner == holder]})
             records = [r for r in records if r not in stale]
         if kept is not None:
             index = slices.index_of(kept.cidr)
             assert index is not None
             mine = _record(slices, index, me, owner)
-            if _value(mine) != _value(kept):  # the address changed: the others follow it
+            if kept.owner != owner:  # held under the legacy owner: moved to this one
+                await kernel.call("ledger.release", {
+                    "owner": kept.owner, "keys": [[SUBNET, kept.cidr]]})
+                await claim_record(kernel, mine, owner)
+            elif _value(mine) != _value(kept):  # the address changed: the others follow it
                 await claim_record(kernel, mine, owner)
             return mine, [mine if r is kept else r for r in records]
         taken = set(raced)
