@@ -2,8 +2,9 @@
 host), for real, on the three-host harness (tests/multihost.py) with every driver: the home
 deals the instances, every host runs its share from its copy of the release, each host's lb
 balances over all of them, and the shares follow the home's deploys, scales, restarts and
-`down`; a lost host's share is dealt to the others and comes back with its host; a lost
-home is adopted by a host running a share, which becomes the home.
+`down`; a lost host's share is dealt to the others and comes back with its host; a host
+that joins later gets a share; a lost home is adopted by a host running a share, which
+becomes the home.
 """
 
 from __future__ import annotations
@@ -189,6 +190,32 @@ def test_a_lost_hosts_share_goes_to_the_others_and_comes_back_with_it() -> None:
         assert len(placed(h1)) == 6 and "h3" not in placed(h1).values(), where(h1)
         assert "ready (drained)" in h1.cli("hosts").stdout
         assert served_by(h3, set(want)) == set(want)  # its lb still serves the app
+
+
+def test_a_host_that_joins_later_gets_a_share() -> None:
+    """Spread unset, deployed while two hosts were up: a third host that starts later is
+    dealt a share (from its copy of the release, made after it joined); nothing else
+    moves, and its lb serves every instance."""
+    require_multihost()
+    with multihost(3) as c:
+        h1, h2, h3 = c.host(1), c.host(2), c.host(3)
+        for h in (h1, h2):
+            h.start_kernel(keyed=True, drivers=DRIVERS)
+        deploy(c, h1, spread=None)
+        before = {"shop.web.1": "h1", "shop.web.2": "h2", "shop.web.3": "h1"}
+        wait_for(lambda: placed(h1) == before, timeout=30, what="shop on h1 and h2")
+        kept = {i: v for i, v in where(h1).items() if i != "shop.web.3"}
+
+        h3.start_kernel(keyed=True, drivers=DRIVERS)
+        joined = time.monotonic()
+        want = {**before, "shop.web.3": "h3"}
+        wait_for(lambda: placed(h1) == want, timeout=60, what="a share on h3")
+        print(f"h3's share running {time.monotonic() - joined:.2f} s after its kernel started")
+        now = where(h1)
+        assert all(now[i] == v for i, v in kept.items()), (kept, now)  # nothing else moved
+        assert records(h1, "app")["/corral/v1/r/app/shop"]["value"]["spread"] == \
+            ["h1", "h2", "h3"]
+        assert served_by(h3, set(want)) == set(want)
 
 
 def test_a_lost_home_is_adopted_by_a_host_running_a_share() -> None:

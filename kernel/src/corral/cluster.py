@@ -9,8 +9,9 @@
   lease is back it forgets the apps adopted elsewhere meanwhile and starts the others again;
 - it takes leadership when free, and as leader has every app of a lost host adopted by a
   live one; as any host it adopts the apps the leader places on it (``app.adopt``);
-- it runs the shares of spread apps their homes place on it, and deals again the shares
-  its own spread apps had on a host that is lost (``corral.deploy._spread``);
+- it runs the shares of spread apps their homes place on it, and deals again the instances
+  of its own spread apps when a host they run on is lost or drained, comes back, or a host
+  joins that they should also run on (``corral.deploy._spread``);
 - at start, before its apps are restored, it forgets those adopted elsewhere while it was
   lost (eviction).
 
@@ -52,6 +53,9 @@ DRAIN_SHARES_S = 60.0
 FOLLOW_WAIT_S = 1.0
 """Placements are read again at least this often, and every tenth of the host TTL (a lost
 host's share is dealt again that soon after its lease expires), and whenever one changes."""
+JOIN_RETRY_S = 30.0
+"""A host that joined is dealt a share of an app at most this often (a redeal that could not
+give it one, e.g. a rollout that failed, is not retried every round)."""
 PROBE_EVERY_S = 1.0
 BEATS = 5
 """Lease renewals per TTL: a renewal is normally at most a fifth of the TTL old."""
@@ -74,6 +78,7 @@ class ClusterMember:
     config: HostConfig
     home: Path
     publish: Publish
+    channel: replication.Channel | None = None  # the cluster key's: also seals records
     server: replication.ReplicaServer | None = None
     replicator: replication.Replicator | None = None
     leader: failover.Failover | None = None
@@ -83,6 +88,7 @@ class ClusterMember:
     _adopting: set[str] = field(default_factory=set)
     _following: set[str] = field(default_factory=set)  # shares being started/rolled/stopped
     _waiting: set[tuple[str, int]] = field(default_factory=set)  # (app, release) not copied
+    _joins: dict[tuple[str, tuple[str, ...]], float] = field(default_factory=dict)  # -> retry at
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -96,7 +102,8 @@ class ClusterMember:
             log.warning("no [host] cluster_key and address: releases are not copied between "
                         "hosts and a lost host's apps are not re-placed (docs/etcd.md)")
             return member
-        channel = replication.Channel(replication.load_cluster_key(ident.cluster_key))
+        channel = member.channel = replication.Channel(
+            replication.load_cluster_key(ident.cluster_key))
         try:
             member.server = replication.ReplicaServer(
                 (ident.address, ident.files_port), channel,
@@ -338,8 +345,8 @@ class ClusterMember:
 
     async def _follow(self) -> None:
         """Run the shares placed on this host, stop those no longer placed, and deal again
-        the shares a lost host had of the apps homed here; whenever a placement changes,
-        and at least every ``FOLLOW_WAIT_S``."""
+        the instances of the apps homed here when a host of theirs is lost or back, or one
+        joins; whenever a placement changes, and at least every ``FOLLOW_WAIT_S``."""
         while True:
             try:
                 revision = await asyncio.to_thread(self.shared.revision)
@@ -366,9 +373,16 @@ class ClusterMember:
                 placed[app] = rec
             elif home == this and host not in usable:
                 redeal.add(app)  # a host running a share is lost, or drained
+        now = time.monotonic()
         for rec in await asyncio.to_thread(self.deployer.ledger.list, kind="app"):
             if set(rec.value.get("holes") or ()) & usable:
                 redeal.add(rec.key)  # a lost host whose place was kept is back
+            joined = self.deployer.joining(rec, [r for r in alive if r.key in usable])
+            if joined and self._joins.get((rec.key, tuple(joined)), 0.0) <= now:
+                self._joins[(rec.key, tuple(joined))] = now + JOIN_RETRY_S
+                log.info("a host joined: dealing a spread app's instances again",
+                         app=rec.key, hosts=joined)
+                redeal.add(rec.key)  # a host joined (or now fits) that gets a share
         busy = self._following | self._adopting
         for app, rec in sorted(placed.items()):
             state = self.deployer.apps.get(app)
@@ -428,8 +442,9 @@ class ClusterMember:
 
     async def _redeal(self, app: str) -> None:
         """Deal again the instances of ``app`` (homed here) after a host it spread to was
-        lost: the live hosts take the lost one's place (a rollout of the current release)."""
-        log.warning("a spread app's host is lost: dealing its share again", app=app)
+        lost or drained, came back, or a host joined: a rollout of the current release over
+        the places ``choose_hosts`` picks now."""
+        log.info("dealing a spread app's instances again", app=app)
         await self.deployer.lifecycle.resume(app, by=f"host {self.hosts.name}")
 
     def _share_files(self, app: str, files: str) -> Path:

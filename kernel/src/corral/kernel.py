@@ -36,7 +36,7 @@ from corral.host import (
 )
 from corral.hosts import ALIVE, HostRegistry, forget_host, host_name, host_of, list_hosts
 from corral.launch import become_subreaper, take_fd
-from corral.ledger import GroupCommit, HostView, Ledger, Txn, open_ledger
+from corral.ledger import SEALED_KINDS, GroupCommit, HostView, Ledger, Record, Txn, open_ledger
 from corral.protocol import KERNEL_OPS, PROTOCOL, QUERY_OP, Args, Hello, Request, Welcome
 from corral.protocol._ops import (
     AppAdopt,
@@ -534,12 +534,37 @@ class Kernel:
         recs, revision = await asyncio.to_thread(read) if self.ledger.remote else read()
         return {"revision": revision,
                 "records": [{"kind": r.kind, "key": r.key, "owner": r.owner, "since": r.since,
-                             "revision": r.revision, "value": r.value} for r in recs]}
+                             "revision": r.revision, "value": self._shown(peer, r)}
+                            for r in recs]}
+
+    def _shown(self, peer: Peer, rec: Record) -> dict[str, Any]:
+        """A record's value as ``peer`` may see it: a sealed kind's (``SEALED_KINDS``: a
+        private key) opened for a driver only; anyone else sees ``{"sealed": true}``."""
+        if rec.kind not in SEALED_KINDS:
+            return rec.value
+        channel = self.cluster.channel if self.cluster is not None else None
+        if peer.role != "driver" or channel is None:
+            return {"sealed": True}
+        try:
+            return channel.open_record(rec.kind, rec.key, rec.value)
+        except CorralError as exc:
+            log.warning("a sealed record does not open", kind=rec.kind, key=rec.key,
+                        error=exc.reason)
+            return {"sealed": True, "error": exc.reason}
 
     async def _ledger_claim(self, peer: Peer, args: LedgerClaim) -> dict[str, Any]:
         txn = Txn()
         for c in args.claims:
-            txn.claim(args.owner, c.kind, c.key, c.value)
+            value = c.value
+            if c.kind in SEALED_KINDS:
+                channel = self.cluster.channel if self.cluster is not None else None
+                if channel is None:
+                    raise CorralError(
+                        f"a {c.kind} record holds a secret: it is kept only on hosts sharing "
+                        "a ledger under a cluster key (host.toml [host] cluster_key)",
+                        code=ErrorCode.INVALID)
+                value = channel.seal_record(c.kind, c.key, c.value)
+            txn.claim(args.owner, c.kind, c.key, value)
         return {"revision": await self.group_commit.commit(txn)}
 
     async def _ledger_release(self, peer: Peer, args: LedgerRelease) -> dict[str, Any]:

@@ -142,6 +142,7 @@ class Channel:
 
         self._request = derive(b"request")
         self._answer = derive(b"answer")
+        self._record = derive(b"record")
 
     def seal_request(self, body: dict[str, Any]) -> bytes:
         """One request frame (length prefix included)."""
@@ -195,6 +196,38 @@ class Channel:
                 continue
         raise ChannelError(f"answer frame {index} does not open under this cluster's key "
                            "(tampered with, out of order, or from another cluster)")
+
+
+    @staticmethod
+    def _record_ad(kind: str, key: str) -> bytes:
+        return PROTOCOL + b" record " + kind.encode() + b"\0" + key.encode()
+
+    def seal_record(self, kind: str, key: str, value: dict[str, Any]) -> dict[str, Any]:
+        """A ledger record's value as the shared ledger keeps it (``SEALED_KINDS``):
+        ``{"sealed": base64(nonce + ciphertext)}``, bound to its kind and key so that it
+        cannot be moved to another record."""
+        nonce = os.urandom(NONCE_BYTES)
+        plain = json.dumps(value, sort_keys=True).encode()
+        sealed = nonce + self._record.encrypt(nonce, plain, self._record_ad(kind, key))
+        return {"sealed": base64.b64encode(sealed).decode("ascii")}
+
+    def open_record(self, kind: str, key: str, stored: dict[str, Any]) -> dict[str, Any]:
+        """The value ``seal_record`` sealed; ``ChannelError`` for one that does not open
+        under this cluster's key as record ``kind``/``key`` (or is not sealed at all)."""
+        from cryptography.exceptions import InvalidTag
+
+        try:
+            raw = base64.b64decode(str(stored.get("sealed") or ""), validate=True)
+            plain = self._record.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:],
+                                         self._record_ad(kind, key))
+            value = json.loads(plain)
+        except (binascii.Error, InvalidTag, ValueError):
+            raise ChannelError(f"ledger record {kind}/{key} is not sealed with this "
+                               "cluster's key") from None
+        if not isinstance(value, dict):
+            raise ChannelError(f"ledger record {kind}/{key}: a sealed value that is not "
+                               "a JSON object")
+        return value
 
 
 def _read_exact(sock: socket.socket, size: int) -> bytes:

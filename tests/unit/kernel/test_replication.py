@@ -79,6 +79,32 @@ def test_requests_open_only_under_the_same_key_and_unaltered() -> None:
         ours.open_request(ours.seal_answer("a" * 32, 0, b"{}", last=True)[4:])
 
 
+def test_sealed_records_open_only_under_the_key_as_the_same_record() -> None:
+    """A ``certificate`` record's value (a private key) is kept in the shared ledger sealed:
+    no byte of the secret in what is stored, opened only under the same cluster key and as
+    the same kind and key (a sealed value copied to another record does not open)."""
+    channel = Channel(KEY)
+    value = {"domains": ["shop.test"], "key": "-----BEGIN PRIVATE KEY-----\nsecret\n"}
+    stored = channel.seal_record("certificate", "shop", value)
+    assert set(stored) == {"sealed"} and "PRIVATE" not in json.dumps(stored)
+    assert "secret" not in base64.b64decode(stored["sealed"]).decode("latin-1")
+    assert channel.open_record("certificate", "shop", stored) == value
+    assert channel.seal_record("certificate", "shop", value) != stored  # a fresh nonce
+    with pytest.raises(ChannelError, match="certificate/blog is not sealed with this "):
+        channel.open_record("certificate", "blog", stored)  # moved to another key
+    with pytest.raises(ChannelError):
+        channel.open_record("backend", "shop", stored)  # ... or kind
+    with pytest.raises(ChannelError):
+        Channel(bytes(32)).open_record("certificate", "shop", stored)  # another cluster
+    raw = bytearray(base64.b64decode(stored["sealed"]))
+    raw[-1] ^= 1
+    with pytest.raises(ChannelError):
+        channel.open_record("certificate", "shop", {"sealed": base64.b64encode(raw).decode()})
+    for bad in ({}, {"sealed": "not base64!"}, value):
+        with pytest.raises(ChannelError):
+            channel.open_record("certificate", "shop", bad)
+
+
 def test_answer_frames_are_bound_to_request_index_and_end() -> None:
     ch = Channel(KEY)
     ident = "ab" * 16

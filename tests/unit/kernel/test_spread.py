@@ -6,6 +6,7 @@ from corral.deploy._spread import (
     choose_hosts,
     deal,
     followed,
+    joining,
     placement_key,
     split_placement_key,
     spread_of,
@@ -66,3 +67,25 @@ def test_placement_keys_and_what_a_share_follows() -> None:
     assert followed(p) == {"release": 3, "generation": 7, "share": {"web": [2]}}
     assert spread_of({"placement": {"spread": 3}}) == 3
     assert spread_of({}) is None and spread_of({"placement": {}}) is None  # every host
+
+
+def test_a_host_that_joins_gets_a_share_when_the_app_asks_for_more_hosts() -> None:
+    """Spread unset (every allowed host, ``want`` large): a host that joined is dealt a
+    share; once it is among the places, nothing more happens."""
+    assert joining(["h1", "h2"], [], 64, 6, ["h2", "h3"]) == ["h3"]
+    assert joining(["h1", "h2", "h3"], [], 64, 6, ["h2", "h3"]) == []
+    # a new place would run no instance: 2 instances on 2 places already
+    assert joining(["h1", "h2"], [], 64, 2, ["h2", "h3"]) == []
+    # spread = 2 reached: a third host joining gets nothing
+    assert joining(["h1", "h2"], [], 2, 6, ["h2", "h3"]) == []
+    # not spread (spread 1, or no cluster key): no places, nothing joins
+    assert joining([], [], 64, 6, ["h2", "h3"]) == []
+    # the app was dealt to its home alone (the only host then): the second host joins
+    assert joining(["h1"], [], 64, 3, ["h2"]) == ["h2"]
+
+
+def test_a_host_that_joins_takes_a_hole_even_at_the_app_s_spread() -> None:
+    """spread = 2 on h1 and h2, h2 lost (its place a hole): h3 joining takes the place,
+    which ``choose_hosts`` gives it."""
+    assert joining(["h1", "h2"], ["h2"], 2, 6, ["h3"]) == ["h3"]
+    assert choose_hosts("h1", 2, {"h3": 0}, ["h1", "h2"]) == ["h1", "h3"]

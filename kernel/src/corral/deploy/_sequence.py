@@ -37,6 +37,7 @@ from corral.deploy._spread import (
     choose_hosts,
     deal,
     followed,
+    joining,
     placement_key,
     share_of,
     spread_of,
@@ -655,6 +656,27 @@ class Deployer:
             counts[w.process] = max(counts.get(w.process, 0), w.index)
         live = {self._this, *fits}
         return places, deal(counts, places, live), [p for p in places if p not in live]
+
+    def joining(self, rec: Record, alive: Sequence[Record]) -> list[str]:
+        """The hosts of ``alive`` (``host-alive`` records) that joined since the last deal
+        of the spread app of ``rec`` (its ``app`` record: homed here) and should now run a
+        share of it (``corral.deploy._spread.joining``): a redeal (``Lifecycle.resume``)
+        gives them one. Empty for an app not spread, or being deployed."""
+        from corral.manifest import PlacementSection
+
+        state = self.apps.get(rec.key)
+        places = [str(h) for h in rec.value.get("spread") or ()]
+        if state is None or state.home is not None or state.deploying or len(places) == 0:
+            return []
+        doc = state.spec.manifest
+        lazy = on_demand_processes(doc)
+        largest = max((int(p.get("instances") or 0) for n, p in
+                       (doc.get("processes") or {}).items() if n not in lazy), default=0)
+        placement = PlacementSection.model_validate(doc.get("placement") or {})
+        fits = [r.key for r in alive if r.key != self._this and not r.value.get("cordoned")
+                and placement.allows(r.key, list(r.value.get("labels") or []))]
+        return joining(places, rec.value.get("holes") or (), spread_of(doc) or MAX_SPREAD,
+                       largest, fits)
 
     def _place(self, txn: Txn, name: str, shares: dict[str, dict[str, list[int]]] | None,
                release: dict[str, Any] | None, generation: int, overrides: dict[str, Any] | None,

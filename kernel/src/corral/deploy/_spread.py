@@ -19,12 +19,14 @@ placement changes (a deploy, scale, restart, rollback or config change at home) 
 its share likewise; when the placement goes (``corral down`` at home, or the home moved the
 share elsewhere) it takes its share down. When a satellite's host is lost, the home deals
 its share to another host; when the home is lost, the host adopting the app becomes the
-new home (a satellite of it there stops first) and deals the instances again.
+new home (a satellite of it there stops first) and deals the instances again. A host that
+joins later (or comes to fit the app's placement) is dealt a share the same way, when the
+app asks for more hosts than it has (``joining``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 PLACEMENT = "placement"
@@ -69,6 +71,22 @@ def choose_hosts(home: str, spread: int, fits: Mapping[str, int], previous: Iter
     while len(chosen) < spread and spare:
         chosen.append(spare.pop(0))
     return chosen
+
+
+def joining(places: Sequence[str], holes: Iterable[str], want: int, largest: int,
+            fits: Iterable[str]) -> list[str]:
+    """The hosts that joined since a spread app's last deal and that a deal now would give
+    instances: those of ``fits`` (live hosts its placement allows, not drained) not among
+    ``places`` (its last deal's), when it has a hole (``holes``: a lost host's place, which
+    a spare host takes) or fewer places than it asks (``want``) and than its largest
+    process has instances (``largest``: a new place runs one). Empty for an app that is not
+    spread (no places)."""
+    if not places:
+        return []
+    new = sorted(h for h in fits if h not in places)
+    if not new or (not list(holes) and len(places) >= min(want, largest)):
+        return []
+    return new
 
 
 def deal(formation: Mapping[str, int], places: list[str], live: Iterable[str] | None = None

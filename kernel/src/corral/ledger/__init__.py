@@ -16,7 +16,7 @@ from corral.ledger._base import (
     describe_owner,
 )
 from corral.ledger._group import GroupCommit
-from corral.ledger._hosted import CLUSTER_KINDS, SHARED_READS, HostView
+from corral.ledger._hosted import CLUSTER_KINDS, SEALED_KINDS, SHARED_READS, HostView
 from corral.ledger._open import DEFAULT_FILE, open_ledger
 from corral.ledger._sqlite import SCHEMA_VERSION, SqliteLedger
 
@@ -24,6 +24,7 @@ __all__ = [
     "CLUSTER_KINDS",
     "DEFAULT_FILE",
     "SCHEMA_VERSION",
+    "SEALED_KINDS",
     "SHARED_READS",
     "Change",
     "Claim",

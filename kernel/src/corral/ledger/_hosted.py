@@ -49,14 +49,24 @@ from corral.ledger._base import (
 )
 
 CLUSTER_KINDS = frozenset({"app", "lbname", "domain", "uid", "release", "cron-slot", "host",
-                           "host-alive", "subnet", "backend", "placement"})
+                           "host-alive", "subnet", "backend", "placement", "certificate",
+                           "acme-challenge"})
 """Kinds whose keys are unique in the whole cluster; every other kind is per host. ``subnet``:
 a host's instance subnet (the net driver's, routed to by the others); ``backend``: an
 instance an lb balances over (the lb driver's, so that every host's lb finds every host's);
-``placement``: the share of a spread app another host runs (``corral.deploy._spread``)."""
+``placement``: the share of a spread app another host runs (``corral.deploy._spread``);
+``certificate``: an app's TLS certificate and key, as the lb of its home serves them (so that
+every host's lb serves the app over HTTPS; sealed, see ``SEALED_KINDS``); ``acme-challenge``:
+an ACME HTTP-01 token and its key authorization (so that every host's lb answers it)."""
 
-SHARED_READS = frozenset({"uid", "host", "host-alive", "subnet", "backend", "placement"})
+SHARED_READS = frozenset({"uid", "host", "host-alive", "subnet", "backend", "placement",
+                          "certificate", "acme-challenge"})
 """Cluster-wide kinds whose records every host lists, whoever holds them."""
+
+SEALED_KINDS = frozenset({"certificate"})
+"""Kinds whose values hold a secret (a private key): the kernel seals them under the cluster
+key before they reach the shared ledger and opens them only for its drivers
+(``corral.replication.Channel.seal_record``); a client listing them sees ``{"sealed": true}``."""
 
 
 class HostView(Ledger):
