@@ -123,6 +123,20 @@ def test_a_spread_app_runs_a_share_on_every_host_and_follows_its_home() -> None:
             assert ipaddress.ip_address(address) in subnets[host], (address, subnets)
         for h in (h1, h2, h3):
             assert served_by(h, set(want)) == set(want), h.name
+        # logs and top asked on any host show every host's instances, each with its host
+        for h in (h2, h3):
+            r = h.cli("logs", "shop", "--json")
+            assert r.returncode == 0, r.stderr
+            said = {(x["instance"], x["host"]) for x in map(json.loads, r.stdout.splitlines())
+                    if "serving on port" in x["message"]}
+            assert said == {(i, host) for i, host in want.items()}, r.stdout
+        r = h3.cli("logs", "shop", "--host", "h2")
+        assert r.returncode == 0 and "shop.web.2@h2 | shop.web.2 serving" in r.stdout, r.stdout
+        assert "@h1" not in r.stdout and "@h3" not in r.stdout, r.stdout
+        r = h1.cli("top", "shop", "--once", "--json")
+        assert r.returncode == 0, r.stderr
+        assert {(row["instance"], row["host"]) for row in json.loads(r.stdout)
+                if "pid" in row} == set(want.items()), r.stdout
         # the placements are the home's records; the shares hold only their hosts' records
         assert {k.rsplit("/", 1)[1]: v["owner"] for k, v in records(h1, "placement").items()
                 } == {"h2": "shop@h1", "h3": "shop@h1"}

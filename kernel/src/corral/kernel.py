@@ -25,6 +25,7 @@ from corral import __version__
 from corral._forksafety import protect_signal_handlers
 from corral.bus import BusServer, Peer
 from corral.deploy import Deployer, DriverSet
+from corral.deploy._spread import PLACEMENT, split_placement_key
 from corral.errors import CorralError, ErrorCode, ManifestError, NotFoundError, UnavailableError
 from corral.forwarding import FORWARDED, Forwarder
 from corral.host import (
@@ -331,6 +332,8 @@ class Kernel:
 
     async def _host_of_app(self, op: str, args: Args) -> str | None:
         """The other host that holds the app ``op`` is about, or None (here, or no app)."""
+        if isinstance(args, DriverQuery) and args.host not in (None, self.hosts.name):
+            return await self._live_host(args.host)  # asked of that host's driver
         if not isinstance(self.ledger, HostView):
             return None
         if isinstance(args, DriverQuery):
@@ -355,6 +358,16 @@ class Kernel:
             raise UnavailableError(
                 f"app {app!r} runs on host {host}, which is lost (`corral hosts`); nothing "
                 "was done")
+        return host
+
+    async def _live_host(self, host: str) -> str:
+        """``host``, another live host of this ledger; an error naming it otherwise."""
+        if not isinstance(self.ledger, HostView):
+            raise NotFoundError(f"no host {host!r}: this host ({self.hosts.name}) shares its "
+                                "ledger with none")
+        if await asyncio.to_thread(self.hosts.ledger.get, ALIVE, host) is None:
+            raise UnavailableError(f"host {host!r} is not live (`corral hosts`); nothing "
+                                   "was asked of it")
         return host
 
     async def _run_forwarded(self, op: str, raw: dict[str, Any], by: str) -> dict[str, Any]:
@@ -523,9 +536,15 @@ class Kernel:
         state = self.deployer.apps.get(args.name)
         if state is None:
             raise NotFoundError(f"no app named {args.name!r}")
+        hosts = [self.hosts.name]
+        if state.home is None and isinstance(self.ledger, HostView):  # its shares' hosts
+            placed = await asyncio.to_thread(self.ledger.list, owner=args.name,
+                                             kind=PLACEMENT)
+            hosts += sorted(split_placement_key(r.key)[1] for r in placed)
         return {"app": state.spec.model_dump(mode="json"),
                 "instances": [lv.record.model_dump(mode="json")
-                              for lv in state.instances.values()]}
+                              for lv in state.instances.values()],
+                "hosts": hosts}
 
     async def _ledger_list(self, peer: Peer, args: LedgerList) -> dict[str, Any]:
         def read() -> tuple[list[Any], int]:

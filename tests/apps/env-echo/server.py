@@ -1,6 +1,7 @@
 """A dependency-free HTTP server for the several-hosts tests and bench: `python3 server.py PORT`
 answers every GET with "$APP $TOKEN" ("?" and "-" when unset), one line, and says which
-instance it is in an X-Instance header ($CORRAL_INSTANCE)."""
+instance it is in an X-Instance header ($CORRAL_INSTANCE); it says so once on stdout when it
+serves."""
 
 import http.server
 import os
@@ -29,4 +30,6 @@ class Server(http.server.ThreadingHTTPServer):
         self.server_name, self.server_port = "env-echo", int(self.server_address[1])
 
 
-Server(("0.0.0.0", int(sys.argv[1])), Handler).serve_forever()
+server = Server(("0.0.0.0", int(sys.argv[1])), Handler)
+print(f"{os.environ.get('CORRAL_INSTANCE', '?')} serving on port {sys.argv[1]}", flush=True)
+server.serve_forever()

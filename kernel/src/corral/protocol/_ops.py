@@ -253,11 +253,15 @@ class LedgerList(Args):
 
 
 class DriverQuery(Args):
-    """``driver.query``: forward ``query.<capability>.<name>`` to the driver serving it."""
+    """``driver.query``: forward ``query.<capability>.<name>`` to the driver serving it:
+    on ``host`` when given (hosts sharing a ledger: each host's driver answers for what runs
+    there, e.g. the logs of a spread app's share); else on this host when the app named in
+    ``args`` runs here (or a share of it does), else on the app's home host."""
 
     capability: str
     query: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     args: dict[str, Any] = Field(default_factory=dict)
+    host: str | None = Field(default=None, pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 class ListenFd(Args):
