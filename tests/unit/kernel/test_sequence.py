@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import textwrap
+import threading
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from corral import launch as primitives
 from corral.deploy import Deployer, DriverCallError
 from corral.errors import CorralError, DriverUnavailableError, ErrorCode, LaunchError
 from corral.host import HostConfig
-from corral.ledger import Ledger, open_ledger
+from corral.ledger import Ledger, SqliteLedger, Txn, open_ledger
 from corral.protocol import LaunchPlan, ManifestCheck, ManifestChecked
 from corral.protocol._ops import Deploy
 
@@ -416,3 +417,59 @@ def test_stop_grace_is_per_process(h: Harness) -> None:
     took = asyncio.run(down())
     assert not _alive(pid)
     assert 0.9 <= took < 10, took
+
+
+class NetworkedLedger(SqliteLedger):
+    """A SQLite ledger that says it is networked (as etcd is) and whose commits, once
+    ``hold`` is set, wait until the test lets them go: a commit run on the event loop would
+    wait for a release the loop itself must give, and time out."""
+
+    remote = True
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.hold = False
+        self.waiting = threading.Event()
+        self.go = threading.Event()
+        self.threads: set[str] = set()
+
+    def commit(self, txn: Txn) -> int:
+        self.threads.add(threading.current_thread().name)
+        if self.hold:
+            self.waiting.set()
+            if not self.go.wait(5):
+                raise CorralError("the commit waited on the event loop: nothing let it go")
+        return super().commit(txn)
+
+
+def test_on_a_networked_ledger_a_deploy_s_ledger_steps_leave_the_loop_free(
+        tmp_path: Path) -> None:
+    """A commit that waits (an etcd that lost its quorum waits out its timeout) runs off
+    the kernel's event loop: the loop lets it go meanwhile, and the deploy completes."""
+    h = Harness(tmp_path)
+    h.ledger = h.deployer.ledger = NetworkedLedger(tmp_path / "net.sqlite3")
+    h.deployer.instances.ledger = h.deployer.releaser.ledger = h.ledger
+    h.deployer.releaser.store.ledger = h.ledger
+    ledger = h.ledger
+    ledger.hold = True
+
+    async def scenario() -> dict[str, Any]:
+        async def let_go() -> None:
+            while not ledger.waiting.is_set():
+                await asyncio.sleep(0.01)
+            ledger.go.set()
+
+        helper = asyncio.ensure_future(let_go())
+        try:
+            return await h._up()
+        finally:
+            helper.cancel()
+
+    try:
+        res = asyncio.run(scenario())
+        assert [i["id"] for i in res["instances"]] == ["seq.web.1", "seq.web.2"]
+        assert h.held() == {("app", "seq"), ("instance", "seq.web.1"),
+                            ("instance", "seq.web.2")}
+        assert ledger.waiting.is_set() and threading.main_thread().name not in ledger.threads
+    finally:
+        h.cleanup()

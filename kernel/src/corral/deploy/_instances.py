@@ -23,6 +23,7 @@ from corral import launch as _launch_module
 from corral.deploy._drivers import Drivers
 from corral.deploy._spread import SATELLITE
 from corral.deploy._state import AppState, Live, spec_hash
+from corral.deploy._steps import ledger_step
 from corral.errors import CorralError, DriverUnavailableError, ErrorCode, LaunchError
 from corral.host import HostConfig
 from corral.ledger import Ledger
@@ -175,9 +176,9 @@ class Instances:
         ispec = ispec.model_copy(update={"env": {**ispec.env, "NOTIFY_SOCKET": str(notify.path),
                                                  "CORRAL_INSTANCE_ID": ispec.id}})
         # Recorded before the fork: a crash between fork and record leaves a findable trace.
-        self.ledger.put(ispec.app, "instance", ispec.id,
-                        {"state": "launching", "spec": ispec.model_dump(mode="json"),
-                         "spec_hash": h, "generation": generation})
+        await ledger_step(self.ledger, self.ledger.put, ispec.app, "instance", ispec.id,
+                          {"state": "launching", "spec": ispec.model_dump(mode="json"),
+                           "spec_hash": h, "generation": generation})
         try:
             plan = await self.plan(state.spec, ispec, state.secrets)
             if plan.root is not None:  # a sandboxed view must still see its notify socket
@@ -190,13 +191,14 @@ class Instances:
             await self.drivers.broadcast("instance.stopped", {"app": ispec.app,
                                                               "instance_id": ispec.id},
                                          strict=False)
-            self.ledger.release(ispec.app, [("instance", ispec.id)])
+            await ledger_step(self.ledger, self.ledger.release, ispec.app,
+                              [("instance", ispec.id)])
             raise
         record = InstanceRecord(spec=plan.instance, pid=pid, start_time=start_time,
                                 address=plan.address or "127.0.0.1")
         live = Live(record, h, generation, listen_fds=[os.dup(fd) for fd in listen_fds])
         state.instances[ispec.id] = live
-        self.record(live)
+        await self.record(live)
         live.watcher = asyncio.ensure_future(self._watch(state, live))
         self.events.publish(f"app.{ispec.app}.instance.started",
                             {"instance": ispec.id, "pid": pid})
@@ -208,7 +210,7 @@ class Instances:
         finally:
             notify.close()
         live.record.state = "ready"
-        self.record(live)
+        await self.record(live)
         self.events.publish(f"app.{ispec.app}.instance.ready", {"instance": ispec.id, "pid": pid})
         if announce:
             await self.drivers.broadcast("instance.started", _started_args(state, live),
@@ -252,8 +254,11 @@ class Instances:
         self.events.publish(f"app.{rec.spec.app}.instance.healthy",
                             {"instance": rec.spec.id, "pid": rec.pid, "health": "; ".join(health)})
 
-    def record(self, live: Live) -> None:
-        """Write the instance's record to the ledger."""
+    async def record(self, live: Live) -> None:
+        """Write the instance's record to the ledger (``ledger_step``)."""
+        await ledger_step(self.ledger, self._put_record, live)
+
+    def _put_record(self, live: Live) -> None:
         self.ledger.put(live.record.spec.app, "instance", live.record.spec.id,
                         {"state": live.record.state,
                          "record": live.record.model_dump(mode="json"),
@@ -321,7 +326,7 @@ class Instances:
         self.events.publish(f"app.{rec.spec.app}.instance.exited",
                             {"instance": rec.spec.id, "status": live.exit_status})
         rec.state = "exited"
-        self.record(live)
+        await self.record(live)
         if state.deploying:
             return
         await self._restart(state, live)
@@ -393,8 +398,11 @@ class Instances:
         await self.drivers.broadcast("instance.stopped", {"app": rec.spec.app,
                                                           "instance_id": rec.spec.id},
                                      strict=False)
-        if release or self.ledger.get("instance", rec.spec.id) is not None:
-            self.ledger.release(rec.spec.app, [("instance", rec.spec.id)])
+        def forget() -> None:
+            if release or self.ledger.get("instance", rec.spec.id) is not None:
+                self.ledger.release(rec.spec.app, [("instance", rec.spec.id)])
+
+        await ledger_step(self.ledger, forget)
         self.events.publish(f"app.{rec.spec.app}.instance.stopped", {"instance": rec.spec.id})
 
     # ---- restore -----------------------------------------------------------------------------
@@ -433,7 +441,7 @@ class Instances:
             live = Live(irec, str(value.get("spec_hash", "")), int(value.get("generation", 1)),
                         listen_fds=self._recover_listen_fds(irec))
             state.instances[irec.spec.id] = live
-            self.record(live)
+            self._put_record(live)  # at start, before the kernel serves: inline
             live.watcher = asyncio.ensure_future(self._watch(state, live))
             log.info("instance adopted", instance=irec.spec.id, pid=irec.pid)
 

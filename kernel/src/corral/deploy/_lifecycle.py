@@ -201,7 +201,7 @@ class Lifecycle:
             secret_env=state.secrets)
         phase = {"command": str(command), "exit": outcome.exit_code, "signal": outcome.signal,
                  "seconds": outcome.seconds, "timed_out": outcome.timed_out}
-        self.store.update(name, number, release_phase=phase)
+        await self.d.off_loop(self.store.update, name, number, release_phase=phase)
         release["release_phase"] = phase
         if not outcome.ok:
             kept = ("the previous release keeps serving" if state.instances

@@ -29,6 +29,7 @@ import structlog
 
 from corral.deploy._drivers import Drivers
 from corral.deploy._instances import Events, Instances, Launcher
+from corral.deploy._steps import ledger_step
 from corral.errors import CorralError, ErrorCode, LaunchError
 from corral.host import HostConfig
 from corral.ledger import Ledger
@@ -201,7 +202,8 @@ class Releaser:
         await asyncio.to_thread(self.store.collect, name)  # what a crash left behind
         # a release made but never deployed (a deploy cut short, or refused at the rollout
         # and since fixed outside it) of the same source, manifest and config is reused
-        candidates = [c for c in (current, *self.store.list(name)[-1:]) if c is not None]
+        made = await ledger_step(self.ledger, self.store.list, name)
+        candidates = [c for c in (current, *made[-1:]) if c is not None]
         staging = root / f".new-{secrets.token_hex(6)}"
         try:
             snap = await asyncio.to_thread(snapshot, source, staging, exclude=exclude or [],
@@ -217,7 +219,7 @@ class Releaser:
                 await asyncio.to_thread(remove_tree, staging)
                 return known, False
         what = changes or _changes(current, snap.digest, digest, config)
-        number = self.store.allocate(name, {
+        number = await ledger_step(self.ledger, self.store.allocate, name, {
             "app": name, "by": by, "files": "", "changes": what,
             "source": {"path": uploaded or str(source), "digest": snap.digest,
                        "commit": snap.commit,
@@ -227,22 +229,23 @@ class Releaser:
         directory = self.store.directory(name, number)
         try:
             os.rename(staging, directory)
-            self.store.update(name, number, files=directory.name)
+            await ledger_step(self.ledger, self.store.update, name, number,
+                              files=directory.name)
             self.events.publish(f"app.{name}.release.created",
                                 {"release": number, "changes": what,
                                  "source": snap.describe()})
             build = await self._build(name, number, directory, doc, uid, gid)
-            self.store.update(name, number, status="built", build=build,
-                              manifest=doc)
+            await ledger_step(self.ledger, self.store.update, name, number, status="built",
+                              build=build, manifest=doc)
         except BaseException as exc:
             log.error("release not made", app=name, release=number, error=str(exc))
             self.events.publish(f"app.{name}.build.failed",
                                 {"release": number, "reason": _reason(exc)})
             await asyncio.to_thread(remove_tree, staging)
             await self.settle()  # the build's sandbox may still hold its directory
-            self.store.drop(name, number)
+            await ledger_step(self.ledger, self.store.drop, name, number)
             raise
-        return self.store.get(name, number), True
+        return await ledger_step(self.ledger, self.store.get, name, number), True
 
     def config_release(self, name: str, current: dict[str, Any], config: AppConfig,
                        changes: list[str], by: str) -> dict[str, Any]:
@@ -367,7 +370,8 @@ class Releaser:
                 "app": spec.name, "instance_id": ispec.id}, strict=False)
             raise
         if record is not None:
-            self.store.update(*record, builder={"pid": pid, "start_time": start_time})
+            await ledger_step(self.ledger, self.store.update, *record,
+                              builder={"pid": pid, "start_time": start_time})
         follower = (asyncio.ensure_future(self._follow(output, topic, release))
                     if output is not None and topic else None)
         outcome = Outcome(exit_code=None)

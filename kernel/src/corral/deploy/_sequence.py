@@ -20,9 +20,10 @@ import json
 import os
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -43,6 +44,7 @@ from corral.deploy._spread import (
     spread_of,
 )
 from corral.deploy._state import AppState, Live, spec_hash
+from corral.deploy._steps import ledger_step
 from corral.errors import ConflictError, CorralError, ErrorCode, NotFoundError
 from corral.host import HostConfig
 from corral.ledger import CLUSTER_KINDS, Claim, HostView, Ledger, Record, Txn, describe_owner
@@ -53,7 +55,24 @@ from corral.release import AppConfig
 log = structlog.get_logger("corral.deploy")
 
 _HELD_KINDS = frozenset({"port", "path", "lbname", "uid"})  # what a redeploy may release
+T = TypeVar("T")
 MAX_SPREAD = 64  # [placement] spread's bound: an unset spread is every allowed host
+
+
+@dataclass
+class _Prepared:
+    """What a deploy's first ledger step made: the new spec (claimed, the manifest written),
+    what the app held before, its secrets' values, the instances this host runs, and the
+    hosts a spread app's instances are dealt to (``Deployer._spread``)."""
+
+    spec: AppSpec
+    held_before: list[Record]
+    secret_values: dict[str, str]
+    manifest_path: str
+    wanted: list[InstanceSpec]
+    hosts: list[str]
+    shares: dict[str, dict[str, list[int]]] | None
+    holes: list[str]
 
 
 class Deployer:
@@ -80,6 +99,12 @@ class Deployer:
                                  as_root=self.as_root)
         self.lifecycle = Lifecycle(self)
 
+    async def off_loop(self, step: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``step(*args, **kwargs)`` (steps of a deploy that call the ledger, with no
+        await among them) off the kernel's event loop on a networked ledger
+        (``ledger_step``)."""
+        return await ledger_step(self.ledger, step, *args, **kwargs)
+
     # ---- deploy ------------------------------------------------------------------------------
 
     async def deploy(self, args: Deploy, *, by: str = "root",
@@ -100,11 +125,15 @@ class Deployer:
                 f"{Path(args.directory) / 'corral.toml'}: [app] name is {name!r}, but this "
                 f"deploy is of {args.name!r} (the app pushed to); make them agree",
                 code=ErrorCode.INVALID)
-        self._refuse_another_hosts(name)
-        self._refuse_placement(name, doc, Path(args.directory))
+        await self.off_loop(self._refuse_another_hosts, name)
+        await self.off_loop(self._refuse_placement, name, doc, Path(args.directory))
         async with self.releaser.lock(name):  # two deploys of one app never interleave
-            uid, gid = self._app_ids(name)
-            claimed_uid = self._hold_uid(name, uid)
+
+            def hold_uid() -> tuple[int | None, int | None, bool]:
+                uid, gid = self._app_ids(name)
+                return uid, gid, self._hold_uid(name, uid)
+
+            uid, gid, claimed_uid = await self.off_loop(hold_uid)
             release: dict[str, Any] | None = None
             try:
                 release, created = await self.releaser.make(
@@ -127,11 +156,16 @@ class Deployer:
                 # one that failed in its rollout stays listed as failed, as on Heroku
                 if release is not None and created:
                     number = int(release["number"])
-                    if self.releaser.store.get(name, number).get("status") == "built":
+                    made = await self.off_loop(self.releaser.store.get, name, number)
+                    if made.get("status") == "built":
                         await self.releaser.settle()  # its build's sandbox is gone first
-                        self.releaser.store.drop(name, number)
-                if claimed_uid and self.ledger.get("app", name) is None:
-                    self.ledger.release(name, [("uid", str(uid))])
+                        await self.off_loop(self.releaser.store.drop, name, number)
+
+                def unhold_uid() -> None:
+                    if claimed_uid and self.ledger.get("app", name) is None:
+                        self.ledger.release(name, [("uid", str(uid))])
+
+                await self.off_loop(unhold_uid)
                 raise
 
     def _refuse_another_hosts(self, name: str) -> None:
@@ -347,48 +381,58 @@ class Deployer:
         inst = self.instances
         previous = self.apps.get(name)  # the same AppState this deploy updates in place
         previous_spec = previous.spec if previous is not None else None
-        old_rec = self._record(name)
-        generation = int(old_rec.value.get("generation", 0)) + 1 if old_rec else 1
-        uid, gid = self._app_ids(name)
-        if uid is not None:
-            check_reachable(Path(resolved.directory), uid)
-            check_writable_grants(doc, uid, gid if gid is not None else uid)
-        spec = AppSpec(name=name, directory=str(resolved.directory), manifest=doc,
-                       uid=uid, gid=gid, generation=generation)
-        # What a failed redeploy restores while the previous generation keeps running.
-        held_before = self.ledger.list(owner=name)
-        secret_values = (self.releaser.configs.secret_values(
-            name, AppConfig.from_json(release.get("config"))) if release else {})
-        manifest_path = self._write_manifest(spec)
+        live_release = previous.release if previous is not None else None
 
-        # 2. one transaction: everything the app holds, and the release of what it no longer does.
-        # Until the rollout is done the app record names what runs (the previous spec and
-        # release): a kernel killed meanwhile comes back to that, and a rerun completes it.
-        live_release = self.apps[name].release if name in self.apps else None
-        # The instances this host runs: of a spread app, its share (dealt here or by the
-        # home); an on-demand process has none until its driver asks (instance.spawn).
-        lazy = on_demand_processes(doc)
-        wanted = [w for w in self._instance_specs(spec, resolved, manifest_path, release)
-                  if w.process not in lazy]
-        hosts, shares, holes = self._spread(name, doc, wanted, old_rec, follows, release)
-        mine = share_of(follows[1]) if follows is not None else \
-            shares.get(self._this) if shares is not None else None
-        if mine is not None:
-            wanted = [w for w in wanted if w.index in mine.get(w.process, ())]
-        txn = self._claims(spec, manifest_path, release, overrides,
-                           running=(previous_spec, live_release), follows=follows)
-        if shares is not None and release is not None and live_release is not None and \
-                int(live_release["number"]) == int(release["number"]):
-            # the release that runs already (a scale, a restart, a lost host's share dealt
-            # again): the other hosts' shares start at once, beside this one's; a new release
-            # reaches them only once it is live here
-            self._place(txn, name, shares, release, generation, overrides, force)
-        try:
-            self.ledger.commit(txn)
-        except BaseException:
-            if previous_spec is not None:
-                self._write_manifest(previous_spec)
-            raise
+        def prepare() -> _Prepared:
+            old_rec = self._record(name)
+            generation = int(old_rec.value.get("generation", 0)) + 1 if old_rec else 1
+            uid, gid = self._app_ids(name)
+            if uid is not None:
+                check_reachable(Path(resolved.directory), uid)
+                check_writable_grants(doc, uid, gid if gid is not None else uid)
+            spec = AppSpec(name=name, directory=str(resolved.directory), manifest=doc,
+                           uid=uid, gid=gid, generation=generation)
+            # What a failed redeploy restores while the previous generation keeps running.
+            held_before = self.ledger.list(owner=name)
+            secret_values = (self.releaser.configs.secret_values(
+                name, AppConfig.from_json(release.get("config"))) if release else {})
+            manifest_path = self._write_manifest(spec)
+
+            # 2. one transaction: everything the app holds, and the release of what it no
+            # longer does. Until the rollout is done the app record names what runs (the
+            # previous spec and release): a kernel killed meanwhile comes back to that, and a
+            # rerun completes it.
+            # The instances this host runs: of a spread app, its share (dealt here or by the
+            # home); an on-demand process has none until its driver asks (instance.spawn).
+            lazy = on_demand_processes(doc)
+            wanted = [w for w in self._instance_specs(spec, resolved, manifest_path, release)
+                      if w.process not in lazy]
+            hosts, shares, holes = self._spread(name, doc, wanted, old_rec, follows, release)
+            mine = share_of(follows[1]) if follows is not None else \
+                shares.get(self._this) if shares is not None else None
+            if mine is not None:
+                wanted = [w for w in wanted if w.index in mine.get(w.process, ())]
+            txn = self._claims(spec, manifest_path, release, overrides,
+                               running=(previous_spec, live_release), follows=follows)
+            if shares is not None and release is not None and live_release is not None and \
+                    int(live_release["number"]) == int(release["number"]):
+                # the release that runs already (a scale, a restart, a lost host's share
+                # dealt again): the other hosts' shares start at once, beside this one's; a
+                # new release reaches them only once it is live here
+                self._place(txn, name, shares, release, generation, overrides, force)
+            try:
+                self.ledger.commit(txn)
+            except BaseException:
+                if previous_spec is not None:
+                    self._write_manifest(previous_spec)
+                raise
+            return _Prepared(spec, held_before, secret_values, manifest_path, wanted, hosts,
+                             shares, holes)
+
+        ready = await self.off_loop(prepare)
+        spec, held_before, manifest_path = ready.spec, ready.held_before, ready.manifest_path
+        generation, wanted, shares = spec.generation, ready.wanted, ready.shares
+        secret_values = ready.secret_values
         attached: list[str] = []
         launched: list[Live] = []
         replaced: list[Live] = []  # previous instances stopped before their replacement started
@@ -455,20 +499,24 @@ class Deployer:
             slots = {w.id for w in wanted}
             for live in [lv for lv in state.instances.values() if lv.slot not in slots]:
                 await inst.stop(state, live)
-            kept = formation if formation is not None else self.formation(name)
-            value = _app_value(spec, manifest_path, "running", kept, release, overrides)
-            if follows is not None:
-                txn = Txn().claim(name, SATELLITE, name, {
-                    **value, "home": follows[0], "follows": followed(follows[1]),
-                    "release_record": release})
-            else:
-                txn = Txn().claim(name, "app", name, {**value, "spread": hosts,
-                                                      "holes": holes})
-                self._place(txn, name, shares, release, generation, overrides, force)
-                if release is not None:
-                    self.releaser.store.update(name, int(release["number"]), txn,
-                                               status="deployed", deployed=_now())
-            self.ledger.commit(txn)
+
+            def finish() -> None:
+                kept = formation if formation is not None else self.formation(name)
+                value = _app_value(spec, manifest_path, "running", kept, release, overrides)
+                if follows is not None:
+                    txn = Txn().claim(name, SATELLITE, name, {
+                        **value, "home": follows[0], "follows": followed(follows[1]),
+                        "release_record": release})
+                else:
+                    txn = Txn().claim(name, "app", name, {**value, "spread": ready.hosts,
+                                                          "holes": ready.holes})
+                    self._place(txn, name, shares, release, generation, overrides, force)
+                    if release is not None:
+                        self.releaser.store.update(name, int(release["number"]), txn,
+                                                   status="deployed", deployed=_now())
+                self.ledger.commit(txn)
+
+            await self.off_loop(finish)
             state.follows = followed(follows[1]) if follows is not None else None
         except BaseException as exc:
             log.error("deploy failed, undoing", app=name, step=step, error=str(exc))
@@ -476,8 +524,8 @@ class Deployer:
             await self._undo(state, previous_spec, held_before, attached, launched, replaced,
                              manifest_path, args)
             if release is not None and release.get("status") == "built":  # never went live
-                self.releaser.store.update(name, int(release["number"]), status="failed",
-                                           failure=f"{step}: {_first_line(exc)}")
+                await self.off_loop(self.releaser.store.update, name, int(release["number"]),
+                                    status="failed", failure=f"{step}: {_first_line(exc)}")
             self.events.publish(f"app.{name}.deploy.failed", {
                 "generation": generation, "step": step, "reason": str(exc) or repr(exc),
                 "kept": previous_spec.generation if name in self.apps and previous_spec
@@ -533,7 +581,7 @@ class Deployer:
                                          strict=False)
             for live in list(state.instances.values()):
                 await self.instances.stop(state, live)
-            self.ledger.release(name)
+            await self.off_loop(self.ledger.release, name)
             self.apps.pop(name, None)
             Path(manifest_path).unlink(missing_ok=True)
 
@@ -549,14 +597,19 @@ class Deployer:
         name = spec.name
         kept = _HELD_KINDS | {"app", SATELLITE, PLACEMENT}
         before = {(r.kind, r.key): r for r in held if r.kind in kept}
-        txn = Txn()
-        for rec in self.ledger.list(owner=name):
-            if rec.kind in kept and (rec.kind, rec.key) not in before:
-                txn.release(name, rec.kind, rec.key)
-        for rec in before.values():
-            txn.claim(name, rec.kind, rec.key, rec.value)
-        try:
+
+
+        def restore() -> None:
+            txn = Txn()
+            for rec in self.ledger.list(owner=name):
+                if rec.kind in kept and (rec.kind, rec.key) not in before:
+                    txn.release(name, rec.kind, rec.key)
+            for rec in before.values():
+                txn.claim(name, rec.kind, rec.key, rec.value)
             self.ledger.commit(txn)
+
+        try:
+            await self.off_loop(restore)
         except CorralError as exc:  # a released claim was taken meanwhile: say so, keep going
             log.error("redeploy undo: previous claims not restored", app=name, error=exc.reason)
         self._write_manifest(spec)
@@ -782,7 +835,7 @@ class Deployer:
                     await self.instances.stop(state, live)
                     stopped += 1
             await self.drivers.broadcast("app.detach", {"app": name}, strict=False)
-            released = self.ledger.release(name)
+            released = await self.off_loop(self.ledger.release, name)
             self.apps.pop(name, None)
             (self.home / "apps" / name / "manifest.json").unlink(missing_ok=True)
             self.events.publish(f"app.{name}.down", {})
