@@ -666,6 +666,10 @@ class Kernel:
                 "uptime_s": round(time.time() - self.started, 3), "home": str(self.home),
                 "runtime_dir": str(self.runtime), "revision": revision, "ledger": ledger,
                 "host": self.hosts.name, "shared_ledger": self.ledger.remote,
+                # kinds whose values this kernel keeps sealed in the shared ledger, refusing
+                # them without a cluster key (a driver keeps a secret there only when its
+                # kind is listed: an older kernel would keep it as it came)
+                "sealed_kinds": sorted(SEALED_KINDS) if self.ledger.remote else [],
                 "peers": len(self.bus.peers), "bus": dict(self.bus.stats),
                 "apps": len(self.deployer.apps),
                 "instances": sum(len(a.instances) for a in self.deployer.apps.values()),

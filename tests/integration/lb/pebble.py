@@ -11,6 +11,11 @@ localhost, is made here with trustme (the package ships none)::
         cert = issuer.issue(["shop.test"], key_pem, store)
         pebble.verify(cert.fullchain_pem, "shop.test")
 
+Pebble's ACME directory listens on ``address`` (127.0.0.1 by default; the multi-host tests
+give the bridge's address, which their hosts reach), its certificate naming localhost,
+127.0.0.1 and that address; its validator fetches HTTP-01 answers from ``http_port`` of
+whatever address a name resolves to (``Pebble.resolve``).
+
 Pebble runs with ``PEBBLE_VA_NOSLEEP=1`` (validates at once), rejects ``nonce_reject`` % of
 good nonces (its default 5), reuses valid authorizations ``authz_reuse`` % of the time (0
 here, so that each order is validated), and issues certificates valid ``validity_s`` seconds
@@ -60,7 +65,7 @@ class Pebble:
     directory_url: str
     ca_bundle: Path  # PEM of the CA that signed Pebble's HTTPS certificate (for the client)
     management_url: str
-    http_port: int  # where Pebble's validator fetches HTTP-01 answers, on 127.0.0.1
+    http_port: int  # where Pebble's validator fetches HTTP-01 answers (127.0.0.1 unless resolved)
     dns_port: int
     workdir: Path
     dns_management_url: str = ""  # challtestsrv's management API
@@ -114,12 +119,12 @@ def _free_tcp_udp_port() -> int:
 
 
 def _wait_tcp(port: int, proc: subprocess.Popen[bytes], what: str, logfile: Path,
-              timeout: float = 10.0) -> None:
+              timeout: float = 10.0, address: str = "127.0.0.1") -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited ({proc.returncode}):\n{logfile.read_text()}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        with contextlib.suppress(OSError), socket.create_connection((address, port), 0.2):
             return
         time.sleep(0.02)
     raise RuntimeError(f"{what} did not listen on {port}:\n{logfile.read_text()}")
@@ -127,21 +132,21 @@ def _wait_tcp(port: int, proc: subprocess.Popen[bytes], what: str, logfile: Path
 
 @contextlib.contextmanager
 def run_pebble(workdir: Path, http_port: int, *, nonce_reject: int = 5, authz_reuse: int = 0,
-               validity_s: int | None = None,
-               env: dict[str, str] | None = None) -> Iterator[Pebble]:
+               validity_s: int | None = None, env: dict[str, str] | None = None,
+               address: str = "127.0.0.1") -> Iterator[Pebble]:
     """Start challtestsrv (DNS) and Pebble; stop both on exit. See the module docstring."""
     require_pebble()
     workdir = Path(workdir) / "pebble"
     workdir.mkdir(parents=True, exist_ok=True)
     ca = trustme.CA()
-    server = ca.issue_cert("localhost", "127.0.0.1")
+    server = ca.issue_cert(*dict.fromkeys(("localhost", "127.0.0.1", address)))
     server.private_key_pem.write_to_path(str(workdir / "localhost.key"))
     server.cert_chain_pems[0].write_to_path(str(workdir / "localhost.pem"))
     ca.cert_pem.write_to_path(str(workdir / "ca.pem"))
     acme_port, mgmt_port, dns_port, cts_mgmt = (free_port(), free_port(),
                                                 _free_tcp_udp_port(), free_port())
     config: dict[str, object] = {
-        "listenAddress": f"127.0.0.1:{acme_port}",
+        "listenAddress": f"{address}:{acme_port}",
         "managementListenAddress": f"127.0.0.1:{mgmt_port}",
         "certificate": str(workdir / "localhost.pem"),
         "privateKey": str(workdir / "localhost.key"),
@@ -174,9 +179,10 @@ def run_pebble(workdir: Path, http_port: int, *, nonce_reject: int = 5, authz_re
             stdout=pebble_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=penv,
             cwd=workdir)
         procs.append(peb)
-        _wait_tcp(acme_port, peb, "pebble", workdir / "pebble.log")
+        _wait_tcp(acme_port, peb, "pebble", workdir / "pebble.log", address=address)
         _wait_tcp(mgmt_port, peb, "pebble (management)", workdir / "pebble.log")
-        yield Pebble(directory_url=f"https://localhost:{acme_port}/dir",
+        name = "localhost" if address == "127.0.0.1" else address
+        yield Pebble(directory_url=f"https://{name}:{acme_port}/dir",
                      ca_bundle=workdir / "ca.pem",
                      management_url=f"https://localhost:{mgmt_port}",
                      http_port=http_port, dns_port=dns_port, workdir=workdir,

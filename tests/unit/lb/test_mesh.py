@@ -444,13 +444,13 @@ def test_on_one_host_the_mesh_does_nothing(cluster: Cluster) -> None:
 
 
 def test_remote_config_keeps_what_another_host_can_serve() -> None:
-    """Served for another host: no certificate, no on-demand start, the program policy's
-    fallback; the rest as the app's own host reads it."""
+    """Served for another host: no on-demand start, the program policy's fallback; the rest
+    as the app's own host reads it, tls included (served with its home's certificate)."""
     section = lb_section("shop.test", None, domains=["shop.example.com"], tls="auto",
                          activation="on-demand", policy={"exec": ["./pick"], "fallback":
                                                          "least-conn"})
     cfg = remote_config(section, app="shop", default_plane="proxy")
-    assert cfg.tls is None and cfg.activation == "always" and cfg.policy == "least-conn"
+    assert cfg.tls == "auto" and cfg.activation == "always" and cfg.policy == "least-conn"
     assert cfg.domains == ["shop.example.com"] and cfg.name == "shop.test"
     assert cfg.health.interval == 0.1
 

@@ -76,7 +76,9 @@ class ChallengeResponder(Protocol):
     Called from the issuing thread."""
 
     def put(self, token: str, key_authorization: str) -> None:
-        """Answer ``token`` with ``key_authorization`` from now on."""
+        """Answer ``token`` with ``key_authorization`` from now on; on return it is answered
+        wherever the CA may ask (``corral_lb.mesh_tls.SharedChallenges`` waits, bounded, for
+        the other hosts of a routing mesh), so the CA may be told to validate."""
 
     def remove(self, token: str) -> None:
         """Stop answering ``token`` (no error if it is unknown)."""

@@ -4,7 +4,9 @@ The kernel claims the lb name (kind ``lbname``) and the frontend port (kind ``po
 deploy transaction, before ``app.attach``; this driver claims nothing itself for the apps of
 its host. On hosts sharing a ledger the routing mesh (``corral_lb.mesh``) records this host's
 backends there (kind ``backend``) and serves the other hosts' apps (recording the ports it
-serves them on, kind ``lb-frontend``).
+serves them on, kind ``lb-frontend``); the certificates of the apps homed here are published
+(kind ``certificate``), the other homes' served here, and the ACME challenges of every host
+answered by all (kind ``acme-challenge``; ``corral_lb.mesh_tls``).
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from corral_lb import DRIVER
 from corral_lb.acme import AcmeIssuer, ChallengeStore
 from corral_lb.activation import OnDemand, StartedInstance
 from corral_lb.balancer import Balancer
-from corral_lb.certs import CertManager, CertStore, Mode
+from corral_lb.certs import CertError, CertManager, CertStore, Mode
 from corral_lb.config import LbConfig, load_lb_config, proxy_limits, proxy_timeouts
 from corral_lb.edge import Edge, EdgeSettings
 from corral_lb.mesh import LocalBackend, Mesh, is_remote
+from corral_lb.mesh_tls import ClusterCerts, import_certificate
 from corral_lb.nft import TABLE as NFT_TABLE
 from corral_lb.proxy_http import HttpFrontend
 from corral_lb.sections import TlsFiles
@@ -92,10 +95,11 @@ class LbDriver(Driver):
         self.sni = SniRouter()
         self.edge_settings = EdgeSettings()
         self.certs: CertManager | None = None
-        # other hosts' instances and apps, on hosts sharing a ledger (idle on one host)
+        # other hosts' instances, apps, certificates and ACME challenges, on hosts sharing a
+        # ledger (idle on one host)
         self.mesh = Mesh(lambda: self.kernel, self.balancer, self._configs,
                          default_plane=lambda: str(self.config.get("plane", "proxy")),
-                         ready=self._welcomed_link)
+                         ready=self._welcomed_link, sni=self.sni, challenges=self.challenges)
 
     def _welcomed_link(self) -> bool:
         """Whether the kernel link may carry requests (its WELCOME is in); the mesh's rounds
@@ -142,7 +146,7 @@ class LbDriver(Driver):
         except ValueError as exc:
             raise CorralError(str(exc), code=ErrorCode.INVALID, retry=False) from None
         self.balancer.edge = Edge(
-            self.edge_settings, challenge=self.challenges.get,
+            self.edge_settings, challenge=self.mesh.tokens.get,
             new_frontend=self.balancer.http_frontend, start_frontend=self._start_frontend,
             stop_frontend=self._stop_frontend, ssl_context=lambda: self.sni.context)
         directory = self.config.get("acme_directory")
@@ -151,9 +155,10 @@ class LbDriver(Driver):
             issuer = AcmeIssuer(str(directory), ca_bundle=self.config.get("acme_ca_bundle"),
                                 email=self.config.get("acme_email"),
                                 account_key_path=self.home / "lb" / "acme" / "account.key")
-        # certificates: stored ones are served again at once, orders start as apps attach
+        # certificates: stored ones are served again at once, orders start as apps attach;
+        # on a shared ledger every host answers the challenges (mesh.tokens)
         self.certs = CertManager(CertStore(self.home / "lb" / "certs"), issuer=issuer,
-                                 challenges=self.challenges, on_change=self._cert_changed,
+                                 challenges=self.mesh.tokens, on_change=self._cert_changed,
                                  on_state=self._cert_state)
 
     async def start(self) -> None:
@@ -196,7 +201,8 @@ class LbDriver(Driver):
             log.warning("shared port not released", port=port, error=exc.reason)
 
     async def _cert_changed(self, name: str, cert_pem: bytes, key_pem: bytes) -> None:
-        """A certificate (new, renewed, reloaded) goes into service for new handshakes."""
+        """A certificate (new, renewed, reloaded) goes into service for new handshakes, and
+        to the other hosts (on a shared ledger)."""
         cfg = self._configs.get(name)
         if cfg is None:
             return
@@ -204,6 +210,8 @@ class LbDriver(Driver):
         self.sni.set(cfg.domains, ctx)
         if self.balancer.edge is not None:
             self.balancer.edge.set_secure(name, True)
+        self.mesh.certs.publish(name, cfg.domains, cert_pem, key_pem,
+                                mode="auto" if cfg.tls == "auto" else "files")
 
     async def _cert_state(self, name: str, state: dict[str, Any]) -> None:
         """Tell the world (``app.<app>.cert.<state>``): valid, pending or failing. A
@@ -223,12 +231,34 @@ class LbDriver(Driver):
         if self.balancer.edge is not None and state is not None and state.get("serving"):
             self.balancer.edge.set_secure(app, True)
 
-    async def _want_certificate(self, app: str, cfg: LbConfig) -> None:
+    async def _want_certificate(self, app: str, cfg: LbConfig,
+                                cluster: ClusterCerts | None = None) -> None:
+        """Serve ``app``'s certificate: its own (ordered, stored or from files), or, for a
+        share of an app homed on another host (``cluster``: read now when not given), its
+        home's; after an adoption, the certificate its home before published is imported
+        rather than ordered."""
         if self.certs is None or not cfg.domains:
             return
         if cfg.tls is None:
             await self._drop_certificate(app)
             return
+        if cluster is None:
+            cluster = await self.mesh.certs.view()
+        if app in cluster.followed:  # its home orders it, and publishes it for this host
+            if self.certs.state(app) is not None:  # homed here until now
+                await self.certs.drop(app)
+                self.sni.remove(cfg.domains)
+            self.mesh.certs.follow(app)
+            return
+        try:
+            await self._want_own_certificate(app, cfg, cluster)
+        finally:  # its home's until now (it was adopted here): served until its own is in
+            self.mesh.certs.unfollow(app)
+
+    async def _want_own_certificate(self, app: str, cfg: LbConfig, cluster: ClusterCerts
+                                    ) -> None:
+        assert self.certs is not None
+        assert cfg.tls is not None
         mode: Mode = ("auto" if cfg.tls == "auto" else
                       ("files", cfg.tls.cert, cfg.tls.key))
         if isinstance(cfg.tls, TlsFiles):  # in service now; the manager reloads on change
@@ -238,18 +268,43 @@ class LbDriver(Driver):
                              await asyncio.to_thread(server_context, cert_pem, key_pem))
             except (OSError, ssl.SSLError, ValueError) as exc:
                 log.warning("certificate files not loaded yet", app=app, error=str(exc))
+        if mode == "auto" and self.certs.state(app) is None:
+            await self._import_certificate(app, cfg, cluster)
         if mode == "auto" and self.certs.issuer is None:
             raise CorralError(f"app {app!r}: tls = \"auto\" needs an ACME directory: set "
                               "acme_directory in the host's [drivers.lb] config",
                               code=ErrorCode.INVALID, retry=False)
         await self.certs.want(app, cfg.domains, mode)
 
-    async def _drop_certificate(self, app: str) -> None:
+    async def _import_certificate(self, app: str, cfg: LbConfig, cluster: ClusterCerts
+                                  ) -> None:
+        """Store the app's ``certificate`` record (its previous home's) when this host has
+        no usable certificate as good for it: the manager then serves and renews it."""
+        value = cluster.records.get(app)
+        if value is None or self.certs is None:
+            return
+        try:
+            serial = await asyncio.to_thread(import_certificate, self.certs.store, app,
+                                             cfg.domains, value)
+        except (CertError, OSError, ValueError) as exc:
+            log.warning("certificate record not imported: ordering one", app=app,
+                        error=str(exc))
+            return
+        if serial is not None:
+            log.info("certificate imported from the ledger instead of ordered", app=app,
+                     serial=serial)
+
+    async def _drop_certificate(self, app: str, *, withdraw: bool = True) -> None:
+        """Stop serving ``app``'s certificate; ``withdraw``: release its record too (not when
+        its domains change: the record stays until the new certificate replaces it)."""
         cfg = self._configs.get(app)
         if self.certs is not None and self.certs.state(app) is not None:
             await self.certs.drop(app)
         if cfg is not None:
             self.sni.remove(cfg.domains)
+        self.mesh.certs.unfollow(app)
+        if withdraw:
+            self.mesh.certs.withdraw(app)
         if self.balancer.edge is not None:
             self.balancer.edge.set_secure(app, False)
 
@@ -275,7 +330,7 @@ class LbDriver(Driver):
             return {"lb": False}
         old = self._configs.get(app.name)
         if old is not None and old.domains != cfg.domains:
-            await self._drop_certificate(app.name)
+            await self._drop_certificate(app.name, withdraw=False)
         # the certificate first (a stored one is in the SNI router before this returns), so
         # the HTTPS frontend never accepts a handshake it cannot finish
         self._configs[app.name] = cfg
@@ -371,13 +426,16 @@ class LbDriver(Driver):
 
     async def _sync(self, args: Any) -> dict[str, Any]:
         wanted: dict[str, AppSpec] = {}
+        cluster: ClusterCerts | None = None  # read once, at the first app with tls
         for app in args.apps:
             cfg = self._config(app)
             if cfg is not None:
                 wanted[app.name] = app
                 self._configs[app.name] = cfg
+                if cluster is None and cfg.tls is not None and cfg.domains:
+                    cluster = await self.mesh.certs.view()
                 try:  # one app's certificate problem never stops the others' sync
-                    await self._want_certificate(app.name, cfg)
+                    await self._want_certificate(app.name, cfg, cluster)
                 except CorralError as exc:
                     log.error("certificate not wanted", app=app.name, error=exc.reason)
                 await self.mesh.attaching_local(app.name, cfg)
@@ -464,10 +522,13 @@ class LbDriver(Driver):
             if remote:  # other hosts' instances (ids <instance>@<host>), counted above too
                 apps[svc["app"]]["backends_remote"] = remote
             cert = self.certs.state(svc["app"]) if self.certs is not None else None
+            borrowed = self.mesh.certs.served.get(svc["app"])
             if cert is not None:  # valid until ... / pending / failing (served over HTTP)
                 apps[svc["app"]]["tls"] = (
                     f"valid-until-{str(cert.get('not_after') or '')[:10]}"
                     if cert.get("state") == "valid" else str(cert.get("state")))
+            elif borrowed is not None:  # its home's certificate
+                apps[svc["app"]]["tls"] = f"valid-until-{borrowed.not_after.date()}"
         return {"apps": apps,
                 "shown": ["backends_healthy", "backends_unhealthy", "backends_remote", "tls"]}
 

@@ -16,9 +16,10 @@ proxies' per-connection and per-request paths are the ones a single host runs.
   host's instance whose host is alive becomes a backend (id ``<instance>@<host>``, health
   checked like a local one): of the app's local service when the app is attached here, else
   of a service the mesh opens for it from the record's ``[lb]`` section (``remote_config``:
-  no certificate, no on-demand starts, no policy program). A backend whose record is gone is
-  drained; one whose host is not alive is removed at once. A remote app none of whose
-  records is left is no longer served here.
+  no on-demand starts, no policy program; its ``tls`` as its home has it, served with the
+  certificate its home publishes). A backend whose record is gone is drained; one whose host
+  is not alive is removed at once. A remote app none of whose records is left is no longer
+  served here.
 - **Frontends.** A remote app gets its own ``frontend`` on this host when the port is free
   here (no ``port`` record of this host holds it), or shares the lb's HTTP frontend already
   on that address and port (HTTP apps on the proxy plane, routed by Host: a local app's, or
@@ -30,6 +31,10 @@ proxies' per-connection and per-request paths are the ones a single host runs.
   A frontend this host cannot give (its port held, an address it does not have) is logged
   and published (``app.<app>.lb.unserved``) with its holder, once, and tried again every
   round.
+- **TLS** (``corral_lb.mesh_tls``). The home of an app publishes its certificate (kind
+  ``certificate``, sealed by the kernel under the cluster key); every other host serves the
+  app's domains over HTTPS with it on its shared HTTPS frontend, and answers the ACME
+  challenges of every host's orders (kind ``acme-challenge``). Each round lists both kinds.
 
 On a host whose ledger is its own (``kernel.status`` ``shared_ledger`` false) none of this
 runs: the lb behaves as it always has.
@@ -41,14 +46,19 @@ import asyncio
 import ipaddress
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
 from corral.errors import CorralError, ErrorCode
+from corral_lb.acme import ChallengeStore
 from corral_lb.balancer import Balancer
 from corral_lb.config import LbConfig, PolicyProgram, load_lb_config
 from corral_lb.service import Service
+from corral_lb.tls import SniRouter
+
+if TYPE_CHECKING:
+    from corral_lb.mesh_tls import SharedCerts, SharedChallenges
 
 log = structlog.get_logger("corral_lb")
 
@@ -140,16 +150,18 @@ class RemoteBackend:
 
 def remote_config(section: dict[str, Any], *, app: str, default_plane: str) -> LbConfig:
     """The config this host serves another host's app with: its ``[lb]`` section as its own
-    host reads it, without what only that host can do: no certificate (``tls`` off: domains
-    over HTTP, no redirect), no on-demand start (``activation = "always"``), and a policy
-    program's built-in fallback instead of the program. ``ManifestError`` when the section
-    does not load here (a newer lb's keys)."""
+    host reads it, without what only that host can do: no on-demand start (``activation =
+    "always"``), and a policy program's built-in fallback instead of the program. ``tls``
+    stays: its domains are on the shared HTTPS frontend, served with the certificate its home
+    publishes (``corral_lb.mesh_tls``; until there is one, over HTTP only, as for an app
+    whose certificate is pending); this host never orders one, nor reads ``tls`` files.
+    ``ManifestError`` when the section does not load here (a newer lb's keys)."""
     cfg = load_lb_config(section, app=app, default_plane=default_plane)
     policy = cfg.policy
     if isinstance(policy, PolicyProgram):
         policy = policy.fallback if cfg.plane == "proxy" else None
-    return cfg.model_copy(update={"tls": None, "activation": "always",
-                                  "socket_activation": False, "policy": policy})
+    return cfg.model_copy(update={"activation": "always", "socket_activation": False,
+                                  "policy": policy})
 
 
 def shares_http(a: LbConfig, b: LbConfig) -> bool:
@@ -181,11 +193,16 @@ class Mesh:
     welcomed it (nothing is sent before); ``local`` the driver's configs of the apps
     attached here (read, never written); ``default_plane()`` the host's ``plane``. ``lock``
     guards the balancer's services: the driver holds it while it attaches or detaches an
-    app, the mesh while it changes what it serves."""
+    app, the mesh while it changes what it serves. ``sni`` is the shared HTTPS frontend's
+    router and ``challenges`` this host's ACME answers (the driver's): ``certs`` and
+    ``tokens`` share them with the other hosts (``corral_lb.mesh_tls``)."""
 
     def __init__(self, kernel: Callable[[], KernelCalls], balancer: Balancer,
                  local: Mapping[str, LbConfig], *, default_plane: Callable[[], str],
-                 ready: Callable[[], bool] = lambda: True) -> None:
+                 ready: Callable[[], bool] = lambda: True, sni: SniRouter | None = None,
+                 challenges: ChallengeStore | None = None) -> None:
+        from corral_lb.mesh_tls import SharedCerts, SharedChallenges  # it builds on this module
+
         self._kernel = kernel
         self._ready = ready
         self.balancer = balancer
@@ -212,6 +229,11 @@ class Mesh:
         self._tasks: set[asyncio.Future[None]] = set()
         self._rounds = 0
         self._task: asyncio.Task[None] | None = None
+        self.sealed: frozenset[str] = frozenset()  # kinds the kernel seals (kernel.status)
+        # TLS: certificates published and served, ACME challenges answered by every host
+        self.certs: SharedCerts = SharedCerts(self, sni if sni is not None else SniRouter())
+        self.tokens: SharedChallenges = SharedChallenges(
+            self, challenges if challenges is not None else ChallengeStore())
 
     # -- the cluster --------------------------------------------------------------------------
 
@@ -235,6 +257,7 @@ class Mesh:
                 log.debug("kernel status not known yet", error=exc.reason)
                 return False
             self.host = str(status.get("host") or "")
+            self.sealed = frozenset(str(k) for k in status.get("sealed_kinds") or ())
             shared = bool(status.get("shared_ledger")) and bool(self.host)
             if shared and not self._announced:
                 log.info("routing mesh on", host=self.host)
@@ -247,6 +270,7 @@ class Mesh:
 
     def start(self) -> None:
         """Run rounds every ``INTERVAL_S`` until ``close``."""
+        self.tokens.loop = asyncio.get_running_loop()  # the issuing threads' way back
         if self._task is None:
             self._task = asyncio.ensure_future(self._run())
 
@@ -300,11 +324,13 @@ class Mesh:
         """``state.sync``: these are the live local backends; every other record of this
         host is released (now and in later rounds)."""
         self.forget_cluster()
+        self.certs.refused = None  # a restarted kernel may have a cluster key now
         self.backends = {(b.app, b.instance): b for b in backends}
         if not await self.cluster():
             return
         self.synced = True
         await self._push()
+        await self.certs.push()
 
     def _wanted(self) -> tuple[dict[str, tuple[str, dict[str, Any]]], set[str]]:
         """Record key -> (owner, value) for every local backend whose address other hosts
@@ -409,7 +435,25 @@ class Mesh:
         async with self.lock:
             await self._apply(remote, set(alive), held)
             await self._push_frontends()
+        await self._tls()
         self._rounds += 1
+
+    async def _tls(self) -> None:
+        """The round's TLS part (``corral_lb.mesh_tls``): the other hosts' ACME tokens, the
+        certificates of the apps served here and those published from here. A ledger that
+        cannot be read changes nothing of it; the backends were served all the same."""
+        self.tokens.loop = asyncio.get_running_loop()
+        from corral_lb.mesh_tls import CERTIFICATE, CHALLENGE
+
+        try:
+            certs = (await self._call("ledger.list", {"kind": CERTIFICATE}))["records"]
+            tokens = (await self._call("ledger.list", {"kind": CHALLENGE}))["records"]
+        except CorralError as exc:
+            log.warning("routing mesh: certificates and challenges not read", error=exc.reason)
+            return
+        await self.tokens.round(tokens)
+        await self.certs.round(certs)
+        await self.certs.push()
 
     async def _apply(self, remote: dict[str, dict[str, RemoteBackend]], alive: set[str],
                      held: Mapping[int, tuple[str, bool]]) -> None:
@@ -536,8 +580,10 @@ class Mesh:
         return True
 
     async def _drop(self, app: str) -> None:
-        """Stop serving another host's app here (its frontend closes unless shared)."""
+        """Stop serving another host's app here (its frontend closes unless shared, its
+        certificate leaves the SNI router)."""
         self.serving.pop(app)
+        self.certs.forget(app)
         await self.balancer.detach(app)
 
     async def _push_frontends(self) -> None:
@@ -604,13 +650,17 @@ class Mesh:
 
     def annotate(self, status: dict[str, Any]) -> dict[str, Any]:
         """``query.lb.status`` with each backend's host and the services served for other
-        hosts (``remote``); on several hosts the reply says which apps are not served here
-        and why (``unserved``)."""
+        hosts (``remote``), with the facts of the certificate their home published when it is
+        served here (``certificate``: home, serial, not_after, domains); on several hosts the
+        reply says which apps are not served here and why (``unserved``)."""
         if not self.shared:
             return status
         for svc in status.get("services", []):
             if svc.get("app") in self.serving:
                 svc["remote"] = True
+            borrowed = self.certs.served.get(str(svc.get("app")))
+            if borrowed is not None:  # its home's certificate, served here (never the key)
+                svc["certificate"] = borrowed.facts()
             for b in svc.get("backends", []):
                 bid = str(b.get("id"))
                 b["host"] = bid.rpartition(SEP)[2] if is_remote(bid) else self.host

@@ -57,7 +57,8 @@ instance an lb balances over (the lb driver's, so that every host's lb finds eve
 ``placement``: the share of a spread app another host runs (``corral.deploy._spread``);
 ``certificate``: an app's TLS certificate and key, as the lb of its home serves them (so that
 every host's lb serves the app over HTTPS; sealed, see ``SEALED_KINDS``); ``acme-challenge``:
-an ACME HTTP-01 token and its key authorization (so that every host's lb answers it)."""
+an ACME HTTP-01 token and its key authorization (so that every host's lb answers it), or a
+host's acknowledgement that it does (key ``<token>@<host>``)."""
 
 SHARED_READS = frozenset({"uid", "host", "host-alive", "subnet", "backend", "placement",
                           "certificate", "acme-challenge"})
