@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from corral.errors import CorralError
 from corral.testing import wait_for
 from e2e.test_multihost_lb import lb_status, logs_on_failure
 from integration.lb.pebble import Pebble, require_pebble, run_pebble
@@ -164,6 +165,10 @@ def test_every_host_serves_https_with_the_certificate_its_home_ordered() -> None
             assert "PRIVATE KEY" not in stored
             wait_for(lambda: listed(h1, "acme-challenge") == [], timeout=15,
                      what="the challenges and their acknowledgements released")
+            # only the lb driver writes (and reads) certificates: not a client
+            with pytest.raises(CorralError, match="the lb driver's to write"):
+                h2.call("ledger.claim", {"owner": "shop", "claims": [
+                    {"kind": "certificate", "key": "evil", "value": {"key": "x"}}]})
 
             r = h1.cli("down", "shop")
             assert r.returncode == 0, r.stdout + r.stderr

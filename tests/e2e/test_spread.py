@@ -12,8 +12,12 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
+import os
+import subprocess
+import sys
 import time
 import urllib.request
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -100,6 +104,30 @@ def records(h: Host, kind: str) -> dict[str, dict[str, Any]]:
             for kv in json.loads(r.stdout).get("kvs", [])}
 
 
+def followed_lines(proc: subprocess.Popen[str], want: set[str], within: float = 30.0
+                   ) -> set[str]:
+    """``SLOT@HOST`` (the instance id without the ``-gN`` of a replacement) of each
+    "serving" line ``corral logs -f`` printed, until all of ``want`` were or ``within``
+    seconds passed."""
+    assert proc.stdout is not None
+    os.set_blocking(proc.stdout.fileno(), False)
+    seen: set[str] = set()
+    deadline = time.monotonic() + within
+    buffer = ""
+    while not want <= seen and time.monotonic() < deadline:
+        chunk = proc.stdout.read() or ""
+        buffer += chunk
+        *lines, buffer = buffer.split("\n")
+        for line in lines:
+            fields = line.split()
+            if len(fields) >= 3 and "serving on port" in line:
+                instance, _, host = fields[1].rpartition("@")
+                seen.add(f"{instance.partition('-g')[0]}@{host}")
+        if not chunk:
+            time.sleep(0.1)
+    return seen
+
+
 def three(c: Cluster) -> tuple[Host, Host, Host]:
     hs = (c.host(1), c.host(2), c.host(3))
     for h in hs:
@@ -148,10 +176,21 @@ def test_a_spread_app_runs_a_share_on_every_host_and_follows_its_home() -> None:
         wait_for(lambda: placed(h2) == {**want, "shop.web.4": "h1"}, timeout=30,
                  what="web.4 on h1")
 
-        # restarted from h2: every share's instances replaced, not only the home's
+        # restarted from h2: every share's instances replaced, not only the home's; `logs
+        # -f` on h3 (running since before) shows the new instances of every host
         before = {i: v[1] for i, v in where(h1).items()}
-        r = h2.cli("restart", "shop", timeout=120)
-        assert r.returncode == 0, r.stdout + r.stderr
+        follow = subprocess.Popen(
+            h3.enter([sys.executable, "-m", "corral.cli", "logs", "shop", "-f", "--since",
+                      datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")]),
+            env=h3.kernel.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.5)  # its history printed, its first poll made
+            r = h2.cli("restart", "shop", timeout=120)
+            assert r.returncode == 0, r.stdout + r.stderr
+            seen = followed_lines(follow, {f"{i}@{h}" for i, h in placed(h1).items()})
+        finally:
+            follow.kill()
+        assert {f"{i}@{h}" for i, h in placed(h1).items()} <= seen, seen
 
         def all_replaced() -> bool:
             now = where(h1)

@@ -74,6 +74,7 @@ from corral.supervisor import DriverSlot, Supervisor
 
 if TYPE_CHECKING:
     from corral.cluster import ClusterMember
+    from corral.replication import Channel
 
 log = structlog.get_logger("corral.kernel")
 
@@ -556,13 +557,23 @@ class Kernel:
                              "revision": r.revision, "value": self._shown(peer, r)}
                             for r in recs]}
 
+    def _sealer(self, peer: Peer, kind: str) -> Channel | None:
+        """The cluster key's channel when ``peer`` is the driver a sealed ``kind`` belongs to
+        (``SEALED_KINDS``: only the lb reads and writes certificates), else None."""
+        channel = self.cluster.channel if self.cluster is not None else None
+        if channel is None or peer.role != "driver":
+            return None
+        slot = self.supervisor.by_capability(SEALED_KINDS[kind])
+        return channel if slot is not None and slot.peer is peer else None
+
     def _shown(self, peer: Peer, rec: Record) -> dict[str, Any]:
         """A record's value as ``peer`` may see it: a sealed kind's (``SEALED_KINDS``: a
-        private key) opened for a driver only; anyone else sees ``{"sealed": true}``."""
+        private key) opened for the driver it belongs to only; anyone else sees
+        ``{"sealed": true}``."""
         if rec.kind not in SEALED_KINDS:
             return rec.value
-        channel = self.cluster.channel if self.cluster is not None else None
-        if peer.role != "driver" or channel is None:
+        channel = self._sealer(peer, rec.kind)
+        if channel is None:
             return {"sealed": True}
         try:
             return channel.open_record(rec.kind, rec.key, rec.value)
@@ -576,12 +587,15 @@ class Kernel:
         for c in args.claims:
             value = c.value
             if c.kind in SEALED_KINDS:
-                channel = self.cluster.channel if self.cluster is not None else None
-                if channel is None:
+                if self.cluster is None or self.cluster.channel is None:
                     raise CorralError(
                         f"a {c.kind} record holds a secret: it is kept only on hosts sharing "
                         "a ledger under a cluster key (host.toml [host] cluster_key)",
                         code=ErrorCode.INVALID)
+                channel = self._sealer(peer, c.kind)
+                if channel is None:
+                    raise CorralError(f"a {c.kind} record is the {SEALED_KINDS[c.kind]} "
+                                      "driver's to write", code=ErrorCode.FORBIDDEN)
                 value = channel.seal_record(c.kind, c.key, c.value)
             txn.claim(args.owner, c.kind, c.key, value)
         return {"revision": await self.group_commit.commit(txn)}

@@ -9,7 +9,7 @@ on a shared ledger (``kernel.status`` ``shared_ledger``); on one host none of th
   files), the lb claims the record ``certificate``/<app> (cluster-wide, listed by every host,
   owner the app) with ``{"domains", "cert", "key", "not_after", "serial", "mode"}`` (the full
   chain and the private key as PEM). The kernel seals the value under the cluster key before
-  it reaches the ledger and opens it only in its drivers' ``ledger.list`` answers (a client
+  it reaches the ledger and opens it only in its lb driver's ``ledger.list`` answers (a client
   sees ``{"sealed": true}``). A record is claimed only when it changed, and released when the
   app's certificate is dropped (no ``tls`` any more) or the app detaches (``corral down``
   releases it in the kernel too). A claim or release that fails is logged and tried again

@@ -30,8 +30,9 @@ both forms ("port 8080 on host h1", "app 'shop' on host h1").
 from __future__ import annotations
 
 import builtins
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from types import MappingProxyType
 
 from corral.errors import CorralError
 from corral.ledger._base import (
@@ -64,10 +65,11 @@ SHARED_READS = frozenset({"uid", "host", "host-alive", "subnet", "backend", "pla
                           "certificate", "acme-challenge"})
 """Cluster-wide kinds whose records every host lists, whoever holds them."""
 
-SEALED_KINDS = frozenset({"certificate"})
-"""Kinds whose values hold a secret (a private key): the kernel seals them under the cluster
-key before they reach the shared ledger and opens them only for its drivers
-(``corral.replication.Channel.seal_record``); a client listing them sees ``{"sealed": true}``."""
+SEALED_KINDS: Mapping[str, str] = MappingProxyType({"certificate": "lb"})
+"""Kinds whose values hold a secret (a private key) -> the capability of the one driver that
+may write and read them: the kernel seals such a value under the cluster key before it
+reaches the shared ledger (``corral.replication.Channel.seal_record``) and opens it only for
+that driver; anyone else listing it sees ``{"sealed": true}``."""
 
 
 class HostView(Ledger):
