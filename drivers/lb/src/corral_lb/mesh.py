@@ -67,6 +67,8 @@ ALIVE = "host-alive"  # ledger kind: present while the host's lease lives; key: 
 PORT = "port"  # ledger kind: a host port (per host)
 FRONTEND = "lb-frontend"  # ledger kind: a port the mesh serves other hosts' apps on (per host)
 OWNER = "driver:lb"  # the lb's own name in the ledger (as for the shared frontends' ports)
+CERTIFICATE = "certificate"  # ledger kind: an app's certificate and key, sealed (cluster-wide)
+CHALLENGE = "acme-challenge"  # ledger kind: an HTTP-01 token, or a host's acknowledgement of it
 SEP = "@"  # in a backend id: <instance>@<host>; no app, process or host name holds one
 INTERVAL_S = 1.0  # between two rounds of learning
 CALL_TIMEOUT_S = 5.0  # a mesh call to the kernel: never hold a driver operation for long
@@ -443,8 +445,6 @@ class Mesh:
         certificates of the apps served here and those published from here. A ledger that
         cannot be read changes nothing of it; the backends were served all the same."""
         self.tokens.loop = asyncio.get_running_loop()
-        from corral_lb.mesh_tls import CERTIFICATE, CHALLENGE
-
         try:
             certs = (await self._call("ledger.list", {"kind": CERTIFICATE}))["records"]
             tokens = (await self._call("ledger.list", {"kind": CHALLENGE}))["records"]

@@ -69,7 +69,7 @@ import structlog
 from corral.errors import CorralError, ErrorCode
 from corral_lb.acme import ChallengeStore, IssuedCert
 from corral_lb.certs import CertError, CertMeta, CertStore, cert_domains, check_pair, covers
-from corral_lb.mesh import ALIVE, CALL_TIMEOUT_S, OWNER, SEP
+from corral_lb.mesh import ALIVE, CALL_TIMEOUT_S, CERTIFICATE, CHALLENGE, OWNER, SEP
 from corral_lb.tls import SniRouter, server_context
 
 if TYPE_CHECKING:
@@ -78,8 +78,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("corral_lb")
 
-CERTIFICATE = "certificate"  # ledger kind: an app's certificate and key, sealed (cluster-wide)
-CHALLENGE = "acme-challenge"  # ledger kind: an HTTP-01 token, or a host's acknowledgement of it
 SATELLITE = "satellite"  # ledger kind (per host): a share of a spread app run for its home
 ACK_WAIT_S = 10.0  # the longest ``put`` waits for the other hosts to answer a token
 ACK_POLL_S = 0.2  # between two looks for their acknowledgements

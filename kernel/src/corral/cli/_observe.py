@@ -46,7 +46,7 @@ def hosts_of(app: str | None, only: str | None = None) -> list[str | None]:
         hosts = [str(h) for h in KernelClient().call("app.get", {"name": app}).get("hosts") or []]
     except CorralError:
         return [None]  # no such app (the query says so), or an older kernel
-    return list(hosts) if len(hosts) > 1 else [None]
+    return [*hosts] if len(hosts) > 1 else [None]
 
 
 def _each(hosts: list[str], ask: Callable[[str], T]) -> dict[str, T]:

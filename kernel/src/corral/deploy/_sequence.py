@@ -719,8 +719,9 @@ class Deployer:
 
         state = self.apps.get(rec.key)
         places = [str(h) for h in rec.value.get("spread") or ()]
-        if state is None or state.home is not None or state.deploying or len(places) == 0:
-            return []
+        if state is None or state.home is not None or state.deploying or len(places) == 0 \
+                or all(r.key in places for r in alive):
+            return []  # (the common case, every round: no host beyond its places)
         doc = state.spec.manifest
         lazy = on_demand_processes(doc)
         largest = max((int(p.get("instances") or 0) for n, p in
