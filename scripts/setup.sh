@@ -22,10 +22,12 @@ cd "$(dirname "$0")/.."
 #                          the lb tests of automatic HTTPS order certificates from it
 #   openssh-server openssh-client git   git push and the remote CLI: the tests run a real
 #                          sshd on a loopback port, real ssh and git clients
+#   etcd-server etcd-client   the ledger on etcd: the tests and benchmarks start their own
+#                          members (loopback, or one per test host of the multi-host harness)
 #   Benchmarks install their own peers (haproxy, wrk, nginx-light) when run.
 APT_PACKAGES=(nftables libnftables1 iproute2 tini libseccomp2 bubblewrap gcc make pkg-config
               libzmq3-dev libjansson-dev util-linux procps curl systemd default-jdk-headless
-              pebble openssh-server openssh-client git)
+              pebble openssh-server openssh-client git etcd-server etcd-client)
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
