@@ -247,21 +247,23 @@ def test_a_lost_hosts_share_goes_to_the_others_and_comes_back_with_it() -> None:
 
 def test_a_host_that_joins_later_gets_a_share() -> None:
     """Spread unset, deployed while two hosts were up: a third host that starts later is
-    dealt a share (from its copy of the release, made after it joined); nothing else
-    moves, and its lb serves every instance."""
+    dealt a share (from its copy of the release, made after it joined); of the four
+    instances only the one it takes moves (a round-robin deal over three hosts would move
+    two: 3 to h3 and 4 to h1), and its lb serves every instance."""
     require_multihost()
     with multihost(3) as c:
         h1, h2, h3 = c.host(1), c.host(2), c.host(3)
         for h in (h1, h2):
             h.start_kernel(keyed=True, drivers=DRIVERS)
-        deploy(c, h1, spread=None)
-        before = {"shop.web.1": "h1", "shop.web.2": "h2", "shop.web.3": "h1"}
+        deploy(c, h1, spread=None, instances=4)
+        before = {"shop.web.1": "h1", "shop.web.2": "h2", "shop.web.3": "h1",
+                  "shop.web.4": "h2"}
         wait_for(lambda: placed(h1) == before, timeout=30, what="shop on h1 and h2")
-        kept = {i: v for i, v in where(h1).items() if i != "shop.web.3"}
+        kept = {i: v for i, v in where(h1).items() if i != "shop.web.4"}
 
         h3.start_kernel(keyed=True, drivers=DRIVERS)
         joined = time.monotonic()
-        want = {**before, "shop.web.3": "h3"}
+        want = {**before, "shop.web.4": "h3"}
         wait_for(lambda: placed(h1) == want, timeout=60, what="a share on h3")
         print(f"h3's share running {time.monotonic() - joined:.2f} s after its kernel started")
         now = where(h1)

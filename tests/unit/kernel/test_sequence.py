@@ -473,3 +473,52 @@ def test_on_a_networked_ledger_a_deploy_s_ledger_steps_leave_the_loop_free(
         assert ledger.waiting.is_set() and threading.main_thread().name not in ledger.threads
     finally:
         h.cleanup()
+
+
+class RacingLedger(SqliteLedger):
+    """A SQLite ledger on which, ``races`` times, another host's deploy claims the free uid
+    that was just read as free (between our list of uids and our claim)."""
+
+    def __init__(self, path: Path, races: int) -> None:
+        super().__init__(path)
+        self.races = races
+        self.taken: list[str] = []
+
+    def list(self, **kw: Any) -> Any:  # type: ignore[override]
+        records = super().list(**kw)
+        if kw == {"kind": "uid"} and self.races > 0:
+            self.races -= 1
+            held = {int(r.key) for r in records}
+            uid = next(u for u in range(60000, 70000) if u not in held)
+            super().put(f"other{self.races}", "uid", str(uid), {"app": "other"})
+            self.taken.append(str(uid))
+        return records
+
+
+@pytest.mark.parametrize("races", [1, 3])
+def test_a_uid_claimed_by_another_host_meanwhile_is_passed_over(tmp_path: Path,
+                                                                races: int) -> None:
+    ledger = RacingLedger(tmp_path / "race.sqlite3", races)
+    config = HostConfig(app_uids=(60000, 60999))
+    deployer = Deployer(ledger=ledger, drivers=FakeDrivers(), events=Recorder(),
+                        home=tmp_path / "home", notify_dir=tmp_path / "notify", config=config,
+                        launcher=FakeLauncher(), as_root=True)
+    uid, gid, claimed = deployer._hold_uid("seq")
+    assert claimed and uid == gid == 60000 + races
+    assert [r.key for r in ledger.list(owner="seq")] == [str(uid)]
+    assert len(ledger.taken) == races and str(uid) not in ledger.taken
+    assert deployer._hold_uid("seq") == (uid, gid, False)  # held already: kept
+    deployer._unhold_uid("seq", uid, claimed)  # the app never came to run
+    assert ledger.list(owner="seq") == []
+
+
+def test_uids_raced_away_every_time_give_a_clear_error_and_claim_nothing(
+        tmp_path: Path) -> None:
+    ledger = RacingLedger(tmp_path / "race.sqlite3", races=100)
+    deployer = Deployer(ledger=ledger, drivers=FakeDrivers(), events=Recorder(),
+                        home=tmp_path / "home", notify_dir=tmp_path / "notify",
+                        config=HostConfig(app_uids=(60000, 60999)), launcher=FakeLauncher(),
+                        as_root=True)
+    with pytest.raises(CorralError, match="no app uid could be claimed in 8 tries") as exc:
+        deployer._hold_uid("seq")
+    assert exc.value.code == ErrorCode.CONFLICT and ledger.list(owner="seq") == []

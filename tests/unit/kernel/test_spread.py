@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from itertools import combinations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
 from corral.deploy._spread import (
     choose_hosts,
     deal,
@@ -89,3 +94,62 @@ def test_a_host_that_joins_takes_a_hole_even_at_the_app_s_spread() -> None:
     which ``choose_hosts`` gives it."""
     assert joining(["h1", "h2"], ["h2"], 2, 6, ["h3"]) == ["h3"]
     assert choose_hosts("h1", 2, {"h3": 0}, ["h1", "h2"]) == ["h1", "h3"]
+
+
+def test_a_host_joining_takes_instances_only_from_hosts_above_their_due() -> None:
+    """4 instances on h1 and h2 (1, 3 | 2, 4), h3 joins: one instance moves, to h3; the
+    round-robin deal over three places would have moved two (3 to h3 and 4 to h1)."""
+    before = deal({"web": 4}, ["h1", "h2"])
+    after = deal({"web": 4}, ["h1", "h2", "h3"], before=before)
+    assert after == {"h1": {"web": [1, 3]}, "h2": {"web": [2]}, "h3": {"web": [4]}}
+    assert deal({"web": 4}, ["h1", "h2", "h3"]) == {
+        "h1": {"web": [1, 4]}, "h2": {"web": [2]}, "h3": {"web": [3]}}  # without ``before``
+
+
+def test_a_redeploy_moves_nothing_and_a_hole_s_instances_come_back_to_it() -> None:
+    places = ["h1", "h2", "h3"]
+    first = deal({"web": 6, "worker": 2}, places)
+    assert deal({"web": 6, "worker": 2}, places, before=first) == first
+    holed = deal({"web": 6, "worker": 2}, places, live={"h1", "h2"}, before=first)
+    assert holed == {"h1": {"web": [1, 3, 4], "worker": [1]},
+                     "h2": {"web": [2, 5, 6], "worker": [2]}}
+    back = deal({"web": 6, "worker": 2}, places, before=holed)
+    assert back == first  # h3 gets back its own, 3 and 6; the others never moved
+
+
+def test_scaling_keeps_running_instances_where_they_run() -> None:
+    before = {"h1": {"web": [1, 2]}, "h2": {"web": [3]}}  # an uneven deal, kept as it is
+    up = deal({"web": 5}, ["h1", "h2"], before=before)
+    assert up == {"h1": {"web": [1, 2, 5]}, "h2": {"web": [3, 4]}}
+    down = deal({"web": 2}, ["h1", "h2"], before=up)
+    assert down == {"h1": {"web": [1]}, "h2": {"web": [2]}}  # 3..5 gone; 2 moves to h2
+
+
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=3),
+       st.lists(st.sampled_from(["h1", "h2", "h3", "h4", "h5"]), min_size=1, max_size=5,
+                unique=True),
+       st.lists(st.sampled_from(["h1", "h2", "h3", "h4", "h5"]), min_size=1, max_size=5,
+                unique=True),
+       st.sets(st.sampled_from(["h2", "h3", "h4", "h5"])))
+def test_every_deal_is_balanced_whole_and_moves_no_more_than_it_must(
+        counts: list[int], first: list[str], then: list[str], lost: set[str]) -> None:
+    """Property: every instance runs on exactly one serving host; loads differ by at most
+    one; an instance moves only off a host that is gone or above its due."""
+    formation = {f"p{n}": c for n, c in enumerate(counts)}
+    before = deal(formation, first)
+    places = ["h1", *[h for h in then if h != "h1"]]
+    live = {h for h in places if h not in lost}
+    after = deal(formation, places, live=live, before=before)
+    for process, count in formation.items():
+        where = {i: h for h, share in after.items() for i in share.get(process, [])}
+        assert sorted(where) == list(range(1, count + 1))
+        assert set(where.values()) <= live
+        loads = [len(after.get(h, {}).get(process, [])) for h in places if h in live]
+        assert max(loads) - min(loads) <= 1
+        moved = {i for i, h in where.items() if i not in before.get(h, {}).get(process, [])}
+        serving = [h for h in places if h in live]
+        ran = [len(before.get(h, {}).get(process, [])) for h in serving]
+        base, extra = divmod(count, len(serving))
+        fewest = min(sum(max(0, base + (k in plus) - r) for k, r in enumerate(ran))
+                     for plus in combinations(range(len(serving)), extra))
+        assert len(moved) == fewest  # every instance that moves had to

@@ -57,6 +57,7 @@ log = structlog.get_logger("corral.deploy")
 _HELD_KINDS = frozenset({"port", "path", "lbname", "uid"})  # what a redeploy may release
 T = TypeVar("T")
 MAX_SPREAD = 64  # [placement] spread's bound: an unset spread is every allowed host
+UID_TRIES = 8  # uids passed over when other hosts claim them between our read and claim
 
 
 @dataclass
@@ -129,11 +130,7 @@ class Deployer:
         await self.off_loop(self._refuse_placement, name, doc, Path(args.directory))
         async with self.releaser.lock(name):  # two deploys of one app never interleave
 
-            def hold_uid() -> tuple[int | None, int | None, bool]:
-                uid, gid = self._app_ids(name)
-                return uid, gid, self._hold_uid(name, uid)
-
-            uid, gid, claimed_uid = await self.off_loop(hold_uid)
+            uid, gid, claimed_uid = await self.off_loop(self._hold_uid, name)
             release: dict[str, Any] | None = None
             try:
                 release, created = await self.releaser.make(
@@ -161,11 +158,7 @@ class Deployer:
                         await self.releaser.settle()  # its build's sandbox is gone first
                         await self.off_loop(self.releaser.store.drop, name, number)
 
-                def unhold_uid() -> None:
-                    if claimed_uid and self.ledger.get("app", name) is None:
-                        self.ledger.release(name, [("uid", str(uid))])
-
-                await self.off_loop(unhold_uid)
+                await self.off_loop(self._unhold_uid, name, uid, claimed_uid)
                 raise
 
     def _refuse_another_hosts(self, name: str) -> None:
@@ -279,13 +272,32 @@ class Deployer:
             "env": _merge_items(kept.get("env", []), args.env),
             "offset": args.offset or int(kept.get("offset") or 0)})
 
-    def _hold_uid(self, name: str, uid: int | None) -> bool:
-        """Claim the app's uid before its first build (the build runs as it); True if this
-        call claimed it."""
-        if uid is None or self.ledger.list(owner=name, kind="uid"):
-            return False
-        self.ledger.put(name, "uid", str(uid), {"app": name})
-        return True
+    def _hold_uid(self, name: str) -> tuple[int | None, int | None, bool]:
+        """The app's uid and gid (``_app_ids``), claimed before its first build or share
+        (the build runs as it), and True if this call claimed the uid. A free uid another
+        host's deploy claims between our read and our claim is passed over for the next
+        (``UID_TRIES`` times), so two hosts starting apps at once both go on."""
+        for _ in range(UID_TRIES):
+            uid, gid = self._app_ids(name)
+            if uid is None or self.ledger.list(owner=name, kind="uid"):
+                return uid, gid, False
+            try:
+                self.ledger.put(name, "uid", str(uid), {"app": name})
+            except ConflictError as exc:
+                if exc.kind != "uid":
+                    raise
+                log.info("app uid taken meanwhile; trying the next", app=name, uid=uid,
+                         holder=exc.holder)
+                continue
+            return uid, gid, True
+        raise CorralError(f"app {name!r}: no app uid could be claimed in {UID_TRIES} tries "
+                          "(other hosts claimed each first); try again", code=ErrorCode.CONFLICT)
+
+    def _unhold_uid(self, name: str, uid: int | None, claimed: bool) -> None:
+        """Release the uid ``_hold_uid`` claimed, if the app did not come to run."""
+        if claimed and uid is not None and self.ledger.get("app", name) is None \
+                and self.ledger.get(SATELLITE, name) is None:
+            self.ledger.release(name, [("uid", str(uid))])
 
     def formation(self, name: str) -> dict[str, int]:
         """The instance counts `corral scale` set for the app (kept across deploys)."""
@@ -509,7 +521,8 @@ class Deployer:
                         "release_record": release})
                 else:
                     txn = Txn().claim(name, "app", name, {**value, "spread": ready.hosts,
-                                                          "holes": ready.holes})
+                                                          "holes": ready.holes,
+                                                          "dealt": shares or {}})
                     self._place(txn, name, shares, release, generation, overrides, force)
                     if release is not None:
                         self.releaser.store.update(name, int(release["number"]), txn,
@@ -653,6 +666,7 @@ class Deployer:
                           release_record=running[1] if running[0] is not None else None)
         elif old is not None and old.value.get("spread"):
             record["spread"] = old.value["spread"]
+            record["dealt"] = old.value.get("dealt") or {}
         claims: list[Claim] = [Claim(SATELLITE if follows is not None else "app", name,
                                      record)]
         for pname, port in sorted((doc.get("ports") or {}).items()):
@@ -708,7 +722,9 @@ class Deployer:
         for w in wanted:
             counts[w.process] = max(counts.get(w.process, 0), w.index)
         live = {self._this, *fits}
-        return places, deal(counts, places, live), [p for p in places if p not in live]
+        dealt = old.value.get("dealt") if old else None  # (absent before sticky deals)
+        shares = deal(counts, places, live, before=dealt or None)
+        return places, shares, [p for p in places if p not in live]
 
     def joining(self, rec: Record, alive: Sequence[Record]) -> list[str]:
         """The hosts of ``alive`` (``host-alive`` records) that joined since the last deal
@@ -779,12 +795,17 @@ class Deployer:
             if state is not None and state.follows is not None and \
                     state.follows.get("generation") != placement.get("generation"):
                 force = {str(p) for p in placement.get("force") or ()}
-            async with self.instances.lock(name):
-                return await self._deploy(
-                    name, resolved, resolved.as_json(), Deploy(directory=str(directory)),
-                    started, force=force, formation=counts, release=release,
-                    overrides=dict(placement.get("overrides") or {}),
-                    follows=(home, placement))
+            uid, _, claimed_uid = await self.off_loop(self._hold_uid, name)
+            try:
+                async with self.instances.lock(name):
+                    return await self._deploy(
+                        name, resolved, resolved.as_json(), Deploy(directory=str(directory)),
+                        started, force=force, formation=counts, release=release,
+                        overrides=dict(placement.get("overrides") or {}),
+                        follows=(home, placement))
+            except BaseException:
+                await self.off_loop(self._unhold_uid, name, uid, claimed_uid)
+                raise
 
     def _write_manifest(self, spec: AppSpec) -> str:
         """Write the resolved manifest where the app can read it (CORRAL_MANIFEST)."""

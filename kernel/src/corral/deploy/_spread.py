@@ -5,8 +5,9 @@ cluster-wide records (name, lb names, domains, releases) and decides where each 
 runs. With ``spread = N`` (by default, with a cluster key, every host the app's placement
 allows; without one, one host) it picks N hosts (itself first, then the live hosts the app's
 ``[placement]`` allows, those it placed on before kept in their places, then the least
-loaded) and deals each process's instances round-robin over them: with three hosts,
-``web`` 1, 4, 7 run on the first, 2, 5, 8 on the second and so on. Its own share it runs
+loaded) and deals each process's instances round-robin over them (with three hosts,
+``web`` 1, 4, 7 run on the first, 2, 5, 8 on the second and so on), and on each deal
+after the first moves as few instances as it can (``deal``). Its own share it runs
 as any deploy does; for each other host it writes a **placement** record (kind
 ``placement``, key ``<app>/<host>``, cluster-wide, every host lists them) in the same
 transaction as its app record: the release, the instances that host runs, the generation.
@@ -26,7 +27,7 @@ app asks for more hosts than it has (``joining``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 PLACEMENT = "placement"
@@ -89,24 +90,66 @@ def joining(places: Sequence[str], holes: Iterable[str], want: int, largest: int
     return new
 
 
-def deal(formation: Mapping[str, int], places: list[str], live: Iterable[str] | None = None
+def deal(formation: Mapping[str, int], places: list[str], live: Iterable[str] | None = None,
+         before: Mapping[str, Mapping[str, Iterable[int]]] | None = None
          ) -> dict[str, dict[str, list[int]]]:
-    """Each host's instances: instance ``i`` (1-based) of every process goes to place
-    ``(i - 1) mod len(places)``; one dealt to a hole (a place whose host is not ``live``;
-    all are when ``live`` is None) goes to the live places in turn. Hosts left with none
-    are absent."""
+    """Each host's instances, moving as few as it can from ``before`` (the last deal: host
+    -> process -> instance numbers; by default the round-robin one over ``places``).
+
+    An instance's **own place** is the round-robin one: instance ``i`` (1-based) of every
+    process belongs to place ``(i - 1) mod len(places)``. The instances of each process are
+    balanced over the **serving** places (those whose host is ``live``; all are when
+    ``live`` is None; the home's when none is): each gets ``count // len(serving)`` or one
+    more, the one more going to those that ran most before. Each keeps what it ran before
+    up to its due (its own instances first, then the lowest numbers); the rest (a hole's, a
+    lost host's, those beyond a host's due, new ones) go to their own place when it is
+    below its due, else in order, round-robin, to the places below theirs. So a host
+    joining takes instances only from hosts above their due, a hole's instances go to the
+    others and come back to it when its host does, and a redeploy moves none. Hosts left
+    with none are absent."""
     up = set(places) if live is None else set(live)
     serving = [h for h in places if h in up] or places[:1]
+
+    def own(index: int) -> str:
+        return places[(index - 1) % len(places)]
+
     out: dict[str, dict[str, list[int]]] = {}
     for process, count in sorted(formation.items()):
-        extra = 0
-        for index in range(1, int(count) + 1):
-            host = places[(index - 1) % len(places)]
-            if host not in up:
-                host = serving[extra % len(serving)]
-                extra += 1
-            out.setdefault(host, {}).setdefault(process, []).append(index)
+        count = int(count)
+        if before is None:
+            ran = {h: [i for i in range(1, count + 1) if own(i) == h] for h in serving}
+        else:
+            ran = {h: _mine_first(h, {int(i) for i in (before.get(h) or {}).get(process, ())
+                                      if 1 <= int(i) <= count}, own) for h in serving}
+        base, extra = divmod(count, len(serving))
+        by_ran = sorted(serving, key=lambda h: (-len(ran[h]), serving.index(h)))
+        due = {h: base + (1 if rank < extra else 0) for rank, h in enumerate(by_ran)}
+        kept = {h: ran[h][:due[h]] for h in serving}
+        placed = {i for ix in kept.values() for i in ix}
+        pool = []
+        for index in range(1, count + 1):
+            if index in placed:
+                continue
+            home = own(index)
+            if home in kept and len(kept[home]) < due[home]:
+                kept[home].append(index)
+            else:
+                pool.append(index)
+        turn = 0
+        for index in pool:
+            while len(kept[serving[turn % len(serving)]]) >= due[serving[turn % len(serving)]]:
+                turn += 1
+            kept[serving[turn % len(serving)]].append(index)
+            turn += 1
+        for host in serving:
+            if kept[host]:
+                out.setdefault(host, {})[process] = sorted(kept[host])
     return out
+
+
+def _mine_first(host: str, ran: Iterable[int], own: Callable[[int], str]) -> list[int]:
+    """The instances ``host`` ran, those whose own place is its first, each in order."""
+    return sorted(ran, key=lambda i: (own(i) != host, i))
 
 
 def share_of(placement: Mapping[str, Any]) -> dict[str, list[int]]:
