@@ -63,6 +63,11 @@ def test_a_new_home_keeps_the_other_hosts_and_fills_the_old_home_s_place() -> No
     hosts = choose_hosts("h3", 3, fits, ["h1", "h2", "h3"])
     assert hosts == ["h3", "h2", "h4"]
     assert deal({"web": 3}, hosts)["h2"] == deal({"web": 3}, ["h1", "h2", "h3"])["h2"]
+    # with the last deal known, only the lost home's instances move (to the spare): h3
+    # keeps its own, though round-robin over the new places would give it the old home's
+    first = deal({"web": 6}, ["h1", "h2", "h3"])
+    assert deal({"web": 6}, hosts, before=first) == {
+        "h3": {"web": [3, 6]}, "h2": {"web": [2, 5]}, "h4": {"web": [1, 4]}}
 
 
 def test_placement_keys_and_what_a_share_follows() -> None:
