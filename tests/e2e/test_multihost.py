@@ -269,9 +269,11 @@ def test_hosts_run_their_own_apps_with_names_unique_in_the_cluster() -> None:
     h2 naming h1 before anything is built, each host restores only its own apps and lists
     every host's, operations on h1's app asked on h2 run on h1 (releases, restart, down; not
     config set), once h1's app is down its name is free for h2, and once h2 is lost and
-    forgotten (`corral hosts forget`) its names are free for h1."""
+    forgotten (`corral hosts forget`) its names are free for h1. (A TTL of 8 s: the checks
+    made while the killed h2's lease still runs take two CLI calls, over 3 s on a slow
+    machine.)"""
     require_multihost()
-    with multihost(3) as c:
+    with multihost(3, ttl_s=8) as c:
         h1, h2 = c.host(1), c.host(2)
         h1.start_kernel()
         h2.start_kernel()
@@ -351,10 +353,15 @@ def test_hosts_run_their_own_apps_with_names_unique_in_the_cluster() -> None:
 
         # h2 lost for good: its names stay held until h1 forgets it, then h1 may take them
         h2.kill9()
+        killed = time.monotonic()
         r = h1.cli("hosts", "forget", "h2")
         assert r.returncode != 0 and "host 'h2' is alive" in r.stderr, r.stdout + r.stderr
+        asked = time.monotonic()
         r = h1.cli("ps", "--json")  # h2 is not lost yet (its lease runs): it does not answer
         assert r.returncode == 0 and json.loads(r.stdout) == [], r.stdout
+        # (renewed every third of the TTL: the lease runs at least 2/3 of it after the kill)
+        assert asked - killed < c.ttl_s * 2 / 3, f"too slow: `ps` asked {asked - killed:.1f} s " \
+            "after the kill, when h2's lease may have run out"
         assert "host h2 did not answer" in r.stderr, r.stderr
         wait_for(lambda: hosts(h1)["h2"]["state"] == "lost", timeout=c.ttl_s + 10,
                  what="h2 lost")
