@@ -128,6 +128,9 @@ def test_scaling_keeps_running_instances_where_they_run() -> None:
     assert up == {"h1": {"web": [1, 2, 5]}, "h2": {"web": [3, 4]}}
     down = deal({"web": 2}, ["h1", "h2"], before=up)
     assert down == {"h1": {"web": [1]}, "h2": {"web": [2]}}  # 3..5 gone; 2 moves to h2
+    # a damaged last deal giving one instance to two hosts: it runs once all the same
+    twice = deal({"web": 2}, ["h1", "h2"], before={"h1": {"web": [1]}, "h2": {"web": [1]}})
+    assert twice == {"h1": {"web": [1]}, "h2": {"web": [2]}}
 
 
 @given(st.lists(st.integers(0, 9), min_size=1, max_size=3),

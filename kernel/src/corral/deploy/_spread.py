@@ -124,8 +124,11 @@ def deal(formation: Mapping[str, int], places: list[str], live: Iterable[str] | 
         base, extra = divmod(count, len(serving))
         by_ran = sorted(serving, key=lambda h: (-len(ran[h]), serving.index(h)))
         due = {h: base + (1 if rank < extra else 0) for rank, h in enumerate(by_ran)}
-        kept = {h: ran[h][:due[h]] for h in serving}
-        placed = {i for ix in kept.values() for i in ix}
+        kept: dict[str, list[int]] = {}
+        placed: set[int] = set()
+        for h in serving:  # (an instance a damaged ``before`` gives two hosts: the first's)
+            kept[h] = [i for i in ran[h] if i not in placed][:due[h]]
+            placed.update(kept[h])
         pool = []
         for index in range(1, count + 1):
             if index in placed:
