@@ -10,9 +10,11 @@ becomes the home.
 from __future__ import annotations
 
 import base64
+import codecs
 import ipaddress
 import json
 import os
+import select
 import subprocess
 import sys
 import time
@@ -110,21 +112,25 @@ def followed_lines(proc: subprocess.Popen[str], want: set[str], within: float = 
     "serving" line ``corral logs -f`` printed, until all of ``want`` were or ``within``
     seconds passed."""
     assert proc.stdout is not None
-    os.set_blocking(proc.stdout.fileno(), False)
+    fd = proc.stdout.fileno()  # read raw: a text wrapper's read() of a pipe with nothing in
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")  # it yet can raise TypeError
     seen: set[str] = set()
     deadline = time.monotonic() + within
     buffer = ""
     while not want <= seen and time.monotonic() < deadline:
-        chunk = proc.stdout.read() or ""
-        buffer += chunk
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if not ready:
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break  # it exited
+        buffer += decoder.decode(chunk)
         *lines, buffer = buffer.split("\n")
         for line in lines:
             fields = line.split()
             if len(fields) >= 3 and "serving on port" in line:
                 instance, _, host = fields[1].rpartition("@")
                 seen.add(f"{instance.partition('-g')[0]}@{host}")
-        if not chunk:
-            time.sleep(0.1)
     return seen
 
 
