@@ -28,6 +28,7 @@ app asks for more hosts than it has (``joining``).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import cycle
 from typing import Any
 
 PLACEMENT = "placement"
@@ -138,12 +139,9 @@ def deal(formation: Mapping[str, int], places: list[str], live: Iterable[str] | 
                 kept[home].append(index)
             else:
                 pool.append(index)
-        turn = 0
+        below = (h for h in cycle(serving) if len(kept[h]) < due[h])  # (dues sum to count)
         for index in pool:
-            while len(kept[serving[turn % len(serving)]]) >= due[serving[turn % len(serving)]]:
-                turn += 1
-            kept[serving[turn % len(serving)]].append(index)
-            turn += 1
+            kept[next(below)].append(index)
         for host in serving:
             if kept[host]:
                 out.setdefault(host, {})[process] = sorted(kept[host])
